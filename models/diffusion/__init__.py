@@ -1,0 +1,21 @@
+"""Diffusion for MSSegDiff: the forward process, the x0 training loss and DDIM sampling that keeps every step."""
+
+from .sampling import ddim_trajectory, ddim_update, sample_scan
+from .schedule import DiffusionConfig, add_noise, alphas_cumprod, betas, ddim_timesteps, x0_from_logits
+from .training import Denoiser, LossWeights, diffusion_loss, x0_loss
+
+__all__ = [
+    "Denoiser",
+    "DiffusionConfig",
+    "LossWeights",
+    "add_noise",
+    "alphas_cumprod",
+    "betas",
+    "ddim_timesteps",
+    "ddim_trajectory",
+    "ddim_update",
+    "diffusion_loss",
+    "sample_scan",
+    "x0_from_logits",
+    "x0_loss",
+]

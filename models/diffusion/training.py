@@ -1,0 +1,62 @@
+"""The MSSegDiff training objective: noise the mask at a uniform random step, predict the clean mask, score it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceLoss
+
+from .schedule import DiffusionConfig, add_noise
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``net(image (B,C,X,Y,Z), noisy_mask (B,1,X,Y,Z), timesteps (B,) long) -> x0 logits (B,1,X,Y,Z)``."""
+
+# The reference's settings (Diff-UNet's DiceLoss(sigmoid=True)): Dice per batch element, then averaged, smoothing
+# 1e-5. It holds no state, so one instance serves every call.
+_DICE = DiceLoss(sigmoid=True)
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Weights of the three terms of the x0 loss; the paper weighs them equally."""
+
+    dice: float = 1.0
+    bce: float = 1.0
+    mse: float = 1.0
+
+
+def x0_loss(logits: torch.Tensor, mask: torch.Tensor, weights: LossWeights = LossWeights()) -> torch.Tensor:
+    """Dice(sigmoid) + BCE-with-logits + MSE(sigmoid(logits), mask), weighted; ``mask`` in {0, 1}, like ``logits``."""
+    # The terms are computed in float32 whatever autocast produced: sigmoid and the Dice ratio are fragile in bf16.
+    logits = logits.float()
+    target = mask.to(logits.dtype)
+    return (
+        weights.dice * _DICE(logits, target)
+        + weights.bce * F.binary_cross_entropy_with_logits(logits, target)
+        + weights.mse * F.mse_loss(torch.sigmoid(logits), target)
+    )
+
+
+def diffusion_loss(
+    net: Denoiser,
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    config: DiffusionConfig = DiffusionConfig(),
+    generator: torch.Generator | None = None,
+    weights: LossWeights = LossWeights(),
+) -> torch.Tensor:
+    """One training loss: t ~ U{0..T-1} per batch element, x_t = q(x_t | 2 * mask - 1), loss of net's x0 logits.
+
+    ``image`` (B,C,X,Y,Z), ``mask`` (B,1,X,Y,Z) in {0, 1}. Random numbers are drawn on the mask's device (a given
+    ``generator`` must live there), and nothing waits for the device, so the step can run ahead of the host.
+    """
+    if mask.ndim != image.ndim or mask.shape[0] != image.shape[0] or mask.shape[1] != 1:
+        raise ValueError(f"mask must be (B,1,...) matching image {tuple(image.shape)}, got {tuple(mask.shape)}")
+    clean = 2.0 * mask.float() - 1.0
+    t = torch.randint(0, config.timesteps, (clean.shape[0],), device=clean.device, generator=generator)
+    noise = torch.randn(clean.shape, dtype=clean.dtype, device=clean.device, generator=generator)
+    logits = net(image, add_noise(clean, noise, t, config), t)
+    return x0_loss(logits, mask, weights)

@@ -1,0 +1,113 @@
+"""Training epochs and whole-scan segmentation, free of any orchestration.
+
+The orchestrator's Ray Train workers call these; so can a notebook or a test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from monai.data import CacheDataset
+from monai.transforms import Compose
+
+from .data.cohort import LoadedScan
+from .data.transforms import augmentation_transforms, prepare_scan_for_inference, preprocessing_transforms
+from .diffusion import DiffusionConfig, LossWeights, diffusion_loss, sample_scan
+from .metrics import segmentation_metrics
+from .strategies import fuse_all
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    ddim_steps: int = 10
+    samples: int = 4
+    roi_size: tuple[int, int, int] = (96, 96, 96)
+    overlap: float = 0.5
+    sw_batch_size: int = 4
+    strategies: tuple[str, ...] = ("last", "mean", "mean-var", "staple", "uncertainty", "majority")
+    connectivity: int = 6
+
+
+def training_dataset(scans: Sequence[LoadedScan], patch_size: tuple[int, int, int]) -> CacheDataset:
+    """Scans preprocessed once (cached), then cropped and augmented afresh on every access."""
+    items = [{"image": scan.image, "label": scan.mask[np.newaxis]} for scan in scans]
+    transform = Compose([preprocessing_transforms(patch_size), augmentation_transforms(patch_size)])
+    return CacheDataset(items, transform=transform, cache_rate=1.0, num_workers=0, progress=False)
+
+
+def train_epoch(
+    net: torch.nn.Module,
+    loader: torch.utils.data.DataLoader,
+    optimizer: torch.optim.Optimizer,
+    lr_schedule: torch.optim.lr_scheduler.LRScheduler,
+    device: torch.device,
+    diffusion: DiffusionConfig = DiffusionConfig(),
+    loss_weights: LossWeights = LossWeights(),
+    autocast_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """One pass over the loader; returns the mean loss as a device tensor (read it once per epoch)."""
+    net.train()
+    total = torch.zeros((), device=device)
+    batches = 0
+    for batch in loader:
+        image = batch["image"].to(device, non_blocking=True)
+        mask = batch["label"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = diffusion_loss(net, image, mask, diffusion, weights=loss_weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        lr_schedule.step()
+        total += loss.detach()
+        batches += 1
+    return total / max(batches, 1)
+
+
+def segment_scan(
+    net: torch.nn.Module,
+    image: np.ndarray,
+    config: InferenceConfig,
+    device: torch.device,
+    diffusion: DiffusionConfig = DiffusionConfig(),
+    generator: torch.Generator | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, np.ndarray]:
+    """Masks of every configured strategy, on the input grid, from ONE sampling pass over the scan."""
+    net.eval()
+    prepared, grid = prepare_scan_for_inference(image, config.roi_size)
+    step_logits = sample_scan(
+        net,
+        prepared.to(device),
+        num_steps=config.ddim_steps,
+        num_samples=config.samples,
+        roi_size=config.roi_size,
+        overlap=config.overlap,
+        sw_batch_size=config.sw_batch_size,
+        config=diffusion,
+        generator=generator,
+        autocast_dtype=autocast_dtype,
+    )
+    masks = fuse_all(step_logits, config.strategies)
+    return {name: grid.restore(mask.cpu().numpy()) for name, mask in masks.items()}
+
+
+def evaluate_scan(
+    net: torch.nn.Module,
+    scan: LoadedScan,
+    config: InferenceConfig,
+    device: torch.device,
+    diffusion: DiffusionConfig = DiffusionConfig(),
+    generator: torch.Generator | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, dict[str, float]]:
+    """Metrics of every strategy against the scan's mask: {strategy: {metric: value}}."""
+    masks = segment_scan(net, scan.image, config, device, diffusion, generator, autocast_dtype)
+    truth = scan.mask.astype(bool)
+    return {
+        name: segmentation_metrics(mask.astype(bool), truth, spacing=scan.spacing, connectivity=config.connectivity)
+        for name, mask in masks.items()
+    }
+

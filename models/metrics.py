@@ -1,0 +1,126 @@
+"""Per-scan lesion segmentation metrics (ISBI 2015 / MSSegDiff conventions), spacing-aware.
+
+Keys of :func:`segmentation_metrics` (``METRIC_NAMES``):
+- ``dsc``, ``tpr`` (sensitivity), ``ppv`` (precision): voxel-wise.
+- ``ltpr``: fraction of ground-truth lesions hit by at least one predicted voxel.
+- ``lfpr``: fraction of predicted lesions that touch no ground-truth voxel.
+  Lesions are 3-D connected components with face (6), edge (18) or vertex (26) connectivity.
+- ``avd``: |V_pred - V_gt| / V_gt in percent.
+- ``assd``: average symmetric surface distance in mm, as medpy defines it: a surface is a mask minus
+  its 6-connected erosion, and ASSD is the mean of the two directed mean surface distances. (MONAI's
+  symmetric average pools both distance sets instead, which weighs the larger surface more.)
+
+Empty masks:
+- both empty: dsc 1, tpr 1, ppv 1, ltpr 1, lfpr 0, avd 0, assd 0 (a perfect answer).
+- otherwise a ratio whose denominator is empty is NaN: ground truth empty -> tpr, ltpr, avd NaN;
+  prediction empty -> ppv, lfpr NaN; either one empty -> assd NaN; dsc is 0 when exactly one is empty.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import numpy.typing as npt
+from scipy import ndimage
+
+METRIC_NAMES = ("dsc", "tpr", "ppv", "ltpr", "lfpr", "avd", "assd")
+
+# Lesion connectivity -> rank argument of scipy.ndimage.generate_binary_structure(3, rank).
+_CONNECTIVITY_RANK = {6: 1, 18: 2, 26: 3}
+
+_BOTH_EMPTY = {"dsc": 1.0, "tpr": 1.0, "ppv": 1.0, "ltpr": 1.0, "lfpr": 0.0, "avd": 0.0, "assd": 0.0}
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator else math.nan
+
+
+def _lesion_structure(connectivity: int) -> np.ndarray:
+    try:
+        rank = _CONNECTIVITY_RANK[connectivity]
+    except KeyError:
+        raise ValueError(
+            f"connectivity {connectivity!r} is not supported; use one of {sorted(_CONNECTIVITY_RANK)}"
+        ) from None
+    return ndimage.generate_binary_structure(3, rank)
+
+
+def _fraction_of_lesions_touching(mask: np.ndarray, other: np.ndarray, structure: np.ndarray) -> float:
+    """Fraction of the connected components of ``mask`` that share at least one voxel with ``other``."""
+    labels, lesion_count = ndimage.label(mask, structure=structure)
+    touched = np.unique(labels[other & mask])
+    return _ratio(touched.size, lesion_count)
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    """Mask minus its 6-connected erosion (voxels on the array border count as surface)."""
+    return mask & ~ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(3, 1))
+
+
+def _mean_surface_distance(source: np.ndarray, target: np.ndarray, spacing: Sequence[float]) -> float:
+    """Mean distance in mm from each surface voxel of ``source`` to the nearest surface voxel of ``target``."""
+    distance_to_target = ndimage.distance_transform_edt(~_surface(target), sampling=spacing)
+    return float(distance_to_target[_surface(source)].mean())
+
+
+def segmentation_metrics(
+    pred: npt.ArrayLike,
+    gt: npt.ArrayLike,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    connectivity: int = 6,
+) -> dict[str, float]:
+    """All of ``METRIC_NAMES`` for one 3-D binary prediction against its ground truth (nonzero = lesion)."""
+    pred = np.asarray(pred).astype(bool)
+    gt = np.asarray(gt).astype(bool)
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from ground truth shape {gt.shape}")
+    if pred.ndim != 3:
+        raise ValueError(f"masks must be 3-D, got {pred.ndim}-D")
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ValueError(f"spacing must be three positive voxel sizes in mm, got {tuple(spacing)}")
+    structure = _lesion_structure(connectivity)
+
+    pred_volume = int(pred.sum())
+    gt_volume = int(gt.sum())
+    if pred_volume == 0 and gt_volume == 0:
+        return dict(_BOTH_EMPTY)
+    overlap = int((pred & gt).sum())
+    assd = (
+        (_mean_surface_distance(pred, gt, spacing) + _mean_surface_distance(gt, pred, spacing)) / 2
+        if pred_volume and gt_volume
+        else math.nan
+    )
+    return {
+        "dsc": 2 * overlap / (pred_volume + gt_volume),
+        "tpr": _ratio(overlap, gt_volume),
+        "ppv": _ratio(overlap, pred_volume),
+        "ltpr": _fraction_of_lesions_touching(gt, pred, structure),
+        "lfpr": 1 - _fraction_of_lesions_touching(pred, gt, structure),
+        "avd": _ratio(100 * abs(pred_volume - gt_volume), gt_volume),
+        "assd": assd,
+    }
+
+
+def summarise(per_scan: Sequence[dict[str, float]], ddof: int = 0) -> dict[str, tuple[float, float]]:
+    """NaN-aware (mean, std) of each metric over scans; a metric with no finite value gives (NaN, NaN).
+
+    ``ddof`` is the standard deviation's delta degrees of freedom (0: population std, as numpy's
+    default); the std is NaN when there are no more than ``ddof`` non-NaN values.
+    """
+    if not per_scan:
+        return {}
+    names = list(per_scan[0])
+    for scan in per_scan:
+        if set(scan) != set(names):
+            raise ValueError(f"every scan must report the same metrics {names}, got {list(scan)}")
+    summary = {}
+    for name in names:
+        values = np.array([scan[name] for scan in per_scan], dtype=float)
+        values = values[~np.isnan(values)]
+        # Computed by hand rather than with np.nanmean/np.nanstd, which warn on all-NaN input.
+        mean = float(values.mean()) if values.size else math.nan
+        std = float(values.std(ddof=ddof)) if values.size > ddof else math.nan
+        summary[name] = (mean, std)
+    return summary

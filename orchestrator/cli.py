@@ -1,0 +1,182 @@
+"""The `msx` command line: one entry point per job."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from msx.models.registry import UnknownNameError
+
+from .spec import SpecError, load_spec
+
+# Errors that describe bad input: printed as one line, exit status 1, before anything expensive starts.
+INPUT_ERRORS = (SpecError, UnknownNameError, ValueError, FileNotFoundError)
+
+
+def _fail_cleanly(error: Exception) -> click.ClickException:
+    return click.ClickException(str(error).splitlines()[0] if str(error) else type(error).__name__)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """msx: diffusion MS lesion segmentation studies on Ray Tune, Ray Train and MLflow."""
+
+
+@main.command()
+@click.option("--space", default="smoke", show_default=True, help="Search space: a bundled name (smoke, paper) or a YAML path.")
+@click.option("--data", type=click.Path(path_type=Path), default=None, help="ISBI-layout cohort folder (default: the spec's, else synthetic).")
+@click.option("--storage", type=click.Path(path_type=Path), default=Path("msx_runs"), show_default=True, help="Folder for experiments, checkpoints and the default MLflow store.")
+@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, help="MLflow tracking URI (default: SQLite file in --storage).")
+@click.option("--address", envvar="RAY_ADDRESS", default=None, help="Address of a running Ray cluster (default: start a local one).")
+def launch(space: str, data: Path | None, storage: Path, tracking_uri: str | None, address: str | None) -> None:
+    """Run a whole leave-one-subject-out study and register the best model."""
+    from msx.models.data.cohort import CohortError
+
+    from .tracking import default_tracking_uri
+
+    started = time.monotonic()
+    storage = storage.resolve()
+    try:
+        spec = load_spec(space)
+        storage.mkdir(parents=True, exist_ok=True)
+        cohort = _prepare(spec, data, storage)
+    except (CohortError, *INPUT_ERRORS) as error:
+        raise _fail_cleanly(error) from None
+    tracking_uri = tracking_uri or default_tracking_uri(storage)
+    click.echo(f"study {spec.name!r}: {len(cohort.patients)} patients, {len(cohort.scans)} scans from {cohort.root}")
+
+    from .study import run_study, start_ray
+
+    dashboard = start_ray(address, click.echo)
+    outcome = run_study(spec, cohort, storage, tracking_uri, echo=click.echo)
+
+    click.echo("")
+    click.echo(
+        "Test patients (one per fold), mean ± std over the folds; lesions are "
+        f"{spec.inference.connectivity}-connected components; * = best:"
+    )
+    click.echo(outcome.table)
+    click.echo("")
+    if outcome.selection is None:
+        raise click.ClickException(
+            f"no configuration finished all its folds ({outcome.trials_finished}/{outcome.trials_total} trials); nothing was registered"
+        )
+    selection = outcome.selection
+    searched = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in selection.configuration.searched.items())
+    click.echo(
+        f"selected on validation patients: {selection.configuration.backbone} ({selection.configuration.configuration}"
+        f"{', ' + searched if searched else ''}), strategy {selection.strategy}, "
+        f"mean validation {selection.metric.upper()} {selection.validation_score:.4f}"
+    )
+    click.echo(f"registered model: {outcome.model_uri} (version {outcome.model_version})")
+    click.echo(f"finished {outcome.trials_finished}/{outcome.trials_total} trials in {time.monotonic() - started:.0f} s")
+    click.echo("")
+    if tracking_uri.startswith("sqlite:"):
+        click.echo(f"MLflow UI:      mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000")
+        click.echo(f"                then open http://127.0.0.1:5000/#/models/{spec.registry.model_name}")
+    else:
+        click.echo(f"MLflow UI:      {tracking_uri}/#/models/{spec.registry.model_name}")
+    if address:
+        click.echo(f"Ray dashboard:  {dashboard or 'on the cluster head (ray dashboard CLUSTER.yaml tunnels it to 127.0.0.1:8265)'}")
+    else:
+        click.echo(f"Ray dashboard:  {dashboard} while the study ran (the local Ray stops with msx); for one that stays up:")
+        click.echo("                ray start --head --dashboard-host 127.0.0.1 && msx launch --address 127.0.0.1:6379")
+
+
+def _prepare(spec, data, storage):
+    from .study import prepare_cohort
+
+    return prepare_cohort(spec, data, storage, click.echo)
+
+
+@main.command()
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to write the cohort into.")
+@click.option("--patients", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--shape", default="181,217,181", show_default=True, help="Volume shape X,Y,Z in 1 mm voxels.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def synth(out: Path, patients: int, shape: str, seed: int) -> None:
+    """Write a synthetic ISBI-2015-shaped longitudinal cohort (NIfTI, two raters)."""
+    from msx.models.data.synth import write_synthetic_cohort
+
+    try:
+        dims = tuple(int(v) for v in shape.split(","))
+        if len(dims) != 3 or min(dims) < 16:
+            raise ValueError
+    except ValueError:
+        raise click.BadParameter(f"{shape!r}: expected three integers of at least 16, like 181,217,181", param_hint="--shape") from None
+    paths = write_synthetic_cohort(out, patients=patients, shape=dims, seed=seed)
+    click.echo(f"wrote {len(paths)} files for {patients} patients to {out}")
+
+
+@main.command()
+@click.option("--pred", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True, help="Predicted mask (NIfTI).")
+@click.option("--gt", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True, help="Ground-truth mask (NIfTI).")
+@click.option("--connectivity", type=click.Choice(["6", "18", "26"]), default="6", show_default=True, help="Lesion connectivity.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (NaN as null).")
+def evaluate(pred: Path, gt: Path, connectivity: str, as_json: bool) -> None:
+    """Metrics of one predicted mask against a ground truth: DSC, TPR, PPV, LTPR, LFPR, AVD, ASSD."""
+    import nibabel as nib
+    import numpy as np
+
+    from msx.models.metrics import segmentation_metrics
+
+    def read(path: Path):
+        try:
+            image = nib.load(str(path))
+            return image, np.asarray(image.dataobj)
+        except Exception as error:  # nibabel raises many types for unreadable files
+            raise click.ClickException(f"{path}: not a readable NIfTI file ({error})") from None
+
+    pred_image, pred_array = read(pred)
+    gt_image, gt_array = read(gt)
+    if pred_array.shape != gt_array.shape:
+        raise click.ClickException(f"{pred}: shape {pred_array.shape} differs from {gt}: {gt_array.shape}")
+    if not np.allclose(pred_image.affine, gt_image.affine, atol=1e-3):
+        raise click.ClickException(f"{pred}: affine differs from {gt}'s; the masks are not on one grid")
+    spacing = tuple(float(z) for z in gt_image.header.get_zooms()[:3])
+    metrics = segmentation_metrics(pred_array > 0, gt_array > 0, spacing=spacing, connectivity=int(connectivity))
+    if as_json:
+        click.echo(json.dumps({k: (None if math.isnan(v) else v) for k, v in metrics.items()}))
+    else:
+        for name, value in metrics.items():
+            click.echo(f"{name.upper():5s} {value:.4f}")
+
+
+@main.group()
+def registry() -> None:
+    """Look up registered models in the MLflow model registry."""
+
+
+@registry.command("show")
+@click.argument("reference")
+@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, help="MLflow tracking URI (default: SQLite file in --storage).")
+@click.option("--storage", type=click.Path(path_type=Path), default=Path("msx_runs"), show_default=True)
+def registry_show(reference: str, tracking_uri: str | None, storage: Path) -> None:
+    """Show NAME, NAME@ALIAS or NAME/VERSION: version, metrics and source run."""
+    import mlflow.exceptions
+
+    from .model_registry import describe_model
+    from .tracking import default_tracking_uri
+
+    tracking_uri = tracking_uri or default_tracking_uri(storage.resolve())
+    try:
+        info = describe_model(reference.removeprefix("models:/"), tracking_uri)
+    except (LookupError, mlflow.exceptions.MlflowException) as error:
+        raise click.ClickException(f"{reference}: {str(error).splitlines()[0]}") from None
+    click.echo(f"model    {info['name']} version {info['version']}")
+    click.echo(f"aliases  {', '.join(info['aliases']) or '-'}")
+    click.echo(f"source   run {info['run_id']} ({info['run_name']}, experiment {info['experiment_id']})")
+    click.echo(f"artifact {info['source']}")
+    for key, value in sorted(info["tags"].items()):
+        click.echo(f"  {key:28s} {value}")
+    for key, value in sorted(info["metrics"].items()):
+        click.echo(f"  {key:28s} {value:.4f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

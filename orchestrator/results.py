@@ -1,0 +1,145 @@
+"""From finished trials to the study's answer: LOSO tables and the selected configuration.
+
+Selection uses validation patients only; test metrics are aggregated for the report and never looked at
+when choosing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+
+from msx.models.metrics import METRIC_NAMES
+
+# Direction of "better" for each metric, for marking best values.
+HIGHER_IS_BETTER = {"dsc": True, "tpr": True, "ppv": True, "ltpr": True, "lfpr": False, "avd": False, "assd": False}
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    """One finished trial: its configuration, fold, final metrics and the folder of its final checkpoint."""
+
+    configuration: str
+    backbone: str
+    fold: int
+    searched: dict[str, Any]
+    metrics: dict[str, float]
+    checkpoint_path: str | None
+
+
+@dataclass(frozen=True)
+class ConfigurationResult:
+    configuration: str
+    backbone: str
+    searched: dict[str, Any]
+    folds: tuple[TrialOutcome, ...]
+    # (split, strategy, metric) -> (mean, std) over folds
+    summary: dict[tuple[str, str, str], tuple[float, float]] = field(default_factory=dict)
+
+    def score(self, strategy: str, metric: str, split: str = "val") -> float:
+        return self.summary.get((split, strategy, metric), (math.nan, math.nan))[0]
+
+
+@dataclass(frozen=True)
+class Selection:
+    configuration: ConfigurationResult
+    strategy: str
+    metric: str
+    validation_score: float
+
+
+def outcome_from_result(config: dict[str, Any], metrics: dict[str, Any]) -> TrialOutcome | None:
+    """None for trials that did not reach their final evaluation (failed or stopped early)."""
+    if not metrics or not metrics.get("done"):
+        return None
+    return TrialOutcome(
+        configuration=config["configuration"],
+        backbone=config["backbone"],
+        fold=int(config["fold"]),
+        searched={k: v for k, v in config.items() if "." in k},
+        metrics={k: float(v) for k, v in metrics.items() if "/" in k and isinstance(v, (int, float))},
+        checkpoint_path=metrics.get("checkpoint_path"),
+    )
+
+
+def summarise_configurations(
+    outcomes: Iterable[TrialOutcome], strategies: tuple[str, ...], fold_count: int
+) -> list[ConfigurationResult]:
+    """Configurations with every fold finished, each summarised as mean +- std over folds."""
+    by_configuration: dict[str, list[TrialOutcome]] = {}
+    for outcome in outcomes:
+        by_configuration.setdefault(outcome.configuration, []).append(outcome)
+    results = []
+    for name, folds in sorted(by_configuration.items()):
+        if len({f.fold for f in folds}) < fold_count:
+            continue
+        folds = sorted(folds, key=lambda f: f.fold)
+        summary = {}
+        for split in ("val", "test"):
+            for strategy in strategies:
+                for metric in METRIC_NAMES:
+                    values = np.array([f.metrics.get(f"{split}/{strategy}/{metric}", math.nan) for f in folds])
+                    finite = values[~np.isnan(values)]
+                    summary[(split, strategy, metric)] = (
+                        (float(finite.mean()), float(finite.std())) if finite.size else (math.nan, math.nan)
+                    )
+        results.append(ConfigurationResult(name, folds[0].backbone, folds[0].searched, tuple(folds), summary))
+    return results
+
+
+def select_best(
+    configurations: list[ConfigurationResult], strategies: tuple[str, ...], metric: str
+) -> Selection | None:
+    """The (configuration, strategy) with the best mean validation score over folds."""
+    sign = 1.0 if HIGHER_IS_BETTER[metric] else -1.0
+    candidates = [
+        (sign * c.score(s, metric), c, s)
+        for c in configurations
+        for s in strategies
+        if not math.isnan(c.score(s, metric))
+    ]
+    if not candidates:
+        return None
+    _, configuration, strategy = max(candidates, key=lambda item: item[0])
+    return Selection(configuration, strategy, metric, configuration.score(strategy, metric))
+
+
+def best_per_backbone(configurations: list[ConfigurationResult], strategies: tuple[str, ...], metric: str) -> list[ConfigurationResult]:
+    """For the table: each backbone's configuration chosen on validation."""
+    chosen = {}
+    for backbone in sorted({c.backbone for c in configurations}):
+        selection = select_best([c for c in configurations if c.backbone == backbone], strategies, metric)
+        if selection is not None:
+            chosen[backbone] = selection.configuration
+    return list(chosen.values())
+
+
+def results_table(
+    configurations: list[ConfigurationResult], strategies: tuple[str, ...], split: str = "test"
+) -> str:
+    """Backbone x strategy rows, metric columns, mean +- std over folds; the best value per column starred."""
+    headers = ["backbone", "strategy"] + [m.upper() for m in METRIC_NAMES]
+    best = {}
+    for metric in METRIC_NAMES:
+        means = [c.summary[(split, s, metric)][0] for c in configurations for s in strategies]
+        means = [m for m in means if not math.isnan(m)]
+        if means:
+            best[metric] = max(means) if HIGHER_IS_BETTER[metric] else min(means)
+    rows = []
+    for configuration in configurations:
+        for strategy in strategies:
+            row = [configuration.backbone, strategy]
+            for metric in METRIC_NAMES:
+                mean, std = configuration.summary[(split, strategy, metric)]
+                cell = "n/a" if math.isnan(mean) else f"{mean:.3f} ± {std:.3f}"
+                if metric in best and mean == best[metric]:
+                    cell += "*"
+                row.append(cell)
+            rows.append(row)
+    widths = [max(len(str(r[i])) for r in [headers] + rows) for i in range(len(headers))]
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(line, widths)) for line in [headers] + rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,352 @@
+"""Experiment specs: YAML files validated into frozen dataclasses.
+
+A spec names registered components only (backbones, strategies, fold plans, searchers, schedulers);
+nothing in it is imported or executed. Every error names the file and the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from msx.models.data.cohort import DEFAULT_MODALITIES, MODALITIES
+from msx.models.data.folds import FOLD_PLANS
+from msx.models.metrics import METRIC_NAMES
+from msx.models.networks import BACKBONES
+from msx.models.strategies import STRATEGIES
+
+
+class SpecError(ValueError):
+    """An experiment spec is malformed; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class SyntheticDataSpec:
+    patients: int = 5
+    shape: tuple[int, int, int] = (48, 56, 48)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    # None: a synthetic cohort (see `synthetic`) generated under the storage folder.
+    path: str | None = None
+    modalities: tuple[str, ...] = DEFAULT_MODALITIES
+    rater: int = 1
+    folds: str = "paper"
+    synthetic: SyntheticDataSpec = field(default_factory=SyntheticDataSpec)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    backbones: tuple[str, ...] = ("unet", "segresnet")
+    width: float = 1.0
+
+
+@dataclass(frozen=True)
+class DiffusionSpec:
+    timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    epochs: int = 500
+    batch_size: int = 2
+    patch_size: tuple[int, int, int] = (96, 96, 96)
+    lr: float = 1e-4
+    weight_decay: float = 1e-3
+    warmup_fraction: float = 0.1
+    loss_dice: float = 1.0
+    loss_bce: float = 1.0
+    loss_mse: float = 1.0
+    validate_every: int = 10
+    validation_ddim_steps: int = 10
+    validation_strategy: str = "mean"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class InferenceSpec:
+    strategies: tuple[str, ...] = ("last", "mean", "mean-var", "staple", "uncertainty", "majority")
+    ddim_steps: int = 10
+    samples: int = 4
+    overlap: float = 0.5
+    sw_batch_size: int = 4
+    connectivity: int = 6
+
+
+@dataclass(frozen=True)
+class ResourcesSpec:
+    workers_per_trial: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    max_concurrent_trials: int | None = None
+    max_failures: int = 2
+
+
+@dataclass(frozen=True)
+class ParameterSpec:
+    """One searched hyperparameter; `name` is a dotted spec field such as training.lr."""
+
+    name: str
+    distribution: str = "loguniform"
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[Any, ...] = ()
+    initial: Any = None
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    name: str = "asha"
+    grace_period: int = 1
+    reduction_factor: int = 3
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    searcher: str = "optuna"
+    configurations_per_backbone: int = 1
+    parameters: tuple[ParameterSpec, ...] = ()
+    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RegistrySpec:
+    model_name: str = "msx-segmenter"
+    selection_metric: str = "dsc"
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    name: str
+    data: DataSpec = field(default_factory=DataSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    diffusion: DiffusionSpec = field(default_factory=DiffusionSpec)
+    training: TrainingSpec = field(default_factory=TrainingSpec)
+    inference: InferenceSpec = field(default_factory=InferenceSpec)
+    resources: ResourcesSpec = field(default_factory=ResourcesSpec)
+    search: SearchSpec = field(default_factory=SearchSpec)
+    registry: RegistrySpec = field(default_factory=RegistrySpec)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> "ExperimentSpec":
+        """The spec with dotted fields replaced (a trial's searched values, a CLI override)."""
+        spec = self
+        for dotted, value in overrides.items():
+            section_name, _, field_name = dotted.partition(".")
+            section = getattr(spec, section_name)
+            hint = _field_types(type(section))[field_name]
+            section = dataclasses.replace(section, **{field_name: _coerce(value, hint, dotted, "override")})
+            spec = dataclasses.replace(spec, **{section_name: section})
+        return spec
+
+
+SEARCHERS = ("optuna", "random")
+SCHEDULERS = ("asha", "fifo")
+DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
+# Fields a search may vary: numbers and names that change training or inference, never data or resources.
+SEARCHABLE_SECTIONS = ("model", "training", "inference", "diffusion")
+
+
+def bundled_spaces() -> dict[str, Path]:
+    """The search spaces shipped with msx, by name (file stem)."""
+    folder = resources.files("msx.search_spaces")
+    return {Path(entry.name).stem: Path(str(entry)) for entry in folder.iterdir() if entry.name.endswith(".yaml")}
+
+
+def resolve_space(space: str) -> Path:
+    """A path to a YAML file, or the name of a bundled space such as `smoke`."""
+    candidate = Path(space)
+    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+        if not candidate.is_file():
+            raise SpecError(f"{candidate}: no such spec file")
+        return candidate
+    bundled = bundled_spaces()
+    if space not in bundled:
+        raise SpecError(f"unknown search space {space!r}; bundled spaces: {', '.join(sorted(bundled))} (or give a YAML path)")
+    return bundled[space]
+
+
+def load_spec(space: str | Path) -> ExperimentSpec:
+    path = resolve_space(str(space))
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise SpecError(f"{path}: invalid YAML{where}: {problem}") from None
+    except OSError as error:
+        raise SpecError(f"{path}: cannot read spec: {error.strerror}") from None
+    return spec_from_dict(raw, source=str(path))
+
+
+def spec_from_dict(raw: Any, source: str = "spec") -> ExperimentSpec:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: the spec must be a mapping of sections, got {type(raw).__name__}")
+    if "name" not in raw:
+        raise SpecError(f"{source}: missing key 'name'")
+    spec = _build(ExperimentSpec, raw, "", source)
+    validate_spec(spec, source)
+    return spec
+
+
+def validate_spec(spec: ExperimentSpec, source: str = "spec") -> None:
+    """Cross-field checks: registered names, value ranges, searchable fields."""
+
+    def fail(key: str, problem: str) -> None:
+        raise SpecError(f"{source}: {key}: {problem}")
+
+    def registered(key: str, names: tuple[str, ...], registry: Any) -> None:
+        for name in names:
+            if name not in registry:
+                fail(key, f"unknown name {name!r}; valid names: {', '.join(registry.names())}")
+
+    if not spec.name or not all(c.isalnum() or c in "-_." for c in spec.name):
+        fail("name", f"{spec.name!r} must be letters, digits, '-', '_' or '.'")
+    if not spec.model.backbones:
+        fail("model.backbones", "at least one backbone is needed")
+    registered("model.backbones", spec.model.backbones, BACKBONES)
+    registered("inference.strategies", spec.inference.strategies, STRATEGIES)
+    registered("training.validation_strategy", (spec.training.validation_strategy,), STRATEGIES)
+    registered("data.folds", (spec.data.folds,), FOLD_PLANS)
+    for modality in spec.data.modalities:
+        if modality not in MODALITIES:
+            fail("data.modalities", f"unknown modality {modality!r}; valid: {', '.join(MODALITIES)}")
+    if spec.data.rater not in (1, 2):
+        fail("data.rater", f"{spec.data.rater} is not a rater; valid: 1, 2")
+    if spec.inference.connectivity not in (6, 18, 26):
+        fail("inference.connectivity", f"{spec.inference.connectivity}; valid: 6, 18, 26")
+    if spec.registry.selection_metric not in METRIC_NAMES:
+        fail("registry.selection_metric", f"unknown metric {spec.registry.selection_metric!r}; valid: {', '.join(METRIC_NAMES)}")
+    if spec.search.searcher not in SEARCHERS:
+        fail("search.searcher", f"unknown searcher {spec.search.searcher!r}; valid names: {', '.join(SEARCHERS)}")
+    if spec.search.scheduler.name not in SCHEDULERS:
+        fail("search.scheduler.name", f"unknown scheduler {spec.search.scheduler.name!r}; valid names: {', '.join(SCHEDULERS)}")
+    for key, value in (
+        ("training.epochs", spec.training.epochs),
+        ("training.batch_size", spec.training.batch_size),
+        ("training.validate_every", spec.training.validate_every),
+        ("training.validation_ddim_steps", spec.training.validation_ddim_steps),
+        ("inference.ddim_steps", spec.inference.ddim_steps),
+        ("inference.samples", spec.inference.samples),
+        ("resources.workers_per_trial", spec.resources.workers_per_trial),
+        ("search.configurations_per_backbone", spec.search.configurations_per_backbone),
+        ("data.synthetic.patients", spec.data.synthetic.patients),
+    ):
+        if value < 1:
+            fail(key, f"must be at least 1, got {value}")
+    for key, value in (("training.lr", spec.training.lr), ("model.width", spec.model.width)):
+        if value <= 0:
+            fail(key, f"must be positive, got {value}")
+    if not 0 <= spec.inference.overlap < 1:
+        fail("inference.overlap", f"must be in [0, 1), got {spec.inference.overlap}")
+    if any(side < 8 for side in spec.training.patch_size):
+        fail("training.patch_size", f"sides must be at least 8, got {spec.training.patch_size}")
+    for index, parameter in enumerate(spec.search.parameters):
+        _validate_parameter(spec, parameter, f"search.parameters[{index}]", fail)
+
+
+def _validate_parameter(spec: ExperimentSpec, parameter: ParameterSpec, key: str, fail) -> None:
+    section_name, _, field_name = parameter.name.partition(".")
+    if section_name not in SEARCHABLE_SECTIONS or field_name not in _field_types(type(getattr(spec, section_name))):
+        fail(f"{key}.name", f"{parameter.name!r} is not a searchable field (use <section>.<field> of: {', '.join(SEARCHABLE_SECTIONS)})")
+    if parameter.distribution not in DISTRIBUTIONS:
+        fail(f"{key}.distribution", f"unknown distribution {parameter.distribution!r}; valid: {', '.join(DISTRIBUTIONS)}")
+    if parameter.distribution == "choice":
+        if not parameter.choices:
+            fail(f"{key}.choices", "a choice parameter needs a non-empty list of choices")
+    elif parameter.low is None or parameter.high is None or not parameter.low < parameter.high:
+        fail(key, f"needs low < high, got low={parameter.low} high={parameter.high}")
+    elif parameter.distribution == "loguniform" and parameter.low <= 0:
+        fail(f"{key}.low", "a loguniform range must be positive")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    where = prefix.rstrip(".") or "spec"
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: {where}: expected a mapping, got {type(raw).__name__}")
+    types_by_field = _field_types(cls)
+    unknown = sorted(set(raw) - set(types_by_field))
+    if unknown:
+        raise SpecError(f"{source}: {prefix}{unknown[0]}: unknown key; valid keys: {', '.join(types_by_field)}")
+    values = {name: _coerce(value, types_by_field[name], f"{prefix}{name}", source) for name, value in raw.items()}
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    def fail(expected: str) -> typing.NoReturn:
+        raise SpecError(f"{source}: {key}: expected {expected}, got {value!r}")
+
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, f"{key}.", source)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None:
+            if type(None) in options:
+                return None
+            fail("a value")
+        (option,) = [o for o in options if o is not type(None)]
+        return _coerce(value, option, key, source)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            fail("a list")
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(item, args[0], f"{key}[{i}]", source) for i, item in enumerate(value))
+        if len(value) != len(args):
+            fail(f"a list of {len(args)}")
+        return tuple(_coerce(item, arg, f"{key}[{i}]", source) for i, (item, arg) in enumerate(zip(value, args)))
+    if hint is Any:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            fail("true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail("an integer")
+        return value
+    if hint is float:
+        # YAML 1.1 reads 1e-4 (no dot) as a string; accept what Python reads as a number.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                fail("a number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail("a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            fail("a string")
+        return value
+    raise TypeError(f"spec field {key} has unsupported type {hint}")
+
+
+def _to_plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple):
+        return [_to_plain(item) for item in value]
+    return value

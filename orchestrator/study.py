@@ -1,0 +1,163 @@
+"""One study, end to end: data -> Ray Tune (trials on Ray Train) -> MLflow runs -> selection -> registry."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import ray
+from mlflow.tracking import MlflowClient
+from ray import tune
+
+from msx.models.data.cohort import Cohort, find_isbi_cohort
+from msx.models.data.folds import check_folds, fold_plan
+from msx.models.data.synth import write_synthetic_cohort
+
+from .model_registry import register_selection
+from .progress import ProgressView
+from .results import Selection, best_per_backbone, outcome_from_result, results_table, select_best, summarise_configurations
+from .search import MODE, OPTIMISED_METRIC, LosoGridSearcher, build_scheduler
+from .spec import ExperimentSpec
+from .tracking import STUDY_TAG, TrialRunsCallback, ensure_experiment, log_study_start
+from .trial import TRIAL_RESOURCES, run_trial
+
+
+@dataclass(frozen=True)
+class StudyOutcome:
+    table: str
+    selection: Selection | None
+    model_uri: str | None
+    model_version: int | None
+    parent_run_id: str
+    experiment_id: str
+    trials_total: int
+    trials_finished: int
+
+
+def prepare_cohort(spec: ExperimentSpec, data: Path | None, storage: Path, echo: Callable[[str], None]) -> Cohort:
+    """The cohort the study trains on, checked against the fold plan; a synthetic one is made if none is given.
+
+    Runs before Ray starts, so bad input fails in seconds with the offending file or field named.
+    """
+    root = data if data is not None else (Path(spec.data.path) if spec.data.path else None)
+    if root is None:
+        synthetic = spec.data.synthetic
+        shape = "x".join(map(str, synthetic.shape))
+        root = storage / "data" / f"synthetic-{synthetic.patients}p-{shape}-seed{synthetic.seed}"
+        if not root.is_dir():
+            echo(f"writing a synthetic cohort ({synthetic.patients} patients, {shape} voxels) to {root}")
+            root.parent.mkdir(parents=True, exist_ok=True)
+            partial = Path(tempfile.mkdtemp(prefix=".synthetic-", dir=root.parent))
+            write_synthetic_cohort(partial, patients=synthetic.patients, shape=synthetic.shape, seed=synthetic.seed)
+            partial.rename(root)
+    cohort = find_isbi_cohort(root, spec.data.modalities, spec.data.rater)
+    check_folds(fold_plan(spec.data.folds), cohort.patients)
+    return cohort
+
+
+def start_ray(address: str | None, echo: Callable[[str], None]) -> str | None:
+    """Connect to a cluster, or start a local one bound to 127.0.0.1; returns the dashboard URL."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return None
+    if address:
+        context = ray.init(address=address, log_to_driver=False)
+    else:
+        context = ray.init(
+            address="local",
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            log_to_driver=False,
+        )
+    url = context.dashboard_url
+    if url:
+        url = url if url.startswith("http") else f"http://{url}"
+        echo(f"Ray dashboard: {url}")
+    return url
+
+
+def concurrent_trials(spec: ExperimentSpec) -> int:
+    """As many trials at once as the cluster has workers' resources for (at least one)."""
+    if spec.resources.max_concurrent_trials:
+        return spec.resources.max_concurrent_trials
+    available = ray.cluster_resources()
+    resources = spec.resources
+    by_cpu = available.get("CPU", 0) // (resources.cpus_per_worker * resources.workers_per_trial)
+    if resources.use_gpu:
+        by_gpu = available.get("GPU", 0) // (resources.gpus_per_worker * resources.workers_per_trial)
+        return max(1, int(min(by_cpu, by_gpu)))
+    return max(1, int(by_cpu))
+
+
+def run_study(
+    spec: ExperimentSpec,
+    cohort: Cohort,
+    storage: Path,
+    tracking_uri: str,
+    echo: Callable[[str], None] = print,
+) -> StudyOutcome:
+    storage = storage.resolve()
+    experiment_folder = storage / spec.name
+    spec_dict = spec.to_dict()
+    folds = fold_plan(spec.data.folds)
+    total = len(spec.model.backbones) * spec.search.configurations_per_backbone * len(folds)
+
+    experiment_id = ensure_experiment(tracking_uri, spec.name, storage / "mlartifacts")
+    client = MlflowClient(tracking_uri)
+    study_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    parent = client.create_run(experiment_id, run_name=study_name, tags={STUDY_TAG: study_name})
+    parent_run_id = parent.info.run_id
+    log_study_start(parent_run_id, tracking_uri, spec_dict, str(cohort.root))
+    echo(f"MLflow: experiment {spec.name!r}, study run {study_name} ({tracking_uri})")
+
+    max_concurrent = concurrent_trials(spec)
+    echo(f"{total} trials ({len(spec.model.backbones)} backbones x {spec.search.configurations_per_backbone} "
+         f"configurations x {len(folds)} folds), up to {max_concurrent} at a time")
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            run_trial, spec=spec_dict, data_root=str(cohort.root), storage_path=str(experiment_folder / "train")
+        ),
+        TRIAL_RESOURCES,
+    )
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            metric=OPTIMISED_METRIC,
+            mode=MODE,
+            search_alg=LosoGridSearcher(spec, folds),
+            scheduler=build_scheduler(spec),
+            num_samples=total,
+            max_concurrent_trials=max_concurrent,
+        ),
+        run_config=tune.RunConfig(
+            name=study_name,
+            storage_path=str(experiment_folder / "tune"),
+            callbacks=[TrialRunsCallback(tracking_uri, spec.name, parent_run_id), ProgressView(total, echo)],
+            verbose=0,
+        ),
+    )
+    grid = tuner.fit()
+
+    outcomes = [o for o in (outcome_from_result(r.config, r.metrics) for r in grid) if o is not None]
+    configurations = summarise_configurations(outcomes, spec.inference.strategies, len(folds))
+    metric = spec.registry.selection_metric
+    selection = select_best(configurations, spec.inference.strategies, metric)
+    table = results_table(best_per_backbone(configurations, spec.inference.strategies, metric), spec.inference.strategies)
+    client.log_text(parent_run_id, table, "results_table.txt")
+    client.log_metric(parent_run_id, "trials_finished", len(outcomes))
+
+    version = model_uri = None
+    if selection is not None:
+        client.log_metric(parent_run_id, f"selected_val_{metric}", selection.validation_score)
+        client.set_tag(parent_run_id, "msx.selected_configuration", selection.configuration.configuration)
+        client.set_tag(parent_run_id, "msx.selected_strategy", selection.strategy)
+        version, model_uri = register_selection(
+            selection, spec_dict, spec.registry.model_name, parent_run_id, tracking_uri,
+            experiment_folder / "registered" / study_name,
+        )
+    client.set_terminated(parent_run_id, "FINISHED" if selection is not None else "FAILED")
+    return StudyOutcome(table, selection, model_uri, version, parent_run_id, experiment_id, total, len(outcomes))

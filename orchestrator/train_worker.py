@@ -1,0 +1,218 @@
+"""The Ray Train worker loop: one (backbone, hyperparameters, fold) trained data-parallel.
+
+Every worker runs this; rank 0 writes checkpoints. Metrics reach Tune (and from there MLflow, on the
+driver) through `ray.train.report`, which all workers call the same number of times.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from monai.optimizers import WarmupCosineSchedule
+
+from msx.models.checkpoint import save_checkpoint
+from msx.models.data.cohort import find_isbi_cohort, load_scan
+from msx.models.data.folds import fold_plan
+from msx.models.diffusion import DiffusionConfig, LossWeights
+from msx.models.engine import InferenceConfig, evaluate_scan, train_epoch, training_dataset
+from msx.models.metrics import METRIC_NAMES
+from msx.models.networks import NetworkConfig, build_network
+
+from .spec import ExperimentSpec, spec_from_dict
+
+log = logging.getLogger("msx.train")
+
+STATE_FILE = "training_state.pt"
+MODEL_DIR = "model"
+SCAN_METRICS_FILE = "scan_metrics.json"
+
+
+def trial_spec(config: dict[str, Any]) -> ExperimentSpec:
+    """The experiment spec with this trial's backbone and searched values applied."""
+    spec = spec_from_dict(config["spec"])
+    trial = config["trial"]
+    searched = {key: value for key, value in trial.items() if "." in key}
+    return spec.with_overrides({"model.backbones": (trial["backbone"],), **searched})
+
+
+def network_config(spec: ExperimentSpec) -> NetworkConfig:
+    return NetworkConfig(
+        backbone=spec.model.backbones[0], image_channels=len(spec.data.modalities), width=spec.model.width
+    )
+
+
+def inference_config(spec: ExperimentSpec, validation: bool) -> InferenceConfig:
+    if validation:
+        return InferenceConfig(
+            ddim_steps=spec.training.validation_ddim_steps,
+            samples=1,
+            roi_size=spec.training.patch_size,
+            overlap=spec.inference.overlap,
+            sw_batch_size=spec.inference.sw_batch_size,
+            strategies=(spec.training.validation_strategy,),
+            connectivity=spec.inference.connectivity,
+        )
+    return InferenceConfig(
+        ddim_steps=spec.inference.ddim_steps,
+        samples=spec.inference.samples,
+        roi_size=spec.training.patch_size,
+        overlap=spec.inference.overlap,
+        sw_batch_size=spec.inference.sw_batch_size,
+        strategies=spec.inference.strategies,
+        connectivity=spec.inference.connectivity,
+    )
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    spec = trial_spec(config)
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(spec.training.seed + rank)
+    np.random.seed(spec.training.seed + rank)
+    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    label = f"{config['trial']['backbone']} fold {config['trial']['fold']}"
+
+    cohort = find_isbi_cohort(config["data_root"], spec.data.modalities, spec.data.rater)
+    fold = next(f for f in fold_plan(spec.data.folds) if f.index == config["trial"]["fold"])
+
+    def load(patients: tuple[int, ...]):
+        return [load_scan(scan, spec.data.modalities, spec.data.rater) for scan in cohort.scans_of(patients)]
+
+    train_scans = load(fold.train)
+    dataset = training_dataset(train_scans, spec.training.patch_size)
+    loader = ray.train.torch.prepare_data_loader(
+        torch.utils.data.DataLoader(dataset, batch_size=spec.training.batch_size, shuffle=True, num_workers=0),
+        move_to_device=False,
+    )
+    net = ray.train.torch.prepare_model(build_network(network_config(spec)))
+    bare_net = net.module if hasattr(net, "module") else net
+    optimizer = torch.optim.AdamW(
+        net.parameters(), lr=spec.training.lr, weight_decay=spec.training.weight_decay, fused=device.type == "cuda"
+    )
+    total_steps = spec.training.epochs * len(loader)
+    lr_schedule = WarmupCosineSchedule(
+        optimizer, warmup_steps=int(spec.training.warmup_fraction * total_steps), t_total=total_steps
+    )
+    diffusion = DiffusionConfig(spec.diffusion.timesteps, spec.diffusion.beta_start, spec.diffusion.beta_end)
+    loss_weights = LossWeights(spec.training.loss_dice, spec.training.loss_bce, spec.training.loss_mse)
+
+    start_epoch, best_score, best_state = 0, -math.inf, None
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        with resumed.as_directory() as folder:
+            state = torch.load(Path(folder) / STATE_FILE, map_location=device, weights_only=True)
+            bare_net.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            lr_schedule.load_state_dict(state["lr_schedule"])
+            start_epoch, best_score, best_state = state["epoch"], state["best_score"], state["best_model"]
+        log.info("%s: resumed at epoch %d (best validation Dice %.4f)", label, start_epoch, best_score)
+
+    validation_scans = load(fold.validation)
+    started = time.monotonic()
+    for epoch in range(start_epoch + 1, spec.training.epochs + 1):
+        if hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        loss = float(train_epoch(net, loader, optimizer, lr_schedule, device, diffusion, loss_weights, autocast_dtype))
+        metrics: dict[str, Any] = {"epoch": epoch, "train_loss": loss, "lr": lr_schedule.get_last_lr()[0]}
+        if epoch % spec.training.validate_every and epoch != spec.training.epochs:
+            log.info("%s: epoch %d/%d loss %.4f", label, epoch, spec.training.epochs, loss)
+            ray.train.report(metrics)
+            continue
+        per_scan = evaluate_distributed(
+            bare_net, validation_scans, inference_config(spec, validation=True), device, diffusion, autocast_dtype,
+            seed=spec.training.seed + epoch,
+        )
+        score = float(np.nanmean([scan[spec.training.validation_strategy]["dsc"] for scan in per_scan]))
+        if score > best_score or best_state is None:
+            best_score = score
+            best_state = {k: v.detach().clone() for k, v in bare_net.state_dict().items()}
+        metrics.update(val_dice_now=score, val_dice=best_score)
+        log.info(
+            "%s: epoch %d/%d loss %.4f validation Dice %.4f (best %.4f, %.0f s)",
+            label, epoch, spec.training.epochs, loss, score, best_score, time.monotonic() - started,
+        )
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = None
+            if rank == 0:
+                torch.save(
+                    {
+                        "model": bare_net.state_dict(),
+                        "best_model": best_state,
+                        "optimizer": optimizer.state_dict(),
+                        "lr_schedule": lr_schedule.state_dict(),
+                        "epoch": epoch,
+                        "best_score": best_score,
+                    },
+                    Path(folder) / STATE_FILE,
+                )
+                checkpoint = ray.train.Checkpoint.from_directory(folder)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+    # Final evaluation of the best checkpoint on the validation and the test patients, every strategy.
+    bare_net.load_state_dict(best_state)
+    final = inference_config(spec, validation=False)
+    results = {
+        split: evaluate_distributed(
+            bare_net, scans, final, device, diffusion, autocast_dtype, seed=spec.training.seed + 10_000
+        )
+        for split, scans in (("val", validation_scans), ("test", load(fold.test)))
+    }
+    metrics = {"epoch": spec.training.epochs, "val_dice": best_score, "done": 1}
+    for split, per_scan in results.items():
+        for strategy in final.strategies:
+            for metric in METRIC_NAMES:
+                values = [scan[strategy][metric] for scan in per_scan]
+                metrics[f"{split}/{strategy}/{metric}"] = float(np.nanmean(values)) if not np.all(np.isnan(values)) else math.nan
+    scan_ids = {
+        "val": [scan.scan_id for scan in cohort.scans_of(fold.validation)],
+        "test": [scan.scan_id for scan in cohort.scans_of(fold.test)],
+    }
+    log.info("%s: done, validation Dice %.4f", label, best_score)
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = None
+        if rank == 0:
+            save_checkpoint(Path(folder) / MODEL_DIR, bare_net, {"spec": spec.to_dict(), "fold": fold.index})
+            per_scan_rows = [
+                {"split": split, "scan": scan_id, "strategy": strategy, **values}
+                for split, per_scan in results.items()
+                for scan_id, scan in zip(scan_ids[split], per_scan)
+                for strategy, values in scan.items()
+            ]
+            (Path(folder) / SCAN_METRICS_FILE).write_text(json.dumps(per_scan_rows, indent=1))
+            checkpoint = ray.train.Checkpoint.from_directory(folder)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def evaluate_distributed(
+    net: torch.nn.Module,
+    scans: list,
+    config: InferenceConfig,
+    device: torch.device,
+    diffusion: DiffusionConfig,
+    autocast_dtype: torch.dtype | None,
+    seed: int,
+) -> list[dict[str, dict[str, float]]]:
+    """Per-scan metrics, scans shared out over the workers and gathered back in scan order."""
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    generator = torch.Generator(device=device)
+    mine = {}
+    for index in range(rank, len(scans), world_size):
+        generator.manual_seed(seed + index)
+        mine[index] = evaluate_scan(net, scans[index], config, device, diffusion, generator, autocast_dtype)
+    if world_size > 1:
+        gathered: list[dict] = [None] * world_size  # type: ignore[list-item]
+        dist.all_gather_object(gathered, mine)
+        mine = {index: value for part in gathered for index, value in part.items()}
+    return [mine[index] for index in range(len(scans))]

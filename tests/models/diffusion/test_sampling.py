@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from msx.models.diffusion import DiffusionConfig, add_noise, ddim_trajectory, ddim_update, sample_scan
+
+from .stand_ins import OracleNet, RecordingNet, TinyConvNet, image_with_mask, oracle_logits
+
+ALPHA_BAR = np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000))
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def random_mask(shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    return (torch.rand(shape, generator=generator) < 0.4).float()
+
+
+def test_ddim_update_by_hand() -> None:
+    # x_t on the line from x0: no noise is left to carry, x_prev = sqrt(0.64) * 1.
+    assert ddim_update(torch.tensor(0.5), torch.tensor(1.0), 0.25, 0.64).item() == pytest.approx(0.8)
+    # x0 = 0: eps = 1 / sqrt(1 - 0.36) = 1.25 and x_prev = sqrt(1 - 0.64) * 1.25.
+    assert ddim_update(torch.tensor(1.0), torch.tensor(0.0), 0.36, 0.64).item() == pytest.approx(0.75)
+
+
+def test_ddim_update_with_the_true_x0_keeps_the_noise_and_lowers_its_level() -> None:
+    generator = torch.Generator().manual_seed(0)
+    clean = torch.where(torch.rand((1, 1, 4, 4, 4), generator=generator) < 0.5, 1.0, -1.0)
+    noise = torch.randn(clean.shape, generator=generator)
+    config = DiffusionConfig()
+    noisy = add_noise(clean, noise, torch.tensor([700]), config)
+    stepped = ddim_update(noisy, clean, ALPHA_BAR[700], ALPHA_BAR[300])
+    torch.testing.assert_close(stepped, add_noise(clean, noise, torch.tensor([300]), config), rtol=1e-5, atol=1e-5)
+
+
+def test_trajectory_feeds_each_step_the_ddim_update_of_the_last() -> None:
+    generator = torch.Generator().manual_seed(1)
+    image = torch.rand((2, 1, 3, 3, 3), generator=generator)
+    net = RecordingNet()
+
+    trajectory = ddim_trajectory(net, image, num_steps=10, num_samples=2, generator=generator)
+
+    assert len(net.calls) == 10
+    assert [call[2].tolist() for call in net.calls[:3]] == [[999] * 4, [888] * 4, [777] * 4]
+    (_, x_first, _, logits_first), (_, x_second, _, logits_second) = net.calls[:2]
+    x0 = 2.0 * sigmoid(logits_first.double().numpy()) - 1.0
+    noise = (x_first.double().numpy() - np.sqrt(ALPHA_BAR[999]) * x0) / np.sqrt(1.0 - ALPHA_BAR[999])
+    expected = np.sqrt(ALPHA_BAR[888]) * x0 + np.sqrt(1.0 - ALPHA_BAR[888]) * noise
+    np.testing.assert_allclose(x_second.numpy(), expected, rtol=1e-4, atol=1e-5)
+    # Chains b * s + j belong to image b and sample j.
+    torch.testing.assert_close(trajectory[:, 0], logits_first.view(2, 2, 3, 3, 3))
+    torch.testing.assert_close(trajectory[:, 1], logits_second.view(2, 2, 3, 3, 3))
+    torch.testing.assert_close(net.calls[0][0], image.repeat_interleave(2, dim=0))
+
+
+def test_trajectory_starts_from_standard_normal_noise() -> None:
+    net = RecordingNet()
+    ddim_trajectory(net, torch.zeros((1, 1, 16, 16, 16)), num_steps=1, generator=torch.Generator().manual_seed(2))
+    start = net.calls[0][1]
+    assert abs(start.mean().item()) < 0.1 and start.std().item() == pytest.approx(1.0, abs=0.05)
+
+
+def test_oracle_trajectory_ends_on_the_true_mask_for_every_image_and_sample() -> None:
+    generator = torch.Generator().manual_seed(3)
+    mask = random_mask((2, 1, 4, 5, 3), generator)
+    image = image_with_mask(mask, generator)
+
+    trajectory = ddim_trajectory(OracleNet(), image, num_steps=4, num_samples=3, generator=generator)
+
+    assert trajectory.shape == (2, 4, 3, 4, 5, 3) and trajectory.dtype == torch.float32
+    final_step = trajectory[:, -1]
+    assert torch.equal(final_step > 0, mask.expand(2, 3, 4, 5, 3) > 0)
+    expected = oracle_logits(image)  # (2, 1, ...): image b's answer in all of its samples and steps
+    torch.testing.assert_close(trajectory, expected[:, None].expand_as(trajectory))
+
+
+def test_trajectory_is_reproducible_with_a_seeded_generator() -> None:
+    image = torch.rand((1, 1, 3, 3, 3), generator=torch.Generator().manual_seed(4))
+
+    def run(seed: int) -> torch.Tensor:
+        return ddim_trajectory(RecordingNet(), image, 5, 2, generator=torch.Generator().manual_seed(seed))
+
+    assert torch.equal(run(5), run(5))
+    assert not torch.allclose(run(5), run(6))
+    samples = run(5)
+    assert not torch.allclose(samples[:, :, 0], samples[:, :, 1])  # the samples are independent chains
+
+
+def test_trajectory_is_detached_inference_output() -> None:
+    net = TinyConvNet(image_channels=1)
+    trajectory = ddim_trajectory(net, torch.rand((1, 1, 3, 3, 3)), num_steps=2)
+    assert not trajectory.requires_grad and trajectory.is_inference()
+
+
+def test_bf16_autocast_returns_float32_close_to_full_precision() -> None:
+    torch.manual_seed(0)
+    net = TinyConvNet(image_channels=1)
+    image = torch.rand((1, 1, 4, 4, 4), generator=torch.Generator().manual_seed(7))
+    full = ddim_trajectory(net, image, 3, generator=torch.Generator().manual_seed(8))
+    half = ddim_trajectory(net, image, 3, generator=torch.Generator().manual_seed(8), autocast_dtype=torch.bfloat16)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, full, rtol=0.05, atol=0.05)
+
+
+def test_trajectory_rejects_a_net_of_the_wrong_shape() -> None:
+    with pytest.raises(ValueError):
+        ddim_trajectory(lambda image, noisy, t: noisy[:, :, 1:], torch.zeros((1, 1, 3, 3, 3)), num_steps=2)
+
+
+def test_scan_larger_than_the_window_is_stitched_voxel_for_voxel() -> None:
+    generator = torch.Generator().manual_seed(9)
+    mask = random_mask((1, 1, 21, 18, 16), generator)
+    image = image_with_mask(mask, generator)[0]
+
+    steps = sample_scan(
+        OracleNet(), image, num_steps=3, num_samples=2, roi_size=(8, 8, 8), overlap=0.25, sw_batch_size=3,
+        generator=generator,
+    )
+
+    assert steps.shape == (3, 2, 21, 18, 16) and steps.dtype == torch.float32
+    expected = oracle_logits(image[None])[0, 0]
+    torch.testing.assert_close(steps, expected.expand_as(steps), rtol=1e-6, atol=1e-5)
+    assert torch.equal(steps > 0, (mask[0, 0] > 0).expand_as(steps))
+
+
+def test_one_window_scan_keeps_the_step_and_sample_order_of_the_trajectory() -> None:
+    image = torch.rand((1, 6, 5, 4), generator=torch.Generator().manual_seed(10))
+    steps = sample_scan(RecordingNet(), image, 4, 3, roi_size=(6, 5, 4), generator=torch.Generator().manual_seed(11))
+    trajectory = ddim_trajectory(RecordingNet(), image[None], 4, 3, generator=torch.Generator().manual_seed(11))
+    torch.testing.assert_close(steps, trajectory[0], rtol=0, atol=0)
+
+
+def test_scan_rejects_a_batched_image() -> None:
+    with pytest.raises(ValueError):
+        sample_scan(OracleNet(), torch.zeros((1, 2, 8, 8, 8)), 2, 1, roi_size=8)

@@ -1,0 +1,177 @@
+import itertools
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from monai.metrics import DiceMetric
+
+from msx.models.metrics import METRIC_NAMES, segmentation_metrics, summarise
+
+
+def mask_with(shape: tuple, voxels: list) -> np.ndarray:
+    mask = np.zeros(shape, dtype=bool)
+    for voxel in voxels:
+        mask[voxel] = True
+    return mask
+
+
+# Ground truth: a face-connected pair, and two voxels touching only at a corner.
+GT = mask_with((5, 5, 5), [(0, 0, 0), (0, 0, 1), (2, 2, 2), (3, 3, 3)])
+# Prediction: hits the pair and (3,3,3); (4,4,4) touches (3,3,3) at a corner; (0,4,4) and (1,3,4)
+# share an edge and touch nothing.
+PRED = mask_with((5, 5, 5), [(0, 0, 1), (3, 3, 3), (4, 4, 4), (0, 4, 4), (1, 3, 4)])
+
+
+def test_voxel_metrics_by_hand():
+    metrics = segmentation_metrics(PRED, GT)
+    assert tuple(metrics) == METRIC_NAMES
+    # |P| = 5, |G| = 4, overlap 2
+    assert metrics["dsc"] == pytest.approx(4 / 9)
+    assert metrics["tpr"] == pytest.approx(2 / 4)
+    assert metrics["ppv"] == pytest.approx(2 / 5)
+    assert metrics["avd"] == pytest.approx(100 * 1 / 4)
+
+
+@pytest.mark.parametrize(
+    "connectivity, ltpr, lfpr",
+    [
+        # 6: gt lesions {pair}, {222}, {333}: 2 of 3 hit; 5 predicted lesions, 3 touch nothing.
+        (6, 2 / 3, 3 / 5),
+        # 18: the edge-sharing false positives merge: 4 predicted lesions, 2 touch nothing.
+        (18, 2 / 3, 2 / 4),
+        # 26: {222, 333} is one gt lesion (hit), {333, 444} one predicted lesion (touching).
+        (26, 2 / 2, 1 / 3),
+    ],
+)
+def test_lesion_metrics_depend_on_connectivity(connectivity, ltpr, lfpr):
+    metrics = segmentation_metrics(PRED, GT, connectivity=connectivity)
+    assert metrics["ltpr"] == pytest.approx(ltpr)
+    assert metrics["lfpr"] == pytest.approx(lfpr)
+
+
+def test_unsupported_connectivity_is_named():
+    with pytest.raises(ValueError, match="connectivity 8 "):
+        segmentation_metrics(PRED, GT, connectivity=8)
+
+
+def test_assd_anisotropic_by_hand():
+    # spacing (0.5, 1, 2) mm. pred (0,0,3) -> gt (0,0,0): 6 mm; gt (2,0,0) -> pred: sqrt(1 + 36) mm.
+    gt = mask_with((3, 1, 4), [(0, 0, 0), (2, 0, 0)])
+    pred = mask_with((3, 1, 4), [(0, 0, 3)])
+    metrics = segmentation_metrics(pred, gt, spacing=(0.5, 1.0, 2.0))
+    # medpy: mean of the directed means (6 and (6 + sqrt 37) / 2), not the pooled mean of three distances.
+    assert metrics["assd"] == pytest.approx((6 + (6 + math.sqrt(37)) / 2) / 2)
+
+
+def brute_force_surface(mask: np.ndarray) -> np.ndarray:
+    """Voxels of the mask with a face neighbour outside the mask or outside the array."""
+    surface = np.zeros_like(mask)
+    for voxel in zip(*np.nonzero(mask)):
+        for axis, step in itertools.product(range(3), (-1, 1)):
+            neighbour = list(voxel)
+            neighbour[axis] += step
+            if not 0 <= neighbour[axis] < mask.shape[axis] or not mask[tuple(neighbour)]:
+                surface[voxel] = True
+    return surface
+
+
+def brute_force_assd(pred: np.ndarray, gt: np.ndarray, spacing: tuple) -> float:
+    pred_points = np.argwhere(brute_force_surface(pred)) * spacing
+    gt_points = np.argwhere(brute_force_surface(gt)) * spacing
+    distances = np.linalg.norm(pred_points[:, None, :] - gt_points[None, :, :], axis=-1)
+    return (distances.min(axis=1).mean() + distances.min(axis=0).mean()) / 2
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_assd_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    # Dense enough that some voxels are interior (not surface).
+    pred = rng.random((6, 7, 5)) < 0.6
+    gt = rng.random((6, 7, 5)) < 0.3
+    gt[2:5, 2:5, 1:4] = True
+    spacing = (0.8, 1.3, 2.5)
+    assert brute_force_surface(gt).sum() < gt.sum()
+    assert segmentation_metrics(pred, gt, spacing=spacing)["assd"] == pytest.approx(
+        brute_force_assd(pred, gt, spacing), abs=1e-6
+    )
+
+
+def test_other_metrics_ignore_spacing():
+    isotropic = segmentation_metrics(PRED, GT)
+    anisotropic = segmentation_metrics(PRED, GT, spacing=(0.5, 1.0, 3.0))
+    assert {k: v for k, v in isotropic.items() if k != "assd"} == {
+        k: v for k, v in anisotropic.items() if k != "assd"
+    }
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_dsc_matches_monai(seed):
+    rng = np.random.default_rng(seed)
+    pred = rng.random((6, 5, 4)) < 0.4
+    gt = rng.random((6, 5, 4)) < 0.3
+    dice = DiceMetric(include_background=True)
+    dice(torch.from_numpy(pred)[None, None].float(), torch.from_numpy(gt)[None, None].float())
+    assert segmentation_metrics(pred, gt)["dsc"] == pytest.approx(dice.aggregate().item(), abs=1e-6)
+
+
+NAN = math.nan
+EMPTY = np.zeros((3, 3, 3), dtype=bool)
+ONE_VOXEL = mask_with((3, 3, 3), [(1, 1, 1)])
+
+
+@pytest.mark.parametrize(
+    "pred, gt, expected",
+    [
+        (EMPTY, EMPTY, dict(dsc=1, tpr=1, ppv=1, ltpr=1, lfpr=0, avd=0, assd=0)),
+        (ONE_VOXEL, EMPTY, dict(dsc=0, tpr=NAN, ppv=0, ltpr=NAN, lfpr=1, avd=NAN, assd=NAN)),
+        (EMPTY, ONE_VOXEL, dict(dsc=0, tpr=0, ppv=NAN, ltpr=0, lfpr=NAN, avd=100, assd=NAN)),
+    ],
+    ids=["both empty", "truth empty", "prediction empty"],
+)
+def test_empty_cases(pred, gt, expected):
+    metrics = segmentation_metrics(pred, gt)
+    assert list(metrics) == list(METRIC_NAMES)
+    for name in METRIC_NAMES:
+        assert metrics[name] == pytest.approx(expected[name], nan_ok=True), name
+
+
+def test_input_validation():
+    with pytest.raises(ValueError, match="shape"):
+        segmentation_metrics(EMPTY, np.zeros((3, 3, 4)))
+    with pytest.raises(ValueError, match="3-D"):
+        segmentation_metrics(np.zeros((3, 3)), np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="spacing"):
+        segmentation_metrics(EMPTY, EMPTY, spacing=(1.0, 1.0))
+
+
+def test_accepts_nonzero_labels_as_lesion():
+    assert segmentation_metrics(PRED.astype(np.uint8) * 7, GT.astype(float)) == segmentation_metrics(PRED, GT)
+
+
+def test_summarise_ignores_nan():
+    per_scan = [
+        {"dsc": 0.5, "ltpr": NAN},
+        {"dsc": 0.7, "ltpr": 0.2},
+        {"dsc": 0.9, "ltpr": 0.6},
+    ]
+    summary = summarise(per_scan)
+    assert summary["dsc"] == pytest.approx((0.7, math.sqrt((0.04 + 0 + 0.04) / 3)))
+    assert summary["ltpr"] == pytest.approx((0.4, 0.2))
+    assert summarise(per_scan, ddof=1)["ltpr"] == pytest.approx((0.4, math.sqrt(0.08)))
+
+
+def test_summarise_all_nan_without_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        summary = summarise([{"avd": NAN}, {"avd": NAN}])
+        single = summarise([{"avd": 3.0}], ddof=1)
+    assert all(math.isnan(value) for value in summary["avd"])
+    assert single["avd"][0] == 3.0 and math.isnan(single["avd"][1])
+
+
+def test_summarise_rejects_mismatched_metrics_and_empty_input():
+    with pytest.raises(ValueError, match="same metrics"):
+        summarise([{"dsc": 1.0}, {"tpr": 1.0}])
+    assert summarise([]) == {}

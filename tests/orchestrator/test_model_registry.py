@@ -1,0 +1,75 @@
+"""MLflow registry round trip on a real SQLite store: register, look up by alias, load, predict a mask."""
+
+import math
+
+import mlflow
+import mlflow.pyfunc
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from msx.models.checkpoint import save_checkpoint
+from msx.models.networks import NetworkConfig, build_network
+from msx.orchestrator.model_registry import describe_model, register_selection
+from msx.orchestrator.results import TrialOutcome, select_best, summarise_configurations
+from msx.orchestrator.spec import spec_from_dict
+from msx.orchestrator.tracking import ensure_experiment
+
+STRATEGIES = ("mean", "last")
+
+
+def fold_checkpoints(tmp_path, folds, backbone="unet"):
+    spec = spec_from_dict(
+        {
+            "name": "registry-test",
+            "model": {"backbones": [backbone], "width": 0.125},
+            "training": {"patch_size": [16, 16, 16]},
+            "inference": {"strategies": list(STRATEGIES), "ddim_steps": 2, "samples": 1, "overlap": 0.0},
+        }
+    )
+    outcomes = []
+    for fold in folds:
+        folder = tmp_path / "trials" / f"fold{fold}"
+        net = build_network(NetworkConfig(backbone=backbone, image_channels=3, width=0.125))
+        save_checkpoint(folder / "model", net, {"fold": fold})
+        metrics = {f"{split}/{s}/dsc": 0.5 + 0.01 * fold for split in ("val", "test") for s in STRATEGIES}
+        outcomes.append(TrialOutcome(f"{backbone}-c1", backbone, fold, {"training.lr": 1e-3}, metrics, str(folder)))
+    return spec, outcomes
+
+
+@pytest.mark.timeout(240)
+def test_register_lookup_by_alias_load_and_predict(tmp_path):
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec, outcomes = fold_checkpoints(tmp_path, folds=(1, 2))
+    configurations = summarise_configurations(outcomes, STRATEGIES, fold_count=2)
+    selection = select_best(configurations, STRATEGIES, "dsc")
+    experiment_id = ensure_experiment(tracking_uri, spec.name, tmp_path / "artifacts")
+    parent = MlflowClient(tracking_uri).create_run(experiment_id, run_name="study")
+
+    version, uri = register_selection(
+        selection, spec.to_dict(), "msx-test", parent.info.run_id, tracking_uri, tmp_path / "work"
+    )
+    assert (version, uri) == (1, "models:/msx-test@champion")
+
+    info = describe_model("msx-test@champion", tracking_uri)
+    assert info["version"] == 1 and "champion" in info["aliases"]
+    assert info["run_id"] == parent.info.run_id
+    assert info["tags"]["strategy"] == selection.strategy
+    assert info["tags"]["test_dsc"].startswith(f"{configurations[0].score(selection.strategy, 'dsc', 'test'):.4f}")
+    assert describe_model("msx-test/1", tracking_uri)["version"] == 1
+    assert describe_model("msx-test", tracking_uri)["version"] == 1
+
+    mlflow.set_tracking_uri(tracking_uri)
+    model = mlflow.pyfunc.load_model(uri)
+    image = np.zeros((3, 20, 24, 18), dtype=np.float32)
+    image[:, 3:17, 4:20, 2:16] = np.random.default_rng(0).normal(1.0, 0.2, size=(3, 14, 16, 14))
+    mask = model.predict(image)
+    assert mask.shape == image.shape[1:] and mask.dtype == np.uint8
+    assert set(np.unique(mask)) <= {0, 1}
+    assert not mask[image[0] == 0].any()  # nothing predicted outside the (non-zero) brain
+
+
+def test_unknown_model_lookup_raises(tmp_path):
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(LookupError, match="no registered model named 'nope'"):
+        describe_model("nope", tracking_uri)

@@ -1,0 +1,78 @@
+from pathlib import Path
+
+import pytest
+
+from msx.orchestrator.spec import ExperimentSpec, SpecError, bundled_spaces, load_spec, spec_from_dict
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_bundled_spaces_load_and_validate():
+    assert {"smoke", "paper"} <= set(bundled_spaces())
+    smoke = load_spec("smoke")
+    assert smoke.model.backbones == ("unet", "segresnet")
+    assert smoke.data.folds == "paper"
+    assert smoke.search.parameters[0].name == "training.lr"
+    paper = load_spec("paper")
+    assert paper.training.patch_size == (96, 96, 96)
+    assert paper.training.lr == pytest.approx(1e-4)
+
+
+def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
+    spec = load_spec(write(tmp_path, "name: x\ntraining: {lr: 1e-4}\n"))
+    assert spec.training.lr == pytest.approx(1e-4)
+
+
+def test_unknown_key_is_named_with_its_path(tmp_path):
+    with pytest.raises(SpecError, match=r"training\.lrr: unknown key; valid keys: .*lr"):
+        load_spec(write(tmp_path, "name: x\ntraining: {lrr: 0.1}\n"))
+
+
+def test_unknown_backbone_lists_valid_names(tmp_path):
+    with pytest.raises(SpecError, match=r"model\.backbones: unknown name 'vnet'; valid names: .*segresnet.*unet"):
+        load_spec(write(tmp_path, "name: x\nmodel: {backbones: [unet, vnet]}\n"))
+
+
+def test_unknown_strategy_lists_valid_names(tmp_path):
+    with pytest.raises(SpecError, match=r"inference\.strategies: unknown name 'median'; valid names: .*uncertainty"):
+        load_spec(write(tmp_path, "name: x\ninference: {strategies: [mean, median]}\n"))
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path):
+    path = write(tmp_path, "name: x\ntraining: {lr: 0.1\nmodel: [\n")
+    with pytest.raises(SpecError, match=rf"{path}: invalid YAML \(line \d+, column \d+\)"):
+        load_spec(path)
+
+
+def test_wrong_types_and_ranges_are_named(tmp_path):
+    with pytest.raises(SpecError, match=r"training\.epochs: expected an integer, got 'many'"):
+        load_spec(write(tmp_path, "name: x\ntraining: {epochs: many}\n"))
+    with pytest.raises(SpecError, match=r"training\.patch_size: expected a list of 3"):
+        load_spec(write(tmp_path, "name: x\ntraining: {patch_size: [32, 32]}\n"))
+    with pytest.raises(SpecError, match=r"inference\.overlap: must be in \[0, 1\)"):
+        load_spec(write(tmp_path, "name: x\ninference: {overlap: 1.5}\n"))
+
+
+def test_search_parameters_must_name_spec_fields(tmp_path):
+    text = "name: x\nsearch: {parameters: [{name: os.system, low: 1, high: 2}]}\n"
+    with pytest.raises(SpecError, match=r"search\.parameters\[0\]\.name: 'os\.system' is not a searchable field"):
+        load_spec(write(tmp_path, text))
+
+
+def test_missing_spec_file_and_unknown_bundled_name():
+    with pytest.raises(SpecError, match="no such spec file"):
+        load_spec("does/not/exist.yaml")
+    with pytest.raises(SpecError, match="unknown search space 'smok'; bundled spaces: .*smoke"):
+        load_spec("smok")
+
+
+def test_overrides_and_round_trip():
+    spec = spec_from_dict({"name": "x"})
+    changed = spec.with_overrides({"training.lr": 3e-3, "model.backbones": ["segresnet"]})
+    assert changed.training.lr == 3e-3 and changed.model.backbones == ("segresnet",)
+    assert spec.training.lr == ExperimentSpec(name="x").training.lr  # frozen original untouched
+    assert spec_from_dict(changed.to_dict()) == changed
