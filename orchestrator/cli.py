@@ -89,7 +89,7 @@ def launch(space: str, data: Path | None, storage: Path, tracking_uri: str | Non
 
 
 def _prepare(spec, data, storage):
-    from .study import prepare_cohort
+    from .data import prepare_cohort
 
     return prepare_cohort(spec, data, storage, click.echo)
 

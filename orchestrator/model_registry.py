@@ -49,7 +49,7 @@ class FoldEnsembleSegmenter(mlflow.pyfunc.PythonModel):
             if name.startswith("fold")
         ]
 
-    def predict(self, context, model_input, params: dict[str, Any] | None = None) -> np.ndarray:
+    def predict(self, context, model_input: np.ndarray, params: dict[str, Any] | None = None) -> np.ndarray:
         image = np.asarray(model_input, dtype=np.float32)
         if image.ndim != 4:
             raise ValueError(f"expected an image of shape (channels, X, Y, Z), got {image.shape}")

@@ -12,7 +12,7 @@ def local_ray():
     import ray
 
     # Workers unpickle functions defined in test modules by module name: let them import those modules.
-    here = str(Path(__file__).parent)
+    here = str(Path(__file__).parents[2])
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray

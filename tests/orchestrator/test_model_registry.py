@@ -23,7 +23,7 @@ def fold_checkpoints(tmp_path, folds, backbone="unet"):
         {
             "name": "registry-test",
             "model": {"backbones": [backbone], "width": 0.125},
-            "training": {"patch_size": [16, 16, 16]},
+            "training": {"patch_size": [32, 32, 32]},
             "inference": {"strategies": list(STRATEGIES), "ddim_steps": 2, "samples": 1, "overlap": 0.0},
         }
     )

@@ -1,0 +1,85 @@
+"""The MSSegDiff network: an image encoder conditioning a denoiser of the same backbone family."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .backbones import BACKBONES, scale_channels
+from .conditioning import TimestepEmbedding, add_stage_conditioning, stage_conditioning
+
+REFERENCE_TIME_EMBEDDING_DIM = 512
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Which backbone, how many image channels, and `width` times the reference feature sizes."""
+
+    backbone: str = "unet"
+    image_channels: int = 3
+    width: float = 1.0
+
+    def __post_init__(self) -> None:
+        BACKBONES.get(self.backbone)  # an unknown name fails here, listing the registered ones
+        if self.image_channels < 1:
+            raise ValueError(f"image_channels must be at least 1, got {self.image_channels}")
+        if self.width <= 0:
+            raise ValueError(f"width must be positive, got {self.width}")
+
+
+class DiffusionSegmentationNet(nn.Module):
+    """Predicts the logits of the clean mask x0 from the image, the noisy mask x_t and the time step t.
+
+    The encoder runs the backbone's down path on the image; the denoiser, a complete network of the same
+    family, takes concat(image, x_t). At every down-path stage the denoiser's feature map gets the encoder's
+    feature map of that stage plus a per-stage projection of the time embedding added to it.
+    """
+
+    def __init__(self, config: NetworkConfig) -> None:
+        super().__init__()
+        backbone = BACKBONES.get(config.backbone)
+        self.config = config
+        self.spatial_multiple = backbone.spatial_multiple
+        self.encoder = backbone.build_encoder(config.image_channels, config.width)
+        self.denoiser = backbone.build(config.image_channels + 1, 1, config.width)
+        time_dim = scale_channels(REFERENCE_TIME_EMBEDDING_DIM, config.width)
+        self.time_embedding = TimestepEmbedding(time_dim)
+        self.time_projections = nn.ModuleList(nn.Linear(time_dim, c) for c in backbone.stage_channels(config.width))
+        # Names, not module references: a DataParallel replica copies this attribute as is, and must look up
+        # its own copies of the modules.
+        self.conditioned_module_names = backbone.conditioned_modules()
+        for name in self.conditioned_module_names:
+            self.denoiser.get_submodule(name).register_forward_hook(add_stage_conditioning)
+
+    def forward(self, image: torch.Tensor, noisy_mask: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """image (B, C, X, Y, Z), noisy_mask (B, 1, X, Y, Z), timesteps (B,) -> x0 logits (B, 1, X, Y, Z)."""
+        self._check_inputs(image, noisy_mask, timesteps)
+        stage_features = self.encoder(image)
+        time = self.time_embedding(timesteps)
+        additions = {
+            self.denoiser.get_submodule(name): feature + project(time)[:, :, None, None, None]
+            for name, feature, project in zip(self.conditioned_module_names, stage_features, self.time_projections)
+        }
+        with stage_conditioning(additions):
+            return self.denoiser(torch.cat([image, noisy_mask], dim=1))
+
+    def _check_inputs(self, image: torch.Tensor, noisy_mask: torch.Tensor, timesteps: torch.Tensor) -> None:
+        if image.ndim != 5 or image.shape[1] != self.config.image_channels:
+            raise ValueError(f"image must be (B, {self.config.image_channels}, X, Y, Z), got {tuple(image.shape)}")
+        expected_mask = (image.shape[0], 1, *image.shape[2:])
+        if noisy_mask.shape != expected_mask:
+            raise ValueError(f"noisy_mask must be {expected_mask}, got {tuple(noisy_mask.shape)}")
+        if timesteps.shape != image.shape[:1]:
+            raise ValueError(f"timesteps must be ({image.shape[0]},), got {tuple(timesteps.shape)}")
+        if any(side % self.spatial_multiple for side in image.shape[2:]):
+            raise ValueError(
+                f"{self.config.backbone} needs every spatial side to be a multiple of {self.spatial_multiple}, "
+                f"got {tuple(image.shape[2:])}"
+            )
+
+
+def build_network(config: NetworkConfig) -> DiffusionSegmentationNet:
+    """A freshly initialised network for `config`."""
+    return DiffusionSegmentationNet(config)

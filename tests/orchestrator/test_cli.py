@@ -1,0 +1,96 @@
+"""The msx command line as a user runs it (subprocess): bad input ends in one clear line, before Ray."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+MSX = [sys.executable, "-m", "msx.orchestrator.cli"]
+
+
+def msx(*args, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([*MSX, *args], cwd=cwd, capture_output=True, text=True, timeout=240)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode != 0
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert "Ray dashboard" not in result.stdout and "MLflow" not in result.stdout
+
+
+def test_missing_data_folder(tmp_path):
+    missing = tmp_path / "no-such-cohort"
+    result = msx("launch", "--data", str(missing), "--storage", str(tmp_path / "runs"), cwd=tmp_path)
+    assert_one_line_error(result, str(missing))
+
+
+def test_unknown_backbone(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("name: bad\nmodel: {backbones: [unet, vnet]}\n")
+    result = msx("launch", "--space", str(space), "--storage", str(tmp_path / "runs"), cwd=tmp_path)
+    assert_one_line_error(result, "model.backbones", "'vnet'", "segresnet", "unet")
+
+
+def test_unknown_strategy(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("name: bad\ninference: {strategies: [mean, median]}\n")
+    result = msx("launch", "--space", str(space), "--storage", str(tmp_path / "runs"), cwd=tmp_path)
+    assert_one_line_error(result, "inference.strategies", "'median'", "uncertainty")
+
+
+def test_malformed_yaml(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("name: bad\ntraining: {epochs: 3\n")
+    result = msx("launch", "--space", str(space), "--storage", str(tmp_path / "runs"), cwd=tmp_path)
+    assert_one_line_error(result, str(space), "invalid YAML", "line")
+    assert not (tmp_path / "runs" / "mlflow.db").exists()
+
+
+def write_mask(path: Path, array: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> None:
+    nib.save(nib.Nifti1Image(array.astype(np.uint8), np.diag([*spacing, 1.0])), str(path))
+
+
+def test_evaluate_prints_every_metric_as_json(tmp_path):
+    gt = np.zeros((12, 12, 12), np.uint8)
+    gt[2:5, 2:5, 2:5] = 1  # lesion 1: 27 voxels
+    gt[8:10, 8:10, 8:10] = 1  # lesion 2: 8 voxels, missed
+    pred = np.zeros_like(gt)
+    pred[2:5, 2:5, 2:4] = 1  # 18 voxels inside lesion 1
+    pred[0, 11, 0] = 1  # a false positive lesion
+    write_mask(tmp_path / "gt.nii.gz", gt)
+    write_mask(tmp_path / "pred.nii.gz", pred)
+    result = msx("evaluate", "--pred", "pred.nii.gz", "--gt", "gt.nii.gz", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout)
+    assert set(metrics) == {"dsc", "tpr", "ppv", "ltpr", "lfpr", "avd", "assd"}
+    assert metrics["dsc"] == pytest.approx(2 * 18 / (19 + 35))
+    assert metrics["tpr"] == pytest.approx(18 / 35)
+    assert metrics["ppv"] == pytest.approx(18 / 19)
+    assert metrics["ltpr"] == pytest.approx(0.5)
+    assert metrics["lfpr"] == pytest.approx(0.5)
+    assert metrics["avd"] == pytest.approx(100 * 16 / 35)
+
+
+def test_evaluate_empty_prediction_gives_null_for_undefined(tmp_path):
+    gt = np.zeros((8, 8, 8), np.uint8)
+    gt[2:4, 2:4, 2:4] = 1
+    write_mask(tmp_path / "gt.nii.gz", gt)
+    write_mask(tmp_path / "pred.nii.gz", np.zeros_like(gt))
+    result = msx("evaluate", "--pred", "pred.nii.gz", "--gt", "gt.nii.gz", "--json", cwd=tmp_path)
+    metrics = json.loads(result.stdout)
+    assert metrics["dsc"] == 0 and metrics["tpr"] == 0 and metrics["ppv"] is None
+
+
+def test_evaluate_refuses_masks_on_different_grids(tmp_path):
+    write_mask(tmp_path / "gt.nii.gz", np.zeros((8, 8, 8)))
+    write_mask(tmp_path / "pred.nii.gz", np.zeros((8, 8, 9)))
+    result = msx("evaluate", "--pred", "pred.nii.gz", "--gt", "gt.nii.gz", cwd=tmp_path)
+    assert_one_line_error(result, "pred.nii.gz", "shape")

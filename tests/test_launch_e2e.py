@@ -1,0 +1,80 @@
+"""`msx launch` end to end on the smoke space: local Ray, synthetic cohort, SQLite MLflow, registry."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from msx.models.metrics import METRIC_NAMES
+from msx.orchestrator.spec import load_spec
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smoke_study(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("launch")
+    result = subprocess.run(
+        [sys.executable, "-m", "msx.orchestrator.cli", "launch", "--space", "smoke", "--storage", "runs"],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        env={k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")},
+    )
+    print(result.stdout[-6000:])
+    print(result.stderr[-6000:], file=sys.stderr)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, result.stdout
+
+
+def test_prints_progress_table_selection_and_where_to_look(smoke_study):
+    _, stdout = smoke_study
+    spec = load_spec("smoke")
+    assert "trials 10/10 done, 0 running, 0 failed" in stdout
+    assert "best validation Dice" in stdout
+    header = next(line for line in stdout.splitlines() if line.startswith("backbone"))
+    assert header.split() == ["backbone", "strategy", *[m.upper() for m in METRIC_NAMES]]
+    rows = [line.split() for line in stdout.splitlines() if line.split()[:1] in (["unet"], ["segresnet"])]
+    assert {(r[0], r[1]) for r in rows} == {(b, s) for b in spec.model.backbones for s in spec.inference.strategies}
+    assert "registered model: models:/msx-smoke@champion" in stdout
+    assert "selected on validation patients:" in stdout
+    assert "http://127.0.0.1:5000" in stdout
+    assert "Ray dashboard:  http://127.0.0.1:" in stdout
+
+
+def test_mlflow_has_one_parent_and_one_child_run_per_trial(smoke_study):
+    workdir, _ = smoke_study
+    client = MlflowClient(f"sqlite:///{workdir / 'runs' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("smoke")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and len(children) == 10
+    assert parents[0].data.params["training.epochs"] == "60"
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert {"backbone", "fold", "training.lr"} <= set(child.data.params)
+        for split in ("val", "test"):
+            for strategy in load_spec("smoke").inference.strategies:
+                assert f"{split}/{strategy}/dsc" in child.data.metrics
+        history = client.get_metric_history(child.info.run_id, "train_loss")
+        assert len(history) == 60  # one point per epoch
+
+
+def test_champion_is_registered_and_learned_something(smoke_study):
+    workdir, _ = smoke_study
+    client = MlflowClient(f"sqlite:///{workdir / 'runs' / 'mlflow.db'}")
+    version = client.get_model_version_by_alias("msx-smoke", "champion")
+    assert version.tags["strategy"] in load_spec("smoke").inference.strategies
+    assert float(version.tags["validation_dsc"]) > 0.3
+    assert "test_dsc" in version.tags
+    shown = subprocess.run(
+        [sys.executable, "-m", "msx.orchestrator.cli", "registry", "show", "msx-smoke@champion", "--storage", "runs"],
+        cwd=workdir, capture_output=True, text=True, timeout=120,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "model    msx-smoke version 1" in shown.stdout
+    assert "champion" in shown.stdout
