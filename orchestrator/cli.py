@@ -30,7 +30,7 @@ def main() -> None:
 @main.command()
 @click.option("--space", default="smoke", show_default=True, help="Search space: a bundled name (smoke, paper) or a YAML path.")
 @click.option("--data", type=click.Path(path_type=Path), default=None, help="ISBI-layout cohort folder (default: the spec's, else synthetic).")
-@click.option("--storage", type=click.Path(path_type=Path), default=Path("msx_runs"), show_default=True, help="Folder for experiments, checkpoints and the default MLflow store.")
+@click.option("--storage", envvar="MSX_STORAGE", type=click.Path(path_type=Path), default=Path("msx_runs"), show_default=True, help="Folder for experiments, checkpoints and the default MLflow store (env MSX_STORAGE).")
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, help="MLflow tracking URI (default: SQLite file in --storage).")
 @click.option("--address", envvar="RAY_ADDRESS", default=None, help="Address of a running Ray cluster (default: start a local one).")
 def launch(space: str, data: Path | None, storage: Path, tracking_uri: str | None, address: str | None) -> None:
@@ -155,7 +155,7 @@ def registry() -> None:
 @registry.command("show")
 @click.argument("reference")
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, help="MLflow tracking URI (default: SQLite file in --storage).")
-@click.option("--storage", type=click.Path(path_type=Path), default=Path("msx_runs"), show_default=True)
+@click.option("--storage", envvar="MSX_STORAGE", type=click.Path(path_type=Path), default=Path("msx_runs"), show_default=True)
 def registry_show(reference: str, tracking_uri: str | None, storage: Path) -> None:
     """Show NAME, NAME@ALIAS or NAME/VERSION: version, metrics and source run."""
     import mlflow.exceptions

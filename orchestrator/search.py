@@ -10,6 +10,7 @@ every fold has finished. Ray's `Repeater` does the fold expansion but cannot hol
 from __future__ import annotations
 
 import math
+import pickle
 from typing import Any, Callable
 
 import optuna
@@ -20,6 +21,8 @@ from ray.tune.search.optuna import OptunaSearch
 from msx.models.data.folds import Fold
 
 from .spec import ExperimentSpec, ParameterSpec
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 OPTIMISED_METRIC = "val_dice"
 MODE = "max"
@@ -121,3 +124,12 @@ class LosoGridSearcher(Searcher):
             if study is not None:
                 mean = sum(scores) / len(scores) if scores else None
                 study.on_trial_complete(group, result=None if mean is None else {OPTIMISED_METRIC: mean}, error=mean is None)
+
+    def save(self, checkpoint_path: str) -> None:
+        # Tune checkpoints searcher state into the experiment folder so a restarted driver resumes the search.
+        with open(checkpoint_path, "wb") as file:
+            pickle.dump(self.__dict__, file)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as file:
+            self.__dict__.update(pickle.load(file))

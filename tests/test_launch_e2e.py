@@ -53,7 +53,8 @@ def test_mlflow_has_one_parent_and_one_child_run_per_trial(smoke_study):
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert len(parents) == 1 and len(children) == 10
-    assert parents[0].data.params["training.epochs"] == "60"
+    epochs = load_spec("smoke").training.epochs
+    assert parents[0].data.params["training.epochs"] == str(epochs)
     for child in children:
         assert child.info.status == "FINISHED"
         assert {"backbone", "fold", "training.lr"} <= set(child.data.params)
@@ -61,7 +62,7 @@ def test_mlflow_has_one_parent_and_one_child_run_per_trial(smoke_study):
             for strategy in load_spec("smoke").inference.strategies:
                 assert f"{split}/{strategy}/dsc" in child.data.metrics
         history = client.get_metric_history(child.info.run_id, "train_loss")
-        assert len(history) == 60  # one point per epoch
+        assert len(history) == epochs  # one point per epoch
 
 
 def test_champion_is_registered_and_learned_something(smoke_study):
