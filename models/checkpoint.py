@@ -6,7 +6,6 @@ The network is rebuilt from `network.json` through the backbone registry and the
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -44,7 +43,7 @@ def save_checkpoint(
         )
     # Serialise first: metadata that is not JSON must fail before anything touches the disk.
     config_text = json.dumps(
-        {"format_version": FORMAT_VERSION, "network": dataclasses.asdict(net.config), "metadata": metadata or {}},
+        {"format_version": FORMAT_VERSION, "network": net.config.to_dict(), "metadata": metadata or {}},
         indent=2,
         sort_keys=True,
     )

@@ -14,6 +14,9 @@ import numpy as np
 
 from msx.models.metrics import METRIC_NAMES
 
+# The key of the worker's last report, which carries the final evaluation.
+FINAL_REPORT = "final"
+
 # Direction of "better" for each metric, for marking best values.
 HIGHER_IS_BETTER = {"dsc": True, "tpr": True, "ppv": True, "ltpr": True, "lfpr": False, "avd": False, "assd": False}
 
@@ -52,8 +55,11 @@ class Selection:
 
 
 def outcome_from_result(config: dict[str, Any], metrics: dict[str, Any]) -> TrialOutcome | None:
-    """None for trials that did not reach their final evaluation (failed or stopped early)."""
-    if not metrics or not metrics.get("done"):
+    """None for trials that did not reach their final evaluation (failed or stopped early).
+
+    `metrics` is flat: "test/mean/dsc", as the worker reported it (Tune nests such keys; flatten first).
+    """
+    if not metrics or not metrics.get(FINAL_REPORT):
         return None
     return TrialOutcome(
         configuration=config["configuration"],

@@ -41,6 +41,8 @@ def build_scheduler(spec: ExperimentSpec) -> TrialScheduler:
             max_t=spec.training.epochs,
             grace_period=min(scheduler.grace_period, spec.training.epochs),
             reduction_factor=scheduler.reduction_factor,
+            # A trial that reaches the last epoch still has its final evaluation to report.
+            stop_last_trials=False,
         ),
         "fifo": FIFOScheduler,
     }

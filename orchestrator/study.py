@@ -11,6 +11,7 @@ from typing import Callable
 import ray
 from mlflow.tracking import MlflowClient
 from ray import tune
+from ray.tune.utils import flatten_dict
 
 from msx.models.data.cohort import Cohort
 from msx.models.data.folds import fold_plan
@@ -122,7 +123,7 @@ def run_study(
     )
     grid = tuner.fit()
 
-    outcomes = [o for o in (outcome_from_result(r.config, r.metrics) for r in grid) if o is not None]
+    outcomes = [o for o in (outcome_from_result(r.config, flatten_dict(r.metrics or {})) for r in grid) if o]
     configurations = summarise_configurations(outcomes, spec.inference.strategies, len(folds))
     metric = spec.registry.selection_metric
     selection = select_best(configurations, spec.inference.strategies, metric)

@@ -17,13 +17,14 @@ import mlflow
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from ray.air.integrations.mlflow import MLflowLoggerCallback
+from ray.tune.utils import flatten_dict
 
 TRIAL_ID_TAG = "msx.trial_id"
 STUDY_TAG = "msx.study"
 # Tune's bookkeeping numbers that say nothing about the model.
 UNTRACKED_RESULT_KEYS = {
     "timestamp", "time_this_iter_s", "time_total_s", "pid", "training_iteration", "time_since_restore",
-    "iterations_since_restore", "done",
+    "iterations_since_restore", "done", "final",
 }
 
 
@@ -80,8 +81,9 @@ class TrialRunsCallback(MLflowLoggerCallback):
         now = int(time.time() * 1000)
         metrics = [
             Metric(key, float(value), now, step)
-            for key, value in result.items()
+            for key, value in flatten_dict(result).items()
             if key not in UNTRACKED_RESULT_KEYS
+            and not key.startswith("config/")
             and isinstance(value, (int, float))
             and not isinstance(value, bool)
             and not math.isnan(value)

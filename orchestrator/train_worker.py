@@ -29,6 +29,7 @@ from msx.models.engine import InferenceConfig, evaluate_scan, train_epoch, train
 from msx.models.metrics import METRIC_NAMES
 from msx.models.networks import NetworkConfig, build_network
 
+from .results import FINAL_REPORT
 from .spec import ExperimentSpec, spec_from_dict
 
 log = logging.getLogger("msx.train")
@@ -169,7 +170,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         )
         for split, scans in (("val", validation_scans), ("test", load(fold.test)))
     }
-    metrics = {"epoch": spec.training.epochs, "val_dice": best_score, "done": 1}
+    metrics = {"epoch": spec.training.epochs, "val_dice": best_score, FINAL_REPORT: 1}
     for split, per_scan in results.items():
         for strategy in final.strategies:
             for metric in METRIC_NAMES:

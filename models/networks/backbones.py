@@ -3,18 +3,24 @@
 A backbone entry never changes the MONAI network; it only names the submodules that form the down path.
 The encoder keeps those submodules (the decoder is dropped, so DistributedDataParallel sees no unused
 parameters) and the denoiser, a complete network, is conditioned at the outputs of the same submodules.
+
+Registered: "unet" (BasicUNet), "segresnet" (SegResNet), "attention-unet" (AttentionUnet), "swinunetr"
+(SwinUNETR), "unetr" (UNETR, built for one input size) and "multiencoder" (BasicUNet denoiser with one shared
+single-modality encoder). The encoders of the last three are not plain chains; see `encoders.py`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
-from monai.networks.nets import BasicUNet, SegResNet
+from monai.networks.nets import UNETR, AttentionUnet, BasicUNet, SegResNet, SwinUNETR
 from torch import nn
 
 from ..registry import Registry
+from .encoders import ModalitySumEncoder, SwinUNETREncoder, UNETREncoder
 
 CHANNEL_MULTIPLE = 8
 
@@ -60,11 +66,19 @@ class Backbone(ABC):
 
     stages: ClassVar[tuple[tuple[str, ...], ...]]
     spatial_multiple: ClassVar[int]  # every input side must be a multiple of this
+    # True for a network built for exactly one input size (UNETR's position embedding): it then needs the
+    # `patch_size` argument of `build` and `build_encoder`, and takes inputs of that size only.
+    fixed_input_size: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod
-    def build(cls, in_channels: int, out_channels: int, width: float) -> nn.Module:
-        """The complete MONAI network at `width` times the reference feature sizes."""
+    def build(
+        cls, in_channels: int, out_channels: int, width: float, patch_size: Sequence[int] | None = None
+    ) -> nn.Module:
+        """The complete MONAI network at `width` times the reference feature sizes.
+
+        `patch_size` is the input size; only a `fixed_input_size` family uses it, the others ignore it.
+        """
 
     @classmethod
     @abstractmethod
@@ -72,9 +86,9 @@ class Backbone(ABC):
         """Channels of each down-path stage output, in stage order."""
 
     @classmethod
-    def build_encoder(cls, image_channels: int, width: float) -> nn.Module:
+    def build_encoder(cls, image_channels: int, width: float, patch_size: Sequence[int] | None = None) -> nn.Module:
         """Module mapping an image to its list of stage feature maps (only the down path is kept)."""
-        return DownPathEncoder.from_network(cls.build(image_channels, 1, width), cls.stages)
+        return DownPathEncoder.from_network(cls.build(image_channels, 1, width, patch_size), cls.stages)
 
     @classmethod
     def conditioned_modules(cls) -> tuple[str, ...]:
@@ -98,7 +112,9 @@ class UNetBackbone(Backbone):
         return tuple(scale_channels(c, width) for c in cls.reference_features)
 
     @classmethod
-    def build(cls, in_channels: int, out_channels: int, width: float) -> nn.Module:
+    def build(
+        cls, in_channels: int, out_channels: int, width: float, patch_size: Sequence[int] | None = None
+    ) -> nn.Module:
         return BasicUNet(
             spatial_dims=3,
             in_channels=in_channels,
@@ -127,7 +143,9 @@ class SegResNetBackbone(Backbone):
         return scale_channels(cls.reference_init_filters, width)
 
     @classmethod
-    def build(cls, in_channels: int, out_channels: int, width: float) -> nn.Module:
+    def build(
+        cls, in_channels: int, out_channels: int, width: float, patch_size: Sequence[int] | None = None
+    ) -> nn.Module:
         filters = cls.init_filters(width)
         return SegResNet(
             spatial_dims=3,
@@ -144,6 +162,182 @@ class SegResNetBackbone(Backbone):
     def stage_channels(cls, width: float) -> tuple[int, ...]:
         filters = cls.init_filters(width)
         return tuple(filters * 2**i for i in range(len(cls.blocks_down)))
+
+
+@BACKBONES.register("attention-unet")
+class AttentionUNetBackbone(Backbone):
+    """MONAI AttentionUnet with the U-Net reference's down-path sizes (64, 64, 128, 256, 512), stride 2.
+
+    The paper gives no size for it; matching the "unet" entry's five down-path stages channel for channel
+    (full resolution 64, then 64, 128, 256, 512 at 1/2 .. 1/16) makes the two differ only in their blocks
+    (AttentionUnet: batch-normalised ReLU conv blocks, attention gates on the skips, transposed-conv
+    upsampling) rather than in size: 24.0 M parameters per network at width 1.0, against BasicUNet's 23.0 M;
+    the encoders are the same size (14.3 M).
+    """
+
+    reference_channels: ClassVar[tuple[int, ...]] = (64, 64, 128, 256, 512)
+    # The ConvBlock computing each stage: the head, then each level's strided block, nested one
+    # AttentionLayer deeper per level; the bottom level's block is that layer's whole submodule.
+    stages = (
+        ("model.0",),
+        ("model.1.submodule.0",),
+        ("model.1.submodule.1.submodule.0",),
+        ("model.1.submodule.1.submodule.1.submodule.0",),
+        ("model.1.submodule.1.submodule.1.submodule.1.submodule",),
+    )
+    spatial_multiple = 16  # four stride-2 convolutions
+
+    @classmethod
+    def channels(cls, width: float) -> tuple[int, ...]:
+        return tuple(scale_channels(c, width) for c in cls.reference_channels)
+
+    @classmethod
+    def build(
+        cls, in_channels: int, out_channels: int, width: float, patch_size: Sequence[int] | None = None
+    ) -> nn.Module:
+        channels = cls.channels(width)
+        return AttentionUnet(
+            spatial_dims=3,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            channels=channels,
+            strides=(2,) * (len(channels) - 1),
+        )
+
+    @classmethod
+    def stage_channels(cls, width: float) -> tuple[int, ...]:
+        return cls.channels(width)
+
+
+SWIN_FEATURE_MULTIPLE = 12  # SwinUNETR requires it (heads 3, 6, 12, 24 over feature sizes 1, 2, 4, 8 x it)
+
+
+@BACKBONES.register("swinunetr")
+class SwinUNETRBackbone(Backbone):
+    """MONAI SwinUNETR, feature size 48, gradient checkpointing in the Swin transformer.
+
+    Its down path is the Swin transformer (patch embedding, then four stages, each halving the resolution)
+    plus the residual encoder blocks that read its outputs. Conditioned stages, the outputs of:
+    encoder1 (image, full resolution, F channels), encoder2 (patch embedding, 1/2, F), encoder3 (stage 1,
+    1/4, 2F), encoder4 (stage 2, 1/8, 4F) and encoder10 (stage 4, 1/32, 16F). Stage 3's output (1/16, 8F)
+    reaches the decoder directly, through no block of its own, and is not conditioned.
+    The encoder keeps the transformer and those five blocks (`SwinUNETREncoder`).
+    Width scales F = 48 to the nearest multiple of 12 (SwinUNETR's constraint), at least 12.
+    """
+
+    reference_feature_size: ClassVar[int] = 48
+    stages = (("encoder1",), ("encoder2",), ("encoder3",), ("encoder4",), ("encoder10",))
+    stage_multipliers: ClassVar[tuple[int, ...]] = (1, 1, 2, 4, 16)
+    # Patch embedding and four merges: 2**5. Training also needs sides of at least 64, so that the
+    # instance norm of encoder10 sees more than one voxel.
+    spatial_multiple = 32
+
+    @classmethod
+    def feature_size(cls, width: float) -> int:
+        if width <= 0:
+            raise ValueError(f"width must be positive, got {width}")
+        m = SWIN_FEATURE_MULTIPLE
+        return max(m, round(cls.reference_feature_size * width / m) * m)
+
+    @classmethod
+    def build(
+        cls, in_channels: int, out_channels: int, width: float, patch_size: Sequence[int] | None = None
+    ) -> nn.Module:
+        return SwinUNETR(
+            in_channels=in_channels,
+            out_channels=out_channels,
+            feature_size=cls.feature_size(width),
+            use_checkpoint=True,
+            spatial_dims=3,
+        )
+
+    @classmethod
+    def build_encoder(cls, image_channels: int, width: float, patch_size: Sequence[int] | None = None) -> nn.Module:
+        return SwinUNETREncoder(cls.build(image_channels, 1, width, patch_size))
+
+    @classmethod
+    def stage_channels(cls, width: float) -> tuple[int, ...]:
+        return tuple(m * cls.feature_size(width) for m in cls.stage_multipliers)
+
+
+@BACKBONES.register("unetr")
+class UNETRBackbone(Backbone):
+    """MONAI UNETR with its default sizes (feature size 16, ViT-B: hidden 768, 12 heads, MLP 3072, 12 layers).
+
+    UNETR's position embedding fixes the input size, so it is built for `patch_size` (the training patch,
+    which is also the sliding-window size at inference) and takes inputs of that size only.
+    Conditioned stages, the outputs of the four convolutional encoder blocks: encoder1 (image, full
+    resolution, F), encoder2 (ViT layer 3, 1/2, 2F), encoder3 (layer 6, 1/4, 4F), encoder4 (layer 9, 1/8, 8F).
+    The ViT's last output (1/16) is a token sequence reshaped inside UNETR.forward, not a module output, so
+    it is not conditioned; the encoder keeps the ViT up to layer 9 and the four blocks (`UNETREncoder`).
+    Width scales F = 16 like the other families and the ViT by its head count (round(12 x width), at
+    least 1) at the reference 64 channels per head, hidden = 64 x heads, MLP = 4 x hidden.
+    """
+
+    reference_feature_size: ClassVar[int] = 16
+    reference_heads: ClassVar[int] = 12
+    head_dim: ClassVar[int] = 64
+    stages = (("encoder1",), ("encoder2",), ("encoder3",), ("encoder4",))
+    spatial_multiple = 16  # 16^3 ViT patches
+    fixed_input_size = True
+
+    @classmethod
+    def feature_size(cls, width: float) -> int:
+        return scale_channels(cls.reference_feature_size, width)
+
+    @classmethod
+    def heads(cls, width: float) -> int:
+        if width <= 0:
+            raise ValueError(f"width must be positive, got {width}")
+        return max(1, round(cls.reference_heads * width))
+
+    @classmethod
+    def build(
+        cls, in_channels: int, out_channels: int, width: float, patch_size: Sequence[int] | None = None
+    ) -> nn.Module:
+        if patch_size is None:
+            raise ValueError("unetr is built for one input size: give the patch size (NetworkConfig.patch_size)")
+        hidden = cls.head_dim * cls.heads(width)
+        network = UNETR(
+            in_channels=in_channels,
+            out_channels=out_channels,
+            img_size=tuple(patch_size),
+            feature_size=cls.feature_size(width),
+            hidden_size=hidden,
+            mlp_dim=4 * hidden,
+            num_heads=cls.heads(width),
+            spatial_dims=3,
+        )
+        # MONAI's TransformerBlock builds a LayerNorm for cross-attention even without cross-attention and
+        # never runs it. Frozen, it is left out of DistributedDataParallel's gradient reduction (which
+        # otherwise fails on parameters that get no gradient); the network and its state dict are unchanged.
+        for block in network.vit.blocks:
+            if not block.with_cross_attention:
+                block.norm_cross_attn.requires_grad_(False)
+        return network
+
+    @classmethod
+    def build_encoder(cls, image_channels: int, width: float, patch_size: Sequence[int] | None = None) -> nn.Module:
+        return UNETREncoder(cls.build(image_channels, 1, width, patch_size))
+
+    @classmethod
+    def stage_channels(cls, width: float) -> tuple[int, ...]:
+        f = cls.feature_size(width)
+        return (f, 2 * f, 4 * f, 8 * f)
+
+
+@BACKBONES.register("multiencoder")
+class MultiEncoderBackbone(UNetBackbone):
+    """The "unet" denoiser with one shared single-channel U-Net encoder for all modalities.
+
+    The encoder is BasicUNet's down path with one input channel, applied to each image channel on its own;
+    each stage's feature maps are summed over the channels (`ModalitySumEncoder`). Its size does not
+    depend on the number of modalities.
+    """
+
+    @classmethod
+    def build_encoder(cls, image_channels: int, width: float, patch_size: Sequence[int] | None = None) -> nn.Module:
+        return ModalitySumEncoder(super().build_encoder(1, width, patch_size))
 
 
 def spatial_multiple(backbone: str) -> int:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,18 +17,46 @@ REFERENCE_TIME_EMBEDDING_DIM = 512
 
 @dataclass(frozen=True)
 class NetworkConfig:
-    """Which backbone, how many image channels, and `width` times the reference feature sizes."""
+    """Which backbone, how many image channels, and `width` times the reference feature sizes.
+
+    `patch_size` is the input size (X, Y, Z) for a backbone built for one size ("unetr"), where it is
+    required; other backbones take any size that is a multiple of their `spatial_multiple` and ignore it.
+    """
 
     backbone: str = "unet"
     image_channels: int = 3
     width: float = 1.0
+    patch_size: tuple[int, int, int] | None = None
 
     def __post_init__(self) -> None:
-        BACKBONES.get(self.backbone)  # an unknown name fails here, listing the registered ones
+        backbone = BACKBONES.get(self.backbone)  # an unknown name fails here, listing the registered ones
         if self.image_channels < 1:
             raise ValueError(f"image_channels must be at least 1, got {self.image_channels}")
         if self.width <= 0:
             raise ValueError(f"width must be positive, got {self.width}")
+        if self.patch_size is not None:
+            size = tuple(self.patch_size)  # a list read back from JSON becomes the tuple it was
+            if len(size) != 3 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
+                raise ValueError(f"patch_size must be three positive integers, got {self.patch_size!r}")
+            if any(s % backbone.spatial_multiple for s in size):
+                raise ValueError(
+                    f"{self.backbone} needs every patch side to be a multiple of {backbone.spatial_multiple}, "
+                    f"got {size}"
+                )
+            object.__setattr__(self, "patch_size", size)
+        elif backbone.fixed_input_size:
+            raise ValueError(
+                f"{self.backbone} is built for one input size: set patch_size to the training patch size"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as JSON-ready values; an unset patch_size is left out (as before the field existed)."""
+        record = dataclasses.asdict(self)
+        if self.patch_size is None:
+            del record["patch_size"]
+        else:
+            record["patch_size"] = list(self.patch_size)
+        return record
 
 
 class DiffusionSegmentationNet(nn.Module):
@@ -42,8 +72,9 @@ class DiffusionSegmentationNet(nn.Module):
         backbone = BACKBONES.get(config.backbone)
         self.config = config
         self.spatial_multiple = backbone.spatial_multiple
-        self.encoder = backbone.build_encoder(config.image_channels, config.width)
-        self.denoiser = backbone.build(config.image_channels + 1, 1, config.width)
+        self.fixed_input_size = config.patch_size if backbone.fixed_input_size else None
+        self.encoder = backbone.build_encoder(config.image_channels, config.width, config.patch_size)
+        self.denoiser = backbone.build(config.image_channels + 1, 1, config.width, config.patch_size)
         time_dim = scale_channels(REFERENCE_TIME_EMBEDDING_DIM, config.width)
         self.time_embedding = TimestepEmbedding(time_dim)
         self.time_projections = nn.ModuleList(nn.Linear(time_dim, c) for c in backbone.stage_channels(config.width))
@@ -76,6 +107,11 @@ class DiffusionSegmentationNet(nn.Module):
         if any(side % self.spatial_multiple for side in image.shape[2:]):
             raise ValueError(
                 f"{self.config.backbone} needs every spatial side to be a multiple of {self.spatial_multiple}, "
+                f"got {tuple(image.shape[2:])}"
+            )
+        if self.fixed_input_size is not None and tuple(image.shape[2:]) != self.fixed_input_size:
+            raise ValueError(
+                f"{self.config.backbone} is built for inputs of size {self.fixed_input_size} (its patch_size), "
                 f"got {tuple(image.shape[2:])}"
             )
 
