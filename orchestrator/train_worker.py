@@ -76,6 +76,8 @@ def inference_config(spec: ExperimentSpec, validation: bool) -> InferenceConfig:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    # Per-epoch lines go to the worker's log (Ray dashboard -> Train/Jobs -> logs).
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     spec = trial_spec(config)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -144,6 +146,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "%s: epoch %d/%d loss %.4f validation Dice %.4f (best %.4f, %.0f s)",
             label, epoch, spec.training.epochs, loss, score, best_score, time.monotonic() - started,
         )
+        # The last validation also carries the final evaluation, in the same report: a scheduler that stops
+        # the trial on this report cannot cut the evaluation off.
+        final_rows: list[dict[str, Any]] = []
+        if epoch == spec.training.epochs:
+            bare_net.load_state_dict(best_state)
+            final_metrics, final_rows = final_evaluation(
+                bare_net, spec, {"val": validation_scans, "test": load(fold.test)},
+                {"val": cohort.scans_of(fold.validation), "test": cohort.scans_of(fold.test)},
+                device, diffusion, autocast_dtype,
+            )
+            metrics.update(final_metrics)
+            log.info("%s: done, best validation Dice %.4f", label, best_score)
         with tempfile.TemporaryDirectory() as folder:
             checkpoint = None
             if rank == 0:
@@ -158,42 +172,41 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     },
                     Path(folder) / STATE_FILE,
                 )
+                if final_rows:
+                    save_checkpoint(Path(folder) / MODEL_DIR, bare_net, {"spec": spec.to_dict(), "fold": fold.index})
+                    (Path(folder) / SCAN_METRICS_FILE).write_text(json.dumps(final_rows, indent=1))
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
             ray.train.report(metrics, checkpoint=checkpoint)
 
-    # Final evaluation of the best checkpoint on the validation and the test patients, every strategy.
-    bare_net.load_state_dict(best_state)
+
+def final_evaluation(
+    net: torch.nn.Module,
+    spec: ExperimentSpec,
+    scans: dict[str, list],
+    scan_records: dict[str, tuple],
+    device: torch.device,
+    diffusion: DiffusionConfig,
+    autocast_dtype: torch.dtype | None,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Every strategy on the validation and the test patients: split means and per-scan rows."""
     final = inference_config(spec, validation=False)
-    results = {
-        split: evaluate_distributed(
-            bare_net, scans, final, device, diffusion, autocast_dtype, seed=spec.training.seed + 10_000
+    metrics: dict[str, float] = {FINAL_REPORT: 1}
+    rows: list[dict[str, Any]] = []
+    for split, split_scans in scans.items():
+        per_scan = evaluate_distributed(
+            net, split_scans, final, device, diffusion, autocast_dtype, seed=spec.training.seed + 10_000
         )
-        for split, scans in (("val", validation_scans), ("test", load(fold.test)))
-    }
-    metrics = {"epoch": spec.training.epochs, "val_dice": best_score, FINAL_REPORT: 1}
-    for split, per_scan in results.items():
         for strategy in final.strategies:
             for metric in METRIC_NAMES:
-                values = [scan[strategy][metric] for scan in per_scan]
-                metrics[f"{split}/{strategy}/{metric}"] = float(np.nanmean(values)) if not np.all(np.isnan(values)) else math.nan
-    scan_ids = {
-        "val": [scan.scan_id for scan in cohort.scans_of(fold.validation)],
-        "test": [scan.scan_id for scan in cohort.scans_of(fold.test)],
-    }
-    log.info("%s: done, validation Dice %.4f", label, best_score)
-    with tempfile.TemporaryDirectory() as folder:
-        checkpoint = None
-        if rank == 0:
-            save_checkpoint(Path(folder) / MODEL_DIR, bare_net, {"spec": spec.to_dict(), "fold": fold.index})
-            per_scan_rows = [
-                {"split": split, "scan": scan_id, "strategy": strategy, **values}
-                for split, per_scan in results.items()
-                for scan_id, scan in zip(scan_ids[split], per_scan)
-                for strategy, values in scan.items()
-            ]
-            (Path(folder) / SCAN_METRICS_FILE).write_text(json.dumps(per_scan_rows, indent=1))
-            checkpoint = ray.train.Checkpoint.from_directory(folder)
-        ray.train.report(metrics, checkpoint=checkpoint)
+                values = np.array([scan[strategy][metric] for scan in per_scan])
+                finite = values[~np.isnan(values)]
+                metrics[f"{split}/{strategy}/{metric}"] = float(finite.mean()) if finite.size else math.nan
+        rows.extend(
+            {"split": split, "scan": record.scan_id, "strategy": strategy, **values}
+            for record, scan in zip(scan_records[split], per_scan)
+            for strategy, values in scan.items()
+        )
+    return metrics, rows
 
 
 def evaluate_distributed(
