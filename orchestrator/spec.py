@@ -19,7 +19,7 @@ import yaml
 from msx.models.data.cohort import DEFAULT_MODALITIES, MODALITIES
 from msx.models.data.folds import FOLD_PLANS
 from msx.models.metrics import METRIC_NAMES
-from msx.models.networks import BACKBONES
+from msx.models.networks import BACKBONES, spatial_multiple
 from msx.models.strategies import STRATEGIES
 
 
@@ -257,6 +257,10 @@ def validate_spec(spec: ExperimentSpec, source: str = "spec") -> None:
         fail("inference.overlap", f"must be in [0, 1), got {spec.inference.overlap}")
     if any(side < 8 for side in spec.training.patch_size):
         fail("training.patch_size", f"sides must be at least 8, got {spec.training.patch_size}")
+    for backbone in spec.model.backbones:
+        multiple = spatial_multiple(backbone)
+        if any(side % multiple for side in spec.training.patch_size):
+            fail("training.patch_size", f"{backbone} needs sides that are multiples of {multiple}, got {spec.training.patch_size}")
     for index, parameter in enumerate(spec.search.parameters):
         _validate_parameter(spec, parameter, f"search.parameters[{index}]", fail)
 

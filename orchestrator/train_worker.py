@@ -49,7 +49,10 @@ def trial_spec(config: dict[str, Any]) -> ExperimentSpec:
 
 def network_config(spec: ExperimentSpec) -> NetworkConfig:
     return NetworkConfig(
-        backbone=spec.model.backbones[0], image_channels=len(spec.data.modalities), width=spec.model.width
+        backbone=spec.model.backbones[0],
+        image_channels=len(spec.data.modalities),
+        width=spec.model.width,
+        patch_size=spec.training.patch_size,
     )
 
 

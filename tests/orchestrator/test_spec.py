@@ -19,6 +19,7 @@ def test_bundled_spaces_load_and_validate():
     assert smoke.search.parameters[0].name == "training.lr"
     paper = load_spec("paper")
     assert paper.training.patch_size == (96, 96, 96)
+    assert paper.model.backbones == ("unet", "segresnet", "swinunetr", "multiencoder")
     assert paper.training.lr == pytest.approx(1e-4)
 
 
@@ -53,6 +54,8 @@ def test_wrong_types_and_ranges_are_named(tmp_path):
         load_spec(write(tmp_path, "name: x\ntraining: {epochs: many}\n"))
     with pytest.raises(SpecError, match=r"training\.patch_size: expected a list of 3"):
         load_spec(write(tmp_path, "name: x\ntraining: {patch_size: [32, 32]}\n"))
+    with pytest.raises(SpecError, match=r"training\.patch_size: unet needs sides that are multiples of 16"):
+        load_spec(write(tmp_path, "name: x\nmodel: {backbones: [unet]}\ntraining: {patch_size: [40, 32, 32]}\n"))
     with pytest.raises(SpecError, match=r"inference\.overlap: must be in \[0, 1\)"):
         load_spec(write(tmp_path, "name: x\ninference: {overlap: 1.5}\n"))
 
