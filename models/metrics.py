@@ -10,6 +10,17 @@ Keys of :func:`segmentation_metrics` (``METRIC_NAMES``):
   its 6-connected erosion, and ASSD is the mean of the two directed mean surface distances. (MONAI's
   symmetric average pools both distance sets instead, which weighs the larger surface more.)
 
+``EXTRA_METRIC_NAMES`` (only with ``segmentation_metrics(..., extra=True)``, so tables built on the seven
+paper metrics keep their shape):
+- ``hd95``: 95th percentile (numpy's linear interpolation) of the symmetric surface distances in mm, as
+  medpy's ``hd95`` defines it: the distances from the prediction's surface to the truth's and from the
+  truth's surface to the prediction's are pooled into one set. (MONAI's ``compute_hausdorff_distance``
+  with ``percentile=95`` instead takes the larger of the two directed 95th percentiles; the two agree for
+  the plain Hausdorff distance, percentile 100.) Empty cases as ASSD: 0 when both are empty, else NaN
+  when either is.
+
+:func:`isbi_scores` gives the ISBI 2015 challenge score per scan.
+
 Empty masks:
 - both empty: dsc 1, tpr 1, ppv 1, ltpr 1, lfpr 0, avd 0, assd 0 (a perfect answer).
 - otherwise a ratio whose denominator is empty is NaN: ground truth empty -> tpr, ltpr, avd NaN;
@@ -19,18 +30,21 @@ Empty masks:
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
 METRIC_NAMES = ("dsc", "tpr", "ppv", "ltpr", "lfpr", "avd", "assd")
+# Reported on request only (segmentation_metrics(extra=True)); not one of the paper's seven.
+EXTRA_METRIC_NAMES = ("hd95",)
 
 # Lesion connectivity -> rank argument of scipy.ndimage.generate_binary_structure(3, rank).
 _CONNECTIVITY_RANK = {6: 1, 18: 2, 26: 3}
 
 _BOTH_EMPTY = {"dsc": 1.0, "tpr": 1.0, "ppv": 1.0, "ltpr": 1.0, "lfpr": 0.0, "avd": 0.0, "assd": 0.0}
+_BOTH_EMPTY_EXTRA = {"hd95": 0.0}
 
 
 def _ratio(numerator: float, denominator: float) -> float:
@@ -59,10 +73,23 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(3, 1))
 
 
+def _surface_distances(source: np.ndarray, target: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """Distance in mm from each surface voxel of ``source`` to the nearest surface voxel of ``target``."""
+    distance_to_target = ndimage.distance_transform_edt(~_surface(target), sampling=spacing)
+    return distance_to_target[_surface(source)]
+
+
 def _mean_surface_distance(source: np.ndarray, target: np.ndarray, spacing: Sequence[float]) -> float:
     """Mean distance in mm from each surface voxel of ``source`` to the nearest surface voxel of ``target``."""
-    distance_to_target = ndimage.distance_transform_edt(~_surface(target), sampling=spacing)
-    return float(distance_to_target[_surface(source)].mean())
+    return float(_surface_distances(source, target, spacing).mean())
+
+
+def _symmetric_surface_percentile(
+    pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], percentile: float = 95.0
+) -> float:
+    """Percentile of the pooled (prediction -> truth and truth -> prediction) surface distances, in mm."""
+    pooled = np.concatenate([_surface_distances(pred, gt, spacing), _surface_distances(gt, pred, spacing)])
+    return float(np.percentile(pooled, percentile))
 
 
 def segmentation_metrics(
@@ -70,8 +97,12 @@ def segmentation_metrics(
     gt: npt.ArrayLike,
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     connectivity: int = 6,
+    extra: bool = False,
 ) -> dict[str, float]:
-    """All of ``METRIC_NAMES`` for one 3-D binary prediction against its ground truth (nonzero = lesion)."""
+    """All of ``METRIC_NAMES`` for one 3-D binary prediction against its ground truth (nonzero = lesion).
+
+    With ``extra=True`` the ``EXTRA_METRIC_NAMES`` (hd95) follow the seven paper metrics.
+    """
     pred = np.asarray(pred).astype(bool)
     gt = np.asarray(gt).astype(bool)
     if pred.shape != gt.shape:
@@ -85,14 +116,14 @@ def segmentation_metrics(
     pred_volume = int(pred.sum())
     gt_volume = int(gt.sum())
     if pred_volume == 0 and gt_volume == 0:
-        return dict(_BOTH_EMPTY)
+        return {**_BOTH_EMPTY, **(_BOTH_EMPTY_EXTRA if extra else {})}
     overlap = int((pred & gt).sum())
     assd = (
         (_mean_surface_distance(pred, gt, spacing) + _mean_surface_distance(gt, pred, spacing)) / 2
         if pred_volume and gt_volume
         else math.nan
     )
-    return {
+    metrics = {
         "dsc": 2 * overlap / (pred_volume + gt_volume),
         "tpr": _ratio(overlap, gt_volume),
         "ppv": _ratio(overlap, pred_volume),
@@ -101,6 +132,44 @@ def segmentation_metrics(
         "avd": _ratio(100 * abs(pred_volume - gt_volume), gt_volume),
         "assd": assd,
     }
+    if extra:
+        both = pred_volume and gt_volume
+        metrics["hd95"] = _symmetric_surface_percentile(pred, gt, spacing, 95.0) if both else math.nan
+    return metrics
+
+
+def isbi_scores(
+    per_scan: Sequence[Mapping[str, float]], pred_volumes: Sequence[float], gt_volumes: Sequence[float]
+) -> list[float]:
+    """Raw (unscaled) ISBI 2015 challenge score of each scan against one rater.
+
+    score = DSC/8 + PPV/8 + (1 - LFPR)/4 + LTPR/4 + Corr/4, where ``per_scan[i]`` holds scan i's
+    ``dsc``, ``ppv``, ``lfpr`` and ``ltpr`` (as :func:`segmentation_metrics` gives them) and Corr is the
+    Pearson correlation of ``pred_volumes`` with ``gt_volumes`` over ALL the scans passed (one value shared
+    by every scan, so which scans are evaluated together changes every score). Volumes may be in voxels or
+    mm^3 but must use one unit for all scans. The raw score lies in [-0.25, 1] (1: perfect). The
+    challenge (Carass et al., NeuroImage 2017) averaged it over raters and scans and then rescaled it
+    linearly so that the inter-rater agreement scores 90; that rescaling needs the inter-rater raw score
+    and is not applied here.
+
+    Undefined parts give NaN: Corr with fewer than two scans or constant volumes (then every score is
+    NaN), and a scan whose PPV or LFPR is NaN (empty prediction).
+    """
+    if not len(per_scan) == len(pred_volumes) == len(gt_volumes):
+        raise ValueError(
+            f"need one metrics dict and two volumes per scan, got {len(per_scan)} metrics dicts, "
+            f"{len(pred_volumes)} predicted and {len(gt_volumes)} true volumes"
+        )
+    pred = np.asarray(pred_volumes, dtype=float)
+    truth = np.asarray(gt_volumes, dtype=float)
+    if pred.size < 2 or pred.std() == 0 or truth.std() == 0:
+        corr = math.nan
+    else:
+        corr = float(np.corrcoef(pred, truth)[0, 1])
+    return [
+        scan["dsc"] / 8 + scan["ppv"] / 8 + (1 - scan["lfpr"]) / 4 + scan["ltpr"] / 4 + corr / 4
+        for scan in per_scan
+    ]
 
 
 def summarise(per_scan: Sequence[dict[str, float]], ddof: int = 0) -> dict[str, tuple[float, float]]:

@@ -12,6 +12,8 @@ import click
 
 from msx.models.registry import UnknownNameError
 
+from .data_commands import data
+from .predict_command import predict
 from .spec import SpecError, load_spec
 
 # Errors that describe bad input: printed as one line, exit status 1, before anything expensive starts.
@@ -119,7 +121,7 @@ def synth(out: Path, patients: int, shape: str, seed: int) -> None:
 @click.option("--connectivity", type=click.Choice(["6", "18", "26"]), default="6", show_default=True, help="Lesion connectivity.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (NaN as null).")
 def evaluate(pred: Path, gt: Path, connectivity: str, as_json: bool) -> None:
-    """Metrics of one predicted mask against a ground truth: DSC, TPR, PPV, LTPR, LFPR, AVD, ASSD."""
+    """Metrics of one predicted mask against a ground truth: DSC, TPR, PPV, LTPR, LFPR, AVD, ASSD, HD95."""
     import nibabel as nib
     import numpy as np
 
@@ -139,7 +141,9 @@ def evaluate(pred: Path, gt: Path, connectivity: str, as_json: bool) -> None:
     if not np.allclose(pred_image.affine, gt_image.affine, atol=1e-3):
         raise click.ClickException(f"{pred}: affine differs from {gt}'s; the masks are not on one grid")
     spacing = tuple(float(z) for z in gt_image.header.get_zooms()[:3])
-    metrics = segmentation_metrics(pred_array > 0, gt_array > 0, spacing=spacing, connectivity=int(connectivity))
+    metrics = segmentation_metrics(
+        pred_array > 0, gt_array > 0, spacing=spacing, connectivity=int(connectivity), extra=True
+    )
     if as_json:
         click.echo(json.dumps({k: (None if math.isnan(v) else v) for k, v in metrics.items()}))
     else:
@@ -177,6 +181,9 @@ def registry_show(reference: str, tracking_uri: str | None, storage: Path) -> No
     for key, value in sorted(info["metrics"].items()):
         click.echo(f"  {key:28s} {value:.4f}")
 
+
+main.add_command(predict)
+main.add_command(data)
 
 if __name__ == "__main__":
     sys.exit(main())

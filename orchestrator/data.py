@@ -6,9 +6,10 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
-from msx.models.data.cohort import Cohort, find_isbi_cohort
+from msx.models.data.cohort import Cohort, CohortError, find_isbi_cohort
 from msx.models.data.folds import check_folds, fold_plan
 from msx.models.data.synth import write_synthetic_cohort
+from msx.models.data.validation import check_cohort
 
 from .spec import ExperimentSpec
 
@@ -30,5 +31,13 @@ def prepare_cohort(spec: ExperimentSpec, data: Path | None, storage: Path, echo:
             write_synthetic_cohort(partial, patients=synthetic.patients, shape=synthetic.shape, seed=synthetic.seed)
             partial.rename(root)
     cohort = find_isbi_cohort(root, spec.data.modalities, spec.data.rater)
-    check_folds(fold_plan(spec.data.folds), cohort.patients)
+    folds = fold_plan(spec.data.folds)
+    check_folds(folds, cohort.patients)
+    report = check_cohort(cohort, folds)
+    if report.errors:
+        more = len(report.errors) - 1
+        others = f" ... and {more} more problem{'s' if more != 1 else ''}" if more else ""
+        raise CohortError(f"{report.errors[0]}{others}; run `msx data check {root}`")
+    if report.warnings:
+        echo(f"{len(report.warnings)} data warnings (run `msx data check {root}` to list them)")
     return cohort

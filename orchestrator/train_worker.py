@@ -83,7 +83,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     spec = trial_spec(config)
     context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
+    rank = context.get_world_rank()
     device = ray.train.torch.get_device()
     torch.manual_seed(spec.training.seed + rank)
     np.random.seed(spec.training.seed + rank)

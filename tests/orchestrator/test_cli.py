@@ -70,7 +70,7 @@ def test_evaluate_prints_every_metric_as_json(tmp_path):
     result = msx("evaluate", "--pred", "pred.nii.gz", "--gt", "gt.nii.gz", "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     metrics = json.loads(result.stdout)
-    assert set(metrics) == {"dsc", "tpr", "ppv", "ltpr", "lfpr", "avd", "assd"}
+    assert set(metrics) == {"dsc", "tpr", "ppv", "ltpr", "lfpr", "avd", "assd", "hd95"}
     assert metrics["dsc"] == pytest.approx(2 * 18 / (19 + 35))
     assert metrics["tpr"] == pytest.approx(18 / 35)
     assert metrics["ppv"] == pytest.approx(18 / 19)

@@ -1,7 +1,5 @@
 """MLflow registry round trip on a real SQLite store: register, look up by alias, load, predict a mask."""
 
-import math
-
 import mlflow
 import mlflow.pyfunc
 import numpy as np

@@ -1,0 +1,123 @@
+"""HD95 and the ISBI 2015 score (msx.models.metrics extras)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from monai.metrics import compute_hausdorff_distance
+from msx.models.metrics import (
+    EXTRA_METRIC_NAMES,
+    METRIC_NAMES,
+    _symmetric_surface_percentile,
+    isbi_scores,
+    segmentation_metrics,
+)
+
+SPACING = (0.5, 1.0, 2.5)
+
+
+def brute_surface(mask: np.ndarray) -> np.ndarray:
+    """Voxel indices of mask voxels with a 6-neighbour outside the mask (or outside the array)."""
+    padded = np.pad(mask, 1)
+    interior = padded[1:-1, 1:-1, 1:-1].copy()
+    for axis in range(3):
+        for step in (-1, 1):
+            interior &= np.roll(padded, step, axis=axis)[1:-1, 1:-1, 1:-1]
+    return np.argwhere(mask & ~interior)
+
+
+def brute_directed(source: np.ndarray, target: np.ndarray, spacing) -> np.ndarray:
+    """All pairwise surface distances in mm, minimised over the target surface."""
+    a = brute_surface(source) * np.asarray(spacing)
+    b = brute_surface(target) * np.asarray(spacing)
+    return np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)).min(axis=1)
+
+
+def random_pair(seed: int, shape=(9, 8, 7)) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    gt = rng.random(shape) < 0.25
+    pred = rng.random(shape) < 0.2
+    gt[4, 4, 3] = pred[1, 1, 1] = True  # never empty
+    return pred, gt
+
+
+@pytest.mark.parametrize("spacing", [SPACING, (1.0, 1.0, 1.0), (3.0, 0.7, 1.2)])
+@pytest.mark.parametrize("seed", range(4))
+def test_hd95_matches_brute_force(seed, spacing):
+    pred, gt = random_pair(seed)
+    pooled = np.concatenate([brute_directed(pred, gt, spacing), brute_directed(gt, pred, spacing)])
+    metrics = segmentation_metrics(pred, gt, spacing=spacing, extra=True)
+    assert metrics["hd95"] == pytest.approx(np.percentile(pooled, 95), abs=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:.*always_return_as_numpy:FutureWarning")
+@pytest.mark.parametrize("seed", range(3))
+def test_surfaces_and_spacing_agree_with_monai(seed):
+    """MONAI's HD95 is max(directed 95th percentiles), ours (medpy's) pools both distance sets, so they
+    differ in general. What they share is checked exactly: the surfaces and spacing-aware distances,
+    through MONAI's directed percentiles against the brute force, and the pooled percentile 100 (the
+    plain Hausdorff distance, where max of maxima == max of the pooled set)."""
+    pred, gt = random_pair(seed)
+    p = torch.as_tensor(pred[None, None])
+    g = torch.as_tensor(gt[None, None])
+
+    def monai(**kwargs) -> float:
+        return float(compute_hausdorff_distance(p, g, include_background=True, spacing=SPACING, **kwargs))
+
+    forward = brute_directed(pred, gt, SPACING)
+    backward = brute_directed(gt, pred, SPACING)
+    # MONAI's directed distances go from y_pred's surface to y's.
+    assert monai(percentile=95, directed=True) == pytest.approx(np.percentile(forward, 95), abs=1e-5)
+    assert monai(percentile=None) == pytest.approx(_symmetric_surface_percentile(pred, gt, SPACING, 100), abs=1e-5)
+    assert monai(percentile=95) == pytest.approx(
+        max(np.percentile(forward, 95), np.percentile(backward, 95)), abs=1e-5
+    )
+
+
+def test_hd95_single_voxels_by_hand():
+    pred = np.zeros((4, 4, 4), bool)
+    gt = np.zeros((4, 4, 4), bool)
+    pred[0, 0, 0] = gt[1, 2, 0] = True
+    expected = math.hypot(0.5 * 1, 1.0 * 2)
+    assert segmentation_metrics(pred, gt, spacing=SPACING, extra=True)["hd95"] == pytest.approx(expected)
+
+
+def test_extra_keys_only_on_request_and_empty_cases():
+    pred, gt = random_pair(0)
+    assert tuple(segmentation_metrics(pred, gt)) == METRIC_NAMES
+    assert tuple(segmentation_metrics(pred, gt, extra=True)) == METRIC_NAMES + EXTRA_METRIC_NAMES
+    empty = np.zeros_like(gt)
+    assert segmentation_metrics(empty, empty, extra=True)["hd95"] == 0.0
+    assert math.isnan(segmentation_metrics(pred, empty, extra=True)["hd95"])
+    assert math.isnan(segmentation_metrics(empty, gt, extra=True)["hd95"])
+    assert tuple(segmentation_metrics(empty, empty, extra=True)) == METRIC_NAMES + EXTRA_METRIC_NAMES
+
+
+def test_isbi_scores_by_hand():
+    per_scan = [
+        dict(dsc=0.8, ppv=0.6, lfpr=0.2, ltpr=0.5),
+        dict(dsc=0.4, ppv=1.0, lfpr=0.0, ltpr=0.25),
+        dict(dsc=0.0, ppv=0.0, lfpr=1.0, ltpr=0.0),
+    ]
+    pred_volumes = [10.0, 20.0, 60.0]
+    gt_volumes = [12.0, 18.0, 30.0]
+    # Pearson by hand: pred mean 30, deviations -20, -10, 30; truth mean 20, deviations -8, -2, 10.
+    # cov = 160 + 20 + 300 = 480; |pred| = sqrt(400 + 100 + 900) = sqrt(1400); |truth| = sqrt(64 + 4 + 100).
+    corr = 480 / math.sqrt(1400 * 168)
+    expected = [
+        0.8 / 8 + 0.6 / 8 + 0.8 / 4 + 0.5 / 4 + corr / 4,
+        0.4 / 8 + 1.0 / 8 + 1.0 / 4 + 0.25 / 4 + corr / 4,
+        0.0 + 0.0 + 0.0 + 0.0 + corr / 4,
+    ]
+    assert isbi_scores(per_scan, pred_volumes, gt_volumes) == pytest.approx(expected)
+
+
+def test_isbi_scores_undefined_and_mismatched():
+    scan = dict(dsc=1.0, ppv=1.0, lfpr=0.0, ltpr=1.0)
+    assert all(math.isnan(s) for s in isbi_scores([scan], [5.0], [5.0]))  # one scan: no correlation
+    assert all(math.isnan(s) for s in isbi_scores([scan, scan], [5.0, 5.0], [4.0, 6.0]))  # constant volumes
+    perfect = isbi_scores([scan, scan], [4.0, 6.0], [4.0, 6.0])
+    assert perfect == pytest.approx([1.0, 1.0])
+    with pytest.raises(ValueError, match="per scan"):
+        isbi_scores([scan], [1.0, 2.0], [1.0, 2.0])
