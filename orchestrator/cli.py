@@ -34,7 +34,7 @@ def main() -> None:
 @click.option("--data", type=click.Path(path_type=Path), default=None, help="ISBI-layout cohort folder (default: the spec's, else synthetic).")
 @click.option("--storage", envvar="MSX_STORAGE", type=click.Path(path_type=Path), default=Path("msx_runs"), show_default=True, help="Folder for experiments, checkpoints and the default MLflow store (env MSX_STORAGE).")
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, help="MLflow tracking URI (default: SQLite file in --storage).")
-@click.option("--address", envvar="RAY_ADDRESS", default=None, help="Address of a running Ray cluster (default: start a local one).")
+@click.option("--address", envvar="RAY_ADDRESS", default=None, help="Address of a running Ray cluster (default: join the one running on this machine, else start one).")
 def launch(space: str, data: Path | None, storage: Path, tracking_uri: str | None, address: str | None) -> None:
     """Run a whole leave-one-subject-out study and register the best model."""
     from msx.models.data.cohort import CohortError
@@ -54,7 +54,10 @@ def launch(space: str, data: Path | None, storage: Path, tracking_uri: str | Non
 
     from .study import run_study, start_ray
 
-    dashboard = start_ray(address, click.echo)
+    try:
+        dashboard = start_ray(address, click.echo)
+    except (RuntimeError, ConnectionError) as error:
+        raise _fail_cleanly(error) from None
     outcome = run_study(spec, cohort, storage, tracking_uri, echo=click.echo)
 
     click.echo("")

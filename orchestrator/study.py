@@ -38,10 +38,24 @@ class StudyOutcome:
 
 
 def start_ray(address: str | None, echo: Callable[[str], None]) -> str | None:
-    """Connect to a cluster, or start a local one bound to 127.0.0.1; returns the dashboard URL."""
+    """Connect to a cluster, or start a local one bound to 127.0.0.1; returns the dashboard URL.
+
+    With no address and a Ray instance already running on this machine, msx joins it: Ray Train's
+    placement-group cleaner finds "the" local instance by process scan and fails when there are two.
+    """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
         return None
+    if not address:
+        # Private, but it is the scan Ray itself uses to find local instances.
+        from ray._private.services import find_gcs_addresses
+
+        running = sorted(find_gcs_addresses())
+        if len(running) > 1:
+            raise RuntimeError(f"several Ray instances run on this machine ({', '.join(running)}); choose one with --address")
+        if running:
+            address = running[0]
+            echo(f"joining the Ray instance already running at {address}")
     if address:
         context = ray.init(address=address, log_to_driver=False)
     else:
