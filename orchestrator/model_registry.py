@@ -24,6 +24,7 @@ from msx.models.diffusion import DiffusionConfig
 from msx.models.engine import InferenceConfig, segment_scan
 
 from .results import Selection
+from .tracking import tracking_uri_scope
 
 CHAMPION = "champion"
 SELECTION_FILE = "selection.json"
@@ -103,21 +104,24 @@ def register_selection(
     for fold in configuration.folds:
         artifacts[f"fold{fold.fold}"] = str(Path(fold.checkpoint_path) / "model")
 
-    mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=parent_run_id):
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=FoldEnsembleSegmenter(),
-            artifacts=artifacts,
-            # Explicit requirements: inferring them would import-scan the environment for minutes.
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "monai", "nibabel", "msx"],
-        )
-    client = MlflowClient(tracking_uri)
-    try:
-        client.get_registered_model(model_name)
-    except mlflow.exceptions.MlflowException:
-        client.create_registered_model(model_name, description="MSSegDiff lesion segmenter selected by msx (LOSO, validation only)")
-    version = client.create_model_version(model_name, info.model_uri, run_id=parent_run_id)
+    # The version's source is the logged model's models:/m-... URI, resolved through the fluent tracking URI.
+    with tracking_uri_scope(tracking_uri):
+        with mlflow.start_run(run_id=parent_run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=FoldEnsembleSegmenter(),
+                artifacts=artifacts,
+                # Explicit requirements: inferring them would import-scan the environment for minutes.
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "monai", "nibabel", "msx"],
+            )
+        client = MlflowClient(tracking_uri)
+        try:
+            client.get_registered_model(model_name)
+        except mlflow.exceptions.MlflowException:
+            client.create_registered_model(
+                model_name, description="MSSegDiff lesion segmenter selected by msx (LOSO, validation only)"
+            )
+        version = client.create_model_version(model_name, info.model_uri, run_id=parent_run_id)
     tags = {
         "backbone": configuration.backbone,
         "strategy": selection.strategy,

@@ -246,10 +246,12 @@ def registry_segmenter(
     import mlflow.pyfunc
     from mlflow.models import Model
 
-    mlflow.set_tracking_uri(tracking_uri)
+    from .tracking import tracking_uri_scope
+
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri))
-        model = mlflow.pyfunc.load_model(str(local))
+        with tracking_uri_scope(tracking_uri):
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri))
+            model = mlflow.pyfunc.load_model(str(local))
     except Exception as error:  # MlflowException, OSError, import errors of a broken model
         raise click.ClickException(f"{uri}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
     ensemble = model.unwrap_python_model()

@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import mlflow
 from mlflow.entities import Metric
@@ -26,6 +27,26 @@ UNTRACKED_RESULT_KEYS = {
     "timestamp", "time_this_iter_s", "time_total_s", "pid", "training_iteration", "time_since_restore",
     "iterations_since_restore", "done", "final",
 }
+
+
+@contextmanager
+def tracking_uri_scope(tracking_uri: str) -> Iterator[None]:
+    """MLflow's fluent API on `tracking_uri`, then the caller's setting back.
+
+    `mlflow.set_tracking_uri` also exports MLFLOW_TRACKING_URI to child processes; left in place it
+    would point every later command of the process at this store.
+    """
+    previous_uri = mlflow.get_tracking_uri()
+    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous_uri)
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
 
 
 def default_tracking_uri(storage: Path) -> str:

@@ -13,6 +13,11 @@ from msx.orchestrator.spec import load_spec
 pytestmark = pytest.mark.slow
 
 
+def user_environment() -> dict[str, str]:
+    """The environment a user's shell would have: no tracking URI or Ray address left by other tests."""
+    return {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+
+
 @pytest.fixture(scope="module")
 def smoke_study(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("launch")
@@ -22,7 +27,7 @@ def smoke_study(tmp_path_factory):
         capture_output=True,
         text=True,
         timeout=1500,
-        env={k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")},
+        env=user_environment(),
     )
     print(result.stdout[-6000:])
     print(result.stderr[-6000:], file=sys.stderr)
@@ -74,7 +79,7 @@ def test_champion_is_registered_and_learned_something(smoke_study):
     assert "test_dsc" in version.tags
     shown = subprocess.run(
         [sys.executable, "-m", "msx.orchestrator.cli", "registry", "show", "msx-smoke@champion", "--storage", "runs"],
-        cwd=workdir, capture_output=True, text=True, timeout=120,
+        cwd=workdir, capture_output=True, text=True, timeout=120, env=user_environment(),
     )
     assert shown.returncode == 0, shown.stderr
     assert "model    msx-smoke version 1" in shown.stdout

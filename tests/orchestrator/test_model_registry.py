@@ -1,5 +1,7 @@
 """MLflow registry round trip on a real SQLite store: register, look up by alias, load, predict a mask."""
 
+import os
+
 import mlflow
 import mlflow.pyfunc
 import numpy as np
@@ -11,7 +13,7 @@ from msx.models.networks import NetworkConfig, build_network
 from msx.orchestrator.model_registry import describe_model, register_selection
 from msx.orchestrator.results import TrialOutcome, select_best, summarise_configurations
 from msx.orchestrator.spec import spec_from_dict
-from msx.orchestrator.tracking import ensure_experiment
+from msx.orchestrator.tracking import ensure_experiment, tracking_uri_scope
 
 STRATEGIES = ("mean", "last")
 
@@ -57,8 +59,9 @@ def test_register_lookup_by_alias_load_and_predict(tmp_path):
     assert describe_model("msx-test/1", tracking_uri)["version"] == 1
     assert describe_model("msx-test", tracking_uri)["version"] == 1
 
-    mlflow.set_tracking_uri(tracking_uri)
-    model = mlflow.pyfunc.load_model(uri)
+    with tracking_uri_scope(tracking_uri):
+        model = mlflow.pyfunc.load_model(uri)
+    assert os.environ.get("MLFLOW_TRACKING_URI") != tracking_uri  # nothing leaks to later commands
     image = np.zeros((3, 20, 24, 18), dtype=np.float32)
     image[:, 3:17, 4:20, 2:16] = np.random.default_rng(0).normal(1.0, 0.2, size=(3, 14, 16, 14))
     mask = model.predict(image)
