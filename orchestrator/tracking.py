@@ -20,6 +20,9 @@ from mlflow.tracking import MlflowClient
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.tune.utils import flatten_dict
 
+# Progress bars for copying a handful of checkpoint files only clutter the study's terminal output.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
 TRIAL_ID_TAG = "msx.trial_id"
 STUDY_TAG = "msx.study"
 # Tune's bookkeeping numbers that say nothing about the model.
