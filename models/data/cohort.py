@@ -28,6 +28,15 @@ _AFFINE_ATOL = 1e-3
 _UNREADABLE = (OSError, EOFError, ValueError, zlib.error, ImageFileError)
 
 
+def parse_isbi_name(name: str) -> tuple[int, int, str | int] | None:
+    """(patient, time point, modality or rater number) of an ISBI file name; None for any other name."""
+    if image := _IMAGE_NAME.match(name):
+        return int(image[1]), int(image[2]), image[3]
+    if mask := _MASK_NAME.match(name):
+        return int(mask[1]), int(mask[2]), int(mask[3])
+    return None
+
+
 class CohortError(ValueError):
     """The files of a cohort are missing, ambiguous or not usable; the message names the file."""
 
@@ -102,14 +111,10 @@ def find_isbi_cohort(
     # (patient, time point) -> {"flair": path, ..., 1: mask path, 2: mask path}
     found: dict[tuple[int, int], dict[str | int, Path]] = {}
     for path in sorted(root.rglob("training*")):
-        if image := _IMAGE_NAME.match(path.name):
-            patient, timepoint, key = int(image[1]), int(image[2]), image[3]
-        elif mask := _MASK_NAME.match(path.name):
-            patient, timepoint, key = int(mask[1]), int(mask[2]), int(mask[3])
-        else:
+        parsed = parse_isbi_name(path.name)
+        if parsed is None or not path.is_file():
             continue
-        if not path.is_file():
-            continue
+        patient, timepoint, key = parsed
         files = found.setdefault((patient, timepoint), {})
         if key in files:
             what = key if isinstance(key, str) else f"rater {key} mask"

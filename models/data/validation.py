@@ -21,8 +21,6 @@ from scipy import ndimage
 
 from .cohort import (
     _AFFINE_ATOL,
-    _IMAGE_NAME,
-    _MASK_NAME,
     _UNREADABLE,
     DEFAULT_MODALITIES,
     MODALITIES,
@@ -32,6 +30,7 @@ from .cohort import (
     Scan,
     _read_volume,
     check_choices,
+    parse_isbi_name,
 )
 from .folds import Fold, check_folds
 
@@ -123,14 +122,10 @@ def check_cohort_root(
             if path.is_dir():
                 patient_folders.setdefault(int(folder[1]), path)
             continue
-        if image := _IMAGE_NAME.match(path.name):
-            patient, timepoint, key = int(image[1]), int(image[2]), image[3]
-        elif mask := _MASK_NAME.match(path.name):
-            patient, timepoint, key = int(mask[1]), int(mask[2]), int(mask[3])
-        else:
+        parsed = parse_isbi_name(path.name)
+        if parsed is None or not path.is_file():
             continue
-        if not path.is_file():
-            continue
+        patient, timepoint, key = parsed
         files = found.setdefault((patient, timepoint), {})
         if key in files:
             what = key if isinstance(key, str) else f"rater {key} mask"
