@@ -12,6 +12,7 @@ import click
 
 from msx.models.registry import UnknownNameError
 
+from .data import prepare_cohort
 from .data_commands import data
 from .predict_command import predict
 from .spec import SpecError, load_spec
@@ -37,8 +38,6 @@ def main() -> None:
 @click.option("--address", envvar="RAY_ADDRESS", default=None, help="Address of a running Ray cluster (default: join the one running on this machine, else start one).")
 def launch(space: str, data: Path | None, storage: Path, tracking_uri: str | None, address: str | None) -> None:
     """Run a whole leave-one-subject-out study and register the best model."""
-    from msx.models.data.cohort import CohortError
-
     from .tracking import default_tracking_uri
 
     started = time.monotonic()
@@ -46,8 +45,8 @@ def launch(space: str, data: Path | None, storage: Path, tracking_uri: str | Non
     try:
         spec = load_spec(space)
         storage.mkdir(parents=True, exist_ok=True)
-        cohort = _prepare(spec, data, storage)
-    except (CohortError, *INPUT_ERRORS) as error:
+        cohort = prepare_cohort(spec, data, storage, click.echo)
+    except INPUT_ERRORS as error:  # CohortError is a ValueError
         raise _fail_cleanly(error) from None
     tracking_uri = tracking_uri or default_tracking_uri(storage)
     click.echo(f"study {spec.name!r}: {len(cohort.patients)} patients, {len(cohort.scans)} scans from {cohort.root}")
@@ -91,12 +90,6 @@ def launch(space: str, data: Path | None, storage: Path, tracking_uri: str | Non
     else:
         click.echo(f"Ray dashboard:  {dashboard} while the study ran (the local Ray stops with msx); for one that stays up:")
         click.echo("                ray start --head --dashboard-host 127.0.0.1 && msx launch --address 127.0.0.1:6379")
-
-
-def _prepare(spec, data, storage):
-    from .data import prepare_cohort
-
-    return prepare_cohort(spec, data, storage, click.echo)
 
 
 @main.command()
