@@ -6,15 +6,15 @@ The orchestrator's Ray Train workers call these; so can a notebook or a test.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 from monai.data import CacheDataset
-from monai.transforms import Compose
 
+from .data.cache import PreparedScan, prepare_loaded_scan
 from .data.cohort import LoadedScan
-from .data.transforms import augmentation_transforms, prepare_scan_for_inference, preprocessing_transforms
+from .data.transforms import augmentation_transforms, prepare_scan_for_inference
 from .diffusion import DiffusionConfig, LossWeights, diffusion_loss, sample_scan
 from .metrics import segmentation_metrics
 from .strategies import fuse_all
@@ -31,11 +31,60 @@ class InferenceConfig:
     connectivity: int = 6
 
 
-def training_dataset(scans: Sequence[LoadedScan], patch_size: tuple[int, int, int]) -> CacheDataset:
-    """Scans preprocessed once (cached), then cropped and augmented afresh on every access."""
-    items = [{"image": scan.image, "label": scan.mask[np.newaxis]} for scan in scans]
-    transform = Compose([preprocessing_transforms(patch_size), augmentation_transforms(patch_size)])
-    return CacheDataset(items, transform=transform, cache_rate=1.0, num_workers=0, progress=False)
+def training_dataset(
+    scans: Sequence[LoadedScan | PreparedScan], patch_size: tuple[int, int, int], lesion_patch_fraction: float = 0.0
+) -> CacheDataset:
+    """Scans preprocessed once, then cropped and augmented afresh on every access.
+
+    Loaded scans are preprocessed here, in memory; prepared ones (``data.cache``) are used as they are.
+    With ``lesion_patch_fraction`` above 0 an item is a list of one sample: batch with
+    ``monai.data.list_data_collate`` (which batches plain samples exactly like PyTorch's default).
+    """
+    prepared = [scan if isinstance(scan, PreparedScan) else prepare_loaded_scan(scan, patch_size) for scan in scans]
+    items = [{"image": torch.from_numpy(scan.image), "label": torch.from_numpy(scan.label)} for scan in prepared]
+    # CacheDataset keeps what the augmentation's deterministic head computes per scan (the lesion-sampling
+    # centres). No later transform writes into its input, so the cached sample is not copied per access.
+    return CacheDataset(
+        items,
+        transform=augmentation_transforms(patch_size, lesion_patch_fraction),
+        cache_rate=1.0,
+        num_workers=0,
+        progress=False,
+        copy_cache=False,
+    )
+
+
+def training_autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on a GPU (tensor cores, half the activation traffic); float32 on the CPU."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+def training_optimizer(
+    parameters: Iterable[torch.nn.Parameter], lr: float, weight_decay: float, device: torch.device
+) -> torch.optim.AdamW:
+    """AdamW, fused on a GPU: one kernel for all parameters instead of several per parameter tensor."""
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
+
+
+def train_step(
+    net: torch.nn.Module,
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    diffusion: DiffusionConfig = DiffusionConfig(),
+    loss_weights: LossWeights = LossWeights(),
+    autocast_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """One optimisation step on a batch already on the net's device; returns the detached loss, unread.
+
+    Nothing here waits for the device, so the host can queue the next step while this one runs.
+    """
+    with torch.autocast(image.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        loss = diffusion_loss(net, image, mask, diffusion, weights=loss_weights)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
 
 
 def train_epoch(
@@ -55,13 +104,8 @@ def train_epoch(
     for batch in loader:
         image = batch["image"].to(device, non_blocking=True)
         mask = batch["label"].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss = diffusion_loss(net, image, mask, diffusion, weights=loss_weights)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        total += train_step(net, image, mask, optimizer, diffusion, loss_weights, autocast_dtype)
         lr_schedule.step()
-        total += loss.detach()
         batches += 1
     return total / max(batches, 1)
 

@@ -32,7 +32,7 @@ def main() -> None:
 
 @main.command()
 @click.option("--space", default="smoke", show_default=True, help="Search space: a bundled name (smoke, paper) or a YAML path.")
-@click.option("--data", type=click.Path(path_type=Path), default=None, help="ISBI-layout cohort folder (default: the spec's, else synthetic).")
+@click.option("--data", type=click.Path(path_type=Path), default=None, help="Cohort: an ISBI-layout folder or a manifest (.csv, .yaml) (default: the spec's, else synthetic).")
 @click.option("--storage", envvar="MSX_STORAGE", type=click.Path(path_type=Path), default=Path("msx_runs"), show_default=True, help="Folder for experiments, checkpoints and the default MLflow store (env MSX_STORAGE).")
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, help="MLflow tracking URI (default: SQLite file in --storage).")
 @click.option("--address", envvar="RAY_ADDRESS", default=None, help="Address of a running Ray cluster (default: join the one running on this machine, else start one).")
@@ -112,16 +112,21 @@ def synth(out: Path, patients: int, shape: str, seed: int) -> None:
 
 
 @main.command()
-@click.option("--pred", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True, help="Predicted mask (NIfTI).")
-@click.option("--gt", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True, help="Ground-truth mask (NIfTI).")
+@click.option("--pred", "preds", type=click.Path(exists=True, dir_okay=False, path_type=Path), multiple=True, required=True, help="Predicted mask (NIfTI); repeat for several scans.")
+@click.option("--gt", "gts", type=click.Path(exists=True, dir_okay=False, path_type=Path), multiple=True, required=True, help="Ground-truth mask (NIfTI) of the --pred in the same position.")
 @click.option("--connectivity", type=click.Choice(["6", "18", "26"]), default="6", show_default=True, help="Lesion connectivity.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON (NaN as null).")
-def evaluate(pred: Path, gt: Path, connectivity: str, as_json: bool) -> None:
-    """Metrics of one predicted mask against a ground truth: DSC, TPR, PPV, LTPR, LFPR, AVD, ASSD, HD95."""
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (NaN as null): an object for one scan, a list for several.")
+def evaluate(preds: tuple[Path, ...], gts: tuple[Path, ...], connectivity: str, as_json: bool) -> None:
+    """Metrics of predicted masks against their ground truths: DSC, TPR, PPV, LTPR, LFPR, AVD, ASSD, HD95
+    and the raw ISBI 2015 score, whose volume correlation runs over all the scans given (so it is NaN for
+    one scan)."""
     import nibabel as nib
     import numpy as np
 
-    from msx.models.metrics import segmentation_metrics
+    from msx.models.metrics import isbi_scores, segmentation_metrics
+
+    if len(preds) != len(gts):
+        raise click.UsageError(f"got {len(preds)} --pred and {len(gts)} --gt; give one ground truth per prediction")
 
     def read(path: Path):
         try:
@@ -130,21 +135,42 @@ def evaluate(pred: Path, gt: Path, connectivity: str, as_json: bool) -> None:
         except Exception as error:  # nibabel raises many types for unreadable files
             raise click.ClickException(f"{path}: not a readable NIfTI file ({error})") from None
 
-    pred_image, pred_array = read(pred)
-    gt_image, gt_array = read(gt)
-    if pred_array.shape != gt_array.shape:
-        raise click.ClickException(f"{pred}: shape {pred_array.shape} differs from {gt}: {gt_array.shape}")
-    if not np.allclose(pred_image.affine, gt_image.affine, atol=1e-3):
-        raise click.ClickException(f"{pred}: affine differs from {gt}'s; the masks are not on one grid")
-    spacing = tuple(float(z) for z in gt_image.header.get_zooms()[:3])
-    metrics = segmentation_metrics(
-        pred_array > 0, gt_array > 0, spacing=spacing, connectivity=int(connectivity), extra=True
-    )
+    per_scan, pred_volumes, gt_volumes = [], [], []
+    for pred, gt in zip(preds, gts):
+        pred_image, pred_array = read(pred)
+        gt_image, gt_array = read(gt)
+        if pred_array.shape != gt_array.shape:
+            raise click.ClickException(f"{pred}: shape {pred_array.shape} differs from {gt}: {gt_array.shape}")
+        if not np.allclose(pred_image.affine, gt_image.affine, atol=1e-3):
+            raise click.ClickException(f"{pred}: affine differs from {gt}'s; the masks are not on one grid")
+        spacing = tuple(float(z) for z in gt_image.header.get_zooms()[:3])
+        per_scan.append(
+            segmentation_metrics(pred_array > 0, gt_array > 0, spacing=spacing, connectivity=int(connectivity), extra=True)
+        )
+        # In mm^3: scans of different voxel sizes must share one unit for the correlation.
+        voxel_volume = float(np.prod(spacing))
+        pred_volumes.append(int((pred_array > 0).sum()) * voxel_volume)
+        gt_volumes.append(int((gt_array > 0).sum()) * voxel_volume)
+    for metrics, score in zip(per_scan, isbi_scores(per_scan, pred_volumes, gt_volumes)):
+        metrics["isbi"] = score
+
     if as_json:
-        click.echo(json.dumps({k: (None if math.isnan(v) else v) for k, v in metrics.items()}))
-    else:
-        for name, value in metrics.items():
-            click.echo(f"{name.upper():5s} {value:.4f}")
+        rows = [
+            {
+                "pred": str(pred),
+                "gt": str(gt),
+                "connectivity": int(connectivity),
+                **{k: (None if math.isnan(v) else v) for k, v in metrics.items()},
+            }
+            for pred, gt, metrics in zip(preds, gts, per_scan)
+        ]
+        click.echo(json.dumps(rows[0] if len(rows) == 1 else rows))
+        return
+    click.echo(f"lesions are {connectivity}-connected components; ASSD and HD95 in mm")
+    width = max(len(str(pred)) for pred in preds)
+    click.echo(f"{'prediction':{width}s} " + " ".join(f"{name.upper():>8s}" for name in per_scan[0]))
+    for pred, metrics in zip(preds, per_scan):
+        click.echo(f"{str(pred):{width}s} " + " ".join(f"{value:8.4f}" for value in metrics.values()))
 
 
 @main.group()

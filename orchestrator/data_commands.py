@@ -1,4 +1,4 @@
-"""`msx data check` and `msx data inspect`: look at a cohort folder before training on it. Read-only."""
+"""`msx data check` and `msx data inspect`: look at a cohort (folder or manifest) before training on it. Read-only."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from msx.models.data.cohort import (
     RATERS,
     CohortError,
     check_choices,
-    find_isbi_cohort,
 )
+from msx.models.data.manifest import open_cohort
 
 
 def _choices(modalities: str, rater: int) -> tuple[str, ...]:
@@ -22,7 +22,7 @@ def _choices(modalities: str, rater: int) -> tuple[str, ...]:
         raise click.BadParameter(str(error), param_hint="--modalities/--rater") from None
 
 
-_DIR = click.argument("directory", metavar="DIR", type=click.Path(exists=True, file_okay=False, path_type=Path))
+_COHORT = click.argument("cohort_path", metavar="COHORT", type=click.Path(exists=True, path_type=Path))
 _MODALITIES = click.option(
     "--modalities", default=",".join(DEFAULT_MODALITIES), show_default=True, help="Input modalities, comma-separated."
 )
@@ -31,53 +31,53 @@ _RATER = click.option("--rater", type=click.Choice([str(r) for r in RATERS]), de
 
 @click.group("data")
 def data() -> None:
-    """Check or inspect an ISBI-layout cohort folder (nothing in it is modified)."""
+    """Check or inspect a cohort: an ISBI-layout folder or a manifest (.csv, .yaml); nothing is modified."""
 
 
 @data.command("check")
-@_DIR
+@_COHORT
 @_MODALITIES
 @_RATER
-@click.option("--folds", default="paper", show_default=True, help="Fold plan the cohort must fill.")
-def check(directory: Path, modalities: str, rater: str, folds: str) -> None:
+@click.option("--folds", default="paper", show_default=True, help="Fold plan the cohort must fill (paper, loso).")
+def check(cohort_path: Path, modalities: str, rater: str, folds: str) -> None:
     """Read every chosen file and report all problems; exit status 1 if any is an error."""
-    from msx.models.data.folds import fold_plan
+    from msx.models.data.folds import FOLD_PLANS
     from msx.models.data.validation import check_cohort_root
     from msx.models.registry import UnknownNameError
 
     chosen = _choices(modalities, int(rater))
     try:
-        plan = fold_plan(folds)
+        FOLD_PLANS.get(folds)
     except UnknownNameError as error:
         raise click.BadParameter(str(error).splitlines()[0], param_hint="--folds") from None
-    report = check_cohort_root(directory, chosen, int(rater), plan)
+    report = check_cohort_root(cohort_path, chosen, int(rater), folds)
     for line in report.errors:
         click.echo(f"error: {line}")
     for line in report.warnings:
         click.echo(f"warning: {line}")
     if report.errors:
-        click.echo(f"{_count(report.errors, 'error')}, {_count(report.warnings, 'warning')} in {directory}", err=True)
+        click.echo(f"{_count(report.errors, 'error')}, {_count(report.warnings, 'warning')} in {cohort_path}", err=True)
         click.get_current_context().exit(1)
-    cohort = find_isbi_cohort(directory, chosen, int(rater))
+    cohort = open_cohort(cohort_path, chosen, int(rater))
     click.echo(
-        f"OK: {len(cohort.patients)} patients, {len(cohort.scans)} scans in {directory} "
+        f"OK: {len(cohort.patients)} patients, {len(cohort.scans)} scans in {cohort_path} "
         f"({', '.join(chosen)}, rater {rater}; fold plan {folds!r} fits), {_count(report.warnings, 'warning')}"
     )
 
 
 @data.command("inspect")
-@_DIR
+@_COHORT
 @_MODALITIES
 @_RATER
-def inspect_command(directory: Path, modalities: str, rater: str) -> None:
+def inspect_command(cohort_path: Path, modalities: str, rater: str) -> None:
     """Per scan: shape, spacing, lesion count and volume per rater, inter-rater Dice; then cohort totals."""
     from msx.models.data.validation import summarise_cohort
 
     chosen = _choices(modalities, int(rater))
     try:
-        rows = summarise_cohort(find_isbi_cohort(directory, chosen, int(rater)))
+        rows = summarise_cohort(open_cohort(cohort_path, chosen, int(rater)))
     except CohortError as error:
-        raise click.ClickException(f"{error} (run `msx data check {directory}` for every problem)") from None
+        raise click.ClickException(f"{error} (run `msx data check {cohort_path}` for every problem)") from None
     click.echo(format_table(rows))
 
 

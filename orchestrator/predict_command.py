@@ -5,7 +5,8 @@ experiment spec the training run used: its inference settings, diffusion schedul
 drive the segmentation) or a registry URI ``models:/NAME@ALIAS`` (the MLflow pyfunc fold ensemble).
 
 The input is a folder holding ISBI-named images (``trainingPP_TT_<modality>_pp.nii[.gz]``) anywhere
-below it: one scan or a whole cohort. Masks are optional; a rater-1 mask, when present, is drawn in the
+below it (one scan or a whole cohort), or a cohort manifest (.csv, .yaml; see
+``msx.models.data.manifest``). Masks are optional; a rater-1 mask, when present, is drawn in the
 overlay and its Dice printed. For each scan the command writes
 
 - ``<scan_id>_mask.nii.gz``: uint8 {0, 1} on the input's voxel grid, with the input FLAIR's affine;
@@ -16,7 +17,6 @@ overlay and its Dice printed. For each scan the command writes
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,8 +28,6 @@ MASK_SUFFIX = "_mask.nii.gz"
 OVERLAY_SUFFIX = "_overlay.png"
 OVERLAY_RATER = 1
 
-_IMAGE_NAME = re.compile(r"^training(\d+)_(\d+)_(flair|mprage|t2|pd)_pp\.nii(?:\.gz)?$")
-_MASK_NAME = re.compile(r"^training(\d+)_(\d+)_mask([12])\.nii(?:\.gz)?$")
 _AFFINE_ATOL = 1e-3
 
 
@@ -51,39 +49,18 @@ class LoadedInput:
 
 
 def find_input_scans(root: Path, modalities: tuple[str, ...]) -> list[InputScan]:
-    """ISBI-named scans under ``root`` (recursively); each must have every chosen modality, masks optional.
+    """The scans of a cohort folder or manifest; each must have every chosen modality, masks optional."""
+    from msx.models.data.cohort import CohortError
+    from msx.models.data.manifest import open_cohort
 
-    (The models' ``find_isbi_cohort`` insists on a rater's mask, which new scans do not have.)
-    """
-    if not root.is_dir():
-        problem = "does not exist" if not root.exists() else "is not a folder"
-        raise click.ClickException(f"input folder {root} {problem}")
-    found: dict[tuple[int, int], dict[str | int, Path]] = {}
-    for path in sorted(root.rglob("training*")):
-        match = _IMAGE_NAME.match(path.name) or _MASK_NAME.match(path.name)
-        if not match or not path.is_file():
-            continue
-        key: str | int = match[3] if match.re is _IMAGE_NAME else int(match[3])
-        files = found.setdefault((int(match[1]), int(match[2])), {})
-        if key in files:
-            raise click.ClickException(f"two {key} files for one scan: {files[key]} and {path}")
-        files[key] = path
-    if not found:
-        raise click.ClickException(f"no ISBI-named images (trainingPP_TT_<modality>_pp.nii[.gz]) under {root}")
-    scans = []
-    for (patient, timepoint), files in sorted(found.items()):
-        scan_id = f"training{patient:02d}_{timepoint:02d}"
-        missing = [name for name in modalities if name not in files]
-        if missing:
-            raise click.ClickException(f"scan {scan_id} under {root} lacks {', '.join(missing)}")
-        scans.append(
-            InputScan(
-                scan_id,
-                images={name: files[name] for name in modalities},  # type: ignore[misc]
-                masks={key: path for key, path in files.items() if isinstance(key, int)},
-            )
-        )
-    return scans
+    try:
+        cohort = open_cohort(root, modalities, rater=None)  # new scans have no masks
+    except CohortError as error:
+        raise click.ClickException(str(error)) from None
+    return [
+        InputScan(scan.scan_id, images={name: scan.images[name] for name in modalities}, masks=dict(scan.masks))
+        for scan in cohort.scans
+    ]
 
 
 def load_input(scan: InputScan, modalities: tuple[str, ...]) -> LoadedInput:
@@ -275,7 +252,7 @@ def registry_segmenter(
 
 @click.command("predict")
 @click.option("--model", "model_ref", required=True, help="An msx checkpoint folder, or models:/NAME@ALIAS (also NAME/VERSION).")
-@click.option("--input", "input_path", type=click.Path(path_type=Path), required=True, help="Folder with ISBI-named scans (one scan or a cohort; masks optional).")
+@click.option("--input", "input_path", type=click.Path(path_type=Path), required=True, help="Folder with ISBI-named scans (one scan or a cohort), or a cohort manifest (.csv, .yaml); masks optional.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for <scan>_mask.nii.gz and <scan>_overlay.png.")
 @click.option("--strategy", default=None, help="Inference strategy (default: the registered model's, or the checkpoint spec's validation strategy).")
 @click.option("--modalities", default=None, help="Comma-separated input channels in the model's order (default: the training spec's).")
@@ -289,9 +266,8 @@ def predict(
     # Cheap checks first: a typo must not wait for a model to load.
     _strategy_check(strategy)
     chosen_modalities = _parse_modalities(modalities)
-    if not input_path.is_dir():
-        problem = "does not exist" if not input_path.exists() else "is not a folder"
-        raise click.ClickException(f"input folder {input_path} {problem}")
+    if not input_path.exists():
+        raise click.ClickException(f"input {input_path} does not exist")
 
     import torch
 

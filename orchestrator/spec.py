@@ -35,12 +35,23 @@ class SyntheticDataSpec:
 
 
 @dataclass(frozen=True)
+class FoldSpec:
+    """One fold listed in data.folds: patient numbers per split; its index is its position there, from 1."""
+
+    train: tuple[int, ...] = ()
+    validation: tuple[int, ...] = ()
+    test: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class DataSpec:
-    # None: a synthetic cohort (see `synthetic`) generated under the storage folder.
+    # A cohort folder or a manifest file (.csv, .yaml); None: a synthetic cohort (see `synthetic`) generated
+    # under the storage folder.
     path: str | None = None
     modalities: tuple[str, ...] = DEFAULT_MODALITIES
     rater: int = 1
-    folds: str = "paper"
+    # A fold plan's name (see FOLD_PLANS), or the folds listed explicitly.
+    folds: str | tuple[FoldSpec, ...] = "paper"
     synthetic: SyntheticDataSpec = field(default_factory=SyntheticDataSpec)
 
 
@@ -72,6 +83,8 @@ class TrainingSpec:
     validation_ddim_steps: int = 10
     validation_strategy: str = "mean"
     seed: int = 0
+    # Probability that a training patch is centred on a lesion voxel (else on the brain); 0: uniform crops.
+    lesion_patch_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -223,7 +236,7 @@ def validate_spec(spec: ExperimentSpec, source: str = "spec") -> None:
     registered("model.backbones", spec.model.backbones, BACKBONES)
     registered("inference.strategies", spec.inference.strategies, STRATEGIES)
     registered("training.validation_strategy", (spec.training.validation_strategy,), STRATEGIES)
-    registered("data.folds", (spec.data.folds,), FOLD_PLANS)
+    _validate_folds(spec.data.folds, fail)
     for modality in spec.data.modalities:
         if modality not in MODALITIES:
             fail("data.modalities", f"unknown modality {modality!r}; valid: {', '.join(MODALITIES)}")
@@ -255,6 +268,8 @@ def validate_spec(spec: ExperimentSpec, source: str = "spec") -> None:
             fail(key, f"must be positive, got {value}")
     if not 0 <= spec.inference.overlap < 1:
         fail("inference.overlap", f"must be in [0, 1), got {spec.inference.overlap}")
+    if not 0 <= spec.training.lesion_patch_fraction <= 1:
+        fail("training.lesion_patch_fraction", f"must be in [0, 1], got {spec.training.lesion_patch_fraction}")
     if any(side < 8 for side in spec.training.patch_size):
         fail("training.patch_size", f"sides must be at least 8, got {spec.training.patch_size}")
     for backbone in spec.model.backbones:
@@ -263,6 +278,33 @@ def validate_spec(spec: ExperimentSpec, source: str = "spec") -> None:
             fail("training.patch_size", f"{backbone} needs sides that are multiples of {multiple}, got {spec.training.patch_size}")
     for index, parameter in enumerate(spec.search.parameters):
         _validate_parameter(spec, parameter, f"search.parameters[{index}]", fail)
+
+
+def _validate_folds(folds: str | tuple[FoldSpec, ...], fail) -> None:
+    if isinstance(folds, str):
+        if folds not in FOLD_PLANS:
+            fail(
+                "data.folds",
+                f"unknown fold plan {folds!r}; valid names: {', '.join(FOLD_PLANS.names())} "
+                "(or a list of folds, each {train: [...], validation: [...], test: [...]})",
+            )
+        return
+    if not folds:
+        fail("data.folds", "an explicit list of folds needs at least one fold")
+    for index, fold in enumerate(folds):
+        split_of: dict[int, str] = {}
+        for split in ("train", "validation", "test"):
+            key = f"data.folds[{index}].{split}"
+            patients = getattr(fold, split)
+            if not patients:
+                fail(key, "needs at least one patient number")
+            for patient in patients:
+                if patient < 1:
+                    fail(key, f"{patient} is not a patient number (positive integers)")
+                if patient in split_of:
+                    where = "twice" if split_of[patient] == split else f"also in {split_of[patient]}"
+                    fail(key, f"patient {patient} is {where}; a fold puts each patient in one split")
+                split_of[patient] = split
 
 
 def _validate_parameter(spec: ExperimentSpec, parameter: ParameterSpec, key: str, fail) -> None:
@@ -310,7 +352,16 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             if type(None) in options:
                 return None
             fail("a value")
-        (option,) = [o for o in options if o is not type(None)]
+        others = [o for o in options if o is not type(None)]
+        if str in others and len(others) == 2:
+            # A name or a structured value (data.folds: a plan name or a list of folds).
+            if isinstance(value, str):
+                return value
+            (structured,) = [o for o in others if o is not str]
+            if not isinstance(value, (list, tuple, dict)):
+                fail("a name or a list")
+            return _coerce(value, structured, key, source)
+        (option,) = others
         return _coerce(value, option, key, source)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):

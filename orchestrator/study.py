@@ -14,7 +14,7 @@ from ray import tune
 from ray.tune.utils import flatten_dict
 
 from msx.models.data.cohort import Cohort
-from msx.models.data.folds import fold_plan
+from msx.models.data.folds import resolve_folds
 
 from .model_registry import register_selection
 from .progress import ProgressView
@@ -95,7 +95,7 @@ def run_study(
     storage = storage.resolve()
     experiment_folder = storage / spec.name
     spec_dict = spec.to_dict()
-    folds = fold_plan(spec.data.folds)
+    folds = resolve_folds(spec.data.folds, cohort.patients)
     total = len(spec.model.backbones) * spec.search.configurations_per_backbone * len(folds)
 
     experiment_id = ensure_experiment(tracking_uri, spec.name, storage / "mlartifacts")
@@ -114,7 +114,12 @@ def run_study(
          f"configurations x {len(folds)} folds), up to {max_concurrent} at a time")
     trainable = tune.with_resources(
         tune.with_parameters(
-            run_trial, spec=spec_dict, data_root=str(cohort.root), storage_path=str(experiment_folder / "train")
+            run_trial,
+            spec=spec_dict,
+            data_root=str(cohort.root),
+            storage_path=str(experiment_folder / "train"),
+            # Under the experiment's storage, never in the user's data folder.
+            scan_cache=str(experiment_folder / "scan_cache"),
         ),
         TRIAL_RESOURCES,
     )

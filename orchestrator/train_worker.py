@@ -19,13 +19,23 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from monai.data import list_data_collate
 from monai.optimizers import WarmupCosineSchedule
 
 from msx.models.checkpoint import save_checkpoint
-from msx.models.data.cohort import find_isbi_cohort, load_scan
-from msx.models.data.folds import fold_plan
+from msx.models.data.cache import cached_training_scan
+from msx.models.data.cohort import load_scan
+from msx.models.data.folds import resolve_folds
+from msx.models.data.manifest import open_cohort
 from msx.models.diffusion import DiffusionConfig, LossWeights
-from msx.models.engine import InferenceConfig, evaluate_scan, train_epoch, training_dataset
+from msx.models.engine import (
+    InferenceConfig,
+    evaluate_scan,
+    train_epoch,
+    training_autocast_dtype,
+    training_dataset,
+    training_optimizer,
+)
 from msx.models.metrics import METRIC_NAMES
 from msx.models.networks import NetworkConfig, build_network
 
@@ -87,26 +97,38 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(spec.training.seed + rank)
     np.random.seed(spec.training.seed + rank)
-    autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
+    autocast_dtype = training_autocast_dtype(device)
     label = f"{config['trial']['backbone']} fold {config['trial']['fold']}"
 
-    cohort = find_isbi_cohort(config["data_root"], spec.data.modalities, spec.data.rater)
-    fold = next(f for f in fold_plan(spec.data.folds) if f.index == config["trial"]["fold"])
+    # data_root is the prepared cohort's root: a folder or a manifest file.
+    cohort = open_cohort(config["data_root"], spec.data.modalities, spec.data.rater)
+    folds = resolve_folds(spec.data.folds, cohort.patients)
+    fold = next(f for f in folds if f.index == config["trial"]["fold"])
 
     def load(patients: tuple[int, ...]):
         return [load_scan(scan, spec.data.modalities, spec.data.rater) for scan in cohort.scans_of(patients)]
 
-    train_scans = load(fold.train)
-    dataset = training_dataset(train_scans, spec.training.patch_size)
+    if config.get("scan_cache"):
+        # Preprocessed once per scan for every trial of the experiment (msx.models.data.cache).
+        train_scans = [
+            cached_training_scan(
+                scan, spec.data.modalities, spec.data.rater, spec.training.patch_size, config["scan_cache"]
+            )
+            for scan in cohort.scans_of(fold.train)
+        ]
+    else:
+        train_scans = load(fold.train)
+    dataset = training_dataset(train_scans, spec.training.patch_size, spec.training.lesion_patch_fraction)
+    # list_data_collate: lesion-biased sampling yields a list of one sample per scan.
     loader = ray.train.torch.prepare_data_loader(
-        torch.utils.data.DataLoader(dataset, batch_size=spec.training.batch_size, shuffle=True, num_workers=0),
+        torch.utils.data.DataLoader(
+            dataset, batch_size=spec.training.batch_size, shuffle=True, num_workers=0, collate_fn=list_data_collate
+        ),
         move_to_device=False,
     )
     net = ray.train.torch.prepare_model(build_network(network_config(spec)))
     bare_net = net.module if hasattr(net, "module") else net
-    optimizer = torch.optim.AdamW(
-        net.parameters(), lr=spec.training.lr, weight_decay=spec.training.weight_decay, fused=device.type == "cuda"
-    )
+    optimizer = training_optimizer(net.parameters(), spec.training.lr, spec.training.weight_decay, device)
     total_steps = spec.training.epochs * len(loader)
     lr_schedule = WarmupCosineSchedule(
         optimizer, warmup_steps=int(spec.training.warmup_fraction * total_steps), t_total=total_steps

@@ -30,13 +30,18 @@ def scaling_config(spec: ExperimentSpec) -> ray.train.ScalingConfig:
     )
 
 
-def run_trial(config: dict[str, Any], *, spec: dict[str, Any], data_root: str, storage_path: str) -> None:
-    """Train and evaluate one (backbone, hyperparameters, fold); results flow back through reports."""
+def run_trial(
+    config: dict[str, Any], *, spec: dict[str, Any], data_root: str, storage_path: str, scan_cache: str | None = None
+) -> None:
+    """Train and evaluate one (backbone, hyperparameters, fold); results flow back through reports.
+
+    ``scan_cache``: folder of preprocessed training scans shared by the trials; None loads them afresh.
+    """
     experiment = spec_from_dict(spec)
     trial_id = ray.tune.get_context().get_trial_id()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec, "trial": config, "data_root": data_root},
+        train_loop_config={"spec": spec, "trial": config, "data_root": data_root, "scan_cache": scan_cache},
         scaling_config=scaling_config(experiment),
         run_config=ray.train.RunConfig(
             # A stable name per trial: a restarted trial finds its own Train run and checkpoints again.

@@ -1,4 +1,4 @@
-"""Data layer: the ISBI 2015 cohort on disk, patient folds, synthetic patients and MONAI transforms.
+"""Data layer: cohorts on disk (ISBI 2015 layout or a manifest), patient folds, synthetic patients and MONAI transforms.
 
 The MONAI transforms live in ``msx.models.data.transforms`` and are not re-exported here, because
 importing MONAI's transforms takes seconds and listing or checking a cohort should not pay for it.
@@ -14,7 +14,8 @@ from .cohort import (
     find_isbi_cohort,
     load_scan,
 )
-from .folds import FOLD_PLANS, Fold, check_folds, fold_plan
+from .folds import FOLD_PLANS, Fold, check_folds, resolve_folds
+from .manifest import open_cohort, read_manifest
 from .synth import write_synthetic_cohort
 
 __all__ = [
@@ -28,7 +29,9 @@ __all__ = [
     "Scan",
     "check_folds",
     "find_isbi_cohort",
-    "fold_plan",
     "load_scan",
+    "open_cohort",
+    "read_manifest",
+    "resolve_folds",
     "write_synthetic_cohort",
 ]

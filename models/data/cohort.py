@@ -57,11 +57,14 @@ class Scan:
 
 @dataclass(frozen=True)
 class Cohort:
-    """Scans found under ``root``, each checked to have ``modalities`` and the ``rater``'s mask."""
+    """Scans of a folder or a manifest (``root``), each checked to have ``modalities`` and the ``rater``'s mask.
+
+    ``rater`` None: masks are optional, as for new scans to segment.
+    """
 
     root: Path
     modalities: tuple[str, ...]
-    rater: int
+    rater: int | None
     scans: tuple[Scan, ...]
 
     @property
@@ -83,8 +86,8 @@ class LoadedScan:
     spacing: tuple[float, float, float]
 
 
-def check_choices(modalities: Sequence[str], rater: int) -> tuple[str, ...]:
-    """Validate a modality selection and a rater; returns the modalities as a tuple."""
+def check_choices(modalities: Sequence[str], rater: int | None) -> tuple[str, ...]:
+    """Validate a modality selection and a rater (None: no mask wanted); returns the modalities as a tuple."""
     if isinstance(modalities, str):
         raise ValueError(f"modalities must be a sequence of names such as {DEFAULT_MODALITIES}, not {modalities!r}")
     chosen = tuple(modalities)
@@ -93,15 +96,18 @@ def check_choices(modalities: Sequence[str], rater: int) -> tuple[str, ...]:
         raise ValueError(f"unknown modalities {unknown or chosen}; valid modalities: {', '.join(MODALITIES)}")
     if len(set(chosen)) != len(chosen):
         raise ValueError(f"modalities {chosen} name one modality twice")
-    if rater not in RATERS:
+    if rater is not None and rater not in RATERS:
         raise ValueError(f"unknown rater {rater!r}; valid raters: {', '.join(map(str, RATERS))}")
     return chosen
 
 
 def find_isbi_cohort(
-    root: str | Path, modalities: Sequence[str] = DEFAULT_MODALITIES, rater: int = 1
+    root: str | Path, modalities: Sequence[str] = DEFAULT_MODALITIES, rater: int | None = 1
 ) -> Cohort:
-    """Find every ISBI-named scan under ``root`` (recursively) and check it is complete."""
+    """Find every ISBI-named scan under ``root`` (recursively) and check it is complete.
+
+    ``rater`` None: masks are optional (new scans to segment).
+    """
     chosen = check_choices(modalities, rater)
     root = Path(root)
     if not root.is_dir():
@@ -138,7 +144,7 @@ def find_isbi_cohort(
             masks={r: files[r] for r in RATERS if r in files},
         )
         missing = [name for name in chosen if name not in scan.images]
-        missing += [f"mask{rater}"] if rater not in scan.masks else []
+        missing += [f"mask{rater}"] if rater is not None and rater not in scan.masks else []
         if missing:
             raise CohortError(f"scan {scan.scan_id} under {root} lacks {', '.join(missing)}")
         scans.append(scan)

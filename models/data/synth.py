@@ -1,19 +1,25 @@
 """ISBI 2015-shaped synthetic longitudinal MS patients, so that msx runs without the real data.
 
 The real data cannot be shipped, and no maintained library simulates longitudinal MS MRI with two
-raters (BrainWeb downloads at run time and has no time course), so the phantom is drawn here:
-a skull-stripped brain (zero outside, like ISBI's preprocessed images) with cortex, deep grey
-matter, white matter and ventricles, warped by a smooth random deformation per patient;
-white-matter lesions, mostly periventricular, that persist, grow, shrink or appear over time;
-qualitative MRI contrasts with Rician noise and a residual bias field; and a second rater who draws
-some borders wider or tighter and misses some small lesions.
+raters (BrainWeb downloads at run time and has no time course), so the patients are made here on top
+of real anatomy: the MNI ICBM152 2009a template (grey and white matter probability maps and the
+skull-stripped T1) that nilearn ships inside its wheel, read with nibabel from nilearn's package
+folder without importing nilearn. ISBI's preprocessed images live in this MNI space at 1 mm, so the
+template cropped to 181 x 217 x 181 is the ISBI grid. Per patient: a smooth random deformation and
+head size, and ventricles enlarged by a random amount (atrophy); white-matter lesions, mostly
+periventricular and juxtacortical, that persist, grow, shrink or appear over time; qualitative MRI
+contrasts with Rician noise and a residual bias field, zero outside the brain like ISBI's
+skull-stripped ``_pp`` images; and a second rater who draws some borders wider or tighter and misses
+some small lesions. A smaller shape resamples the same head onto fewer voxels (written as 1 mm voxels,
+as the rest of msx expects), with lesions at least 2 voxels in radius so that they stay learnable.
 
 Anatomy, lesions, contrasts and raters are separate functions so each can be made more realistic alone.
-Arrays are float32 and built with broadcasting, so a full 181 x 217 x 181 cohort takes about a minute.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,32 +33,43 @@ from .cohort import MODALITIES
 ISBI_SHAPE = (181, 217, 181)
 TIMEPOINT_PATTERN = (4, 4, 5, 4, 4)  # ISBI 2015 training patients 1..5
 
+# nilearn's copy of the template: 197 x 233 x 189 voxels at 1 mm from MNI (-98, -134, -72). The ISBI grid
+# (the classic 181 x 217 x 181 MNI box from (-90, -126, -72)) is the crop below.
+_TEMPLATE_FILE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
+_TEMPLATE_CROP = (slice(8, 189), slice(8, 225), slice(0, 181))
+_ISBI_CENTRE_MM = np.array([0.0, -18.0, 18.0])  # MNI position of the ISBI grid's central voxel
+
 # Relative signal of (CSF, grey matter, white matter, lesion) per sequence, from the usual appearance of
 # 3T MS scans: lesions bright on FLAIR/T2/PD and darker than white matter on MPRAGE; CSF nulled on FLAIR.
 _TISSUE_SIGNAL = {
     "flair": (0.12, 0.62, 0.50, 1.15),
-    "mprage": (0.25, 0.62, 1.00, 0.55),
+    "mprage": (0.25, 0.62, 1.00, 0.45),
     "t2": (1.00, 0.62, 0.45, 0.90),
     "pd": (0.85, 0.85, 0.70, 0.98),
 }
 _SIGNAL_SCALE = 1000.0
 _NOISE_FRACTION = 0.025  # Rician noise sigma as a fraction of white-matter signal
-_EDGE_VOXELS = 0.6  # width of partial-volume transitions between tissues
+
+_CORTEX_DEPTH_MM = 25.0  # grey matter closer than this to the brain surface is cortex; deep nuclei lie deeper
+_NEAR_MM = 3.0  # a lesion this close to the ventricles or the cortex is periventricular or juxtacortical
+_LOCATION_ODDS = {"periventricular": 0.5, "juxtacortical": 0.3, "deep": 0.2}
 
 _MIN_LESION_RADIUS = 2.0  # voxels: smaller lesions vanish at coarse grids and cannot be learned
 _LESION_EDGE_VOXELS = 1.0
-_LESION_MEDIAN_RADIUS_MM = 2.8
+_LESION_MEDIAN_RADIUS_MM = 2.0
 _MAX_LESION_LOAD = (0.01, 0.03)  # range of lesion voxels / brain voxels at the largest extent
 
 
 @dataclass(frozen=True)
-class _Anatomy:
-    """Tissue fractions of one patient; white matter is the rest of the brain."""
+class Anatomy:
+    """Tissue fractions of one patient on the output grid; white matter is the rest of the brain."""
 
     brain: np.ndarray  # bool
     csf: np.ndarray  # float32 in [0, 1]
     grey_matter: np.ndarray  # float32 in [0, 1]
-    ventricle_distance: np.ndarray  # float32, ellipsoidal distance to the ventricles' centres (1 = wall)
+    ventricle_distance: np.ndarray  # float32, voxels to the nearest lateral ventricle voxel (0 inside)
+    cortex_distance: np.ndarray  # float32, voxels to the nearest cortical grey matter voxel (0 inside)
+    voxels_per_mm: float
 
     @property
     def white_matter(self) -> np.ndarray:
@@ -72,7 +89,8 @@ class _Lesion:
     ripple_cycles: np.ndarray  # (m,)
     ripple_phases: np.ndarray  # (m,)
     ripple_amplitude: float
-    strength: float  # how fully the lesion reaches the lesion signal
+    strength: float  # how fully the lesion reaches the lesion signal on FLAIR, T2 and PD
+    t1_darkness: float  # how far towards the lesion signal it darkens MPRAGE: iso- to hypointense
     onset: int  # first time point index at which it is visible
     growth: float  # relative change of its radius per time point
 
@@ -95,8 +113,122 @@ def write_synthetic_cohort(
     The layout copies the ISBI training archive: ``trainingPP/preprocessed/trainingPP_TT_<modality>_pp.nii.gz``
     and ``trainingPP/masks/trainingPP_TT_mask<rater>.nii.gz``. Patients get 4/4/5/4/4 time points (the
     pattern repeats beyond five). The same seed gives identical files, and patient p does not depend
-    on how many patients are written.
+    on how many patients are written. Needs nilearn installed (for its template files).
     """
+    shape = _checked(shape, patients, seed)
+    out_dir = Path(out_dir)
+    affine = grid_affine(shape)
+    written: list[Path] = []
+    for patient in range(1, patients + 1):
+        patient_rng = np.random.default_rng([seed, patient])
+        n_timepoints = TIMEPOINT_PATTERN[(patient - 1) % len(TIMEPOINT_PATTERN)]
+        anatomy = patient_anatomy(shape, patient, seed)
+        lesions = _lesion_course(anatomy, n_timepoints, patient_rng)
+        folder = out_dir / f"training{patient:02d}"
+        for timepoint in range(n_timepoints):
+            scan_rng = np.random.default_rng([seed, patient, timepoint + 1])
+            lesion_weight, t1_weight, rater1 = _lesions_at(lesions, timepoint, anatomy)
+            rater2 = _second_rater(rater1, anatomy, scan_rng)
+            images = _modalities(anatomy, lesion_weight, t1_weight, scan_rng)
+            stem = f"training{patient:02d}_{timepoint + 1:02d}"
+            for name in MODALITIES:
+                written.append(_save(images[name], affine, folder / "preprocessed" / f"{stem}_{name}_pp.nii.gz"))
+            for rater, mask in ((1, rater1), (2, rater2)):
+                written.append(_save(mask.astype(np.uint8), affine, folder / "masks" / f"{stem}_mask{rater}.nii.gz"))
+    return written
+
+
+def grid_affine(shape: tuple[int, int, int]) -> np.ndarray:
+    """RAS affine of the written files: 1 mm voxels, the grid's centre at the ISBI grid's centre in MNI space.
+
+    At ISBI_SHAPE this is the ISBI grid itself (origin at MNI (-90, -126, -72)).
+    """
+    affine = np.eye(4)
+    affine[:3, 3] = _ISBI_CENTRE_MM - (np.asarray(shape) - 1) / 2
+    return affine
+
+
+def patient_anatomy(shape: tuple[int, int, int], patient: int, seed: int = 0) -> Anatomy:
+    """The anatomy of synthetic patient ``patient`` (from 1) as :func:`write_synthetic_cohort` draws it."""
+    shape = _checked(shape, patient, seed)
+    rng = np.random.default_rng([seed, patient, 0])  # scans use [seed, patient, t >= 1], lesions [seed, patient]
+    template = _template(shape)
+    grid_mm = (np.asarray(ISBI_SHAPE) - 1) / (np.asarray(shape) - 1)  # template mm per output voxel, per axis
+    voxels_per_mm = float(1 / grid_mm.mean())
+
+    # Head size varies by a few percent; a smooth displacement of a few mm bends the anatomy.
+    axes = _unit_axes(shape)
+    scale = rng.uniform(0.94, 1.04, size=3)
+    warp_mm = rng.uniform(1.5, 3.5)
+    centre = (np.asarray(shape) - 1) / 2
+    template_centre = (np.asarray(ISBI_SHAPE) - 1) / 2
+    coordinates = np.stack(
+        [
+            np.broadcast_to(
+                np.float32(template_centre[axis])
+                + (np.arange(size, dtype=np.float32) - np.float32(centre[axis])).reshape(axes[axis].shape)
+                * np.float32(grid_mm[axis] / scale[axis]),
+                shape,
+            )
+            + np.float32(warp_mm) * _smooth_field(axes, rng, terms=6, max_cycles=2.0)
+            for axis, size in enumerate(shape)
+        ]
+    )
+    # Beyond the template's box the maps continue as at its faces: background, and distances that stay large.
+    warped = {
+        name: ndimage.map_coordinates(volume, coordinates, order=1, mode="nearest") for name, volume in template.items()
+    }
+    del coordinates
+
+    brain = warped["brain"] > 0.5
+    # The outer layer of voxels stays background, as skull stripping cuts the medulla short of the image edge.
+    edge = max(1, round(4 * voxels_per_mm))
+    interior = np.zeros(shape, dtype=bool)
+    interior[edge:-edge, edge:-edge, edge:-edge] = True
+    brain &= interior
+    grey = np.clip(warped["grey_matter"], 0.0, 1.0)
+    white = np.clip(warped["white_matter"], 0.0, 1.0 - grey)
+    ventricle_distance = np.maximum(warped["ventricle_distance"], 0.0) * np.float32(voxels_per_mm)
+
+    # Atrophy: the ventricles widen by up to a few mm into the surrounding tissue, whose fractions shrink.
+    widening_mm = rng.uniform(0.0, 3.0)
+    widened = special.expit((np.float32(widening_mm * voxels_per_mm) - ventricle_distance) / np.float32(0.6))
+    widened *= np.float32(widening_mm > 0)
+    tissue_kept = 1.0 - widened
+    grey = np.where(brain, grey * tissue_kept, 0.0).astype(np.float32)
+    white = np.where(brain, white * tissue_kept, 0.0).astype(np.float32)
+    csf = np.where(brain, 1.0 - grey - white, 0.0).astype(np.float32)
+    ventricle_distance = np.maximum(ventricle_distance - np.float32(widening_mm * voxels_per_mm), 0.0)
+    return Anatomy(
+        brain=brain,
+        csf=csf,
+        grey_matter=grey,
+        ventricle_distance=ventricle_distance.astype(np.float32),
+        cortex_distance=(np.maximum(warped["cortex_distance"], 0.0) * np.float32(voxels_per_mm)).astype(np.float32),
+        voxels_per_mm=voxels_per_mm,
+    )
+
+
+def lesion_locations(mask: np.ndarray, anatomy: Anatomy) -> list[str]:
+    """Location of each lesion (3-D 6-connected component) of ``mask``, in label order.
+
+    Periventricular if it comes within 3 mm of a lateral ventricle, else juxtacortical if within 3 mm of
+    the cortex, else deep white matter (at least 1.5 voxels at coarse grids, where 3 mm is under a voxel).
+    """
+    near = max(_NEAR_MM * anatomy.voxels_per_mm, 1.5)
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return []
+    index = np.arange(1, count + 1)
+    ventricle = ndimage.minimum(anatomy.ventricle_distance, labels, index)
+    cortex = ndimage.minimum(anatomy.cortex_distance, labels, index)
+    return [
+        "periventricular" if v <= near else "juxtacortical" if c <= near else "deep"
+        for v, c in zip(np.atleast_1d(ventricle), np.atleast_1d(cortex))
+    ]
+
+
+def _checked(shape, patients: int, seed: int) -> tuple[int, int, int]:
     shape = tuple(int(size) for size in shape)
     if len(shape) != 3 or min(shape) < 16:
         raise ValueError(f"shape must be three sizes of at least 16 voxels, got {shape}")
@@ -104,28 +236,64 @@ def write_synthetic_cohort(
         raise ValueError(f"patients must be at least 1, got {patients}")
     if seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed}")
+    return shape  # type: ignore[return-value]
 
-    out_dir = Path(out_dir)
-    affine = np.eye(4)
-    affine[:3, 3] = -(np.asarray(shape) - 1) / 2  # 1 mm RAS grid centred on the volume
-    written: list[Path] = []
-    for patient in range(1, patients + 1):
-        patient_rng = np.random.default_rng([seed, patient])
-        n_timepoints = TIMEPOINT_PATTERN[(patient - 1) % len(TIMEPOINT_PATTERN)]
-        anatomy = _anatomy(shape, patient_rng)
-        lesions = _lesion_course(anatomy, n_timepoints, patient_rng)
-        folder = out_dir / f"training{patient:02d}"
-        for timepoint in range(n_timepoints):
-            scan_rng = np.random.default_rng([seed, patient, timepoint + 1])
-            lesion_weight, rater1 = _lesions_at(lesions, timepoint, anatomy)
-            rater2 = _second_rater(rater1, anatomy.brain, scan_rng)
-            images = _modalities(anatomy, lesion_weight, scan_rng)
-            stem = f"training{patient:02d}_{timepoint + 1:02d}"
-            for name in MODALITIES:
-                written.append(_save(images[name], affine, folder / "preprocessed" / f"{stem}_{name}_pp.nii.gz"))
-            for rater, mask in ((1, rater1), (2, rater2)):
-                written.append(_save(mask.astype(np.uint8), affine, folder / "masks" / f"{stem}_mask{rater}.nii.gz"))
-    return written
+
+def _template_path(name: str) -> Path:
+    """A template file inside the installed nilearn package, found without importing nilearn (which is slow)."""
+    spec = importlib.util.find_spec("nilearn")
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in folders:
+        path = Path(folder) / "datasets" / "data" / _TEMPLATE_FILE.format(name)
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"the synthetic cohort's anatomy comes from the MNI ICBM152 template that nilearn ships "
+        f"({_TEMPLATE_FILE.format(name)}), which was not found: install nilearn (pip install nilearn)"
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def _isbi_template() -> dict[str, np.ndarray]:
+    """Template maps on the ISBI grid: brain, grey and white matter fractions, and distances in mm to the
+    lateral ventricles and to the cortex. Cached (read-only) because every patient samples the same maps."""
+    t1, grey, white = (
+        np.asarray(nib.load(_template_path(name)).dataobj)[_TEMPLATE_CROP].astype(np.float32) / np.float32(255)
+        for name in ("t1", "gm", "wm")
+    )
+    brain = t1 > 0  # the template T1 is skull-stripped
+    csf = np.where(brain, np.clip(1.0 - grey - white, 0.0, 1.0), 0.0)
+    depth = ndimage.distance_transform_edt(brain)
+    # Lateral ventricles: the two largest deep CSF pools; the opening cuts the thin midline fissure off them.
+    deep_csf = ndimage.binary_opening(csf > 0.5, iterations=2) & (depth > 15)
+    labels, _ = ndimage.label(deep_csf)
+    largest = np.argsort(np.bincount(labels.ravel())[1:])[::-1][:2] + 1
+    ventricles = np.isin(labels, largest)
+    cortex = (grey > 0.5) & (depth < _CORTEX_DEPTH_MM)
+    maps = {
+        "brain": brain.astype(np.float32),
+        "grey_matter": grey,
+        "white_matter": white,
+        "ventricle_distance": ndimage.distance_transform_edt(~ventricles).astype(np.float32),
+        "cortex_distance": ndimage.distance_transform_edt(~cortex).astype(np.float32),
+    }
+    for volume in maps.values():
+        volume.flags.writeable = False
+    return maps
+
+
+@functools.lru_cache(maxsize=1)
+def _template(shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
+    """The ISBI-grid template maps, smoothed for sampling onto ``shape``."""
+    maps = _isbi_template()
+    # Coarser grids average over their larger voxels (partial volume) instead of aliasing the folds.
+    sigma = [0.4 * (full - 1) / (size - 1) for full, size in zip(ISBI_SHAPE, shape)]
+    if max(sigma) <= 0.5:
+        return maps
+    smoothed = {name: ndimage.gaussian_filter(volume, sigma) for name, volume in maps.items()}
+    for volume in smoothed.values():
+        volume.flags.writeable = False
+    return smoothed
 
 
 def _save(volume: np.ndarray, affine: np.ndarray, path: Path) -> Path:
@@ -137,7 +305,7 @@ def _save(volume: np.ndarray, affine: np.ndarray, path: Path) -> Path:
 
 
 def _unit_axes(shape: tuple[int, int, int]) -> list[np.ndarray]:
-    """Per-axis coordinates in [-1, 1], shaped to broadcast (the brain fills the field of view)."""
+    """Per-axis coordinates in [-1, 1], shaped to broadcast."""
     axes = []
     for axis, size in enumerate(shape):
         coords = np.linspace(-1.0, 1.0, size, dtype=np.float32)
@@ -160,79 +328,39 @@ def _smooth_field(axes: list[np.ndarray], rng: np.random.Generator, terms: int, 
     return field * np.float32(math.sqrt(8.0 / terms))  # each product of three random cosines has variance 1/8
 
 
-def _ellipsoid_distance(coords: list[np.ndarray], center, semi_axes) -> np.ndarray:
-    """Ellipsoidal radius: 0 at the centre, 1 on the surface."""
-    squared = sum(((c - np.float32(m)) / np.float32(s)) ** 2 for c, m, s in zip(coords, center, semi_axes))
-    return np.sqrt(squared)
-
-
-def _inside(signed_depth: np.ndarray, voxels_per_unit: float) -> np.ndarray:
-    """Partial-volume membership of a region from a signed depth (positive inside).
-
-    ``voxels_per_unit`` converts depth to voxels, so the transition is about ``_EDGE_VOXELS`` wide at any grid size.
-    """
-    return special.expit(signed_depth * np.float32(voxels_per_unit / _EDGE_VOXELS))
-
-
-def _anatomy(shape: tuple[int, int, int], rng: np.random.Generator) -> _Anatomy:
-    """Brain, cortex, deep grey matter and lateral ventricles, warped by a smooth random deformation."""
-    axes = _unit_axes(shape)
-    half_size = min(shape) / 2
-    warp = rng.uniform(0.02, 0.045)
-    coords = [a + np.float32(warp) * _smooth_field(axes, rng, terms=6, max_cycles=1.5) for a in axes]
-
-    brain_axes = np.array([0.78, 0.84, 0.72]) * rng.uniform(0.94, 1.04, size=3)
-    brain_radius = _ellipsoid_distance(coords, (0.0, -0.04, 0.06), brain_axes)
-    brain_radius += np.float32(0.025) * _smooth_field(axes, rng, terms=6, max_cycles=2.5)
-    brain = brain_radius < 1.0
-    depth = 1.0 - brain_radius  # 0 on the brain surface, in units of the brain's semi-axes
-    voxels_per_depth = float(brain_axes.min()) * half_size
-
-    # Cortex: a ribbon whose thickness follows a folding pattern; sulci fill with CSF where it folds deepest.
-    folding = _smooth_field(axes, rng, terms=10, max_cycles=7.0)
-    cortex = _inside(np.float32(0.11) + np.float32(0.04) * folding - depth, voxels_per_depth)
-    sulcal_depth = np.float32(0.012) + np.float32(0.05) * np.maximum(folding - np.float32(0.6), 0)
-    outer_csf = _inside(sulcal_depth - depth, voxels_per_depth)
-
-    # Lateral ventricles: C-shaped (arched along y), larger in some patients, as with atrophy in MS.
-    ventricle_scale = rng.uniform(0.8, 1.5)
-    ventricle_axes = np.array([0.07, 0.30, 0.10]) * ventricle_scale
-    arch = np.float32(0.12) * (coords[1] / np.float32(ventricle_axes[1])) ** 2
-    arched = [coords[0], coords[1], coords[2] + arch]
-    ventricle_distance = np.minimum(
-        *(_ellipsoid_distance(arched, (side * 0.10, -0.05, 0.18), ventricle_axes) for side in (-1, 1))
+def _lesion_centres(anatomy: Anatomy, count: int, rng: np.random.Generator) -> np.ndarray:
+    """Voxel coordinates of ``count`` lesion centres in white matter, by location: about half next to the
+    ventricles, a third next to the cortex, the rest in deep white matter, as MS lesions are."""
+    mm = anatomy.voxels_per_mm
+    white = anatomy.white_matter
+    ventricle, cortex = anatomy.ventricle_distance, anatomy.cortex_distance
+    candidates = {
+        "periventricular": np.flatnonzero((white > 0.5) & (ventricle > 0) & (ventricle <= max(5 * mm, 1.5))),
+        "juxtacortical": np.flatnonzero(
+            (white > 0.5) & (cortex > 0) & (cortex <= max(4 * mm, 1.5)) & (ventricle > max(10 * mm, 3))
+        ),
+        "deep": np.flatnonzero((white > 0.8) & (ventricle > max(8 * mm, 3)) & (cortex > max(6 * mm, 2))),
+    }
+    fallback = np.flatnonzero(white > 0.5)
+    if fallback.size == 0:  # a grid too coarse for white matter to fill a voxel
+        fallback = np.flatnonzero(anatomy.brain)
+    kinds = rng.choice(list(_LOCATION_ODDS), size=count, p=list(_LOCATION_ODDS.values()))
+    chosen = np.array(
+        [rng.choice(candidates[kind] if candidates[kind].size else fallback) for kind in kinds], dtype=np.int64
     )
-    ventricles = _inside(1.0 - ventricle_distance, float(ventricle_axes[0]) * half_size)
-
-    deep_grey_axes = np.array([0.09, 0.16, 0.10]) * rng.uniform(0.9, 1.1)
-    deep_grey_distance = np.minimum(
-        *(_ellipsoid_distance(coords, (side * 0.24, -0.05, 0.0), deep_grey_axes) for side in (-1, 1))
-    )
-    deep_grey = _inside(1.0 - deep_grey_distance, float(deep_grey_axes[0]) * half_size)
-
-    csf = np.where(brain, np.maximum(outer_csf, ventricles), 0.0).astype(np.float32)
-    grey_matter = np.where(brain, (1.0 - csf) * np.maximum(cortex, deep_grey), 0.0).astype(np.float32)
-    return _Anatomy(brain=brain, csf=csf, grey_matter=grey_matter, ventricle_distance=ventricle_distance)
+    return np.stack(np.unravel_index(chosen, anatomy.brain.shape), axis=1) + rng.uniform(-0.5, 0.5, size=(count, 3))
 
 
-def _lesion_course(anatomy: _Anatomy, n_timepoints: int, rng: np.random.Generator) -> list[_Lesion]:
+def _lesion_course(anatomy: Anatomy, n_timepoints: int, rng: np.random.Generator) -> list[_Lesion]:
     """A patient's lesions over all time points: most present at baseline, a few new ones later."""
-    shape = anatomy.brain.shape
-    voxels_per_mm = float(np.mean(shape) / np.mean(ISBI_SHAPE))
-    onsets = [0] * int(rng.integers(15, 40))
+    onsets = [0] * int(rng.integers(25, 60))
     for timepoint in range(1, n_timepoints):
-        onsets += [timepoint] * int(rng.poisson(1.5))
-
-    # Mostly periventricular: white-matter voxels weighted by closeness to the ventricles.
-    candidates = np.flatnonzero(anatomy.white_matter > 0.8)
-    closeness = np.exp(-(anatomy.ventricle_distance.ravel()[candidates] - 1.0) / 0.7)
-    weights = 0.15 + np.minimum(closeness, 1.0)
-    chosen = rng.choice(candidates, size=len(onsets), p=weights / weights.sum())
-    centers = np.stack(np.unravel_index(chosen, shape), axis=1) + rng.uniform(-0.5, 0.5, size=(len(onsets), 3))
+        onsets += [timepoint] * int(rng.poisson(2.0))
+    centers = _lesion_centres(anatomy, len(onsets), rng)
 
     lesions = []
     for center, onset in zip(centers, onsets):
-        radius = np.clip(rng.lognormal(math.log(_LESION_MEDIAN_RADIUS_MM), 0.45), 1.5, 9.0) * voxels_per_mm
+        radius = np.clip(rng.lognormal(math.log(_LESION_MEDIAN_RADIUS_MM), 0.45), 1.5, 7.0) * anatomy.voxels_per_mm
         n_lobes = int(rng.integers(1, 4))
         n_ripples = 4
         ripple_directions = rng.normal(size=(n_ripples, 3))
@@ -248,6 +376,7 @@ def _lesion_course(anatomy: _Anatomy, n_timepoints: int, rng: np.random.Generato
                 ripple_phases=rng.uniform(0, 2 * math.pi, size=n_ripples),
                 ripple_amplitude=rng.uniform(0.03, 0.08),
                 strength=rng.uniform(0.75, 1.0),
+                t1_darkness=rng.uniform(0.3, 1.0),
                 onset=onset,
                 growth=_growth_rate(rng),
             )
@@ -256,16 +385,21 @@ def _lesion_course(anatomy: _Anatomy, n_timepoints: int, rng: np.random.Generato
 
 
 def _growth_rate(rng: np.random.Generator) -> float:
-    """Relative radius change per time point: a quarter of lesions grow, a fifth shrink, the rest hold."""
+    """Relative radius change per time point (about a year): a quarter of lesions grow, a fifth shrink, the
+    rest hold."""
     course = rng.choice(("growing", "shrinking", "stable"), p=(0.25, 0.2, 0.55))
-    low, high = {"growing": (0.08, 0.25), "shrinking": (-0.2, -0.08), "stable": (-0.03, 0.03)}[course]
+    low, high = {"growing": (0.06, 0.15), "shrinking": (-0.18, -0.08), "stable": (-0.03, 0.03)}[course]
     return rng.uniform(low, high)
 
 
 def _within_load(
-    lesions: list[_Lesion], anatomy: _Anatomy, n_timepoints: int, rng: np.random.Generator
+    lesions: list[_Lesion], anatomy: Anatomy, n_timepoints: int, rng: np.random.Generator
 ) -> list[_Lesion]:
-    """Drop random lesions until the largest expected lesion load is below a per-patient cap."""
+    """Drop random lesions until the largest expected lesion load is below a per-patient cap.
+
+    At 1 mm the cap rarely binds; at coarse grids, where lesions are held at 2 voxels in radius and so
+    grow relative to the brain, it keeps the lesion load a few percent of the brain.
+    """
     cap = rng.uniform(*_MAX_LESION_LOAD) * np.count_nonzero(anatomy.brain)
     volumes = []
     for lesion in lesions:
@@ -283,11 +417,15 @@ def _within_load(
     return [lesions[i] for i in sorted(kept)]
 
 
-def _lesions_at(lesions: list[_Lesion], timepoint: int, anatomy: _Anatomy) -> tuple[np.ndarray, np.ndarray]:
-    """Lesion weight in the image (float32 in [0, 1], soft borders) and the true lesion mask (bool) at a time point."""
+def _lesions_at(
+    lesions: list[_Lesion], timepoint: int, anatomy: Anatomy
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """At a time point: lesion weight on FLAIR/T2/PD and on MPRAGE (float32 in [0, 1], soft borders) and the
+    true lesion mask (bool)."""
     shape = anatomy.brain.shape
     extent = np.zeros(shape, dtype=np.float32)  # how far each voxel is inside a lesion, in [0, 1]
     weight = np.zeros(shape, dtype=np.float32)
+    t1_weight = np.zeros(shape, dtype=np.float32)
     for lesion in lesions:
         scale = lesion.scale_at(timepoint)
         if scale == 0.0:
@@ -295,10 +433,15 @@ def _lesions_at(lesions: list[_Lesion], timepoint: int, anatomy: _Anatomy) -> tu
         box, inside = _rasterise(lesion, scale, shape)
         extent[box] = np.maximum(extent[box], inside)
         weight[box] = np.maximum(weight[box], inside * np.float32(lesion.strength))
-    # Lesions do not grow into CSF; the mask is where the lesion fills at least half the voxel.
+        t1_weight[box] = np.maximum(t1_weight[box], inside * np.float32(lesion.t1_darkness))
+    # Lesions do not grow into CSF; the mask is where the lesion fills at least half the voxel, less the
+    # specks that CSF leaves of a lesion's rim, smaller than raters draw (a sphere under 3 mm across).
     not_csf = np.where(anatomy.brain, 1.0 - anatomy.csf, 0.0).astype(np.float32)
     mask = extent * not_csf >= 0.5
-    return weight * not_csf, mask
+    labels, _ = ndimage.label(mask)
+    sizes = np.bincount(labels.ravel())
+    mask &= (sizes >= max(14 * anatomy.voxels_per_mm**3, 2))[labels]
+    return weight * not_csf, t1_weight * not_csf, mask
 
 
 def _rasterise(lesion: _Lesion, scale: float, shape) -> tuple[tuple[slice, ...], np.ndarray]:
@@ -339,15 +482,17 @@ def _rasterise(lesion: _Lesion, scale: float, shape) -> tuple[tuple[slice, ...],
     return box, inside.astype(np.float32)
 
 
-def _modalities(anatomy: _Anatomy, lesion_weight: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def _modalities(
+    anatomy: Anatomy, lesion_weight: np.ndarray, t1_weight: np.ndarray, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
     """FLAIR, MPRAGE, T2 and PD images: tissue mixtures, a residual bias field and Rician noise; 0 outside the brain."""
     axes = _unit_axes(anatomy.brain.shape)
     brain = anatomy.brain
     csf, grey = anatomy.csf[brain], anatomy.grey_matter[brain]
     white = 1.0 - csf - grey
-    lesion = lesion_weight[brain]
     images = {}
     for name in MODALITIES:
+        lesion = (t1_weight if name == "mprage" else lesion_weight)[brain]
         gain = _SIGNAL_SCALE * rng.uniform(0.9, 1.1)
         csf_signal, grey_signal, white_signal, lesion_signal = (
             np.float32(gain * level * rng.uniform(0.96, 1.04)) for level in _TISSUE_SIGNAL[name]
@@ -366,14 +511,13 @@ def _modalities(anatomy: _Anatomy, lesion_weight: np.ndarray, rng: np.random.Gen
     return images
 
 
-def _second_rater(mask: np.ndarray, brain: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _second_rater(mask: np.ndarray, anatomy: Anatomy, rng: np.random.Generator) -> np.ndarray:
     """Rater 2: draws some lesion borders wider or tighter and misses some small lesions.
 
     Border shifts grow with the lesion (about a third of its radius, at least one voxel) and "small"
     means below a 3 mm radius, so raters disagree about as much at every grid size.
     """
-    voxels_per_mm = float(np.mean(mask.shape) / np.mean(ISBI_SHAPE))
-    small = max(4 / 3 * math.pi * (3.0 * voxels_per_mm) ** 3, 40.0)
+    small = max(4 / 3 * math.pi * (3.0 * anatomy.voxels_per_mm) ** 3, 40.0)
     labels, _ = ndimage.label(mask)
     sizes = np.bincount(labels.ravel())
     cross = ndimage.generate_binary_structure(3, 1)
@@ -386,7 +530,7 @@ def _second_rater(mask: np.ndarray, brain: np.ndarray, rng: np.random.Generator)
         lesion = labels[box] == label
         action = rng.choice(("wider", "tighter", "same"), p=(0.35, 0.35, 0.3))
         if action == "wider":
-            lesion = ndimage.binary_dilation(lesion, cross, iterations=shift) & brain[box]
+            lesion = ndimage.binary_dilation(lesion, cross, iterations=shift) & anatomy.brain[box]
         elif action == "tighter":
             tighter = ndimage.binary_erosion(lesion, cross, iterations=shift)
             # Nobody draws a lesion they saw as a few voxels: a thin lesion is kept as it is.

@@ -2,9 +2,10 @@
 
 Samples are ``{"image": (C, X, Y, Z) float32, "label": (1, X, Y, Z)}``. Preprocessing crops to the
 images' foreground (any channel > 0, which is the brain in skull-stripped data), pads to at least the
-patch size and z-scores each channel over its non-zero voxels; augmentation draws a random patch,
-flips it and jitters intensities. Predictions must be scored and written on the input's grid, so
-inference keeps a :class:`GridRestore` that undoes the crop and the padding voxel-exactly.
+patch size and z-scores each channel over its non-zero voxels; augmentation draws a patch (uniformly,
+or centred on a lesion voxel with a chosen probability), flips it and jitters intensities. Predictions
+must be scored and written on the input's grid, so inference keeps a :class:`GridRestore` that undoes
+the crop and the padding voxel-exactly.
 """
 
 from __future__ import annotations
@@ -18,8 +19,12 @@ import torch
 from monai.transforms import (
     Compose,
     CropForegroundd,
+    DeleteItemsd,
     EnsureTyped,
+    FgBgToIndicesd,
+    Lambdad,
     NormalizeIntensityd,
+    RandCropByPosNegLabeld,
     RandFlipd,
     RandScaleIntensityd,
     RandShiftIntensityd,
@@ -30,6 +35,7 @@ from monai.transforms import (
 Volume = TypeVar("Volume", np.ndarray, torch.Tensor)
 
 _KEYS = ("image", "label")
+_BRAIN_KEY = "brain_magnitude"
 
 
 def _spatial_size(patch_size: Sequence[int]) -> tuple[int, int, int]:
@@ -62,17 +68,54 @@ def preprocessing_transforms(patch_size: Sequence[int]) -> Compose:
     return Compose(list(_crop_pad_normalize(_KEYS, _spatial_size(patch_size))))
 
 
-def augmentation_transforms(patch_size: Sequence[int]) -> Compose:
-    """Random ``patch_size`` crop, flip on each axis (p 0.5), intensity scale and shift (0.1) of the image."""
+def augmentation_transforms(patch_size: Sequence[int], lesion_patch_fraction: float = 0.0) -> Compose:
+    """Random ``patch_size`` crop, flip on each axis (p 0.5), intensity scale and shift (0.1) of the image.
+
+    ``lesion_patch_fraction`` 0 draws the crop uniformly (the reference recipe). Above 0, the crop is centred
+    on a lesion voxel with that probability and on a brain voxel otherwise, and the transform returns a
+    list of one sample: batch such samples with ``monai.data.list_data_collate``. A scan without lesion
+    voxels gets brain-centred crops (MONAI warns that it cannot balance the classes). The candidate centres
+    are found by the deterministic first transforms; a ``CacheDataset`` computes them once per scan.
+    """
     size = _spatial_size(patch_size)
+    if not 0.0 <= lesion_patch_fraction <= 1.0:
+        raise ValueError(f"lesion_patch_fraction must be in [0, 1], got {lesion_patch_fraction}")
     return Compose(
         [
-            RandSpatialCropd(keys=_KEYS, roi_size=size, random_size=False),
+            *(_lesion_biased_crop(size, lesion_patch_fraction) if lesion_patch_fraction > 0 else _uniform_crop(size)),
             *(RandFlipd(keys=_KEYS, prob=0.5, spatial_axis=axis) for axis in range(3)),
             RandScaleIntensityd(keys="image", factors=0.1, prob=1.0),
             RandShiftIntensityd(keys="image", offsets=0.1, prob=1.0),
             _plain_float_tensors(_KEYS),
         ]
+    )
+
+
+def _uniform_crop(size: tuple[int, int, int]) -> tuple[RandSpatialCropd]:
+    return (RandSpatialCropd(keys=_KEYS, roi_size=size, random_size=False),)
+
+
+def _lesion_biased_crop(
+    size: tuple[int, int, int], lesion_patch_fraction: float
+) -> tuple[Lambdad, FgBgToIndicesd, DeleteItemsd, RandCropByPosNegLabeld]:
+    # Negative centres must lie in the brain. After the z-score the brain holds negative values too and only
+    # the background is exactly 0, so MONAI's `image > threshold` test is run on |image| (a scratch key).
+    # The centres are precomputed as flat indices (deterministic, so cacheable): searching a full-size scan
+    # for them on every draw costs several times more than the rest of the augmentation.
+    return (
+        Lambdad(keys="image", func=abs, overwrite=_BRAIN_KEY),
+        FgBgToIndicesd(keys="label", image_key=_BRAIN_KEY, image_threshold=0.0),
+        DeleteItemsd(keys=_BRAIN_KEY),
+        RandCropByPosNegLabeld(
+            keys=_KEYS,
+            label_key="label",
+            spatial_size=size,
+            pos=lesion_patch_fraction,
+            neg=1.0 - lesion_patch_fraction,
+            num_samples=1,
+            fg_indices_key="label_fg_indices",  # FgBgToIndicesd's names; the crop removes them from the sample
+            bg_indices_key="label_bg_indices",
+        ),
     )
 
 

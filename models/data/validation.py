@@ -2,9 +2,10 @@
 
 :func:`check_cohort` reads every chosen file of every scan (one file at a time) and collects all
 problems instead of stopping at the first, so a user fixes a cohort in one pass; :func:`check_cohort_root`
-does the same for a folder, also reporting what :func:`~msx.models.data.cohort.find_isbi_cohort` would
-refuse (missing and duplicate files). :func:`summarise_cohort` gives the per-scan numbers ``msx data
-inspect`` prints. Nothing under the cohort root is ever written.
+does the same for a folder or a manifest file, also reporting what
+:func:`~msx.models.data.manifest.open_cohort` would refuse (missing and duplicate files, bad manifest
+rows). :func:`summarise_cohort` gives the per-scan numbers ``msx data inspect`` prints. Nothing under
+the cohort root, or named by a manifest, is ever written.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from .cohort import (
     check_choices,
     parse_isbi_name,
 )
-from .folds import Fold, check_folds
+from .folds import FoldSplits, check_folds, resolve_folds
+from .manifest import MANIFEST_SUFFIXES, parse_manifest
 
 _PATIENT_FOLDER = re.compile(r"^training(\d+)$")
 _SPACING_ATOL = 1e-3
@@ -65,12 +67,13 @@ class ScanSummary:
     dice: float | None
 
 
-def check_cohort(cohort: Cohort, fold_plan_folds: Sequence[Fold] | None = None) -> CohortReport:
+def check_cohort(cohort: Cohort, folds: str | Sequence[FoldSplits] | None = None) -> CohortReport:
     """Read every chosen file of every scan of ``cohort`` and report every problem found.
 
     Errors: unreadable or truncated files, missing modalities or rater mask, modalities of one scan on
     different grids (shape or affine), masks with values outside {0, 1}, NaN or infinite voxels,
-    duplicate (patient, time point) scans, and a fold plan the cohort's patients cannot fill.
+    duplicate (patient, time point) scans, and folds (a plan name or explicit folds, see
+    :func:`~msx.models.data.folds.resolve_folds`) the cohort's patients cannot fill.
     Warnings: voxel spacing other than 1 mm, empty masks.
     """
     errors: list[str] = []
@@ -86,14 +89,8 @@ def check_cohort(cohort: Cohort, fold_plan_folds: Sequence[Fold] | None = None) 
             continue
         seen[key] = scan
         _check_scan(scan, cohort.modalities, cohort.rater, cohort.root, errors, warnings)
-    if fold_plan_folds is not None:
-        try:
-            check_folds(fold_plan_folds, cohort.patients)
-        except ValueError as error:
-            needed = sorted({p for fold in fold_plan_folds for p in (*fold.train, *fold.validation, *fold.test)})
-            errors.append(
-                f"fold plan needs patients {needed} but {cohort.root} has {list(cohort.patients)}: {error}"
-            )
+    if folds is not None:
+        errors.extend(_fold_problems(folds, cohort))
     return CohortReport(errors=tuple(errors), warnings=tuple(warnings))
 
 
@@ -101,17 +98,26 @@ def check_cohort_root(
     root: str | Path,
     modalities: Sequence[str] = DEFAULT_MODALITIES,
     rater: int = 1,
-    fold_plan_folds: Sequence[Fold] | None = None,
+    folds: str | Sequence[FoldSplits] | None = None,
 ) -> CohortReport:
-    """:func:`check_cohort` for a folder: also reports duplicate files and patient folders with no scans.
+    """:func:`check_cohort` for a folder or a manifest file, also reporting what would stop it opening.
 
-    Finds files by ISBI name as :func:`~msx.models.data.cohort.find_isbi_cohort` does, but keeps going
-    where it would raise. ``modalities`` and ``rater`` must be valid choices (ValueError otherwise).
+    A folder: duplicate files and patient folders with no scans (files are found by ISBI name as
+    :func:`~msx.models.data.cohort.find_isbi_cohort` does, but checking keeps going where it would raise).
+    A manifest: every bad row (see :func:`~msx.models.data.manifest.parse_manifest`).
+    ``modalities`` and ``rater`` must be valid choices (ValueError otherwise).
     """
     chosen = check_choices(modalities, rater)
     root = Path(root)
+    if root.is_file() and root.suffix.lower() in MANIFEST_SUFFIXES:
+        try:
+            contents = parse_manifest(root, chosen, rater)
+        except CohortError as error:
+            return CohortReport(errors=(str(error),))
+        report = check_cohort(Cohort(root=root, modalities=chosen, rater=rater, scans=contents.scans), folds)
+        return CohortReport(errors=contents.problems + report.errors, warnings=report.warnings)
     if not root.is_dir():
-        problem = "does not exist" if not root.exists() else "is not a folder"
+        problem = "does not exist" if not root.exists() else f"is neither a folder nor a manifest ({', '.join(MANIFEST_SUFFIXES)})"
         return CohortReport(errors=(f"cohort root {root} {problem}",))
 
     errors: list[str] = []
@@ -155,7 +161,7 @@ def check_cohort_root(
         )
         for (patient, timepoint), files in sorted(found.items())
     )
-    report = check_cohort(Cohort(root=root, modalities=chosen, rater=rater, scans=scans), fold_plan_folds)
+    report = check_cohort(Cohort(root=root, modalities=chosen, rater=rater, scans=scans), folds)
     return CohortReport(errors=tuple(errors) + report.errors, warnings=report.warnings)
 
 
@@ -248,6 +254,19 @@ def _check_scan(
             bad = int((~np.isfinite(volume)).sum())
             if bad:
                 errors.append(f"{path} contains {bad} NaN or infinite voxels")
+
+
+def _fold_problems(folds: str | Sequence[FoldSplits], cohort: Cohort) -> list[str]:
+    try:
+        resolved = resolve_folds(folds, cohort.patients)
+    except ValueError as error:  # also an unknown plan name (UnknownNameError)
+        return [f"{cohort.root}: {error}"]
+    try:
+        check_folds(resolved, cohort.patients)
+    except ValueError as error:
+        needed = sorted({p for fold in resolved for p in (*fold.train, *fold.validation, *fold.test)})
+        return [f"fold plan needs patients {needed} but {cohort.root} has {list(cohort.patients)}: {error}"]
+    return []
 
 
 def _first_file(scan: Scan) -> Path | str:

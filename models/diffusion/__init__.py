@@ -2,11 +2,12 @@
 
 from .sampling import ddim_trajectory, ddim_update, sample_scan
 from .schedule import DiffusionConfig, add_noise, alphas_cumprod, betas, ddim_timesteps, x0_from_logits
-from .training import Denoiser, LossWeights, diffusion_loss, x0_loss
+from .training import Denoiser, EncodingDenoiser, LossWeights, diffusion_loss, x0_loss
 
 __all__ = [
     "Denoiser",
     "DiffusionConfig",
+    "EncodingDenoiser",
     "LossWeights",
     "add_noise",
     "alphas_cumprod",

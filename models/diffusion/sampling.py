@@ -15,7 +15,7 @@ from monai.inferers import sliding_window_inference
 from monai.utils import convert_to_tensor
 
 from .schedule import DiffusionConfig, alphas_cumprod, ddim_timesteps, x0_from_logits
-from .training import Denoiser
+from .training import Denoiser, EncodingDenoiser
 
 
 def ddim_update(
@@ -45,7 +45,8 @@ def ddim_trajectory(
     batch of B * num_samples per network call, and the outputs stay on the image's device. The initial noise comes
     from ``generator`` (which must live on the image's device), so the result is reproducible for a deterministic
     ``net``; put the net in eval mode first. ``autocast_dtype`` (e.g. torch.bfloat16) runs the net under autocast;
-    the DDIM arithmetic and the returned logits stay float32.
+    the DDIM arithmetic and the returned logits stay float32. A ``net`` that is an ``EncodingDenoiser`` has its
+    encoder run once per image, its features reused for every step and sample.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
@@ -56,11 +57,24 @@ def ddim_trajectory(
     chains = batch * num_samples
 
     images = image.repeat_interleave(num_samples, dim=0)  # image b's samples are rows b*s .. b*s + s - 1
+    autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    if isinstance(net, EncodingDenoiser):
+        # The features depend on the image alone: encode each image once, not once per step and sample.
+        with autocast:
+            stage_features = [feature.repeat_interleave(num_samples, dim=0) for feature in net.encode(image)]
+
+        def predict(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return net.denoise(images, noisy, t, stage_features)
+    else:
+
+        def predict(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return net(images, noisy, t)
+
     noisy = torch.randn((chains, 1, *spatial), dtype=torch.float32, device=device, generator=generator)
     trajectory = torch.empty((batch, len(timesteps), num_samples, *spatial), dtype=torch.float32, device=device)
     for step, t in enumerate(timesteps):
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            logits = net(images, noisy, torch.full((chains,), t, dtype=torch.long, device=device))
+        with autocast:
+            logits = predict(noisy, torch.full((chains,), t, dtype=torch.long, device=device))
         if logits.shape != noisy.shape:
             raise ValueError(f"net must return x0 logits of shape {tuple(noisy.shape)}, got {tuple(logits.shape)}")
         logits = logits.float()

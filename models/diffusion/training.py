@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,19 @@ from .schedule import DiffusionConfig, add_noise
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``net(image (B,C,X,Y,Z), noisy_mask (B,1,X,Y,Z), timesteps (B,) long) -> x0 logits (B,1,X,Y,Z)``."""
+
+
+@runtime_checkable
+class EncodingDenoiser(Protocol):
+    """A denoiser whose image encoding can be computed once and reused: sampling then runs the encoder once per
+    window instead of at every step for every sample. ``denoise(image, noisy, t, encode(image))`` must equal
+    ``net(image, noisy, t)``, and ``encode`` must treat every image row on its own (so rows can be repeated)."""
+
+    def encode(self, image: torch.Tensor) -> list[torch.Tensor]: ...
+
+    def denoise(
+        self, image: torch.Tensor, noisy_mask: torch.Tensor, timesteps: torch.Tensor, stage_features: list[torch.Tensor]
+    ) -> torch.Tensor: ...
 
 # The reference's settings (Diff-UNet's DiceLoss(sigmoid=True)): Dice per batch element, then averaged, smoothing
 # 1e-5. It holds no state, so one instance serves every call.

@@ -87,7 +87,37 @@ class DiffusionSegmentationNet(nn.Module):
     def forward(self, image: torch.Tensor, noisy_mask: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """image (B, C, X, Y, Z), noisy_mask (B, 1, X, Y, Z), timesteps (B,) -> x0 logits (B, 1, X, Y, Z)."""
         self._check_inputs(image, noisy_mask, timesteps)
-        stage_features = self.encoder(image)
+        return self._denoise(image, noisy_mask, timesteps, self.encoder(image))
+
+    def encode(self, image: torch.Tensor) -> list[torch.Tensor]:
+        """The encoder's stage features of image (B, C, X, Y, Z).
+
+        They depend on the image alone, not on the noisy mask or the time step, so sampling computes them once
+        per window and passes them to `denoise` at every step and for every sample.
+        """
+        self._check_image(image)
+        return self.encoder(image)
+
+    def denoise(
+        self,
+        image: torch.Tensor,
+        noisy_mask: torch.Tensor,
+        timesteps: torch.Tensor,
+        stage_features: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """`forward` with the encoder's output given: `stage_features` must be `encode(image)`, row for row."""
+        self._check_inputs(image, noisy_mask, timesteps)
+        if any(feature.shape[0] != image.shape[0] for feature in stage_features):
+            raise ValueError(f"stage_features must have one row per image ({image.shape[0]})")
+        return self._denoise(image, noisy_mask, timesteps, stage_features)
+
+    def _denoise(
+        self,
+        image: torch.Tensor,
+        noisy_mask: torch.Tensor,
+        timesteps: torch.Tensor,
+        stage_features: list[torch.Tensor],
+    ) -> torch.Tensor:
         time = self.time_embedding(timesteps)
         additions = {
             self.denoiser.get_submodule(name): feature + project(time)[:, :, None, None, None]
@@ -97,13 +127,16 @@ class DiffusionSegmentationNet(nn.Module):
             return self.denoiser(torch.cat([image, noisy_mask], dim=1))
 
     def _check_inputs(self, image: torch.Tensor, noisy_mask: torch.Tensor, timesteps: torch.Tensor) -> None:
-        if image.ndim != 5 or image.shape[1] != self.config.image_channels:
-            raise ValueError(f"image must be (B, {self.config.image_channels}, X, Y, Z), got {tuple(image.shape)}")
+        self._check_image(image)
         expected_mask = (image.shape[0], 1, *image.shape[2:])
         if noisy_mask.shape != expected_mask:
             raise ValueError(f"noisy_mask must be {expected_mask}, got {tuple(noisy_mask.shape)}")
         if timesteps.shape != image.shape[:1]:
             raise ValueError(f"timesteps must be ({image.shape[0]},), got {tuple(timesteps.shape)}")
+
+    def _check_image(self, image: torch.Tensor) -> None:
+        if image.ndim != 5 or image.shape[1] != self.config.image_channels:
+            raise ValueError(f"image must be (B, {self.config.image_channels}, X, Y, Z), got {tuple(image.shape)}")
         if any(side % self.spatial_multiple for side in image.shape[2:]):
             raise ValueError(
                 f"{self.config.backbone} needs every spatial side to be a multiple of {self.spatial_multiple}, "

@@ -1,20 +1,12 @@
-import itertools
 import math
 import warnings
 
 import numpy as np
 import pytest
-import torch
-from monai.metrics import DiceMetric
 
-from msx.models.metrics import METRIC_NAMES, segmentation_metrics, summarise
+from msx.models.metrics import EXTRA_METRIC_NAMES, METRIC_NAMES, segmentation_metrics, summarise
 
-
-def mask_with(shape: tuple, voxels: list) -> np.ndarray:
-    mask = np.zeros(shape, dtype=bool)
-    for voxel in voxels:
-        mask[voxel] = True
-    return mask
+from .metric_references import mask_with, random_lesion_pair
 
 
 # Ground truth: a face-connected pair, and two voxels touching only at a corner.
@@ -65,39 +57,6 @@ def test_assd_anisotropic_by_hand():
     assert metrics["assd"] == pytest.approx((6 + (6 + math.sqrt(37)) / 2) / 2)
 
 
-def brute_force_surface(mask: np.ndarray) -> np.ndarray:
-    """Voxels of the mask with a face neighbour outside the mask or outside the array."""
-    surface = np.zeros_like(mask)
-    for voxel in zip(*np.nonzero(mask)):
-        for axis, step in itertools.product(range(3), (-1, 1)):
-            neighbour = list(voxel)
-            neighbour[axis] += step
-            if not 0 <= neighbour[axis] < mask.shape[axis] or not mask[tuple(neighbour)]:
-                surface[voxel] = True
-    return surface
-
-
-def brute_force_assd(pred: np.ndarray, gt: np.ndarray, spacing: tuple) -> float:
-    pred_points = np.argwhere(brute_force_surface(pred)) * spacing
-    gt_points = np.argwhere(brute_force_surface(gt)) * spacing
-    distances = np.linalg.norm(pred_points[:, None, :] - gt_points[None, :, :], axis=-1)
-    return (distances.min(axis=1).mean() + distances.min(axis=0).mean()) / 2
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_assd_matches_brute_force(seed):
-    rng = np.random.default_rng(seed)
-    # Dense enough that some voxels are interior (not surface).
-    pred = rng.random((6, 7, 5)) < 0.6
-    gt = rng.random((6, 7, 5)) < 0.3
-    gt[2:5, 2:5, 1:4] = True
-    spacing = (0.8, 1.3, 2.5)
-    assert brute_force_surface(gt).sum() < gt.sum()
-    assert segmentation_metrics(pred, gt, spacing=spacing)["assd"] == pytest.approx(
-        brute_force_assd(pred, gt, spacing), abs=1e-6
-    )
-
-
 def test_other_metrics_ignore_spacing():
     isotropic = segmentation_metrics(PRED, GT)
     anisotropic = segmentation_metrics(PRED, GT, spacing=(0.5, 1.0, 3.0))
@@ -106,34 +65,27 @@ def test_other_metrics_ignore_spacing():
     }
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_dsc_matches_monai(seed):
-    rng = np.random.default_rng(seed)
-    pred = rng.random((6, 5, 4)) < 0.4
-    gt = rng.random((6, 5, 4)) < 0.3
-    dice = DiceMetric(include_background=True)
-    dice(torch.from_numpy(pred)[None, None].float(), torch.from_numpy(gt)[None, None].float())
-    assert segmentation_metrics(pred, gt)["dsc"] == pytest.approx(dice.aggregate().item(), abs=1e-6)
-
-
 NAN = math.nan
 EMPTY = np.zeros((3, 3, 3), dtype=bool)
-ONE_VOXEL = mask_with((3, 3, 3), [(1, 1, 1)])
+# Several multi-voxel lesions, so that the empty-case answers cannot come from counting one voxel.
+LESIONS = random_lesion_pair("spheres", seed=0, spacing=(0.5, 1.0, 2.5))[1]
+NO_LESION = np.zeros_like(LESIONS)
 
 
+@pytest.mark.parametrize("connectivity", [6, 18, 26])
 @pytest.mark.parametrize(
     "pred, gt, expected",
     [
-        (EMPTY, EMPTY, dict(dsc=1, tpr=1, ppv=1, ltpr=1, lfpr=0, avd=0, assd=0)),
-        (ONE_VOXEL, EMPTY, dict(dsc=0, tpr=NAN, ppv=0, ltpr=NAN, lfpr=1, avd=NAN, assd=NAN)),
-        (EMPTY, ONE_VOXEL, dict(dsc=0, tpr=0, ppv=NAN, ltpr=0, lfpr=NAN, avd=100, assd=NAN)),
+        (NO_LESION, NO_LESION, dict(dsc=1, tpr=1, ppv=1, ltpr=1, lfpr=0, avd=0, assd=0, hd95=0)),
+        (LESIONS, NO_LESION, dict(dsc=0, tpr=NAN, ppv=0, ltpr=NAN, lfpr=1, avd=NAN, assd=NAN, hd95=NAN)),
+        (NO_LESION, LESIONS, dict(dsc=0, tpr=0, ppv=NAN, ltpr=0, lfpr=NAN, avd=100, assd=NAN, hd95=NAN)),
     ],
     ids=["both empty", "truth empty", "prediction empty"],
 )
-def test_empty_cases(pred, gt, expected):
-    metrics = segmentation_metrics(pred, gt)
-    assert list(metrics) == list(METRIC_NAMES)
-    for name in METRIC_NAMES:
+def test_empty_cases(pred, gt, expected, connectivity):
+    metrics = segmentation_metrics(pred, gt, spacing=(0.5, 1.0, 2.5), connectivity=connectivity, extra=True)
+    assert list(metrics) == list(METRIC_NAMES + EXTRA_METRIC_NAMES)
+    for name in METRIC_NAMES + EXTRA_METRIC_NAMES:
         assert metrics[name] == pytest.approx(expected[name], nan_ok=True), name
 
 

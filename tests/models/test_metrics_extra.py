@@ -14,60 +14,30 @@ from msx.models.metrics import (
     segmentation_metrics,
 )
 
+from .metric_references import LESION_KINDS, directed_surface_distances, random_lesion_pair
+
 SPACING = (0.5, 1.0, 2.5)
 
 
-def brute_surface(mask: np.ndarray) -> np.ndarray:
-    """Voxel indices of mask voxels with a 6-neighbour outside the mask (or outside the array)."""
-    padded = np.pad(mask, 1)
-    interior = padded[1:-1, 1:-1, 1:-1].copy()
-    for axis in range(3):
-        for step in (-1, 1):
-            interior &= np.roll(padded, step, axis=axis)[1:-1, 1:-1, 1:-1]
-    return np.argwhere(mask & ~interior)
-
-
-def brute_directed(source: np.ndarray, target: np.ndarray, spacing) -> np.ndarray:
-    """All pairwise surface distances in mm, minimised over the target surface."""
-    a = brute_surface(source) * np.asarray(spacing)
-    b = brute_surface(target) * np.asarray(spacing)
-    return np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)).min(axis=1)
-
-
-def random_pair(seed: int, shape=(9, 8, 7)) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    gt = rng.random(shape) < 0.25
-    pred = rng.random(shape) < 0.2
-    gt[4, 4, 3] = pred[1, 1, 1] = True  # never empty
-    return pred, gt
-
-
-@pytest.mark.parametrize("spacing", [SPACING, (1.0, 1.0, 1.0), (3.0, 0.7, 1.2)])
-@pytest.mark.parametrize("seed", range(4))
-def test_hd95_matches_brute_force(seed, spacing):
-    pred, gt = random_pair(seed)
-    pooled = np.concatenate([brute_directed(pred, gt, spacing), brute_directed(gt, pred, spacing)])
-    metrics = segmentation_metrics(pred, gt, spacing=spacing, extra=True)
-    assert metrics["hd95"] == pytest.approx(np.percentile(pooled, 95), abs=1e-6)
-
-
 @pytest.mark.filterwarnings("ignore:.*always_return_as_numpy:FutureWarning")
-@pytest.mark.parametrize("seed", range(3))
-def test_surfaces_and_spacing_agree_with_monai(seed):
+@pytest.mark.parametrize("kind", LESION_KINDS)
+def test_surfaces_and_spacing_agree_with_monai(kind):
     """MONAI's HD95 is max(directed 95th percentiles), ours (medpy's) pools both distance sets, so they
     differ in general. What they share is checked exactly: the surfaces and spacing-aware distances,
-    through MONAI's directed percentiles against the brute force, and the pooled percentile 100 (the
+    through MONAI's directed percentiles against the reference, and the pooled percentile 100 (the
     plain Hausdorff distance, where max of maxima == max of the pooled set)."""
-    pred, gt = random_pair(seed)
+    pred, gt = random_lesion_pair(kind, 0, SPACING)
     p = torch.as_tensor(pred[None, None])
     g = torch.as_tensor(gt[None, None])
 
     def monai(**kwargs) -> float:
         return float(compute_hausdorff_distance(p, g, include_background=True, spacing=SPACING, **kwargs))
 
-    forward = brute_directed(pred, gt, SPACING)
-    backward = brute_directed(gt, pred, SPACING)
-    # MONAI's directed distances go from y_pred's surface to y's.
+    forward = directed_surface_distances(pred, gt, SPACING)
+    backward = directed_surface_distances(gt, pred, SPACING)
+    # MONAI's directed distances go from y_pred's surface to y's. Its torch.quantile runs in float32, where
+    # the interpolation position 0.95 * (n - 1) is off by up to ~3e-5 for n ~ 1000 surface voxels: 1e-5
+    # in mm (3.6e-6 measured), looser than the 1e-6 of test_metrics_agreement.py for that reason alone.
     assert monai(percentile=95, directed=True) == pytest.approx(np.percentile(forward, 95), abs=1e-5)
     assert monai(percentile=None) == pytest.approx(_symmetric_surface_percentile(pred, gt, SPACING, 100), abs=1e-5)
     assert monai(percentile=95) == pytest.approx(
@@ -83,15 +53,11 @@ def test_hd95_single_voxels_by_hand():
     assert segmentation_metrics(pred, gt, spacing=SPACING, extra=True)["hd95"] == pytest.approx(expected)
 
 
-def test_extra_keys_only_on_request_and_empty_cases():
-    pred, gt = random_pair(0)
+def test_extra_keys_only_on_request():
+    # Their values in the empty cases are checked in test_metrics.py's test_empty_cases.
+    pred, gt = random_lesion_pair("spheres", 0, SPACING)
     assert tuple(segmentation_metrics(pred, gt)) == METRIC_NAMES
     assert tuple(segmentation_metrics(pred, gt, extra=True)) == METRIC_NAMES + EXTRA_METRIC_NAMES
-    empty = np.zeros_like(gt)
-    assert segmentation_metrics(empty, empty, extra=True)["hd95"] == 0.0
-    assert math.isnan(segmentation_metrics(pred, empty, extra=True)["hd95"])
-    assert math.isnan(segmentation_metrics(empty, gt, extra=True)["hd95"])
-    assert tuple(segmentation_metrics(empty, empty, extra=True)) == METRIC_NAMES + EXTRA_METRIC_NAMES
 
 
 def test_isbi_scores_by_hand():

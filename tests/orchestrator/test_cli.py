@@ -70,13 +70,56 @@ def test_evaluate_prints_every_metric_as_json(tmp_path):
     result = msx("evaluate", "--pred", "pred.nii.gz", "--gt", "gt.nii.gz", "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     metrics = json.loads(result.stdout)
-    assert set(metrics) == {"dsc", "tpr", "ppv", "ltpr", "lfpr", "avd", "assd", "hd95"}
+    assert set(metrics) == {"pred", "gt", "connectivity", "dsc", "tpr", "ppv", "ltpr", "lfpr", "avd", "assd", "hd95", "isbi"}
+    assert metrics["connectivity"] == 6
+    assert metrics["isbi"] is None  # its volume correlation needs two scans or more
     assert metrics["dsc"] == pytest.approx(2 * 18 / (19 + 35))
     assert metrics["tpr"] == pytest.approx(18 / 35)
     assert metrics["ppv"] == pytest.approx(18 / 19)
     assert metrics["ltpr"] == pytest.approx(0.5)
     assert metrics["lfpr"] == pytest.approx(0.5)
     assert metrics["avd"] == pytest.approx(100 * 16 / 35)
+
+
+def test_evaluate_several_scans_scores_isbi_with_volume_correlation_in_mm3(tmp_path):
+    # Scan i: a truth block of gt_rows x 3 x 3 voxels, a prediction block of pred_rows x 3 x 3 inside the
+    # same corner, and one false positive voxel; voxel sizes differ, so volumes must be compared in mm^3.
+    scans = [((0.5, 1.0, 2.5), 3, 2), ((1.0, 1.0, 1.0), 4, 4), ((1.0, 1.0, 3.0), 2, 3)]
+    arguments, expected_parts, pred_volumes, gt_volumes = [], [], [], []
+    for index, (spacing, gt_rows, pred_rows) in enumerate(scans):
+        gt = np.zeros((10, 10, 10), np.uint8)
+        gt[2 : 2 + gt_rows, 2:5, 2:5] = 1
+        pred = np.zeros_like(gt)
+        pred[2 : 2 + pred_rows, 2:5, 2:5] = 1
+        pred[9, 9, 9] = 1
+        write_mask(tmp_path / f"gt{index}.nii.gz", gt, spacing)
+        write_mask(tmp_path / f"pred{index}.nii.gz", pred, spacing)
+        arguments += ["--pred", f"pred{index}.nii.gz", "--gt", f"gt{index}.nii.gz"]
+        overlap, pred_voxels, gt_voxels = 9 * min(gt_rows, pred_rows), 9 * pred_rows + 1, 9 * gt_rows
+        dsc, ppv, ltpr, lfpr = 2 * overlap / (pred_voxels + gt_voxels), overlap / pred_voxels, 1.0, 0.5
+        expected_parts.append(dsc / 8 + ppv / 8 + (1 - lfpr) / 4 + ltpr / 4)
+        pred_volumes.append(pred_voxels * np.prod(spacing))
+        gt_volumes.append(gt_voxels * np.prod(spacing))
+    corr = np.corrcoef(pred_volumes, gt_volumes)[0, 1]
+
+    result = msx("evaluate", *arguments, "--connectivity", "26", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [(row["pred"], row["gt"], row["connectivity"]) for row in rows] == [
+        (f"pred{i}.nii.gz", f"gt{i}.nii.gz", 26) for i in range(len(scans))
+    ]
+    assert [row["isbi"] for row in rows] == pytest.approx([part + corr / 4 for part in expected_parts])
+
+    table = msx("evaluate", *arguments, cwd=tmp_path).stdout.splitlines()
+    assert table[1].split() == ["prediction", "DSC", "TPR", "PPV", "LTPR", "LFPR", "AVD", "ASSD", "HD95", "ISBI"]
+    assert [line.split()[0] for line in table[2:]] == [f"pred{i}.nii.gz" for i in range(len(scans))]
+
+
+def test_evaluate_needs_one_ground_truth_per_prediction(tmp_path):
+    write_mask(tmp_path / "mask.nii.gz", np.zeros((8, 8, 8)))
+    result = msx("evaluate", "--pred", "mask.nii.gz", "--pred", "mask.nii.gz", "--gt", "mask.nii.gz", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "got 2 --pred and 1 --gt" in result.stderr
 
 
 def test_evaluate_empty_prediction_gives_null_for_undefined(tmp_path):

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from msx.models.data.cohort import CohortError
 from msx.orchestrator.data import prepare_cohort
 from msx.orchestrator.data_commands import data
-from msx.orchestrator.spec import DataSpec, ExperimentSpec
+from msx.orchestrator.spec import DataSpec, ExperimentSpec, spec_from_dict
 
 SHAPE = (6, 7, 5)
 
@@ -129,5 +129,91 @@ def test_prepare_cohort_refuses_bad_data_naming_the_first_problem(tmp_path):
     with pytest.raises(CohortError) as error:
         prepare_cohort(spec, None, tmp_path / "storage", print)
     assert str(error.value) == (
-        f"{first} contains 1 NaN or infinite voxels ... and 2 more problems; run `msx data check {root}`"
+        f"{first} contains 1 NaN or infinite voxels ... and 2 more problems; "
+        f"run `msx data check {root} --modalities flair,mprage,t2 --rater 1 --folds paper`"
     )
+
+
+def _manifest_rows(root: Path, patients) -> list[tuple[int, int, dict[str, Path]]]:
+    """(patient, time point, files) of the scans ``_write_cohort`` wrote, paths relative to ``root``."""
+    names = ("flair", "mprage", "t2")
+    return [
+        (p, 1, {**{n: Path(f"training{p:02d}/training{p:02d}_01_{n}_pp.nii.gz") for n in names},
+                **{f"mask{r}": Path(f"training{p:02d}/training{p:02d}_01_mask{r}.nii.gz") for r in (1, 2)}})
+        for p in patients
+    ]
+
+
+def _write_csv_manifest(root: Path, patients=(1, 2, 3, 4, 5)) -> Path:
+    manifest = root / "manifest.csv"
+    columns = ["flair", "mprage", "t2", "mask1", "mask2"]
+    lines = ["patient,timepoint," + ",".join(columns)]
+    lines += [f"{p},{t}," + ",".join(str(files[c]) for c in columns) for p, t, files in _manifest_rows(root, patients)]
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def test_check_and_inspect_accept_a_manifest(tmp_path, invoke):
+    root = _write_cohort(tmp_path / "cohort")
+    manifest = _write_csv_manifest(root)
+    # A YAML manifest of three patients: the paper plan cannot be filled, the loso plan can.
+    yaml_manifest = root / "three.yaml"
+    yaml_manifest.write_text(
+        "scans:\n" + "".join(
+            f"  - {{patient: {p}, timepoint: {t}, " + ", ".join(f"{k}: {v}" for k, v in files.items()) + "}\n"
+            for p, t, files in _manifest_rows(root, (2, 3, 4))
+        )
+    )
+    before = _snapshot(root)
+    result = invoke("check", manifest)
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines() == [
+        f"OK: 5 patients, 5 scans in {manifest} (flair, mprage, t2, rater 1; fold plan 'paper' fits), 0 warnings"
+    ]
+    assert invoke("check", yaml_manifest).exit_code == 1
+    assert invoke("check", yaml_manifest, "--folds", "loso").exit_code == 0
+    result = invoke("inspect", yaml_manifest)
+    assert result.exit_code == 0, result.output
+    assert [line.split()[:2] for line in result.output.strip().splitlines()[1:4]] == [["2", "1"], ["3", "1"], ["4", "1"]]
+    assert result.output.strip().splitlines()[-1].startswith("total: 3 patients, 3 scans; rater 1: 3 lesions")
+    assert _snapshot(root) == before
+
+
+def test_check_of_a_bad_manifest_lists_every_bad_row_and_exits_1(tmp_path, invoke):
+    root = _write_cohort(tmp_path / "cohort", patients=(1, 2, 3))
+    manifest = _write_csv_manifest(root, patients=(1, 2, 3))
+    lines = manifest.read_text().splitlines()
+    lines[2] = lines[2].replace("2,1,", "two,1,", 1)
+    lines[3] = lines[3].replace("training03_01_t2_pp", "missing_t2", 1)
+    manifest.write_text("\n".join(lines) + "\n")
+    result = invoke("check", manifest, "--folds", "loso")
+    assert result.exit_code == 1
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert errors[:2] == [
+        f"error: {manifest}: line 3: patient: 'two' is not a positive integer (fold plans refer to patients by number)",
+        f"error: {manifest}: line 4: t2: {root}/training03/missing_t2.nii.gz does not exist",
+    ]
+    # The one good row leaves one patient, too few for loso.
+    assert errors[2] == f"error: {manifest}: fold plan 'loso' needs at least 3 patients (one each to train, validate and test); the cohort has [1]"
+    result = invoke("inspect", manifest)
+    assert result.exit_code == 1 and "line 3: patient: 'two'" in result.output and "(and 1 more problem" in result.output
+    manifest.write_text("patient,timepoint,flair,mprage,t2,mask1,age\n")
+    result = invoke("check", manifest)
+    assert result.exit_code == 1 and f"error: {manifest}: line 1 (header): age: unknown column" in result.output
+    notes = root / "notes.txt"
+    notes.write_text("")
+    result = invoke("check", notes)
+    assert result.exit_code == 1 and "is neither a folder nor a manifest (.csv, .yaml, .yml)" in result.output
+
+
+def test_prepare_cohort_opens_a_manifest_with_its_folds(tmp_path):
+    root = _write_cohort(tmp_path / "cohort", patients=(2, 4, 6, 8))
+    manifest = _write_csv_manifest(root, patients=(2, 4, 6, 8))
+    explicit = ({"train": [2, 4], "validation": [6], "test": [8]},)
+    for folds in ("loso", explicit):
+        spec = spec_from_dict({"name": "t", "data": {"path": str(manifest), "folds": folds}})
+        cohort = prepare_cohort(spec, None, tmp_path / "storage", print)
+        assert cohort.root == manifest and cohort.patients == (2, 4, 6, 8)
+    spec = spec_from_dict({"name": "t", "data": {"folds": "paper"}})
+    with pytest.raises(ValueError, match=r"fold 1 train uses patients \[1, 3\] that the cohort lacks"):
+        prepare_cohort(spec, manifest, tmp_path / "storage", print)

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from msx.models.checkpoint import save_checkpoint
 from msx.models.data.synth import write_synthetic_cohort
 from msx.models.networks import NetworkConfig, build_network
-from msx.orchestrator.predict_command import predict
+from msx.orchestrator.predict_command import find_input_scans, predict
 from msx.orchestrator.spec import spec_from_dict
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -152,3 +152,18 @@ def test_predict_with_registered_model(setup, tmp_path):
     flair = nib.load(next(cohort.rglob("training01_01_flair_pp.nii.gz")))
     mask = nib.load(out / "training01_01_mask.nii.gz")
     assert mask.shape == flair.shape and np.allclose(mask.affine, flair.affine)
+
+
+def test_input_may_be_a_manifest_without_masks(tmp_path):
+    write_synthetic_cohort(tmp_path, patients=1, shape=(16, 16, 16))
+    flair, mprage, t2 = (sorted(tmp_path.rglob(f"training01_0[12]_{name}_pp.nii.gz")) for name in ("flair", "mprage", "t2"))
+    manifest = tmp_path / "new.yaml"
+    manifest.write_text(
+        "".join(f"- {{patient: 7, timepoint: {t + 1}, flair: {flair[t]}, mprage: {mprage[t]}, t2: {t2[t]}}}\n" for t in (0, 1))
+    )
+    scans = find_input_scans(manifest, ("flair", "mprage", "t2"))
+    assert [(scan.scan_id, scan.masks) for scan in scans] == [("training07_01", {}), ("training07_02", {})]
+    assert scans[1].images == {"flair": flair[1], "mprage": mprage[1], "t2": t2[1]}
+    manifest.write_text(f"- {{patient: 7, timepoint: 1, flair: {flair[0]}, mprage: {mprage[0]}}}\n")
+    with pytest.raises(click.ClickException, match=r"new\.yaml: item 1 \(line 1\): t2: missing or empty"):
+        find_input_scans(manifest, ("flair", "mprage", "t2"))

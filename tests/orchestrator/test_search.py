@@ -2,7 +2,7 @@ import math
 
 from ray.tune.search import Searcher
 
-from msx.models.data.folds import fold_plan
+from msx.models.data.folds import resolve_folds
 from msx.orchestrator.search import LosoGridSearcher
 from msx.orchestrator.spec import spec_from_dict
 
@@ -15,7 +15,7 @@ def make_spec(configurations=2, parameters=True):
 
 
 def test_every_configuration_is_expanded_over_all_folds_and_backbones():
-    folds = fold_plan("paper")
+    folds = resolve_folds("paper", range(1, 6))
     searcher = LosoGridSearcher(make_spec(), folds)
     configs = []
     while True:
@@ -38,7 +38,7 @@ def test_every_configuration_is_expanded_over_all_folds_and_backbones():
 
 
 def test_study_is_told_the_mean_validation_score_once_all_folds_finish():
-    folds = fold_plan("paper")
+    folds = resolve_folds("paper", range(1, 6))
     searcher = LosoGridSearcher(make_spec(configurations=1), folds)
     trials = {}
     for index in range(len(folds)):
@@ -54,6 +54,6 @@ def test_study_is_told_the_mean_validation_score_once_all_folds_finish():
 
 
 def test_without_searched_parameters_the_grid_still_runs():
-    searcher = LosoGridSearcher(make_spec(configurations=1, parameters=False), fold_plan("paper"))
+    searcher = LosoGridSearcher(make_spec(configurations=1, parameters=False), resolve_folds("paper", range(1, 6)))
     config = searcher.suggest("t0")
     assert set(config) == {"backbone", "fold", "configuration"}

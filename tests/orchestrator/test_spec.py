@@ -60,6 +60,19 @@ def test_wrong_types_and_ranges_are_named(tmp_path):
         load_spec(write(tmp_path, "name: x\ninference: {overlap: 1.5}\n"))
 
 
+@pytest.mark.parametrize("fraction", [-0.1, 1.5, ".nan"])
+def test_lesion_patch_fraction_must_be_a_probability(tmp_path, fraction):
+    with pytest.raises(SpecError, match=r"space\.yaml: training\.lesion_patch_fraction: must be in \[0, 1\], got"):
+        load_spec(write(tmp_path, f"name: x\ntraining: {{lesion_patch_fraction: {fraction}}}\n"))
+
+
+def test_lesion_patch_fraction_defaults_to_uniform_patches_and_takes_the_bounds(tmp_path):
+    assert spec_from_dict({"name": "x"}).training.lesion_patch_fraction == 0.0
+    for fraction in (0, 1, 0.3):
+        spec = load_spec(write(tmp_path, f"name: x\ntraining: {{lesion_patch_fraction: {fraction}}}\n"))
+        assert spec.training.lesion_patch_fraction == fraction
+
+
 def test_search_parameters_must_name_spec_fields(tmp_path):
     text = "name: x\nsearch: {parameters: [{name: os.system, low: 1, high: 2}]}\n"
     with pytest.raises(SpecError, match=r"search\.parameters\[0\]\.name: 'os\.system' is not a searchable field"):
@@ -79,3 +92,40 @@ def test_overrides_and_round_trip():
     assert changed.training.lr == 3e-3 and changed.model.backbones == ("segresnet",)
     assert spec.training.lr == ExperimentSpec(name="x").training.lr  # frozen original untouched
     assert spec_from_dict(changed.to_dict()) == changed
+
+
+def test_folds_name_a_plan_or_list_the_folds(tmp_path):
+    assert load_spec(write(tmp_path, "name: x\ndata: {folds: loso}\n")).data.folds == "loso"
+    text = (
+        "name: x\ndata:\n  folds:\n"
+        "    - {train: [1, 2], validation: [3], test: [4]}\n"
+        "    - {train: [3, 4], validation: [1], test: [2]}\n"
+    )
+    spec = load_spec(write(tmp_path, text))
+    assert [(f.train, f.validation, f.test) for f in spec.data.folds] == [((1, 2), (3,), (4,)), ((3, 4), (1,), (2,))]
+    # Trials receive the spec as a dict and parse it again.
+    assert spec_from_dict(spec.to_dict()) == spec
+    assert spec.to_dict()["data"]["folds"][1] == {"train": [3, 4], "validation": [1], "test": [2]}
+
+
+@pytest.mark.parametrize(
+    ("folds", "message"),
+    [
+        ("lopo", r"data\.folds: unknown fold plan 'lopo'; valid names: loso, paper \(or a list of folds"),
+        ("'3'", r"data\.folds: unknown fold plan '3'"),
+        ("7", r"data\.folds: expected a name or a list, got 7"),
+        ("[]", r"data\.folds: an explicit list of folds needs at least one fold"),
+        ("[[1, 2]]", r"data\.folds\[0\]: expected a mapping, got list"),
+        ("[{train: [1], validation: [2], test: [3], extra: [4]}]", r"data\.folds\[0\]\.extra: unknown key; valid keys: train, validation, test"),
+        ("[{train: [1], validation: [2]}]", r"data\.folds\[0\]\.test: needs at least one patient number"),
+        ("[{train: [1], validation: [2], test: [3]}, {train: [], validation: [2], test: [3]}]", r"data\.folds\[1\]\.train: needs at least one"),
+        ("[{train: [1, x], validation: [2], test: [3]}]", r"data\.folds\[0\]\.train\[1\]: expected an integer, got 'x'"),
+        ("[{train: [1], validation: [0], test: [3]}]", r"data\.folds\[0\]\.validation: 0 is not a patient number \(positive integers\)"),
+        ("[{train: [1, 2], validation: [3], test: [2]}]", r"data\.folds\[0\]\.test: patient 2 is also in train; a fold puts each patient in one split"),
+        ("[{train: [1, 1], validation: [3], test: [2]}]", r"data\.folds\[0\]\.train: patient 1 is twice"),
+    ],
+)
+def test_bad_folds_are_named_with_their_index_and_split(tmp_path, folds, message):
+    path = write(tmp_path, f"name: x\ndata:\n  folds: {folds}\n")
+    with pytest.raises(SpecError, match=rf"^{path}: {message}"):
+        load_spec(path)

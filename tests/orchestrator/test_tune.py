@@ -3,7 +3,7 @@
 import pytest
 from ray import tune
 
-from msx.models.data.folds import fold_plan
+from msx.models.data.folds import resolve_folds
 from msx.orchestrator.search import MODE, OPTIMISED_METRIC, LosoGridSearcher, build_scheduler
 from msx.orchestrator.spec import spec_from_dict
 
@@ -31,7 +31,7 @@ def test_grid_of_folds_with_optuna_and_asha(local_ray, tmp_path):
             },
         }
     )
-    folds = fold_plan("paper")
+    folds = resolve_folds("paper", range(1, 6))
     tuner = tune.Tuner(
         tune.with_resources(fake_training, {"cpu": 1}),
         tune_config=tune.TuneConfig(

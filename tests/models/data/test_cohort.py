@@ -145,6 +145,14 @@ def test_scan_missing_the_chosen_raters_mask_is_named(tmp_path):
     assert find_isbi_cohort(tmp_path, rater=2).scans[0].masks.keys() == {2}
 
 
+def test_without_a_rater_masks_are_optional(tmp_path):
+    _write_scan(tmp_path, 1, 1, raters=())
+    _write_scan(tmp_path, 1, 2, raters=(2,))
+    cohort = find_isbi_cohort(tmp_path, rater=None)
+    assert cohort.rater is None
+    assert [dict(scan.masks) for scan in cohort.scans] == [{}, {2: tmp_path / "training01_02_mask2.nii.gz"}]
+
+
 def test_same_file_found_twice_names_both(tmp_path):
     first = _write_scan(tmp_path / "copy_a", 1, 1, suffix=".nii")["flair"]
     second = _save(tmp_path / "copy_b" / "training01_01_flair_pp.nii.gz", np.ones(SHAPE, np.float32))

@@ -3,6 +3,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from monai.transforms import (
+    Compose,
+    EnsureTyped,
+    RandFlipd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    RandSpatialCropd,
+)
 
 from msx.models.data.transforms import (
     GridRestore,
@@ -100,6 +108,80 @@ def test_augmentation_flips_each_axis_sometimes():
         # Label is not intensity-augmented: its ramp tells which axes were reversed.
         flipped += [bool(out.select(axis, 0).sum() > out.select(axis, 7).sum()) for axis in range(3)]
     assert ((flipped > 3) & (flipped < 17)).all(), flipped
+
+
+def _reference_augmentation(patch) -> Compose:
+    """The augmentation as it was before lesion-biased sampling existed: a uniform random crop first."""
+    keys = ("image", "label")
+    return Compose(
+        [
+            RandSpatialCropd(keys=keys, roi_size=patch, random_size=False),
+            *(RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in range(3)),
+            RandScaleIntensityd(keys="image", factors=0.1, prob=1.0),
+            RandShiftIntensityd(keys="image", offsets=0.1, prob=1.0),
+            EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False),
+        ]
+    )
+
+
+def test_lesion_patch_fraction_zero_is_the_uniform_crop_under_the_same_seed():
+    image, label = _scan()
+    prepared = preprocessing_transforms(PATCH)({"image": image, "label": label})
+    default, explicit_zero, reference = (
+        augmentation_transforms((8, 8, 8)),
+        augmentation_transforms((8, 8, 8), lesion_patch_fraction=0.0),
+        _reference_augmentation((8, 8, 8)),
+    )
+    for seed in range(6):
+        outputs = []
+        for augment in (default, explicit_zero, reference):
+            augment.set_random_state(seed)
+            outputs.append(augment({key: value.clone() for key, value in prepared.items()}))
+        for out in outputs[:2]:
+            assert isinstance(out, dict)
+            for key in ("image", "label"):
+                assert torch.equal(out[key], outputs[2][key])
+
+
+def test_lesion_patch_fraction_one_puts_lesion_voxels_in_every_patch():
+    image, label = _scan()
+    prepared = preprocessing_transforms(PATCH)({"image": image, "label": label})
+    biased, uniform = augmentation_transforms((8, 8, 8), 1.0), augmentation_transforms((8, 8, 8))
+    uniform_hits = []
+    for seed in range(16):
+        biased.set_random_state(seed)
+        uniform.set_random_state(seed)
+        (out,) = biased({key: value.clone() for key, value in prepared.items()})
+        assert out["image"].shape == (2, 8, 8, 8) and out["label"].shape == (1, 8, 8, 8)
+        assert type(out["label"]) is torch.Tensor and out["label"].dtype == torch.float32
+        assert out["label"].any(), f"seed {seed}: a patch without lesion voxels"
+        uniform_hits.append(bool(uniform({key: value.clone() for key, value in prepared.items()})["label"].any()))
+    assert not all(uniform_hits)  # the lesion is small: uniform patches do miss it, so the check above means something
+
+
+@pytest.mark.parametrize("fraction", [0.5, 1.0])
+def test_a_scan_without_lesions_gets_patches_centred_in_the_brain(fraction):
+    # A small "brain" of z-scored values below the mean (negative) in a corner of a large zero background.
+    image = torch.zeros((1, 32, 32, 32))
+    image[0, 2:6, 2:6, 2:6] = -1.0
+    empty = {"image": image, "label": torch.zeros((1, 32, 32, 32))}
+    biased, uniform = augmentation_transforms((8, 8, 8), fraction), augmentation_transforms((8, 8, 8))
+    uniform_hits = []
+    for seed in range(10):
+        biased.set_random_state(seed)
+        uniform.set_random_state(seed)
+        with pytest.warns(UserWarning, match="Num foregrounds 0"):  # MONAI falls back to brain centres
+            (out,) = biased(dict(empty))
+        assert not out["label"].any()
+        # The patch is larger than the brain: it holds brain voxels exactly when its values are not all equal.
+        assert out["image"].unique().numel() == 2, f"seed {seed}: a patch outside the brain"
+        uniform_hits.append(uniform(dict(empty))["image"].unique().numel() == 2)
+    assert not all(uniform_hits)
+
+
+def test_lesion_patch_fraction_outside_zero_to_one_is_refused():
+    with pytest.raises(ValueError, match=r"lesion_patch_fraction must be in \[0, 1\], got 1.5"):
+        augmentation_transforms(PATCH, 1.5)
 
 
 def test_inference_preparation_matches_training_preprocessing():

@@ -6,7 +6,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 from msx.models.data.cohort import Cohort, find_isbi_cohort
-from msx.models.data.folds import fold_plan
 from msx.models.data.synth import write_synthetic_cohort
 from msx.models.data.validation import (
     CohortReport,
@@ -56,14 +55,14 @@ def _only_error(report: CohortReport) -> str:
 
 def test_a_clean_cohort_has_no_problems(tmp_path):
     root = write_cohort(tmp_path)
-    assert check_cohort_root(root, fold_plan_folds=fold_plan("paper")) == CohortReport()
-    report = check_cohort(find_isbi_cohort(root), fold_plan("paper"))
+    assert check_cohort_root(root, folds="paper") == CohortReport()
+    report = check_cohort(find_isbi_cohort(root), "paper")
     assert report.ok and report.warnings == ()
 
 
 def test_a_small_synthetic_cohort_passes(tmp_path):
     write_synthetic_cohort(tmp_path, patients=5, shape=(24, 28, 24), seed=0)
-    report = check_cohort_root(tmp_path, fold_plan_folds=fold_plan("paper"))
+    report = check_cohort_root(tmp_path, folds="paper")
     assert report.errors == ()
 
 
@@ -143,7 +142,7 @@ def test_duplicate_scan_in_a_cohort_object_is_an_error(tmp_path):
 def test_too_few_patients_for_the_paper_folds_is_an_error(tmp_path):
     root = write_cohort(tmp_path, patients=(1, 2, 3))
     assert check_cohort_root(root).ok  # no fold plan asked for
-    error = _only_error(check_cohort_root(root, fold_plan_folds=fold_plan("paper")))
+    error = _only_error(check_cohort_root(root, folds="paper"))
     assert error.startswith(f"fold plan needs patients [1, 2, 3, 4, 5] but {root} has [1, 2, 3]")
 
 
@@ -162,7 +161,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
     _save(_file(root, 1, 1, "mask1"), _mask() * 3)
     _file(root, 5, 2, "mprage_pp").write_bytes(b"not a nifti")
     _file(root, 4, 1, "t2_pp").unlink()
-    report = check_cohort_root(root, fold_plan_folds=fold_plan("paper"))
+    report = check_cohort_root(root, folds="paper")
     assert len(report.errors) == 4, report.errors
 
 
@@ -224,3 +223,27 @@ def test_check_reads_without_writing(tmp_path):
     check_cohort_root(root)
     summarise_cohort(find_isbi_cohort(root))
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in root.rglob("*") if p.is_file()} == before
+
+
+def test_a_manifest_reports_its_bad_rows_and_its_files_problems_together(tmp_path):
+    root = write_cohort(tmp_path / "data", patients=(1, 2, 3), timepoints=1)
+    nan = np.zeros(SHAPE, dtype=np.float32)
+    nan[1, 1, 1] = np.nan
+    _save(_file(root, 2, 1, "flair_pp"), nan)
+    manifest = tmp_path / "manifest.csv"
+    lines = ["patient,timepoint,flair,mprage,t2,mask1"]
+    for patient in (1, 2, 3):
+        files = [_file(root, patient, 1, name) for name in ("flair_pp", "mprage_pp", "t2_pp", "mask1")]
+        lines.append(f"{patient},1," + ",".join(map(str, files)))
+    lines.append(lines[-1])  # patient 3 time point 1 twice
+    manifest.write_text("\n".join(lines) + "\n")
+
+    report = check_cohort_root(manifest, folds="loso")
+
+    assert report.errors == (
+        f"{manifest}: line 5: patient, timepoint: patient 3 time point 1 is already listed at line 4",
+        f"{_file(root, 2, 1, 'flair_pp')} contains 1 NaN or infinite voxels",
+    )
+    paper = check_cohort_root(manifest, folds="paper")
+    assert paper.errors[:2] == report.errors
+    assert paper.errors[2].startswith(f"fold plan needs patients [1, 2, 3, 4, 5] but {manifest} has [1, 2, 3]")
