@@ -14,8 +14,9 @@ from monai.data import CacheDataset
 
 from .data.cache import PreparedScan, prepare_loaded_scan
 from .data.cohort import LoadedScan
-from .data.transforms import augmentation_transforms, prepare_scan_for_inference
+from .data.transforms import GridRestore, augmentation_transforms, prepare_scan_for_inference
 from .diffusion import DiffusionConfig, LossWeights, diffusion_loss, sample_scan
+from .lesion_maps import LesionMaps, lesion_maps
 from .metrics import segmentation_metrics
 from .strategies import fuse_all
 
@@ -32,25 +33,27 @@ class InferenceConfig:
 
 
 def training_dataset(
-    scans: Sequence[LoadedScan | PreparedScan], patch_size: tuple[int, int, int], lesion_patch_fraction: float = 0.0
+    scans: Sequence[LoadedScan | PreparedScan],
+    patch_size: tuple[int, int, int],
+    lesion_patch_fraction: float = 0.0,
+    seed: int | None = None,
 ) -> CacheDataset:
     """Scans preprocessed once, then cropped and augmented afresh on every access.
 
     Loaded scans are preprocessed here, in memory; prepared ones (``data.cache``) are used as they are.
     With ``lesion_patch_fraction`` above 0 an item is a list of one sample: batch with
     ``monai.data.list_data_collate`` (which batches plain samples exactly like PyTorch's default).
+    ``seed`` fixes the patches and augmentations drawn; MONAI's random transforms otherwise seed from the OS.
     """
     prepared = [scan if isinstance(scan, PreparedScan) else prepare_loaded_scan(scan, patch_size) for scan in scans]
     items = [{"image": torch.from_numpy(scan.image), "label": torch.from_numpy(scan.label)} for scan in prepared]
     # CacheDataset keeps what the augmentation's deterministic head computes per scan (the lesion-sampling
     # centres). No later transform writes into its input, so the cached sample is not copied per access.
+    augmentation = augmentation_transforms(patch_size, lesion_patch_fraction)
+    if seed is not None:
+        augmentation.set_random_state(seed=seed)
     return CacheDataset(
-        items,
-        transform=augmentation_transforms(patch_size, lesion_patch_fraction),
-        cache_rate=1.0,
-        num_workers=0,
-        progress=False,
-        copy_cache=False,
+        items, transform=augmentation, cache_rate=1.0, num_workers=0, progress=False, copy_cache=False
     )
 
 
@@ -110,16 +113,24 @@ def train_epoch(
     return total / max(batches, 1)
 
 
-def segment_scan(
+@dataclass(frozen=True)
+class ScanSegmentation:
+    """Every configured strategy's mask and the lesion maps, all on the input grid from one sampling pass."""
+
+    masks: dict[str, np.ndarray]  # strategy -> bool (X, Y, Z)
+    maps: LesionMaps[np.ndarray]  # float32 (X, Y, Z), zero outside the foreground crop
+
+
+def _sample_scan_trajectories(
     net: torch.nn.Module,
     image: np.ndarray,
     config: InferenceConfig,
     device: torch.device,
-    diffusion: DiffusionConfig = DiffusionConfig(),
-    generator: torch.Generator | None = None,
-    autocast_dtype: torch.dtype | None = None,
-) -> dict[str, np.ndarray]:
-    """Masks of every configured strategy, on the input grid, from ONE sampling pass over the scan."""
+    diffusion: DiffusionConfig,
+    generator: torch.Generator | None,
+    autocast_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, GridRestore]:
+    """The step logits (steps, samples, *prepared grid) of the preprocessed scan, and the map back to its grid."""
     net.eval()
     prepared, grid = prepare_scan_for_inference(image, config.roi_size)
     step_logits = sample_scan(
@@ -134,8 +145,48 @@ def segment_scan(
         generator=generator,
         autocast_dtype=autocast_dtype,
     )
-    masks = fuse_all(step_logits, config.strategies)
-    return {name: grid.restore(mask.cpu().numpy()) for name, mask in masks.items()}
+    return step_logits, grid
+
+
+def _restored_masks(step_logits: torch.Tensor, grid: GridRestore, strategies: Sequence[str]) -> dict[str, np.ndarray]:
+    return {name: grid.restore(mask.cpu().numpy()) for name, mask in fuse_all(step_logits, strategies).items()}
+
+
+def segment_scan(
+    net: torch.nn.Module,
+    image: np.ndarray,
+    config: InferenceConfig,
+    device: torch.device,
+    diffusion: DiffusionConfig = DiffusionConfig(),
+    generator: torch.Generator | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict[str, np.ndarray]:
+    """Masks of every configured strategy, on the input grid, from ONE sampling pass over the scan."""
+    step_logits, grid = _sample_scan_trajectories(net, image, config, device, diffusion, generator, autocast_dtype)
+    return _restored_masks(step_logits, grid, config.strategies)
+
+
+def segment_scan_with_maps(
+    net: torch.nn.Module,
+    image: np.ndarray,
+    config: InferenceConfig,
+    device: torch.device,
+    diffusion: DiffusionConfig = DiffusionConfig(),
+    generator: torch.Generator | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> ScanSegmentation:
+    """``segment_scan``'s masks (the same, for the same generator state) plus the lesion probability and
+    uncertainty maps (``lesion_maps``), all from ONE sampling pass over the scan.
+    """
+    step_logits, grid = _sample_scan_trajectories(net, image, config, device, diffusion, generator, autocast_dtype)
+    maps = lesion_maps(step_logits)
+    return ScanSegmentation(
+        masks=_restored_masks(step_logits, grid, config.strategies),
+        maps=LesionMaps(
+            probability=grid.restore(maps.probability.cpu().numpy()),
+            uncertainty=grid.restore(maps.uncertainty.cpu().numpy()),
+        ),
+    )
 
 
 def evaluate_scan(

@@ -1,4 +1,4 @@
-"""`msx predict`: segment new scans with a checkpoint or a registered model, writing masks and overlays.
+"""`msx predict`: segment new scans with a checkpoint or a registered model, writing masks, overlays and maps.
 
 The model is either an msx checkpoint folder (weights + network.json, whose metadata carries the
 experiment spec the training run used: its inference settings, diffusion schedule, modalities and seed
@@ -12,7 +12,11 @@ overlay and its Dice printed. For each scan the command writes
 - ``<scan_id>_mask.nii.gz``: uint8 {0, 1} on the input's voxel grid, with the input FLAIR's affine;
 - ``<scan_id>_overlay.png``: the axial slice with the most predicted lesion voxels (the truth's, when
   the prediction is empty; the middle slice when both are), FLAIR in grey, prediction outlined in red,
-  the rater-1 mask in green.
+  the rater-1 mask in green;
+- with ``--maps``, ``<scan_id>_probability.nii.gz`` and ``<scan_id>_uncertainty.nii.gz``: float32 in [0, 1]
+  on the same grid as the mask, from the same sampling pass (``msx.models.lesion_maps``): the lesion
+  probability (mean over steps and samples; for a registered model also over its fold models) and its
+  binary entropy in bits; both are 0 outside the foreground box that inference crops to.
 """
 
 from __future__ import annotations
@@ -20,11 +24,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import numpy as np
 
+if TYPE_CHECKING:
+    from msx.models.lesion_maps import LesionMaps
+
 MASK_SUFFIX = "_mask.nii.gz"
+PROBABILITY_SUFFIX = "_probability.nii.gz"
+UNCERTAINTY_SUFFIX = "_uncertainty.nii.gz"
 OVERLAY_SUFFIX = "_overlay.png"
 OVERLAY_RATER = 1
 
@@ -103,13 +113,13 @@ def load_input(scan: InputScan, modalities: tuple[str, ...]) -> LoadedInput:
     )
 
 
-def write_mask(path: Path, mask: np.ndarray, reference: LoadedInput) -> None:
-    """``mask`` as uint8 NIfTI on the reference's grid (its affine, sform and qform)."""
+def write_on_input_grid(path: Path, volume: np.ndarray, dtype: type[np.generic], reference: LoadedInput) -> None:
+    """``volume`` as NIfTI of ``dtype`` on the reference's grid (its affine, sform and qform)."""
     import nibabel as nib
 
     header = reference.header.copy()  # type: ignore[attr-defined]
-    header.set_data_dtype(np.uint8)
-    image = nib.Nifti1Image(mask.astype(np.uint8), reference.affine, header)
+    header.set_data_dtype(dtype)
+    image = nib.Nifti1Image(volume.astype(dtype), reference.affine, header)
     image.header.set_slope_inter(1.0, 0.0)
     nib.save(image, str(path))
 
@@ -143,7 +153,8 @@ def write_overlay(path: Path, flair: np.ndarray, pred: np.ndarray, truth: np.nda
     return z
 
 
-Segmenter = Callable[[np.ndarray], np.ndarray]
+# image (C, X, Y, Z) -> (mask (X, Y, Z), the lesion maps when the segmenter was made with maps=True, else None)
+Segmenter = Callable[[np.ndarray], "tuple[np.ndarray, LesionMaps[np.ndarray] | None]"]
 
 
 def _strategy_check(strategy: str | None) -> None:
@@ -169,13 +180,13 @@ def _parse_modalities(text: str | None) -> tuple[str, ...] | None:
 
 
 def checkpoint_segmenter(
-    folder: Path, strategy: str | None, device
+    folder: Path, strategy: str | None, device, maps: bool = False
 ) -> tuple[Segmenter, tuple[str, ...], str, int]:
     """(segment, modalities, strategy, image channels) from an msx checkpoint and its spec metadata."""
     import torch
     from msx.models.checkpoint import CheckpointError, load_checkpoint
     from msx.models.diffusion import DiffusionConfig
-    from msx.models.engine import InferenceConfig, segment_scan
+    from msx.models.engine import InferenceConfig, segment_scan, segment_scan_with_maps
 
     from .spec import SpecError, spec_from_dict
 
@@ -204,16 +215,19 @@ def checkpoint_segmenter(
     diffusion = DiffusionConfig(spec.diffusion.timesteps, spec.diffusion.beta_start, spec.diffusion.beta_end)
     seed = spec.training.seed
 
-    def segment(image: np.ndarray) -> np.ndarray:
+    def segment(image: np.ndarray) -> tuple[np.ndarray, LesionMaps[np.ndarray] | None]:
         generator = torch.Generator(device=device)
         generator.manual_seed(seed)
-        return segment_scan(net, image, config, device, diffusion, generator)[chosen]
+        if not maps:
+            return segment_scan(net, image, config, device, diffusion, generator)[chosen], None
+        segmentation = segment_scan_with_maps(net, image, config, device, diffusion, generator)
+        return segmentation.masks[chosen], segmentation.maps
 
     return segment, tuple(spec.data.modalities), chosen, net.config.image_channels
 
 
 def registry_segmenter(
-    uri: str, strategy: str | None, tracking_uri: str
+    uri: str, strategy: str | None, tracking_uri: str, maps: bool = False
 ) -> tuple[Segmenter, tuple[str, ...] | None, str, int]:
     """(segment, modalities or None, strategy, image channels) from a registered pyfunc fold ensemble."""
     import json
@@ -244,8 +258,8 @@ def registry_segmenter(
             modalities = tuple(json.loads(spec_path.read_text()).get("data", {}).get("modalities", ())) or None
     channels = ensemble.nets[0].config.image_channels if ensemble.nets else 0
 
-    def segment(image: np.ndarray) -> np.ndarray:
-        return ensemble.predict(None, image)
+    def segment(image: np.ndarray) -> tuple[np.ndarray, LesionMaps[np.ndarray] | None]:
+        return ensemble.predict_with_maps(image) if maps else (ensemble.predict(None, image), None)
 
     return segment, modalities, ensemble.strategy, channels
 
@@ -254,15 +268,16 @@ def registry_segmenter(
 @click.option("--model", "model_ref", required=True, help="An msx checkpoint folder, or models:/NAME@ALIAS (also NAME/VERSION).")
 @click.option("--input", "input_path", type=click.Path(path_type=Path), required=True, help="Folder with ISBI-named scans (one scan or a cohort), or a cohort manifest (.csv, .yaml); masks optional.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for <scan>_mask.nii.gz and <scan>_overlay.png.")
+@click.option("--maps", is_flag=True, help="Also write <scan>_probability.nii.gz and <scan>_uncertainty.nii.gz (float32, entropy in bits).")
 @click.option("--strategy", default=None, help="Inference strategy (default: the registered model's, or the checkpoint spec's validation strategy).")
 @click.option("--modalities", default=None, help="Comma-separated input channels in the model's order (default: the training spec's).")
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, help="MLflow tracking URI (default: SQLite file in --storage).")
 @click.option("--storage", envvar="MSX_STORAGE", type=click.Path(path_type=Path), default=Path("msx_runs"), show_default=True)
 def predict(
-    model_ref: str, input_path: Path, out: Path, strategy: str | None, modalities: str | None,
+    model_ref: str, input_path: Path, out: Path, maps: bool, strategy: str | None, modalities: str | None,
     tracking_uri: str | None, storage: Path,
 ) -> None:
-    """Segment every scan under --input with a checkpoint or a registered model; write masks and overlays."""
+    """Segment every scan under --input with a checkpoint or a registered model; write masks, overlays (and maps)."""
     # Cheap checks first: a typo must not wait for a model to load.
     _strategy_check(strategy)
     chosen_modalities = _parse_modalities(modalities)
@@ -275,13 +290,13 @@ def predict(
         from .tracking import default_tracking_uri
 
         uri = tracking_uri or default_tracking_uri(storage.resolve())
-        segment, model_modalities, used_strategy, channels = registry_segmenter(model_ref, strategy, uri)
+        segment, model_modalities, used_strategy, channels = registry_segmenter(model_ref, strategy, uri, maps)
     else:
         folder = Path(model_ref)
         if not folder.is_dir():
             raise click.ClickException(f"--model {model_ref}: neither a checkpoint folder nor a models:/ URI")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        segment, model_modalities, used_strategy, channels = checkpoint_segmenter(folder, strategy, device)
+        segment, model_modalities, used_strategy, channels = checkpoint_segmenter(folder, strategy, device, maps)
 
     from msx.models.data.cohort import DEFAULT_MODALITIES
 
@@ -296,12 +311,16 @@ def predict(
         loaded = load_input(scan, use)
         if not (loaded.image > 0).any():
             raise click.ClickException(f"scan {scan.scan_id}: the image has no voxel > 0 (no brain to segment)")
-        mask = np.asarray(segment(loaded.image)).astype(bool)
+        prediction, lesion_maps = segment(loaded.image)
+        mask = np.asarray(prediction).astype(bool)
         if mask.shape != loaded.flair.shape:
             raise click.ClickException(f"scan {scan.scan_id}: the model returned shape {mask.shape}, expected {loaded.flair.shape}")
         mask_path = out / f"{scan.scan_id}{MASK_SUFFIX}"
         overlay_path = out / f"{scan.scan_id}{OVERLAY_SUFFIX}"
-        write_mask(mask_path, mask, loaded)
+        write_on_input_grid(mask_path, mask, np.uint8, loaded)
+        if lesion_maps is not None:
+            write_on_input_grid(out / f"{scan.scan_id}{PROBABILITY_SUFFIX}", lesion_maps.probability, np.float32, loaded)
+            write_on_input_grid(out / f"{scan.scan_id}{UNCERTAINTY_SUFFIX}", lesion_maps.uncertainty, np.float32, loaded)
         z = write_overlay(overlay_path, loaded.flair, mask, loaded.truth, f"{scan.scan_id} [{used_strategy}]")
         voxels = int(mask.sum())
         volume = voxels * float(np.prod(loaded.spacing))

@@ -118,7 +118,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ]
     else:
         train_scans = load(fold.train)
-    dataset = training_dataset(train_scans, spec.training.patch_size, spec.training.lesion_patch_fraction)
+    dataset = training_dataset(
+        train_scans, spec.training.patch_size, spec.training.lesion_patch_fraction, seed=spec.training.seed + rank
+    )
     # list_data_collate: lesion-biased sampling yields a list of one sample per scan.
     loader = ray.train.torch.prepare_data_loader(
         torch.utils.data.DataLoader(

@@ -7,7 +7,10 @@ from monai.data import list_data_collate
 
 from msx.models.data.cache import prepare_loaded_scan
 from msx.models.data.cohort import LoadedScan
-from msx.models.engine import training_dataset
+from msx.models.engine import InferenceConfig, segment_scan, segment_scan_with_maps, training_dataset
+from msx.models.lesion_maps import binary_entropy_bits
+
+from .diffusion.stand_ins import TinyConvNet
 
 PATCH = (8, 8, 8)
 
@@ -45,3 +48,43 @@ def test_a_prepared_scan_is_not_changed_by_training_on_it():
         dataset[0]
     np.testing.assert_array_equal(prepared.image, image)
     np.testing.assert_array_equal(prepared.label, label)
+
+
+@pytest.mark.parametrize("lesion_patch_fraction", [0.0, 0.5])
+def test_a_seed_fixes_the_patches_and_augmentations(lesion_patch_fraction):
+    scans = [_loaded(0), _loaded(1)]
+
+    def draws(seed: int) -> list[torch.Tensor]:
+        dataset = training_dataset(scans, PATCH, lesion_patch_fraction, seed=seed)
+        return [list_data_collate([dataset[i] for i in range(len(dataset))])["image"] for _ in range(3)]
+
+    first, again, other = draws(7), draws(7), draws(8)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+
+
+def test_maps_come_from_the_masks_sampling_pass_and_lie_on_the_input_grid():
+    image = _loaded(0).image  # foreground box [2:12, 1:10, 2:9]; z (7 voxels) is padded to the 8-voxel window
+    box = np.zeros(image.shape[1:], bool)
+    box[2:12, 1:10, 2:9] = True
+    torch.manual_seed(0)
+    net = TinyConvNet(image_channels=2)
+    config = InferenceConfig(ddim_steps=3, samples=2, roi_size=PATCH, overlap=0.25, sw_batch_size=2)
+    device = torch.device("cpu")
+
+    masks = segment_scan(net, image, config, device, generator=torch.Generator().manual_seed(1))
+    segmentation = segment_scan_with_maps(net, image, config, device, generator=torch.Generator().manual_seed(1))
+
+    assert segmentation.masks.keys() == masks.keys()
+    for name, mask in masks.items():
+        np.testing.assert_array_equal(segmentation.masks[name], mask, err_msg=name)
+    probability, uncertainty = segmentation.maps.probability, segmentation.maps.uncertainty
+    for volume in (probability, uncertainty):
+        assert volume.shape == image.shape[1:] and volume.dtype == np.float32
+        assert (volume[~box] == 0).all() and (volume >= 0).all() and (volume <= 1).all()
+    assert (probability[box] > 0).all() and (probability[box] < 1).all()  # an untrained net is never certain
+    mean_mask = segmentation.masks["mean"]
+    assert 0 < int(mean_mask.sum()) < int(box.sum())
+    decided = probability != 0.5
+    np.testing.assert_array_equal(mean_mask[decided], probability[decided] > 0.5)
+    np.testing.assert_array_equal(uncertainty, binary_entropy_bits(torch.from_numpy(probability)).numpy())

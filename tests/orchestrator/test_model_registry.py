@@ -6,9 +6,11 @@ import mlflow
 import mlflow.pyfunc
 import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from msx.models.checkpoint import save_checkpoint
+from msx.models.lesion_maps import binary_entropy_bits
 from msx.models.networks import NetworkConfig, build_network
 from msx.orchestrator.model_registry import describe_model, register_selection
 from msx.orchestrator.results import TrialOutcome, select_best, summarise_configurations
@@ -68,6 +70,14 @@ def test_register_lookup_by_alias_load_and_predict(tmp_path):
     assert mask.shape == image.shape[1:] and mask.dtype == np.uint8
     assert set(np.unique(mask)) <= {0, 1}
     assert not mask[image[0] == 0].any()  # nothing predicted outside the (non-zero) brain
+
+    # The maps' method of the unwrapped model: the same mask, and the folds' mean probability with its entropy.
+    mask_again, maps = model.unwrap_python_model().predict_with_maps(image)
+    np.testing.assert_array_equal(mask_again, mask)
+    for volume in (maps.probability, maps.uncertainty):
+        assert volume.shape == image.shape[1:] and volume.dtype == np.float32
+        assert (volume[image[0] == 0] == 0).all() and (volume >= 0).all() and (volume <= 1).all()
+    np.testing.assert_array_equal(maps.uncertainty, binary_entropy_bits(torch.from_numpy(maps.probability)).numpy())
 
 
 def test_unknown_model_lookup_raises(tmp_path):

@@ -70,6 +70,41 @@ def test_predict_writes_masks_on_input_grid_and_overlays(setup):
         assert (out / f"{scan_id}_overlay.png").read_bytes()[:8] == PNG_SIGNATURE
 
 
+@pytest.mark.timeout(300)
+def test_predict_maps_lie_on_the_input_grid_beside_the_same_mask(setup, tmp_path):
+    checkpoint, cohort, no_maps_out, _ = setup
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        cli(),
+        ["predict", "--model", str(checkpoint), "--input", str(cohort), "--out", str(out), "--strategy", "mean", "--maps"],
+    )
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    for flair_path in sorted(cohort.rglob("*_flair_pp.nii.gz")):
+        scan_id = flair_path.name[:13]
+        flair = nib.load(flair_path)
+        mask = np.asarray(nib.load(out / f"{scan_id}_mask.nii.gz").dataobj).astype(bool)
+        # The same seeded sampling pass: asking for the maps does not change the mask.
+        np.testing.assert_array_equal(mask, np.asarray(nib.load(no_maps_out / f"{scan_id}_mask.nii.gz").dataobj) > 0)
+        maps = {name: nib.load(out / f"{scan_id}_{name}.nii.gz") for name in ("probability", "uncertainty")}
+        for name, image in maps.items():
+            assert image.shape == flair.shape, name
+            assert np.allclose(image.affine, flair.affine) and np.allclose(image.header.get_sform(), flair.header.get_sform())
+            assert image.get_data_dtype() == np.float32, name
+        probability = np.asarray(maps["probability"].dataobj)
+        uncertainty = np.asarray(maps["uncertainty"].dataobj)
+        assert (probability >= 0).all() and (probability <= 1).all() and (uncertainty >= 0).all() and (uncertainty <= 1).all()
+        # Zero outside the foreground box that inference crops to (the bounding box of voxels > 0).
+        foreground = np.zeros(flair.shape, bool)
+        for modality in ("flair", "mprage", "t2"):
+            foreground |= np.asarray(nib.load(next(cohort.rglob(f"{scan_id}_{modality}_pp.nii.gz"))).dataobj) > 0
+        box = np.zeros(flair.shape, bool)
+        box[tuple(slice(int(np.min(ix)), int(np.max(ix)) + 1) for ix in np.nonzero(foreground))] = True
+        assert (probability[~box] == 0).all() and (uncertainty[~box] == 0).all()
+        assert (probability[box] > 0).any()
+        decided = probability != 0.5  # strategy "mean": its mask is probability > 0.5 (lesion_probability)
+        np.testing.assert_array_equal(mask[decided], probability[decided] > 0.5)
+
+
 def test_unknown_strategy_is_one_line_listing_valid_names(setup, tmp_path):
     checkpoint, cohort, _, _ = setup
     result = CliRunner().invoke(
@@ -145,13 +180,16 @@ def test_predict_with_registered_model(setup, tmp_path):
     out = tmp_path / "out"
     result = CliRunner().invoke(
         cli(), ["predict", "--model", uri, "--input", str(cohort), "--out", str(out), "--tracking-uri", tracking_uri,
-                "--strategy", "last"],
+                "--strategy", "last", "--maps"],
     )
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert len(result.output.strip().splitlines()) == 2 and "strategy last" in result.output
     flair = nib.load(next(cohort.rglob("training01_01_flair_pp.nii.gz")))
-    mask = nib.load(out / "training01_01_mask.nii.gz")
-    assert mask.shape == flair.shape and np.allclose(mask.affine, flair.affine)
+    for name in ("mask", "probability", "uncertainty"):
+        written = nib.load(out / f"training01_01_{name}.nii.gz")
+        assert written.shape == flair.shape and np.allclose(written.affine, flair.affine), name
+    probability = np.asarray(nib.load(out / "training01_01_probability.nii.gz").dataobj)
+    assert probability.dtype == np.float32 and 0 <= probability.min() and probability.max() <= 1
 
 
 def test_input_may_be_a_manifest_without_masks(tmp_path):
