@@ -123,11 +123,20 @@ def best_per_backbone(configurations: list[ConfigurationResult], strategies: tup
     return list(chosen.values())
 
 
-def results_table(
+@dataclass(frozen=True)
+class SummaryCell:
+    """One metric of one (backbone, strategy) row: mean and std over folds, and whether it is its column's best."""
+
+    mean: float
+    std: float
+    best: bool
+
+
+def summary_rows(
     configurations: list[ConfigurationResult], strategies: tuple[str, ...], split: str = "test"
-) -> str:
-    """Backbone x strategy rows, metric columns, mean +- std over folds; the best value per column starred."""
-    headers = ["backbone", "strategy"] + [m.upper() for m in METRIC_NAMES]
+) -> list[tuple[str, str, tuple[SummaryCell, ...]]]:
+    """(backbone, strategy, one cell per metric of METRIC_NAMES) rows; the best mean of each column marked,
+    lower being better for LFPR, AVD and ASSD."""
     best = {}
     for metric in METRIC_NAMES:
         means = [c.summary[(split, s, metric)][0] for c in configurations for s in strategies]
@@ -137,14 +146,27 @@ def results_table(
     rows = []
     for configuration in configurations:
         for strategy in strategies:
-            row = [configuration.backbone, strategy]
+            cells = []
             for metric in METRIC_NAMES:
                 mean, std = configuration.summary[(split, strategy, metric)]
-                cell = "n/a" if math.isnan(mean) else f"{mean:.3f} ± {std:.3f}"
-                if metric in best and mean == best[metric]:
-                    cell += "*"
-                row.append(cell)
-            rows.append(row)
+                cells.append(SummaryCell(mean, std, metric in best and mean == best[metric]))
+            rows.append((configuration.backbone, strategy, tuple(cells)))
+    return rows
+
+
+def format_cell(cell: SummaryCell) -> str:
+    return "n/a" if math.isnan(cell.mean) else f"{cell.mean:.3f} ± {cell.std:.3f}"
+
+
+def results_table(
+    configurations: list[ConfigurationResult], strategies: tuple[str, ...], split: str = "test"
+) -> str:
+    """Backbone x strategy rows, metric columns, mean +- std over folds; the best value per column starred."""
+    headers = ["backbone", "strategy"] + [m.upper() for m in METRIC_NAMES]
+    rows = [
+        [backbone, strategy] + [format_cell(cell) + ("*" if cell.best else "") for cell in cells]
+        for backbone, strategy, cells in summary_rows(configurations, strategies, split)
+    ]
     widths = [max(len(str(r[i])) for r in [headers] + rows) for i in range(len(headers))]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(line, widths)) for line in [headers] + rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

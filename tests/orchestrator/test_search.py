@@ -4,7 +4,7 @@ from ray.tune.search import Searcher
 
 from msx.models.data.folds import resolve_folds
 from msx.orchestrator.search import LosoGridSearcher
-from msx.orchestrator.spec import spec_from_dict
+from msx.orchestrator.spec import load_spec, spec_from_dict
 
 
 def make_spec(configurations=2, parameters=True):
@@ -57,3 +57,24 @@ def test_without_searched_parameters_the_grid_still_runs():
     searcher = LosoGridSearcher(make_spec(configurations=1, parameters=False), resolve_folds("paper", range(1, 6)))
     config = searcher.suggest("t0")
     assert set(config) == {"backbone", "fold", "configuration"}
+
+
+def test_the_hpo_space_suggests_valid_specs_within_its_ranges():
+    spec = load_spec("hpo")
+    folds = resolve_folds(spec.data.folds, range(1, 6))
+    searcher = LosoGridSearcher(spec, folds)
+    parameters = {p.name: p for p in spec.search.parameters}
+    configs = [searcher.suggest(f"t{index}") for index in range(3 * len(folds))]
+    # Each configuration's folds come together; the backbone's first configuration is the spec's initial point.
+    assert configs[0]["training.lr"] == parameters["training.lr"].initial
+    for config in configs:
+        searched = {name: config[name] for name in parameters}
+        for name, value in searched.items():
+            parameter = parameters[name]
+            if parameter.distribution == "choice":
+                assert value in parameter.choices
+            else:
+                assert parameter.low <= value <= parameter.high
+        trial_spec = spec.with_overrides(searched)
+        assert trial_spec.inference.ddim_steps in (5, 10, 20) and isinstance(trial_spec.inference.ddim_steps, int)
+        assert 0.0 <= trial_spec.training.lesion_patch_fraction <= 0.67

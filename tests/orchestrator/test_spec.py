@@ -12,7 +12,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_bundled_spaces_load_and_validate():
-    assert {"smoke", "paper"} <= set(bundled_spaces())
+    assert {"smoke", "paper", "hpo"} <= set(bundled_spaces())
     smoke = load_spec("smoke")
     assert smoke.model.backbones == ("unet", "segresnet")
     assert smoke.data.folds == "paper"
@@ -21,6 +21,12 @@ def test_bundled_spaces_load_and_validate():
     assert paper.training.patch_size == (96, 96, 96)
     assert paper.model.backbones == ("unet", "segresnet", "swinunetr", "multiencoder")
     assert paper.training.lr == pytest.approx(1e-4)
+    hpo = load_spec("hpo")
+    assert hpo.model.backbones == paper.model.backbones and hpo.data.folds == "paper"
+    assert {p.name for p in hpo.search.parameters} == {
+        "training.lr", "training.weight_decay", "model.width", "training.loss_dice", "training.loss_bce",
+        "training.loss_mse", "training.lesion_patch_fraction", "inference.ddim_steps",
+    }
 
 
 def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
