@@ -189,6 +189,14 @@ def segment_scan_with_maps(
     )
 
 
+@dataclass(frozen=True)
+class ScanEvaluation:
+    """Every configured strategy's metrics against the scan's mask, and the masks they were measured on."""
+
+    metrics: dict[str, dict[str, float]]  # strategy -> metric -> value
+    masks: dict[str, np.ndarray]  # strategy -> (X, Y, Z), on the scan's grid
+
+
 def evaluate_scan(
     net: torch.nn.Module,
     scan: LoadedScan,
@@ -197,12 +205,14 @@ def evaluate_scan(
     diffusion: DiffusionConfig = DiffusionConfig(),
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
-) -> dict[str, dict[str, float]]:
-    """Metrics of every strategy against the scan's mask: {strategy: {metric: value}}."""
+) -> ScanEvaluation:
+    """Segment the scan (one sampling pass) and measure every strategy's mask against the scan's mask."""
     masks = segment_scan(net, scan.image, config, device, diffusion, generator, autocast_dtype)
     truth = scan.mask.astype(bool)
-    return {
-        name: segmentation_metrics(mask.astype(bool), truth, spacing=scan.spacing, connectivity=config.connectivity)
-        for name, mask in masks.items()
-    }
-
+    return ScanEvaluation(
+        metrics={
+            name: segmentation_metrics(mask.astype(bool), truth, spacing=scan.spacing, connectivity=config.connectivity)
+            for name, mask in masks.items()
+        },
+        masks=masks,
+    )

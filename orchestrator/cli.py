@@ -10,11 +10,13 @@ from pathlib import Path
 
 import click
 
+from msx.models.data.folds import resolve_folds
 from msx.models.registry import UnknownNameError
 
 from .data import prepare_cohort
 from .data_commands import data
 from .predict_command import predict
+from .provenance import study_provenance
 from .spec import SpecError, load_spec
 
 # Errors that describe bad input: printed as one line, exit status 1, before anything expensive starts.
@@ -46,10 +48,13 @@ def launch(space: str, data: Path | None, storage: Path, tracking_uri: str | Non
         spec = load_spec(space)
         storage.mkdir(parents=True, exist_ok=True)
         cohort = prepare_cohort(spec, data, storage, click.echo)
+        # Before Ray: the files the trials will read, as they are now.
+        provenance = study_provenance(cohort, resolve_folds(spec.data.folds, cohort.patients))
     except INPUT_ERRORS as error:  # CohortError is a ValueError
         raise _fail_cleanly(error) from None
     tracking_uri = tracking_uri or default_tracking_uri(storage)
     click.echo(f"study {spec.name!r}: {len(cohort.patients)} patients, {len(cohort.scans)} scans from {cohort.root}")
+    click.echo(f"data fingerprint {provenance.data_fingerprint}, code {provenance.code_version}")
 
     from .study import run_study, start_ray
 
@@ -57,7 +62,7 @@ def launch(space: str, data: Path | None, storage: Path, tracking_uri: str | Non
         dashboard = start_ray(address, click.echo)
     except (RuntimeError, ConnectionError) as error:
         raise _fail_cleanly(error) from None
-    outcome = run_study(spec, cohort, storage, tracking_uri, echo=click.echo)
+    outcome = run_study(spec, cohort, storage, tracking_uri, provenance, echo=click.echo)
 
     click.echo("")
     click.echo(
@@ -77,7 +82,7 @@ def launch(space: str, data: Path | None, storage: Path, tracking_uri: str | Non
         f"{', ' + searched if searched else ''}), strategy {selection.strategy}, "
         f"mean validation {selection.metric.upper()} {selection.validation_score:.4f}"
     )
-    click.echo(f"registered model: {outcome.model_uri} (version {outcome.model_version})")
+    click.echo(f"registered model: {outcome.registration.summary}")
     click.echo(f"finished {outcome.trials_finished}/{outcome.trials_total} trials in {time.monotonic() - started:.0f} s")
     click.echo("")
     if tracking_uri.startswith("sqlite:"):
@@ -175,25 +180,69 @@ def evaluate(preds: tuple[Path, ...], gts: tuple[Path, ...], connectivity: str, 
 
 @main.group()
 def registry() -> None:
-    """Look up registered models in the MLflow model registry."""
+    """Look up registered models in the MLflow model registry, and move their aliases."""
+
+
+def _registry_store(command):
+    """--tracking-uri and --storage, as the other commands take them."""
+    command = click.option("--storage", envvar="MSX_STORAGE", type=click.Path(path_type=Path), default=Path("msx_runs"), show_default=True, help="Folder of the default MLflow store (env MSX_STORAGE).")(command)
+    return click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, help="MLflow tracking URI (default: SQLite file in --storage).")(command)
+
+
+def _registry_uri(tracking_uri: str | None, storage: Path) -> str:
+    from .tracking import default_tracking_uri
+
+    return tracking_uri or default_tracking_uri(storage.resolve())
+
+
+def _registry_failure(subject: str, error: Exception) -> click.ClickException:
+    return click.ClickException(f"{subject}: {str(error).splitlines()[0]}")
+
+
+@registry.command("list")
+@_registry_store
+def registry_list(tracking_uri: str | None, storage: Path) -> None:
+    """Every registered model: its latest version, aliases and the champion's validation score."""
+    import mlflow.exceptions
+
+    from .model_registry import aliases_text, list_models
+
+    tracking_uri = _registry_uri(tracking_uri, storage)
+    try:
+        models = list_models(tracking_uri)
+    except mlflow.exceptions.MlflowException as error:
+        raise _registry_failure(tracking_uri, error) from None
+    if not models:
+        click.echo(f"no registered models in {tracking_uri}")
+        return
+    rows = [("model", "latest", "aliases", "champion validation")] + [
+        (
+            model.name,
+            str(model.latest_version or "-"),
+            aliases_text(model.aliases),
+            model.champion_score or "-",
+        )
+        for model in models
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
+    for row in rows:
+        click.echo("  ".join(value.ljust(width) for value, width in zip(row, widths)) + "  " + row[-1])
 
 
 @registry.command("show")
 @click.argument("reference")
-@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, help="MLflow tracking URI (default: SQLite file in --storage).")
-@click.option("--storage", envvar="MSX_STORAGE", type=click.Path(path_type=Path), default=Path("msx_runs"), show_default=True)
+@_registry_store
 def registry_show(reference: str, tracking_uri: str | None, storage: Path) -> None:
-    """Show NAME, NAME@ALIAS or NAME/VERSION: version, metrics and source run."""
+    """Show NAME, NAME@ALIAS or NAME/VERSION: version, aliases, tags (data fingerprint, code version,
+    strategy, validation and test scores, champion decision), metrics and source run."""
     import mlflow.exceptions
 
     from .model_registry import describe_model
-    from .tracking import default_tracking_uri
 
-    tracking_uri = tracking_uri or default_tracking_uri(storage.resolve())
     try:
-        info = describe_model(reference.removeprefix("models:/"), tracking_uri)
+        info = describe_model(reference.removeprefix("models:/"), _registry_uri(tracking_uri, storage))
     except (LookupError, mlflow.exceptions.MlflowException) as error:
-        raise click.ClickException(f"{reference}: {str(error).splitlines()[0]}") from None
+        raise _registry_failure(reference, error) from None
     click.echo(f"model    {info['name']} version {info['version']}")
     click.echo(f"aliases  {', '.join(info['aliases']) or '-'}")
     click.echo(f"source   run {info['run_id']} ({info['run_name']}, experiment {info['experiment_id']})")
@@ -202,6 +251,26 @@ def registry_show(reference: str, tracking_uri: str | None, storage: Path) -> No
         click.echo(f"  {key:28s} {value}")
     for key, value in sorted(info["metrics"].items()):
         click.echo(f"  {key:28s} {value:.4f}")
+
+
+@registry.command("promote")
+@click.argument("name")
+@click.argument("version")
+@click.option("--alias", default="champion", show_default=True, help="The alias to move.")
+@click.option("--force", is_flag=True, help="Make champion a version selected on other data than the current champion's.")
+@_registry_store
+def registry_promote(name: str, version: str, alias: str, force: bool, tracking_uri: str | None, storage: Path) -> None:
+    """Point NAME's --alias at VERSION (the champion only moves between versions selected on the same data)."""
+    import mlflow.exceptions
+
+    from .model_registry import PromotionRefused, promote
+
+    try:
+        previous = promote(name, version, alias, force, _registry_uri(tracking_uri, storage))
+    except (LookupError, PromotionRefused, mlflow.exceptions.MlflowException) as error:
+        raise _registry_failure(f"{name} {version}", error) from None
+    was = f"version {previous}" if previous is not None else "unset"
+    click.echo(f"models:/{name}@{alias} -> version {version} (was {was})")
 
 
 @main.command()

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING
 import click
 import numpy as np
 
+from .overlays import overlay_channel, write_overlay
+
 if TYPE_CHECKING:
     from msx.models.lesion_maps import LesionMaps
 
@@ -102,7 +104,7 @@ def load_input(scan: InputScan, modalities: tuple[str, ...]) -> LoadedInput:
         if not np.isfinite(volume).all():
             raise click.ClickException(f"{path} contains NaN or infinite voxels")
     truth = read_files[-1][1] > 0 if OVERLAY_RATER in scan.masks else None
-    flair = volumes[modalities.index("flair")] if "flair" in modalities else volumes[0]
+    flair = volumes[overlay_channel(modalities)]
     return LoadedInput(
         image=np.stack(volumes),
         flair=flair,
@@ -122,35 +124,6 @@ def write_on_input_grid(path: Path, volume: np.ndarray, dtype: type[np.generic],
     image = nib.Nifti1Image(volume.astype(dtype), reference.affine, header)
     image.header.set_slope_inter(1.0, 0.0)
     nib.save(image, str(path))
-
-
-def overlay_slice(pred: np.ndarray, truth: np.ndarray | None) -> int:
-    """Axial (last-axis) slice with the most predicted lesion voxels; else the truth's; else the middle."""
-    for mask in (pred, truth):
-        if mask is not None and mask.any():
-            return int(np.argmax(mask.sum(axis=(0, 1))))
-    return pred.shape[2] // 2
-
-
-def write_overlay(path: Path, flair: np.ndarray, pred: np.ndarray, truth: np.ndarray | None, title: str) -> int:
-    """PNG of one axial slice: FLAIR grey, prediction outlined red, truth green. Returns the slice index."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    z = overlay_slice(pred, truth)
-    figure = Figure(figsize=(5, 5), dpi=100)
-    FigureCanvasAgg(figure)  # Agg, independent of any global pyplot backend
-    axes = figure.add_axes((0, 0, 1, 0.93))
-    # Voxel x runs left-right and y bottom-top on screen: transpose and put the origin at the bottom.
-    axes.imshow(flair[:, :, z].T, cmap="gray", origin="lower", interpolation="nearest")
-    for mask, colour in ((pred, "red"), (truth, "lime")):
-        if mask is not None and mask[:, :, z].any():
-            axes.contour(mask[:, :, z].T.astype(float), levels=[0.5], colors=colour, linewidths=1.0, origin="lower")
-    axes.set_axis_off()
-    legend = "prediction red" + (", rater 1 green" if truth is not None else "")
-    figure.suptitle(f"{title}  z={z}  ({legend})", fontsize=8)
-    figure.savefig(path, format="png")
-    return z
 
 
 # image (C, X, Y, Z) -> (mask (X, Y, Z), the lesion maps when the segmenter was made with maps=True, else None)
@@ -321,7 +294,9 @@ def predict(
         if lesion_maps is not None:
             write_on_input_grid(out / f"{scan.scan_id}{PROBABILITY_SUFFIX}", lesion_maps.probability, np.float32, loaded)
             write_on_input_grid(out / f"{scan.scan_id}{UNCERTAINTY_SUFFIX}", lesion_maps.uncertainty, np.float32, loaded)
-        z = write_overlay(overlay_path, loaded.flair, mask, loaded.truth, f"{scan.scan_id} [{used_strategy}]")
+        z = write_overlay(
+            overlay_path, loaded.flair, mask, loaded.truth, f"{scan.scan_id} [{used_strategy}]", f"rater {OVERLAY_RATER}"
+        )
         voxels = int(mask.sum())
         volume = voxels * float(np.prod(loaded.spacing))
         line = f"{scan.scan_id}: {voxels} lesion voxels ({volume:.1f} mm^3), strategy {used_strategy}, slice z={z}"

@@ -1,7 +1,7 @@
 """`msx report`: a study's tables and figures, rebuilt from its MLflow record.
 
-A study is an MLflow experiment; its latest launch is the newest parent run, and the launch's trials are
-the child runs under it. The LOSO summaries, each backbone's row and the selection come from the functions
+A study is an MLflow experiment; its latest launch is the newest launch run, and the launch's trials are
+the fold runs under its configuration runs (tracking.py). The LOSO summaries, each backbone's row and the selection come from the functions
 the launch itself used (results.py), fed from the runs instead of Tune's results, so the report agrees
 with what the launch printed and registered. Output: report.md with its figures beside it, and
 report.html with the figures embedded (one file to mail or archive), both also logged to the launch's
@@ -34,22 +34,20 @@ from mlflow.tracking import MlflowClient
 from msx.models.metrics import METRIC_NAMES
 
 from .results import (
-    FINAL_REPORT,
     HIGHER_IS_BETTER,
+    OVERLAY_DIR,
     ConfigurationResult,
     Selection,
     TrialOutcome,
     best_per_backbone,
     format_cell,
-    outcome_from_result,
     select_best,
     summarise_configurations,
     summary_rows,
 )
-from .tracking import STUDY_TAG
+from .tracking import STUDY_TAG, child_runs, fold_run_outcome
 
 REPORT_ARTIFACT_PATH = "report"
-PARENT_RUN_TAG = "mlflow.parentRunId"
 DATA_ROOT_TAG = "msx.data_root"
 LOSS_CURVE = "train_loss"
 # The Dice of that epoch's weights; val_dice is the running best, a staircase that hides the training.
@@ -63,8 +61,9 @@ class ReportError(Exception):
 
 @dataclass(frozen=True)
 class TrialRun:
-    """A trial's child run, as the report reads it."""
+    """A trial's fold run, as the report reads it."""
 
+    run_id: str
     name: str
     configuration: str
     backbone: str
@@ -183,11 +182,11 @@ def read_study(client: MlflowClient, study: str) -> StudyRecord:
         max_results=1,
     )[0]
     run_id = parent.info.run_id
-    children = client.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"tags.`{PARENT_RUN_TAG}` = '{run_id}'",
-        max_results=SEARCH_MAX_RESULTS_THRESHOLD,
-    )
+    folds = [
+        fold
+        for configuration in child_runs(client, experiment.experiment_id, run_id)
+        for fold in child_runs(client, experiment.experiment_id, configuration.info.run_id)
+    ]
     with tempfile.TemporaryDirectory() as folder:
         spec = json.loads(Path(client.download_artifacts(run_id, "spec.json", folder)).read_text())
     # search_model_versions leaves the aliases out; get_model_version has them.
@@ -205,23 +204,21 @@ def read_study(client: MlflowClient, study: str) -> StudyRecord:
         params=dict(parent.data.params),
         tags=dict(parent.data.tags),
         spec=spec,
-        trials=tuple(sorted((_trial_run(client, child) for child in children), key=lambda t: (t.configuration, t.fold))),
+        trials=tuple(sorted((_trial_run(client, fold) for fold in folds), key=lambda t: (t.configuration, t.fold))),
         registered=tuple(sorted(registered, key=lambda v: (v.name, v.version))),
     )
 
 
 def _trial_run(client: MlflowClient, run: Run) -> TrialRun:
-    params, metrics = run.data.params, run.data.metrics
-    # The worker marks its final report with FINAL_REPORT, a key the tracking callback leaves out with Tune's
-    # bookkeeping; the split metrics come with that report only, so they mark a trial that finished.
-    finished = any(key.startswith(("val/", "test/")) for key in metrics)
+    params = run.data.params
     return TrialRun(
+        run_id=run.info.run_id,
         name=run.info.run_name,
         configuration=params["configuration"],
         backbone=params["backbone"],
         fold=int(params["fold"]),
         status=run.info.status,
-        outcome=outcome_from_result(params, {**metrics, FINAL_REPORT: 1}) if finished else None,
+        outcome=fold_run_outcome(run),
         curves={
             key: tuple(sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)))
             for key in (LOSS_CURVE, VALIDATION_CURVE)
@@ -378,10 +375,32 @@ def study_figures(record: StudyRecord, summary: StudySummary) -> list[tuple[Pict
     ]
 
 
+def example_overlays(client: MlflowClient, record: StudyRecord, summary: StudySummary, out: Path) -> list[Picture]:
+    """The overlay PNGs that the first finished fold of each backbone's chosen configuration logged, downloaded
+    under `out`/figures/; none for trials that logged none."""
+    pictures = []
+    for row in summary.rows:
+        trial = next(t for t in record.trials if t.configuration == row.configuration and t.outcome is not None)
+        folder = out / "figures" / trial.name
+        for artifact in client.list_artifacts(trial.run_id, OVERLAY_DIR):
+            if artifact.path.endswith(".png"):
+                folder.mkdir(parents=True, exist_ok=True)
+                local = Path(client.download_artifacts(trial.run_id, artifact.path, str(folder))).resolve()
+                pictures.append(
+                    Picture(
+                        local.relative_to(out.resolve()).as_posix(),
+                        f"{row.backbone}, {trial.name}: {Path(artifact.path).stem} (prediction red, truth green).",
+                    )
+                )
+    return pictures
+
+
 # ---- the document ---------------------------------------------------------------------------------
 
 
-def report_blocks(record: StudyRecord, summary: StudySummary, pictures: list[Picture]) -> list[Block]:
+def report_blocks(
+    record: StudyRecord, summary: StudySummary, pictures: list[Picture], overlays: list[Picture]
+) -> list[Block]:
     spec = record.spec
     connectivity = spec["inference"]["connectivity"]
     blocks: list[Block] = [
@@ -389,7 +408,7 @@ def report_blocks(record: StudyRecord, summary: StudySummary, pictures: list[Pic
         Table(
             ("", ""),
             (
-                ("launch (MLflow parent run)", f"{record.launch} ({record.run_id})"),
+                ("launch (MLflow run)", f"{record.launch} ({record.run_id})"),
                 ("status", record.status),
                 ("started", f"{record.started:%Y-%m-%d %H:%M:%S} UTC"),
                 ("ended", f"{record.ended:%Y-%m-%d %H:%M:%S} UTC ({_duration(record.ended - record.started)})" if record.ended else "-"),
@@ -422,6 +441,13 @@ def report_blocks(record: StudyRecord, summary: StudySummary, pictures: list[Pic
     )
     blocks.append(Heading("Figures"))
     blocks += pictures
+    if overlays:
+        blocks += [
+            Heading("Example overlays"),
+            Text("The first validation and test scan of a fold of each backbone's chosen configuration, with the mask "
+                 "of the spec's validation strategy, on the slice with the most predicted lesion."),
+            *overlays,
+        ]
     unfinished = [trial for trial in record.trials if trial.outcome is None]
     if unfinished:
         blocks += [
@@ -545,15 +571,16 @@ def write_report(tracking_uri: str, study: str, out: Path) -> ReportFiles:
     summary = summarise_study(record)
     figures = study_figures(record, summary)
     (out / "figures").mkdir(parents=True, exist_ok=True)
-    images = {}
     for picture, figure in figures:
         figure.savefig(out / picture.file, format="png")
-        images[picture.file] = (out / picture.file).read_bytes()
-    blocks = report_blocks(record, summary, [picture for picture, _ in figures])
+    overlays = example_overlays(client, record, summary, out)
+    pictures = [picture for picture, _ in figures] + overlays
+    images = {picture.file: (out / picture.file).read_bytes() for picture in pictures}
+    blocks = report_blocks(record, summary, [picture for picture, _ in figures], overlays)
     markdown, page = out / "report.md", out / "report.html"
     markdown.write_text(render_markdown(blocks), encoding="utf-8")
     page.write_text(render_html(blocks, images, f"msx report: {study} ({record.launch})"), encoding="utf-8")
-    written = (markdown, page, *(out / picture.file for picture, _ in figures))
+    written = (markdown, page, *(out / picture.file for picture in pictures))
     # File by file: `out` may be a folder that holds more than this report.
     for path in written:
         client.log_artifact(record.run_id, str(path), (Path(REPORT_ARTIFACT_PATH) / path.parent.relative_to(out)).as_posix())

@@ -16,6 +16,11 @@ from msx.models.metrics import METRIC_NAMES
 
 # The key of the worker's last report, which carries the final evaluation.
 FINAL_REPORT = "final"
+# The final checkpoint's folders and files besides the training state: written by the worker, logged to the
+# fold's MLflow run by the tracking callback.
+MODEL_DIR = "model"
+SCAN_METRICS_FILE = "scan_metrics.json"
+OVERLAY_DIR = "overlays"
 
 # Direction of "better" for each metric, for marking best values.
 HIGHER_IS_BETTER = {"dsc": True, "tpr": True, "ppv": True, "ltpr": True, "lfpr": False, "avd": False, "assd": False}

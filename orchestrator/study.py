@@ -16,8 +16,9 @@ from ray.tune.utils import flatten_dict
 from msx.models.data.cohort import Cohort
 from msx.models.data.folds import resolve_folds
 
-from .model_registry import register_selection
+from .model_registry import Registration, register_selection
 from .progress import ProgressView
+from .provenance import Provenance
 from .results import Selection, best_per_backbone, outcome_from_result, results_table, select_best, summarise_configurations
 from .search import MODE, OPTIMISED_METRIC, LosoGridSearcher, build_scheduler
 from .spec import ExperimentSpec
@@ -29,8 +30,7 @@ from .trial import TRIAL_RESOURCES, run_trial
 class StudyOutcome:
     table: str
     selection: Selection | None
-    model_uri: str | None
-    model_version: int | None
+    registration: Registration | None
     parent_run_id: str
     experiment_id: str
     trials_total: int
@@ -90,6 +90,7 @@ def run_study(
     cohort: Cohort,
     storage: Path,
     tracking_uri: str,
+    provenance: Provenance,
     echo: Callable[[str], None] = print,
 ) -> StudyOutcome:
     storage = storage.resolve()
@@ -101,7 +102,11 @@ def run_study(
     experiment_id = ensure_experiment(tracking_uri, spec.name, storage / "mlartifacts")
     client = MlflowClient(tracking_uri)
     study_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    parent = client.create_run(experiment_id, run_name=study_name, tags={STUDY_TAG: study_name})
+    parent = client.create_run(
+        experiment_id,
+        run_name=study_name,
+        tags={STUDY_TAG: study_name, "msx.data_fingerprint": provenance.data_fingerprint, "msx.code_version": provenance.code_version},
+    )
     parent_run_id = parent.info.run_id
     log_study_start(parent_run_id, tracking_uri, spec_dict, str(cohort.root))
     echo(f"MLflow: experiment {spec.name!r}, study run {study_name} ({tracking_uri})")
@@ -136,7 +141,10 @@ def run_study(
         run_config=tune.RunConfig(
             name=study_name,
             storage_path=str(experiment_folder / "tune"),
-            callbacks=[TrialRunsCallback(tracking_uri, spec.name, parent_run_id), ProgressView(total, echo)],
+            callbacks=[
+                TrialRunsCallback(tracking_uri, spec.name, parent_run_id, spec.inference.strategies, len(folds)),
+                ProgressView(total, echo),
+            ],
             verbose=0,
         ),
     )
@@ -150,14 +158,14 @@ def run_study(
     client.log_text(parent_run_id, table, "results_table.txt")
     client.log_metric(parent_run_id, "trials_finished", len(outcomes))
 
-    version = model_uri = None
+    registration = None
     if selection is not None:
         client.log_metric(parent_run_id, f"selected_val_{metric}", selection.validation_score)
         client.set_tag(parent_run_id, "msx.selected_configuration", selection.configuration.configuration)
         client.set_tag(parent_run_id, "msx.selected_strategy", selection.strategy)
-        version, model_uri = register_selection(
+        registration = register_selection(
             selection, spec_dict, spec.registry.model_name, parent_run_id, tracking_uri,
-            experiment_folder / "registered" / study_name,
+            experiment_folder / "registered" / study_name, provenance,
         )
     client.set_terminated(parent_run_id, "FINISHED" if selection is not None else "FAILED")
-    return StudyOutcome(table, selection, model_uri, version, parent_run_id, experiment_id, total, len(outcomes))
+    return StudyOutcome(table, selection, registration, parent_run_id, experiment_id, total, len(outcomes))

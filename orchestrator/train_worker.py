@@ -6,11 +6,13 @@ driver) through `ray.train.report`, which all workers call the same number of ti
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +26,13 @@ from monai.optimizers import WarmupCosineSchedule
 
 from msx.models.checkpoint import save_checkpoint
 from msx.models.data.cache import cached_training_scan
-from msx.models.data.cohort import load_scan
+from msx.models.data.cohort import LoadedScan, Scan, load_scan
 from msx.models.data.folds import resolve_folds
 from msx.models.data.manifest import open_cohort
 from msx.models.diffusion import DiffusionConfig, LossWeights
 from msx.models.engine import (
     InferenceConfig,
+    ScanEvaluation,
     evaluate_scan,
     train_epoch,
     training_autocast_dtype,
@@ -39,14 +42,13 @@ from msx.models.engine import (
 from msx.models.metrics import METRIC_NAMES
 from msx.models.networks import NetworkConfig, build_network
 
-from .results import FINAL_REPORT
+from .overlays import overlay_channel, write_overlay
+from .results import FINAL_REPORT, MODEL_DIR, OVERLAY_DIR, SCAN_METRICS_FILE
 from .spec import ExperimentSpec, spec_from_dict
 
 log = logging.getLogger("msx.train")
 
 STATE_FILE = "training_state.pt"
-MODEL_DIR = "model"
-SCAN_METRICS_FILE = "scan_metrics.json"
 
 
 def trial_spec(config: dict[str, Any]) -> ExperimentSpec:
@@ -173,19 +175,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "%s: epoch %d/%d loss %.4f validation Dice %.4f (best %.4f, %.0f s)",
             label, epoch, spec.training.epochs, loss, score, best_score, time.monotonic() - started,
         )
-        # The last validation also carries the final evaluation, in the same report: a scheduler that stops
-        # the trial on this report cannot cut the evaluation off.
-        final_rows: list[dict[str, Any]] = []
-        if epoch == spec.training.epochs:
-            bare_net.load_state_dict(best_state)
-            final_metrics, final_rows = final_evaluation(
-                bare_net, spec, {"val": validation_scans, "test": load(fold.test)},
-                {"val": cohort.scans_of(fold.validation), "test": cohort.scans_of(fold.test)},
-                device, diffusion, autocast_dtype,
-            )
-            metrics.update(final_metrics)
-            log.info("%s: done, best validation Dice %.4f", label, best_score)
         with tempfile.TemporaryDirectory() as folder:
+            # The last validation also carries the final evaluation, in the same report: a scheduler that stops
+            # the trial on this report cannot cut the evaluation off.
+            final_rows: list[dict[str, Any]] = []
+            if epoch == spec.training.epochs:
+                bare_net.load_state_dict(best_state)
+                final_metrics, final_rows = final_evaluation(
+                    bare_net, spec, {"val": validation_scans, "test": load(fold.test)},
+                    {"val": cohort.scans_of(fold.validation), "test": cohort.scans_of(fold.test)},
+                    device, diffusion, autocast_dtype,
+                    overlay_folder=Path(folder) / OVERLAY_DIR if rank == 0 else None,
+                )
+                metrics.update(final_metrics)
+                log.info("%s: done, best validation Dice %.4f", label, best_score)
             checkpoint = None
             if rank == 0:
                 torch.save(
@@ -209,19 +212,34 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 def final_evaluation(
     net: torch.nn.Module,
     spec: ExperimentSpec,
-    scans: dict[str, list],
-    scan_records: dict[str, tuple],
+    scans: dict[str, list[LoadedScan]],
+    scan_records: dict[str, tuple[Scan, ...]],
     device: torch.device,
     diffusion: DiffusionConfig,
     autocast_dtype: torch.dtype | None,
+    overlay_folder: Path | None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Every strategy on the validation and the test patients: split means and per-scan rows."""
+    """Every strategy on the validation and the test patients: split means and per-scan rows.
+
+    With `overlay_folder` (rank 0's), also an overlay PNG of each split's first scan, so the trial's record
+    shows what its numbers look like.
+    """
     final = inference_config(spec, validation=False)
+    # The strategy the trial was validated with, when the final evaluation runs it.
+    overlay_strategy = spec.training.validation_strategy
+    if overlay_strategy not in final.strategies:
+        overlay_strategy = final.strategies[0]
     metrics: dict[str, float] = {FINAL_REPORT: 1}
     rows: list[dict[str, Any]] = []
     for split, split_scans in scans.items():
+        draw_example = None
+        if overlay_folder is not None and split_scans:
+            draw_example = functools.partial(
+                write_example_overlay, overlay_folder, spec, split, scan_records[split][0], split_scans[0], overlay_strategy
+            )
         per_scan = evaluate_distributed(
-            net, split_scans, final, device, diffusion, autocast_dtype, seed=spec.training.seed + 10_000
+            net, split_scans, final, device, diffusion, autocast_dtype, seed=spec.training.seed + 10_000,
+            on_first_scan=draw_example,
         )
         for strategy in final.strategies:
             for metric in METRIC_NAMES:
@@ -236,22 +254,45 @@ def final_evaluation(
     return metrics, rows
 
 
+def write_example_overlay(
+    folder: Path, spec: ExperimentSpec, split: str, record: Scan, scan: LoadedScan, strategy: str,
+    evaluation: ScanEvaluation,
+) -> None:
+    folder.mkdir(exist_ok=True)
+    write_overlay(
+        folder / f"{split}-{record.scan_id}-{strategy}.png",
+        scan.image[overlay_channel(spec.data.modalities)],
+        evaluation.masks[strategy].astype(bool),
+        scan.mask.astype(bool),
+        f"{split} {record.scan_id} [{strategy}]",
+        f"rater {spec.data.rater}",
+    )
+
+
 def evaluate_distributed(
     net: torch.nn.Module,
-    scans: list,
+    scans: list[LoadedScan],
     config: InferenceConfig,
     device: torch.device,
     diffusion: DiffusionConfig,
     autocast_dtype: torch.dtype | None,
     seed: int,
+    on_first_scan: Callable[[ScanEvaluation], None] | None = None,
 ) -> list[dict[str, dict[str, float]]]:
-    """Per-scan metrics, scans shared out over the workers and gathered back in scan order."""
+    """Per-scan metrics, scans shared out over the workers and gathered back in scan order.
+
+    `on_first_scan` gets the first scan's evaluation, masks included, on the worker that evaluates it (rank 0);
+    only metrics travel between workers.
+    """
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     generator = torch.Generator(device=device)
     mine = {}
     for index in range(rank, len(scans), world_size):
         generator.manual_seed(seed + index)
-        mine[index] = evaluate_scan(net, scans[index], config, device, diffusion, generator, autocast_dtype)
+        evaluation = evaluate_scan(net, scans[index], config, device, diffusion, generator, autocast_dtype)
+        if index == 0 and on_first_scan is not None:
+            on_first_scan(evaluation)
+        mine[index] = evaluation.metrics
     if world_size > 1:
         gathered: list[dict] = [None] * world_size  # type: ignore[list-item]
         dist.all_gather_object(gathered, mine)

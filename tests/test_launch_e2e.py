@@ -50,24 +50,37 @@ def test_prints_progress_table_selection_and_where_to_look(smoke_study):
     assert "Ray dashboard:  http://127.0.0.1:" in stdout
 
 
-def test_mlflow_has_one_parent_and_one_child_run_per_trial(smoke_study):
+def test_mlflow_has_a_launch_run_with_a_run_per_configuration_and_a_run_per_trial(smoke_study):
     workdir, _ = smoke_study
     client = MlflowClient(f"sqlite:///{workdir / 'runs' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("smoke")
     runs = client.search_runs([experiment.experiment_id], max_results=100)
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
-    assert len(parents) == 1 and len(children) == 10
-    epochs = load_spec("smoke").training.epochs
-    assert parents[0].data.params["training.epochs"] == str(epochs)
-    for child in children:
-        assert child.info.status == "FINISHED"
-        assert {"backbone", "fold", "training.lr"} <= set(child.data.params)
+    launches = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(launches) == 1
+    configurations = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == launches[0].info.run_id]
+    configuration_ids = {r.info.run_id for r in configurations}
+    folds = [r for r in runs if r.data.tags.get("mlflow.parentRunId") in configuration_ids]
+    assert len(configurations) == 2 and len(folds) == 10 and len(runs) == 13
+    spec = load_spec("smoke")
+    epochs = spec.training.epochs
+    assert launches[0].data.params["training.epochs"] == str(epochs)
+    for configuration in configurations:
+        assert configuration.info.status == "FINISHED"
+        assert {"backbone", "configuration", "training.lr"} <= set(configuration.data.params)
+        for strategy in spec.inference.strategies:
+            assert f"test/{strategy}/dsc" in configuration.data.metrics  # mean over folds
+            assert f"test/{strategy}/dsc_std" in configuration.data.metrics
+    for fold in folds:
+        assert fold.info.status == "FINISHED"
+        assert {"backbone", "fold", "training.lr"} <= set(fold.data.params)
         for split in ("val", "test"):
-            for strategy in load_spec("smoke").inference.strategies:
-                assert f"{split}/{strategy}/dsc" in child.data.metrics
-        history = client.get_metric_history(child.info.run_id, "train_loss")
+            for strategy in spec.inference.strategies:
+                assert f"{split}/{strategy}/dsc" in fold.data.metrics
+        history = client.get_metric_history(fold.info.run_id, "train_loss")
         assert len(history) == epochs  # one point per epoch
+        artifacts = {a.path for a in client.list_artifacts(fold.info.run_id)}
+        assert {"scan_metrics.csv", "model", "overlays"} <= artifacts
+        assert len(client.list_artifacts(fold.info.run_id, "overlays")) == 2
 
 
 def test_champion_is_registered_and_learned_something(smoke_study):

@@ -1,6 +1,8 @@
 """MLflow registry round trip on a real SQLite store: register, look up by alias, load, predict a mask."""
 
+import json
 import os
+from pathlib import Path
 
 import mlflow
 import mlflow.pyfunc
@@ -13,6 +15,7 @@ from msx.models.checkpoint import save_checkpoint
 from msx.models.lesion_maps import binary_entropy_bits
 from msx.models.networks import NetworkConfig, build_network
 from msx.orchestrator.model_registry import describe_model, register_selection
+from msx.orchestrator.provenance import Provenance
 from msx.orchestrator.results import TrialOutcome, select_best, summarise_configurations
 from msx.orchestrator.spec import spec_from_dict
 from msx.orchestrator.tracking import ensure_experiment, tracking_uri_scope
@@ -48,21 +51,28 @@ def test_register_lookup_by_alias_load_and_predict(tmp_path):
     experiment_id = ensure_experiment(tracking_uri, spec.name, tmp_path / "artifacts")
     parent = MlflowClient(tracking_uri).create_run(experiment_id, run_name="study")
 
-    version, uri = register_selection(
-        selection, spec.to_dict(), "msx-test", parent.info.run_id, tracking_uri, tmp_path / "work"
+    provenance = Provenance(data_fingerprint="f" * 64, code_version="msx test")
+    registration = register_selection(
+        selection, spec.to_dict(), "msx-test", parent.info.run_id, tracking_uri, tmp_path / "work", provenance
     )
-    assert (version, uri) == (1, "models:/msx-test@champion")
+    uri = registration.model_uri
+    assert (registration.version, uri) == (1, "models:/msx-test@champion")
+    assert registration.summary == "models:/msx-test@champion (version 1)"
 
     info = describe_model("msx-test@champion", tracking_uri)
     assert info["version"] == 1 and "champion" in info["aliases"]
     assert info["run_id"] == parent.info.run_id
     assert info["tags"]["strategy"] == selection.strategy
+    assert info["tags"]["data_fingerprint"] == "f" * 64 and info["tags"]["code_version"] == "msx test"
+    assert info["tags"]["champion_decision"] == "became champion: there was no champion"
     assert info["tags"]["test_dsc"].startswith(f"{configurations[0].score(selection.strategy, 'dsc', 'test'):.4f}")
     assert describe_model("msx-test/1", tracking_uri)["version"] == 1
     assert describe_model("msx-test", tracking_uri)["version"] == 1
 
     with tracking_uri_scope(tracking_uri):
         model = mlflow.pyfunc.load_model(uri)
+        bundled = json.loads(Path(mlflow.artifacts.download_artifacts(f"{uri}/artifacts/selection.json")).read_text())
+    assert (bundled["data_fingerprint"], bundled["code_version"]) == ("f" * 64, "msx test")
     assert os.environ.get("MLFLOW_TRACKING_URI") != tracking_uri  # nothing leaks to later commands
     image = np.zeros((3, 20, 24, 18), dtype=np.float32)
     image[:, 3:17, 4:20, 2:16] = np.random.default_rng(0).normal(1.0, 0.2, size=(3, 14, 16, 14))

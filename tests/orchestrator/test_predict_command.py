@@ -151,6 +151,7 @@ def test_wrong_modality_count_is_rejected(setup, tmp_path):
 def test_predict_with_registered_model(setup, tmp_path):
     from mlflow.tracking import MlflowClient
     from msx.orchestrator.model_registry import register_selection
+    from msx.orchestrator.provenance import Provenance
     from msx.orchestrator.results import (
         TrialOutcome,
         select_best,
@@ -175,7 +176,10 @@ def test_predict_with_registered_model(setup, tmp_path):
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     experiment_id = ensure_experiment(tracking_uri, spec.name, tmp_path / "artifacts")
     parent = MlflowClient(tracking_uri).create_run(experiment_id, run_name="study")
-    _, uri = register_selection(selection, spec.to_dict(), "msx-predict", parent.info.run_id, tracking_uri, tmp_path / "work")
+    provenance = Provenance(data_fingerprint="f" * 64, code_version="msx test")
+    uri = register_selection(
+        selection, spec.to_dict(), "msx-predict", parent.info.run_id, tracking_uri, tmp_path / "work", provenance
+    ).model_uri
 
     out = tmp_path / "out"
     result = CliRunner().invoke(

@@ -46,7 +46,7 @@ class TuneTrial:
 
 
 def write_trial(callback, launch, backbone, configuration, fold, final, status):
-    """A child run written by the launch's own TrialRunsCallback, one worker report per epoch.
+    """A fold run written by the launch's own TrialRunsCallback, one worker report per epoch.
 
     `final`: the final evaluation's metrics, or None for a trial that stopped (status FINISHED: the scheduler
     stopped it) or failed before it.
@@ -66,13 +66,13 @@ def write_trial(callback, launch, backbone, configuration, fold, final, status):
 
 
 def write_launch(client, tracking_uri, storage, study, start_ms, trials):
-    """A parent run as run_study makes it; `trials`: (backbone, configuration, fold, final metrics, status)."""
+    """A launch run as run_study makes it; `trials`: (backbone, configuration, fold, final metrics, status)."""
     experiment_id = ensure_experiment(tracking_uri, study, storage / "mlartifacts")
     launch = f"{study}-{start_ms}"
     parent_id = client.create_run(experiment_id, run_name=launch, start_time=start_ms, tags={STUDY_TAG: launch}).info.run_id
     log_study_start(parent_id, tracking_uri, {**SPEC.to_dict(), "name": study}, COHORT)
     with tracking_uri_scope(tracking_uri):
-        callback = TrialRunsCallback(tracking_uri, study, parent_id)
+        callback = TrialRunsCallback(tracking_uri, study, parent_id, STRATEGIES, len(FOLDS))
         callback.setup()
         for trial in trials:
             write_trial(callback, launch, *trial)
