@@ -40,7 +40,7 @@ def main() -> None:
 @click.option("--address", envvar="RAY_ADDRESS", default=None, help="Address of a running Ray cluster (default: join the one running on this machine, else start one).")
 def launch(space: str, data: Path | None, storage: Path, tracking_uri: str | None, address: str | None) -> None:
     """Run a whole leave-one-subject-out study and register the best model."""
-    from .tracking import default_tracking_uri
+    from .tracking import check_tracking_server, default_tracking_uri
 
     started = time.monotonic()
     storage = storage.resolve()
@@ -53,6 +53,10 @@ def launch(space: str, data: Path | None, storage: Path, tracking_uri: str | Non
     except INPUT_ERRORS as error:  # CohortError is a ValueError
         raise _fail_cleanly(error) from None
     tracking_uri = tracking_uri or default_tracking_uri(storage)
+    try:
+        check_tracking_server(tracking_uri)
+    except ConnectionError as error:
+        raise _fail_cleanly(error) from None
     click.echo(f"study {spec.name!r}: {len(cohort.patients)} patients, {len(cohort.scans)} scans from {cohort.root}")
     click.echo(f"data fingerprint {provenance.data_fingerprint}, code {provenance.code_version}")
 

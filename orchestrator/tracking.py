@@ -21,6 +21,8 @@ import math
 import os
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -85,6 +87,30 @@ def tracking_uri_scope(tracking_uri: str) -> Iterator[None]:
 
 def default_tracking_uri(storage: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(storage / 'mlflow.db').resolve()}"
+
+
+def check_tracking_server(tracking_uri: str, timeout_s: float = 10.0) -> None:
+    """Raise ConnectionError unless an HTTP tracking server answers its health check.
+
+    A study fails fast here, before Ray starts, rather than training for hours and losing its record:
+    MLflow's client would retry every later call with back-off. Local stores (SQLite, files) need no check.
+    """
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    health = f"{tracking_uri.rstrip('/')}/health"
+    try:
+        with urllib.request.urlopen(health, timeout=timeout_s) as response:
+            if response.status == 200:
+                return
+            reason = f"HTTP {response.status}"
+    except urllib.error.HTTPError as error:
+        reason = f"HTTP {error.code}"
+    except (urllib.error.URLError, OSError) as error:
+        reason = str(getattr(error, "reason", error))
+    raise ConnectionError(
+        f"MLflow tracking server {tracking_uri} is unreachable ({reason}); start it, or leave out --tracking-uri "
+        "and MLFLOW_TRACKING_URI to use the local SQLite store (Ray was not started)"
+    )
 
 
 def ensure_experiment(tracking_uri: str, name: str, artifact_root: Path) -> str:

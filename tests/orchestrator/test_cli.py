@@ -137,3 +137,16 @@ def test_evaluate_refuses_masks_on_different_grids(tmp_path):
     write_mask(tmp_path / "pred.nii.gz", np.zeros((8, 8, 9)))
     result = msx("evaluate", "--pred", "pred.nii.gz", "--gt", "gt.nii.gz", cwd=tmp_path)
     assert_one_line_error(result, "pred.nii.gz", "shape")
+
+
+def test_unreachable_tracking_server_fails_before_ray(tmp_path):
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on once the probe closes
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    runs = tmp_path / "runs"
+    result = msx("launch", "--tracking-uri", uri, "--storage", str(runs), cwd=tmp_path)
+    assert_one_line_error(result, f"MLflow tracking server {uri} is unreachable", "Ray was not started")
+    assert not (runs / "smoke").exists()  # no experiment folder: no trial ran

@@ -272,3 +272,13 @@ def test_code_version_names_the_package_and_its_commit():
     assert re.fullmatch(r"msx \S+(, git [0-9a-f]{40}( \+ uncommitted changes)?)?", version), version
     if (Path(__file__).parents[2] / ".git").exists():
         assert ", git " in version
+
+
+def test_the_launch_check_passes_for_a_live_server_and_local_stores(mlflow_server, tmp_path):
+    from msx.orchestrator.tracking import check_tracking_server
+
+    check_tracking_server(mlflow_server)
+    check_tracking_server(mlflow_server + "/")
+    check_tracking_server(f"sqlite:///{tmp_path / 'mlflow.db'}")  # local: nothing to reach
+    with pytest.raises(ConnectionError, match="unreachable"):
+        check_tracking_server(f"http://127.0.0.1:{free_port()}")
