@@ -90,7 +90,8 @@ def launch(space: str, data: Path | None, storage: Path, tracking_uri: str | Non
     click.echo(f"finished {outcome.trials_finished}/{outcome.trials_total} trials in {time.monotonic() - started:.0f} s")
     click.echo("")
     if tracking_uri.startswith("sqlite:"):
-        click.echo(f"MLflow UI:      mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000")
+        storage_option = "" if storage == Path("msx_runs").resolve() else f" --storage {storage}"
+        click.echo(f"MLflow UI:      msx ui{storage_option}   (serves {tracking_uri} on 127.0.0.1:5000)")
         click.echo(f"                then open http://127.0.0.1:5000/#/models/{spec.registry.model_name}")
     else:
         click.echo(f"MLflow UI:      {tracking_uri}/#/models/{spec.registry.model_name}")
@@ -301,6 +302,32 @@ def report(study: str | None, tracking_uri: str | None, storage: Path, out: Path
     click.echo(f"study {study!r}, launch {record.launch}: {trials_line(record.trials)}")
     click.echo(f"wrote {files.markdown} and {files.html} ({len(files.figures)} figures)")
     click.echo(f"logged to MLflow run {record.run_id} under report/")
+
+
+@main.command()
+@click.option("--port", type=int, default=5000, show_default=True, help="Port of the UI, on 127.0.0.1 only.")
+@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, help="MLflow tracking URI (default: SQLite file in --storage).")
+@click.option("--storage", envvar="MSX_STORAGE", type=click.Path(path_type=Path), default=Path("msx_runs"), show_default=True, help="Folder of the default MLflow store (env MSX_STORAGE).")
+def ui(port: int, tracking_uri: str | None, storage: Path) -> None:
+    """Start the MLflow UI on 127.0.0.1 for the study store; Ctrl-C stops it."""
+    import os
+    import subprocess
+
+    from .tracking import default_tracking_uri
+
+    uri = tracking_uri or default_tracking_uri(storage.resolve())
+    if uri.startswith(("http://", "https://")):
+        click.echo(f"{uri} is a tracking server, which serves its own UI: open {uri}")
+        return
+    click.echo(f"MLflow UI: http://127.0.0.1:{port} (registered models: http://127.0.0.1:{port}/#/models); Ctrl-C stops it")
+    # Bound to 127.0.0.1 whatever MLflow's default: the store holds unpublished patient results.
+    # MLflow's job runner only serves GenAI features and would start extra processes.
+    command = [str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
+    environment = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    try:
+        raise SystemExit(subprocess.call(command, env=environment))
+    except KeyboardInterrupt:
+        raise SystemExit(0) from None
 
 
 main.add_command(predict)
