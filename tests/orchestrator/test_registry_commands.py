@@ -7,8 +7,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -26,6 +24,8 @@ from msx.orchestrator.provenance import Provenance, code_version, cohort_fingerp
 from msx.orchestrator.results import TrialOutcome, select_best, summarise_configurations
 from msx.orchestrator.spec import spec_from_dict
 from msx.orchestrator.tracking import ensure_experiment
+
+from .servers import wait_until_healthy
 
 MODEL = "msx-policy"
 DATA_A, DATA_B = "a" * 64, "b" * 64
@@ -65,19 +65,7 @@ def mlflow_server(tmp_path_factory):
     )
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"mlflow server exited with {server.returncode}: {(folder / 'server.log').read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not answer in 120 s: {(folder / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+        wait_until_healthy(server, uri, folder / "server.log")
         yield uri
     finally:
         server.terminate()

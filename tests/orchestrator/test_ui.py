@@ -8,8 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ import pytest
 from msx.models.checkpoint import save_checkpoint
 from msx.models.networks import NetworkConfig, build_network
 
+from .servers import wait_until_healthy
 from .test_registry_commands import MODEL, free_port, register
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
@@ -42,17 +41,7 @@ def ui_with_a_champion(tmp_path):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert ui.poll() is None, (tmp_path / "ui.log").read_text()[-2000:]
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, (tmp_path / "ui.log").read_text()[-2000:]
-            time.sleep(0.5)
+        wait_until_healthy(ui, url, tmp_path / "ui.log")
         yield url, tmp_path / "ui.log"
     finally:
         os.killpg(ui.pid, 15)  # msx and the MLflow server it started
