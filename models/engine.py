@@ -17,7 +17,7 @@ from .data.cohort import LoadedScan
 from .data.transforms import GridRestore, augmentation_transforms, prepare_scan_for_inference
 from .diffusion import DiffusionConfig, LossWeights, diffusion_loss, sample_scan
 from .lesion_maps import LesionMaps, lesion_maps
-from .metrics import segmentation_metrics
+from .metrics import lesion_volumes, segmentation_metrics
 from .strategies import fuse_all
 
 
@@ -193,7 +193,8 @@ def segment_scan_with_maps(
 class ScanEvaluation:
     """Every configured strategy's metrics against the scan's mask, and the masks they were measured on."""
 
-    metrics: dict[str, dict[str, float]]  # strategy -> metric -> value
+    # strategy -> METRIC_NAMES, then the lesion volumes in mm^3 (VOLUME_NAMES) the ISBI score correlates over scans
+    metrics: dict[str, dict[str, float]]
     masks: dict[str, np.ndarray]  # strategy -> (X, Y, Z), on the scan's grid
 
 
@@ -211,7 +212,10 @@ def evaluate_scan(
     truth = scan.mask.astype(bool)
     return ScanEvaluation(
         metrics={
-            name: segmentation_metrics(mask.astype(bool), truth, spacing=scan.spacing, connectivity=config.connectivity)
+            name: {
+                **segmentation_metrics(mask.astype(bool), truth, spacing=scan.spacing, connectivity=config.connectivity),
+                **lesion_volumes(mask, truth, scan.spacing),
+            }
             for name, mask in masks.items()
         },
         masks=masks,

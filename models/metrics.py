@@ -19,7 +19,9 @@ paper metrics keep their shape):
   the plain Hausdorff distance, percentile 100.) Empty cases as ASSD: 0 when both are empty, else NaN
   when either is.
 
-:func:`isbi_scores` gives the ISBI 2015 challenge score per scan.
+:func:`lesion_volumes` gives a scan's predicted and true lesion volumes in mm^3 (``VOLUME_NAMES``), which
+:func:`isbi_scores` (the ISBI 2015 challenge score per scan) and :func:`mean_isbi_score` (its mean over a set
+of scans) correlate over scans.
 
 Empty masks:
 - both empty: dsc 1, tpr 1, ppv 1, ltpr 1, lfpr 0, avd 0, assd 0 (a perfect answer).
@@ -39,6 +41,8 @@ from scipy import ndimage
 METRIC_NAMES = ("dsc", "tpr", "ppv", "ltpr", "lfpr", "avd", "assd")
 # Reported on request only (segmentation_metrics(extra=True)); not one of the paper's seven.
 EXTRA_METRIC_NAMES = ("hd95",)
+# Keys of :func:`lesion_volumes`: a scan's lesion volumes, not a score (a mean of them over scans means nothing).
+VOLUME_NAMES = ("pred_volume_mm3", "gt_volume_mm3")
 
 # Lesion connectivity -> rank argument of scipy.ndimage.generate_binary_structure(3, rank).
 _CONNECTIVITY_RANK = {6: 1, 18: 2, 26: 3}
@@ -138,6 +142,12 @@ def segmentation_metrics(
     return metrics
 
 
+def lesion_volumes(pred: npt.ArrayLike, gt: npt.ArrayLike, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> dict[str, float]:
+    """The predicted and the true lesion volume in mm^3 (``VOLUME_NAMES``; nonzero = lesion)."""
+    voxel_mm3 = float(np.prod(spacing))
+    return {name: int(np.count_nonzero(mask)) * voxel_mm3 for name, mask in zip(VOLUME_NAMES, (pred, gt))}
+
+
 def isbi_scores(
     per_scan: Sequence[Mapping[str, float]], pred_volumes: Sequence[float], gt_volumes: Sequence[float]
 ) -> list[float]:
@@ -170,6 +180,21 @@ def isbi_scores(
         scan["dsc"] / 8 + scan["ppv"] / 8 + (1 - scan["lfpr"]) / 4 + scan["ltpr"] / 4 + corr / 4
         for scan in per_scan
     ]
+
+
+def mean_isbi_score(per_scan: Sequence[Mapping[str, float]]) -> float:
+    """Mean over scans of :func:`isbi_scores`, its volume correlation running over the same scans.
+
+    ``per_scan[i]`` holds scan i's ``dsc``, ``ppv``, ``lfpr``, ``ltpr`` and its ``VOLUME_NAMES``. Scans whose
+    score is NaN (empty prediction) are left out; NaN when no score is defined (fewer than two scans,
+    constant volumes).
+    """
+    pred_key, gt_key = VOLUME_NAMES
+    scores = np.array(
+        isbi_scores(per_scan, [scan[pred_key] for scan in per_scan], [scan[gt_key] for scan in per_scan]), dtype=float
+    )
+    finite = scores[~np.isnan(scores)]
+    return float(finite.mean()) if finite.size else math.nan
 
 
 def summarise(per_scan: Sequence[dict[str, float]], ddof: int = 0) -> dict[str, tuple[float, float]]:

@@ -31,11 +31,11 @@ from mlflow.entities import Run
 from mlflow.store.tracking import SEARCH_MAX_RESULTS_THRESHOLD
 from mlflow.tracking import MlflowClient
 
-from msx.models.metrics import METRIC_NAMES
-
 from .results import (
     HIGHER_IS_BETTER,
+    ISBI_SCORE,
     OVERLAY_DIR,
+    SPLIT_METRIC_NAMES,
     ConfigurationResult,
     Selection,
     TrialOutcome,
@@ -283,7 +283,7 @@ def metrics_table(summary: StudySummary, split: str) -> Table:
     for row_index, (backbone, strategy, cells) in enumerate(summary_rows(list(summary.rows), summary.strategies, split)):
         rows.append((backbone, strategy, *(format_cell(cell) for cell in cells)))
         best.update((row_index, 2 + column) for column, cell in enumerate(cells) if cell.best)
-    return Table(("backbone", "strategy", *(m.upper() for m in METRIC_NAMES)), tuple(rows), frozenset(best))
+    return Table(("backbone", "strategy", *(m.upper() for m in SPLIT_METRIC_NAMES)), tuple(rows), frozenset(best))
 
 
 # ---- figures --------------------------------------------------------------------------------------
@@ -420,8 +420,8 @@ def report_blocks(
         ),
     ]
     blocks += _selection_blocks(record, summary)
-    higher = ", ".join(m.upper() for m in METRIC_NAMES if HIGHER_IS_BETTER[m])
-    lower = ", ".join(m.upper() for m in METRIC_NAMES if not HIGHER_IS_BETTER[m])
+    higher = ", ".join(m.upper() for m in SPLIT_METRIC_NAMES if HIGHER_IS_BETTER[m])
+    lower = ", ".join(m.upper() for m in SPLIT_METRIC_NAMES if not HIGHER_IS_BETTER[m])
     chosen = "; ".join(f"{row.backbone}: {describe_configuration(row)}" for row in summary.rows)
     for split in ("test", "val"):
         blocks += [
@@ -435,8 +435,10 @@ def report_blocks(
         ]
     blocks.append(
         Text(
-            "The ISBI 2015 score is not in the tables: its volume correlation needs each scan's lesion volumes, "
-            "which trials do not log."
+            f"{ISBI_SCORE.upper()}: the raw ISBI 2015 score, DSC/8 + PPV/8 + (1 - LFPR)/4 + LTPR/4 + Corr/4 per scan, "
+            "Corr being the Pearson correlation of predicted and true lesion volumes over the fold's scans of that "
+            "split; the fold's value is the mean over those scans. The challenge's rescaling (inter-rater agreement "
+            "= 90) is not applied, and a split of fewer than two scans has none (n/a)."
         )
     )
     blocks.append(Heading("Figures"))

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from msx.models.metrics import METRIC_NAMES
+from msx.models.metrics import METRIC_NAMES, mean_isbi_score
 
 # The key of the worker's last report, which carries the final evaluation.
 FINAL_REPORT = "final"
@@ -22,8 +22,16 @@ MODEL_DIR = "model"
 SCAN_METRICS_FILE = "scan_metrics.json"
 OVERLAY_DIR = "overlays"
 
+# The raw ISBI 2015 score of a fold's split: each scan's, its volume correlation over the split's scans, averaged.
+ISBI_SCORE = "isbi"
+# What a fold reports per split and strategy (means over the split's scans): the tables' columns, and what
+# a selection may rank by.
+SPLIT_METRIC_NAMES = (*METRIC_NAMES, ISBI_SCORE)
+
 # Direction of "better" for each metric, for marking best values.
-HIGHER_IS_BETTER = {"dsc": True, "tpr": True, "ppv": True, "ltpr": True, "lfpr": False, "avd": False, "assd": False}
+HIGHER_IS_BETTER = {
+    "dsc": True, "tpr": True, "ppv": True, "ltpr": True, "lfpr": False, "avd": False, "assd": False, ISBI_SCORE: True,
+}
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,24 @@ def outcome_from_result(config: dict[str, Any], metrics: dict[str, Any]) -> Tria
     )
 
 
+def split_metrics(rows: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    """A fold's final metrics from its per-scan rows (split, scan, strategy, METRIC_NAMES and VOLUME_NAMES):
+    `{split}/{strategy}/{metric}` for each of SPLIT_METRIC_NAMES, the mean over the split's scans with NaN
+    left out (NaN when no value is finite)."""
+    scans_of: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        scans_of.setdefault((row["split"], row["strategy"]), []).append(row)
+    metrics = {}
+    for (split, strategy), scans in scans_of.items():
+        for metric in METRIC_NAMES:
+            values = np.array([scan[metric] for scan in scans], dtype=float)
+            finite = values[~np.isnan(values)]
+            metrics[f"{split}/{strategy}/{metric}"] = float(finite.mean()) if finite.size else math.nan
+        # The volume correlation needs the split's scans together: a mean of per-scan scores would not do.
+        metrics[f"{split}/{strategy}/{ISBI_SCORE}"] = mean_isbi_score(scans)
+    return metrics
+
+
 def summarise_configurations(
     outcomes: Iterable[TrialOutcome], strategies: tuple[str, ...], fold_count: int
 ) -> list[ConfigurationResult]:
@@ -91,7 +117,7 @@ def summarise_configurations(
         summary = {}
         for split in ("val", "test"):
             for strategy in strategies:
-                for metric in METRIC_NAMES:
+                for metric in SPLIT_METRIC_NAMES:
                     values = np.array([f.metrics.get(f"{split}/{strategy}/{metric}", math.nan) for f in folds])
                     finite = values[~np.isnan(values)]
                     summary[(split, strategy, metric)] = (
@@ -140,10 +166,10 @@ class SummaryCell:
 def summary_rows(
     configurations: list[ConfigurationResult], strategies: tuple[str, ...], split: str = "test"
 ) -> list[tuple[str, str, tuple[SummaryCell, ...]]]:
-    """(backbone, strategy, one cell per metric of METRIC_NAMES) rows; the best mean of each column marked,
+    """(backbone, strategy, one cell per metric of SPLIT_METRIC_NAMES) rows; the best mean of each column marked,
     lower being better for LFPR, AVD and ASSD."""
     best = {}
-    for metric in METRIC_NAMES:
+    for metric in SPLIT_METRIC_NAMES:
         means = [c.summary[(split, s, metric)][0] for c in configurations for s in strategies]
         means = [m for m in means if not math.isnan(m)]
         if means:
@@ -152,7 +178,7 @@ def summary_rows(
     for configuration in configurations:
         for strategy in strategies:
             cells = []
-            for metric in METRIC_NAMES:
+            for metric in SPLIT_METRIC_NAMES:
                 mean, std = configuration.summary[(split, strategy, metric)]
                 cells.append(SummaryCell(mean, std, metric in best and mean == best[metric]))
             rows.append((configuration.backbone, strategy, tuple(cells)))
@@ -167,7 +193,7 @@ def results_table(
     configurations: list[ConfigurationResult], strategies: tuple[str, ...], split: str = "test"
 ) -> str:
     """Backbone x strategy rows, metric columns, mean +- std over folds; the best value per column starred."""
-    headers = ["backbone", "strategy"] + [m.upper() for m in METRIC_NAMES]
+    headers = ["backbone", "strategy"] + [m.upper() for m in SPLIT_METRIC_NAMES]
     rows = [
         [backbone, strategy] + [format_cell(cell) + ("*" if cell.best else "") for cell in cells]
         for backbone, strategy, cells in summary_rows(configurations, strategies, split)

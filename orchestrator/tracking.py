@@ -1,7 +1,7 @@
 """MLflow: the study's record.
 
 An experiment per study; in it, per launch, a tree of nested runs written by the driver from Tune's
-results (Ray's `MLflowLoggerCallback`):
+events (TrialRunsCallback, a Tune logger callback):
 
     launch run (STUDY_TAG)
       configuration run per backbone + searched values (CONFIGURATION_TAG): its params, and once every
@@ -10,7 +10,8 @@ results (Ray's `MLflowLoggerCallback`):
         per-scan metrics (CSV), model folder and example overlays as artifacts
 
 A trial has exactly one run however many training workers or retries it has. The default store is a
-SQLite file next to the experiment folders.
+SQLite file next to the experiment folders. A store that stops answering during a study delays the record,
+not the training: the callback keeps what it could not write and writes it, in order, once the store answers.
 """
 
 from __future__ import annotations
@@ -24,15 +25,19 @@ import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import mlflow
+import requests
 from mlflow.entities import Metric, Param, Run
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE, ErrorCode
 from mlflow.store.tracking import SEARCH_MAX_RESULTS_THRESHOLD
 from mlflow.tracking import MlflowClient
-from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
+from ray.tune.logger import LoggerCallback
 from ray.tune.utils import flatten_dict
 
 from .results import (
@@ -155,74 +160,176 @@ def write_scan_metrics_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
-class TrialRunsCallback(MLflowLoggerCallback):
-    """Ray's MLflow logger writing the launch's tree: configuration runs under the launch's run, a fold run
-    per trial under its configuration's run.
+# ---- the driver's writes ---------------------------------------------------------------------------
+# Each Tune event becomes one write, made at once when the store answers and otherwise kept, in order, until
+# it does. A write names runs by trial id or configuration, never by run id: a run whose creation is still
+# pending has none yet.
+
+
+@dataclass(frozen=True)
+class OpenTrialRun:
+    """A trial started: its configuration's run and its own, found (by tag) or made, its config as params."""
+
+    trial_id: str
+    config: dict[str, Any]
+
+    def describe(self) -> str:
+        return f"{trial_run_name(self.config)}: start"
+
+
+@dataclass(frozen=True)
+class LogTrialMetrics:
+    trial_id: str
+    run_name: str
+    step: int
+    # Timestamps fixed when Tune reported them: a replayed batch that had reached the store adds nothing.
+    metrics: tuple[Metric, ...]
+
+    def describe(self) -> str:
+        return f"{self.run_name}: metrics of step {self.step}"
+
+
+@dataclass(frozen=True)
+class LogFinalCheckpoint:
+    trial_id: str
+    run_name: str
+    checkpoint_path: str
+
+    def describe(self) -> str:
+        return f"{self.run_name}: final checkpoint's files ({self.checkpoint_path})"
+
+
+@dataclass(frozen=True)
+class CloseTrialRun:
+    """A trial ended: its run's status, then its configuration's summary if that was its last fold."""
+
+    trial_id: str
+    config: dict[str, Any]
+    status: str
+    end_time_ms: int
+
+    def describe(self) -> str:
+        return f"{trial_run_name(self.config)}: end ({self.status}) and configuration summary"
+
+
+TrackingWrite = OpenTrialRun | LogTrialMetrics | LogFinalCheckpoint | CloseTrialRun
+
+# MLflow's HTTP client retries a request 7 times with back-off factor 2 and waits 120 s for each answer:
+# while a server is down every write would hold Tune's loop for minutes. The driver's writes fail fast
+# instead and wait in the pending queue. Uploads of a model may take the server a while to store.
+REQUEST_TIMEOUT_S = 10
+UPLOAD_TIMEOUT_S = 60
+# How often the end of a study asks a store that does not answer again, within its bounded wait.
+FINAL_RETRY_PAUSE_S = 5.0
+# Errors that say a write did not reach the store, as opposed to the store refusing it.
+UNREACHABLE_ERRORS = (
+    ConnectionError, requests.exceptions.ConnectionError, requests.exceptions.Timeout, requests.exceptions.RetryError,
+)
+
+
+@contextmanager
+def fail_fast_http(timeout_s: int) -> Iterator[None]:
+    """MLflow's HTTP client with one retry and `timeout_s` per request; a user's own MLFLOW_HTTP_REQUEST_* win.
+
+    MLflow reads these variables at every request, so they bind the requests made inside the block only.
+    """
+    settings = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s),
+    }
+    added = {key: value for key, value in settings.items() if key not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def _error_chain(error: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def store_unavailable(error: BaseException) -> bool:
+    """Whether `error` says the tracking store did not answer (down, unreachable, or a SQLite file locked
+    by another writer), so that the same write may succeed later."""
+    return any(
+        isinstance(cause, UNREACHABLE_ERRORS)
+        or (isinstance(cause, MlflowException) and cause.error_code == ErrorCode.Name(TEMPORARILY_UNAVAILABLE))
+        for cause in _error_chain(error)
+    )
+
+
+def _root_cause(error: BaseException) -> str:
+    *_, innermost = _error_chain(error)
+    return str(innermost)
+
+
+class PendingWritesError(ConnectionError):
+    """The tracking store did not take the study's pending writes within the wait at the study's end."""
+
+
+class TrialRunsCallback(LoggerCallback):
+    """Tune's events as the launch's tree in MLflow: configuration runs under the launch's run, a fold run per
+    trial under its configuration's run.
 
     A configuration's run is made when its first fold starts; its summary is logged, and the run ended, when
-    all `fold_count` folds have ended. A trial or configuration that already has a run (the driver restarted)
-    gets the same run back, not a second one.
+    all `fold_count` folds have ended. A trial or configuration that already has a run (the driver restarted,
+    or a write whose answer was lost is made again) gets the same run back, not a second one.
+
+    A store that does not answer does not stop the study: the write is kept, with every later one, in a
+    pending queue and the trials train on. The queue is made, oldest first, at the next Tune event once
+    `retry_interval_s` has passed since the last failure (so an outage costs Tune's loop one fast-failing
+    request per interval), and is part of Tune's saved experiment state, so a resumed driver makes it too.
+    At the end of the experiment the driver waits up to `final_wait_s` for the store, then raises
+    PendingWritesError naming the store and what it did not take.
     """
 
     def __init__(
-        self, tracking_uri: str, experiment_name: str, parent_run_id: str, strategies: tuple[str, ...], fold_count: int
+        self,
+        tracking_uri: str,
+        experiment_name: str,
+        parent_run_id: str,
+        strategies: tuple[str, ...],
+        fold_count: int,
+        retry_interval_s: float = 30.0,
+        final_wait_s: float = 300.0,
     ) -> None:
-        super().__init__(tracking_uri=tracking_uri, experiment_name=experiment_name, save_artifact=False)
+        self.tracking_uri = tracking_uri
+        self.experiment_name = experiment_name
         self._parent_run_id = parent_run_id
         self._strategies = strategies
         self._fold_count = fold_count
-        # configuration name -> run id
+        self._retry_interval_s = retry_interval_s
+        self._final_wait_s = final_wait_s
+        # Oldest first.
+        self._pending: list[TrackingWrite] = []
+        # What the store has told this driver: the experiment's id, and run ids by trial id and by configuration.
+        self._experiment_id: str | None = None
+        self._trial_runs: dict[str, str] = {}
         self._configuration_runs: dict[str, str] = {}
+        # time.monotonic() before which a store that failed is not asked again; None while it answers.
+        self._next_attempt: float | None = None
 
-    def _client(self) -> MlflowClient:
-        return MlflowClient(self.tracking_uri)
+    @property
+    def pending(self) -> tuple[TrackingWrite, ...]:
+        return tuple(self._pending)
 
-    def _configuration_run(self, config: dict[str, Any]) -> str:
-        name = config["configuration"]
-        if name not in self._configuration_runs:
-            client = self._client()
-            existing = client.search_runs(
-                [self.mlflow_util.experiment_id],
-                filter_string=f"tags.`{CONFIGURATION_TAG}` = '{name}' AND tags.`{PARENT_RUN_TAG}` = '{self._parent_run_id}'",
-                max_results=1,
-            )
-            if existing:
-                self._configuration_runs[name] = existing[0].info.run_id
-            else:
-                run_id = client.create_run(
-                    self.mlflow_util.experiment_id,
-                    run_name=name,
-                    tags={PARENT_RUN_TAG: self._parent_run_id, CONFIGURATION_TAG: name},
-                ).info.run_id
-                # The fold is the one thing the configuration's trials differ in.
-                client.log_batch(run_id, params=[Param(key, str(value)) for key, value in config.items() if key != "fold"])
-                self._configuration_runs[name] = run_id
-        return self._configuration_runs[name]
+    # ---- Tune's events
 
     def log_trial_start(self, trial) -> None:
-        if trial not in self._trial_runs:
-            client = self._client()
-            existing = client.search_runs(
-                [self.mlflow_util.experiment_id],
-                filter_string=f"tags.`{TRIAL_ID_TAG}` = '{trial.trial_id}'",
-                max_results=1,
-            )
-            if existing:
-                self._trial_runs[trial] = existing[0].info.run_id
-                client.update_run(existing[0].info.run_id, status="RUNNING")
-            else:
-                run = client.create_run(
-                    self.mlflow_util.experiment_id,
-                    run_name=trial_run_name(trial.config),
-                    tags={PARENT_RUN_TAG: self._configuration_run(trial.config), TRIAL_ID_TAG: trial.trial_id},
-                )
-                self._trial_runs[trial] = run.info.run_id
-        super().log_trial_start(trial)
+        self._write(OpenTrialRun(trial.trial_id, dict(trial.config)))
 
     def log_trial_result(self, iteration: int, trial, result: dict) -> None:
         step = int(result.get("epoch", iteration))
         now = int(time.time() * 1000)
-        metrics = [
+        metrics = tuple(
             Metric(key, float(value), now, step)
             for key, value in flatten_dict(result).items()
             if key not in UNTRACKED_RESULT_KEYS
@@ -230,19 +337,153 @@ class TrialRunsCallback(MLflowLoggerCallback):
             and isinstance(value, (int, float))
             and not isinstance(value, bool)
             and not math.isnan(value)
-        ]
-        run_id = self._trial_runs[trial]
-        self._client().log_batch(run_id, metrics=metrics)
+        )
+        run_name = trial_run_name(trial.config)
+        self._write(LogTrialMetrics(trial.trial_id, run_name, step, metrics))
         if result.get(FINAL_REPORT) and result.get(CHECKPOINT_PATH_KEY):
-            self._log_final_checkpoint(run_id, result[CHECKPOINT_PATH_KEY])
+            self._write(LogFinalCheckpoint(trial.trial_id, run_name, result[CHECKPOINT_PATH_KEY]))
 
-    def _log_final_checkpoint(self, run_id: str, checkpoint_path: str) -> None:
+    def log_trial_end(self, trial, failed: bool = False) -> None:
+        self._write(CloseTrialRun(trial.trial_id, dict(trial.config), "FAILED" if failed else "FINISHED", int(time.time() * 1000)))
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        # A store that came back gets the queue without waiting for a trial's next event.
+        self._flush()
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        if not self._pending:
+            return
+        print(
+            f"MLflow: {len(self._pending)} writes to {self.tracking_uri} are pending; waiting up to "
+            f"{self._final_wait_s:.0f} s for it to answer",
+            flush=True,
+        )
+        deadline = time.monotonic() + self._final_wait_s
+        while True:
+            self._flush(force=True)
+            remaining = deadline - time.monotonic()
+            if not self._pending or remaining <= 0:
+                break
+            time.sleep(min(FINAL_RETRY_PAUSE_S, remaining))
+        if self._pending:
+            listed = "; ".join(write.describe() for write in self._pending[:10])
+            more = f"; and {len(self._pending) - 10} more" if len(self._pending) > 10 else ""
+            raise PendingWritesError(
+                f"MLflow tracking store {self.tracking_uri} did not answer within {self._final_wait_s:.0f} s of the "
+                f"study's end; {len(self._pending)} writes were not logged: {listed}{more}. They are kept in Tune's "
+                "saved experiment state: once the store answers, resuming the study (msx launch --resume) logs them."
+            )
+
+    # Tune saves this with the experiment's state and gives it back to a resumed driver.
+    def get_state(self) -> dict[str, Any]:
+        return {"pending": list(self._pending)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._pending = list(state["pending"])
+
+    # ---- the store
+
+    def _write(self, write: TrackingWrite) -> None:
+        self._pending.append(write)
+        self._flush()
+
+    def _flush(self, force: bool = False) -> None:
+        """Make the pending writes, oldest first, until the store does not answer; a store that did not answer
+        is asked again only `retry_interval_s` later, unless `force`."""
+        if not self._pending or (not force and self._next_attempt is not None and time.monotonic() < self._next_attempt):
+            return
+        client = MlflowClient(self.tracking_uri)
+        while self._pending:
+            write = self._pending[0]
+            try:
+                with fail_fast_http(UPLOAD_TIMEOUT_S if isinstance(write, LogFinalCheckpoint) else REQUEST_TIMEOUT_S):
+                    self._apply(client, write)
+            except Exception as error:
+                if not store_unavailable(error):
+                    # A write the store refuses would block every later one: the study stops, as on any error.
+                    self._pending.pop(0)
+                    raise
+                if self._next_attempt is None:
+                    print(
+                        f"MLflow: tracking store {self.tracking_uri} does not answer ({_root_cause(error)}); trials "
+                        "keep training and their record waits here, to be logged in order once the store answers",
+                        flush=True,
+                    )
+                self._next_attempt = time.monotonic() + self._retry_interval_s
+                return
+            self._pending.pop(0)
+        if self._next_attempt is not None:
+            print(f"MLflow: tracking store {self.tracking_uri} answers again; the pending writes are logged", flush=True)
+            self._next_attempt = None
+
+    def _apply(self, client: MlflowClient, write: TrackingWrite) -> None:
+        match write:
+            case OpenTrialRun():
+                self._open_trial_run(client, write)
+            case LogTrialMetrics():
+                client.log_batch(self._trial_run(client, write.trial_id), metrics=list(write.metrics))
+            case LogFinalCheckpoint():
+                self._log_final_checkpoint(client, self._trial_run(client, write.trial_id), write.checkpoint_path)
+            case CloseTrialRun():
+                client.set_terminated(self._trial_run(client, write.trial_id), write.status, end_time=write.end_time_ms)
+                self._end_configuration_when_all_folds_ended(client, self._configuration_run(client, write.config), write.end_time_ms)
+
+    def _experiment(self, client: MlflowClient) -> str:
+        if self._experiment_id is None:
+            self._experiment_id = client.get_experiment_by_name(self.experiment_name).experiment_id
+        return self._experiment_id
+
+    def _find_run(self, client: MlflowClient, filter_string: str) -> str | None:
+        runs = client.search_runs([self._experiment(client)], filter_string=filter_string, max_results=1)
+        return runs[0].info.run_id if runs else None
+
+    def _configuration_run(self, client: MlflowClient, config: dict[str, Any]) -> str:
+        name = config["configuration"]
+        if name not in self._configuration_runs:
+            run_id = self._find_run(
+                client, f"tags.`{CONFIGURATION_TAG}` = '{name}' AND tags.`{PARENT_RUN_TAG}` = '{self._parent_run_id}'"
+            )
+            if run_id is None:
+                run_id = client.create_run(
+                    self._experiment(client),
+                    run_name=name,
+                    tags={PARENT_RUN_TAG: self._parent_run_id, CONFIGURATION_TAG: name},
+                ).info.run_id
+            # Also for a run found: the write that made it may have failed before its params were logged.
+            # The fold is the one thing the configuration's trials differ in.
+            client.log_batch(run_id, params=[Param(key, str(value)) for key, value in config.items() if key != "fold"])
+            self._configuration_runs[name] = run_id
+        return self._configuration_runs[name]
+
+    def _trial_run(self, client: MlflowClient, trial_id: str) -> str:
+        if trial_id not in self._trial_runs:
+            run_id = self._find_run(client, f"tags.`{TRIAL_ID_TAG}` = '{trial_id}'")
+            if run_id is None:
+                raise LookupError(f"trial {trial_id} has no MLflow run in experiment {self.experiment_name!r}")
+            self._trial_runs[trial_id] = run_id
+        return self._trial_runs[trial_id]
+
+    def _open_trial_run(self, client: MlflowClient, write: OpenTrialRun) -> None:
+        configuration_run = self._configuration_run(client, write.config)
+        run_id = self._trial_runs.get(write.trial_id) or self._find_run(client, f"tags.`{TRIAL_ID_TAG}` = '{write.trial_id}'")
+        if run_id is None:
+            run_id = client.create_run(
+                self._experiment(client),
+                run_name=trial_run_name(write.config),
+                tags={PARENT_RUN_TAG: configuration_run, TRIAL_ID_TAG: write.trial_id},
+            ).info.run_id
+        else:
+            # The trial runs again (its driver restarted, or Tune retries it): so does its run.
+            client.update_run(run_id, status="RUNNING")
+        self._trial_runs[write.trial_id] = run_id
+        client.log_batch(run_id, params=[Param(key, str(value)) for key, value in write.config.items()])
+
+    def _log_final_checkpoint(self, client: MlflowClient, run_id: str, checkpoint_path: str) -> None:
         """The final checkpoint's per-scan metrics (as CSV), model folder and example overlays, on the fold run.
 
         Copied only from storage this driver reads as a folder (local, or shared among the nodes); elsewhere
         the tag is the reference.
         """
-        client = self._client()
         client.set_tag(run_id, CHECKPOINT_TAG, checkpoint_path)
         folder = Path(checkpoint_path)
         if not folder.is_dir():
@@ -255,24 +496,19 @@ class TrialRunsCallback(MLflowLoggerCallback):
         if (folder / OVERLAY_DIR).is_dir():
             client.log_artifacts(run_id, str(folder / OVERLAY_DIR), OVERLAY_DIR)
 
-    def log_trial_end(self, trial, failed: bool = False) -> None:
-        super().log_trial_end(trial, failed)
-        self._end_configuration_when_all_folds_ended(self._configuration_run(trial.config))
-
-    def _end_configuration_when_all_folds_ended(self, run_id: str) -> None:
-        client = self._client()
-        folds = child_runs(client, self.mlflow_util.experiment_id, run_id)
+    def _end_configuration_when_all_folds_ended(self, client: MlflowClient, run_id: str, time_ms: int) -> None:
+        folds = child_runs(client, self._experiment(client), run_id)
         if len(folds) < self._fold_count or any(fold.info.status == "RUNNING" for fold in folds):
             return
         outcomes = [outcome for outcome in map(fold_run_outcome, folds) if outcome is not None]
         # Empty unless every fold reached its final evaluation: a partial mean would compare unlike with unlike.
         for configuration in summarise_configurations(outcomes, self._strategies, self._fold_count):
-            now = int(time.time() * 1000)
             metrics = []
             for (split, strategy, metric), (mean, std) in configuration.summary.items():
                 if not math.isnan(mean):
                     key = f"{split}/{strategy}/{metric}"
-                    metrics += [Metric(key, mean, now, 0), Metric(key + FOLD_STD_SUFFIX, std, now, 0)]
+                    # The last fold's end as the time: made again, the summary adds no second point.
+                    metrics += [Metric(key, mean, time_ms, 0), Metric(key + FOLD_STD_SUFFIX, std, time_ms, 0)]
             client.log_batch(run_id, metrics=metrics)
         client.set_terminated(run_id, "FAILED" if any(fold.info.status == "FAILED" for fold in folds) else "FINISHED")
 

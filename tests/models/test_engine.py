@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -7,8 +9,9 @@ from monai.data import list_data_collate
 
 from msx.models.data.cache import prepare_loaded_scan
 from msx.models.data.cohort import LoadedScan
-from msx.models.engine import InferenceConfig, segment_scan, segment_scan_with_maps, training_dataset
+from msx.models.engine import InferenceConfig, evaluate_scan, segment_scan, segment_scan_with_maps, training_dataset
 from msx.models.lesion_maps import binary_entropy_bits
+from msx.models.metrics import METRIC_NAMES, VOLUME_NAMES, segmentation_metrics
 
 from .diffusion.stand_ins import TinyConvNet
 
@@ -88,3 +91,22 @@ def test_maps_come_from_the_masks_sampling_pass_and_lie_on_the_input_grid():
     decided = probability != 0.5
     np.testing.assert_array_equal(mean_mask[decided], probability[decided] > 0.5)
     np.testing.assert_array_equal(uncertainty, binary_entropy_bits(torch.from_numpy(probability)).numpy())
+
+
+def test_evaluation_gives_each_strategys_metrics_and_lesion_volumes_in_mm3():
+    scan = dataclasses.replace(_loaded(0), spacing=(0.5, 1.5, 2.0))  # 1.5 mm^3 per voxel
+    torch.manual_seed(0)
+    net = TinyConvNet(image_channels=2)
+    config = InferenceConfig(ddim_steps=3, samples=2, roi_size=PATCH, overlap=0.25, sw_batch_size=2, strategies=("mean", "last"))
+
+    evaluation = evaluate_scan(net, scan, config, torch.device("cpu"), generator=torch.Generator().manual_seed(1))
+
+    assert evaluation.metrics.keys() == evaluation.masks.keys() == {"mean", "last"}
+    for name, mask in evaluation.masks.items():
+        values = evaluation.metrics[name]
+        assert tuple(values) == METRIC_NAMES + VOLUME_NAMES
+        assert int(mask.sum()) > 0
+        assert values["pred_volume_mm3"] == pytest.approx(1.5 * int(mask.sum()))
+        assert values["gt_volume_mm3"] == pytest.approx(1.5 * 8)  # the 2 x 2 x 2 lesion of _loaded
+        expected = segmentation_metrics(mask, scan.mask, spacing=scan.spacing)
+        assert {key: values[key] for key in METRIC_NAMES} == pytest.approx(expected, nan_ok=True)

@@ -11,6 +11,8 @@ from msx.models.metrics import (
     METRIC_NAMES,
     _symmetric_surface_percentile,
     isbi_scores,
+    lesion_volumes,
+    mean_isbi_score,
     segmentation_metrics,
 )
 
@@ -87,3 +89,29 @@ def test_isbi_scores_undefined_and_mismatched():
     assert perfect == pytest.approx([1.0, 1.0])
     with pytest.raises(ValueError, match="per scan"):
         isbi_scores([scan], [1.0, 2.0], [1.0, 2.0])
+
+
+def test_lesion_volumes_in_mm3():
+    pred = np.zeros((4, 4, 4), bool)
+    gt = np.zeros((4, 4, 4), np.uint8)
+    pred[0, :2, :3] = True
+    gt[1:3, 0, 0] = 1
+    voxel = 0.5 * 1.0 * 2.5
+    assert lesion_volumes(pred, gt, SPACING) == {"pred_volume_mm3": 6 * voxel, "gt_volume_mm3": 2 * voxel}
+    assert lesion_volumes(np.zeros_like(pred), gt) == {"pred_volume_mm3": 0.0, "gt_volume_mm3": 2.0}
+
+
+def test_mean_isbi_score_correlates_over_the_scans_given_and_leaves_out_undefined_scores():
+    per_scan = [
+        {"dsc": 0.8, "ppv": 0.6, "lfpr": 0.2, "ltpr": 0.5, "pred_volume_mm3": 10.0, "gt_volume_mm3": 12.0},
+        {"dsc": 0.4, "ppv": 1.0, "lfpr": 0.0, "ltpr": 0.25, "pred_volume_mm3": 20.0, "gt_volume_mm3": 18.0},
+        # An empty prediction: PPV and LFPR undefined, so is its score; its volume still counts in Corr.
+        {"dsc": 0.0, "ppv": math.nan, "lfpr": math.nan, "ltpr": 0.0, "pred_volume_mm3": 0.0, "gt_volume_mm3": 30.0},
+    ]
+    # Pearson by hand: pred mean 10, deviations 0, 10, -10; truth mean 20, deviations -8, -2, 10.
+    corr = (0 - 20 - 100) / math.sqrt(200 * 168)
+    first = 0.8 / 8 + 0.6 / 8 + 0.8 / 4 + 0.5 / 4 + corr / 4
+    second = 0.4 / 8 + 1.0 / 8 + 1.0 / 4 + 0.25 / 4 + corr / 4
+    assert mean_isbi_score(per_scan) == pytest.approx((first + second) / 2)
+    assert math.isnan(mean_isbi_score(per_scan[:1]))  # one scan: no correlation
+    assert math.isnan(mean_isbi_score([]))

@@ -1,12 +1,8 @@
 """The champion policy and `msx registry list/show/promote` (and `msx predict` by alias) on a SQLite store
 and on a real `mlflow server`; the data fingerprint on real files."""
 
-import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,7 +21,7 @@ from msx.orchestrator.results import TrialOutcome, select_best, summarise_config
 from msx.orchestrator.spec import spec_from_dict
 from msx.orchestrator.tracking import ensure_experiment
 
-from .servers import wait_until_healthy
+from .servers import free_port, start_mlflow_server, stop_server
 
 MODEL = "msx-policy"
 DATA_A, DATA_B = "a" * 64, "b" * 64
@@ -39,42 +35,15 @@ SPEC = spec_from_dict(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A real tracking server on 127.0.0.1 (SQLite behind it, artifacts proxied), stopped whatever happens."""
-    folder = tmp_path_factory.mktemp("server")
     port = free_port()
-    log = (folder / "server.log").open("w")
-    server = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "mlflow"), "server",
-            "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-            "--artifacts-destination", str(folder / "artifacts"),
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        # The job runner's extra processes only cost memory here.
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-    )
-    uri = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(tmp_path_factory.mktemp("server"), port)
     try:
-        wait_until_healthy(server, uri, folder / "server.log")
-        yield uri
+        yield f"http://127.0.0.1:{port}"
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
+        stop_server(server)
 
 
 @pytest.fixture(scope="module", params=["sqlite", "http"])

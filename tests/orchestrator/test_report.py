@@ -1,6 +1,8 @@
 """`msx report` on a real SQLite MLflow store written the way a launch writes it (tracking.py, study.py)."""
 
 import base64
+import csv
+import json
 import re
 import statistics
 from dataclasses import dataclass
@@ -11,30 +13,47 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from msx.models.metrics import VOLUME_NAMES
 from msx.orchestrator.cli import main
+from msx.orchestrator.results import SCAN_METRICS_FILE, split_metrics
 from msx.orchestrator.spec import load_spec
-from msx.orchestrator.tracking import STUDY_TAG, TrialRunsCallback, ensure_experiment, log_study_start, tracking_uri_scope
+from msx.orchestrator.tracking import (
+    SCAN_METRICS_ARTIFACT,
+    STUDY_TAG,
+    TRIAL_ID_TAG,
+    TrialRunsCallback,
+    ensure_experiment,
+    log_study_start,
+    tracking_uri_scope,
+)
 
 BACKBONES = ("unet", "segresnet")
 STRATEGIES = ("mean", "staple")
 FOLDS = (1, 2, 3)
 EPOCHS = 4
 VALIDATE_EVERY = 2
-COLUMNS = ("dsc", "tpr", "ppv", "ltpr", "lfpr", "avd", "assd")
+SCAN_COLUMNS = ("dsc", "tpr", "ppv", "ltpr", "lfpr", "avd", "assd")
+COLUMNS = (*SCAN_COLUMNS, "isbi")
 # Plausible ranges: fractions, AVD in percent, ASSD in mm.
 RANGES = {"dsc": (0.3, 0.9), "tpr": (0.3, 0.9), "ppv": (0.3, 0.9), "ltpr": (0.3, 0.9), "lfpr": (0.0, 0.5), "avd": (0.0, 60.0), "assd": (0.0, 5.0)}
+# A fold's validation and test scans (one patient each).
+SCANS = {"val": ("training04_01", "training04_02", "training04_03"), "test": ("training05_01", "training05_02", "training05_03", "training05_04")}
 SPEC = load_spec("smoke").with_overrides({"inference.strategies": STRATEGIES, "training.epochs": EPOCHS})
 LATEST_START_MS = 1_750_000_000_000
 COHORT = "/data/ISBI_2015/training"
 
 
-def final_metrics(rng: np.random.Generator) -> dict[str, float]:
-    return {
-        f"{split}/{strategy}/{metric}": float(rng.uniform(*RANGES[metric]))
-        for split in ("val", "test")
-        for strategy in STRATEGIES
-        for metric in COLUMNS
-    }
+def scan_rows(rng: np.random.Generator) -> list[dict]:
+    """A fold's per-scan rows as the worker writes them: each strategy's metrics and lesion volumes (mm^3)."""
+    rows = []
+    for split, scans in SCANS.items():
+        for scan in scans:
+            truth = float(rng.uniform(500, 20_000))
+            for strategy in STRATEGIES:
+                metrics = {metric: float(rng.uniform(*RANGES[metric])) for metric in SCAN_COLUMNS}
+                volumes = dict(zip(VOLUME_NAMES, (truth * float(rng.uniform(0.5, 1.5)), truth)))
+                rows.append({"split": split, "scan": scan, "strategy": strategy, **metrics, **volumes})
+    return rows
 
 
 @dataclass(eq=False)
@@ -45,28 +64,37 @@ class TuneTrial:
     config: dict
 
 
-def write_trial(callback, launch, backbone, configuration, fold, final, status):
+def trial_id(launch, configuration, fold):
+    # Tune trial ids are unique across launches; the callback would take a repeated one for a restarted trial.
+    return f"{launch}_{configuration}_{fold}"
+
+
+def write_trial(callback, storage, launch, backbone, configuration, fold, rows, status):
     """A fold run written by the launch's own TrialRunsCallback, one worker report per epoch.
 
-    `final`: the final evaluation's metrics, or None for a trial that stopped (status FINISHED: the scheduler
-    stopped it) or failed before it.
+    `rows`: the final evaluation's per-scan rows, reported as the worker does (split means, and a final
+    checkpoint holding the rows), or None for a trial that stopped (status FINISHED: the scheduler stopped it)
+    or failed before it.
     """
-    # Tune trial ids are unique across launches; the callback would take a repeated one for a restarted trial.
-    trial = TuneTrial(f"{launch}_{configuration}_{fold}", {"backbone": backbone, "fold": fold, "configuration": configuration, "training.lr": 0.002})
+    trial = TuneTrial(trial_id(launch, configuration, fold), {"backbone": backbone, "fold": fold, "configuration": configuration, "training.lr": 0.002})
     callback.log_trial_start(trial)
-    last_epoch = EPOCHS if final is not None or status == "FAILED" else VALIDATE_EVERY
+    last_epoch = EPOCHS if rows is not None or status == "FAILED" else VALIDATE_EVERY
     for epoch in range(1, last_epoch + 1):
         report = {"epoch": epoch, "train_loss": 1.0 / epoch + 0.01 * fold, "lr": 1e-3, "training_iteration": epoch}
         if epoch % VALIDATE_EVERY == 0:
             report.update(val_dice_now=0.2 * epoch / EPOCHS + 0.01 * fold, val_dice=0.2 * epoch / EPOCHS + 0.01 * fold)
-        if epoch == EPOCHS and final is not None:
-            report.update(final, final=1)
+        if epoch == EPOCHS and rows is not None:
+            checkpoint = storage / "checkpoints" / trial.trial_id
+            (checkpoint / "model").mkdir(parents=True)
+            (checkpoint / "model" / "weights.pt").write_bytes(b"weights")
+            (checkpoint / SCAN_METRICS_FILE).write_text(json.dumps(rows))
+            report.update(split_metrics(rows), final=1, checkpoint_path=str(checkpoint))
         callback.log_trial_result(epoch, trial, report)
     callback.log_trial_end(trial, failed=status == "FAILED")
 
 
 def write_launch(client, tracking_uri, storage, study, start_ms, trials):
-    """A launch run as run_study makes it; `trials`: (backbone, configuration, fold, final metrics, status)."""
+    """A launch run as run_study makes it; `trials`: (backbone, configuration, fold, per-scan rows, status)."""
     experiment_id = ensure_experiment(tracking_uri, study, storage / "mlartifacts")
     launch = f"{study}-{start_ms}"
     parent_id = client.create_run(experiment_id, run_name=launch, start_time=start_ms, tags={STUDY_TAG: launch}).info.run_id
@@ -75,36 +103,54 @@ def write_launch(client, tracking_uri, storage, study, start_ms, trials):
         callback = TrialRunsCallback(tracking_uri, study, parent_id, STRATEGIES, len(FOLDS))
         callback.setup()
         for trial in trials:
-            write_trial(callback, launch, *trial)
+            write_trial(callback, storage, launch, *trial)
     client.set_terminated(parent_id, "FINISHED", end_time=start_ms + 3_723_000)
     return parent_id
 
 
+def recorded_scan_rows(client, tmp_path, launch, configuration, fold) -> list[dict]:
+    """The scan_metrics.csv of a fold run, as MLflow holds it."""
+    run = client.search_runs(
+        [client.get_experiment_by_name("smoke").experiment_id],
+        filter_string=f"tags.`{TRIAL_ID_TAG}` = '{trial_id(launch, configuration, fold)}'",
+    )[0]
+    with open(client.download_artifacts(run.info.run_id, SCAN_METRICS_ARTIFACT, str(tmp_path)), newline="") as file:
+        return list(csv.DictReader(file))
+
+
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """Studies 'smoke' (an earlier and the latest launch, the most recent of all), 'older' and 'empty'."""
+    """Studies 'smoke' (an earlier and the latest launch, the most recent of all), 'older' and 'empty'.
+
+    Also the latest launch's finished folds' per-scan rows, read back from their fold runs' CSVs.
+    """
     storage = tmp_path_factory.mktemp("report") / "runs"
     storage.mkdir()
     tracking_uri = f"sqlite:///{storage / 'mlflow.db'}"
     client = MlflowClient(tracking_uri)
     rng = np.random.default_rng(7)
 
-    finished = {(b, f): final_metrics(rng) for b in BACKBONES for f in FOLDS}
     write_launch(
         client, tracking_uri, storage, "smoke", LATEST_START_MS - 86_400_000,
-        [("unet", "unet-c1", f, final_metrics(rng), "FINISHED") for f in FOLDS],
+        [("unet", "unet-c1", f, scan_rows(rng), "FINISHED") for f in FOLDS],
     )
     latest = write_launch(
         client, tracking_uri, storage, "smoke", LATEST_START_MS,
-        [(b, f"{b}-c1", f, finished[(b, f)], "FINISHED") for b in BACKBONES for f in FOLDS]
+        [(b, f"{b}-c1", f, scan_rows(rng), "FINISHED") for b in BACKBONES for f in FOLDS]
         + [("unet", "unet-c2", 1, None, "FAILED"), ("unet", "unet-c2", 2, None, "FINISHED")],
     )
+    downloads = tmp_path_factory.mktemp("csv")
+    finished = {
+        (b, f): recorded_scan_rows(client, downloads / f"{b}{f}", f"smoke-{LATEST_START_MS}", f"{b}-c1", f)
+        for b in BACKBONES
+        for f in FOLDS
+    }
     client.create_registered_model("msx-smoke")
     version = client.create_model_version("msx-smoke", f"runs:/{latest}/model", run_id=latest)
     client.set_registered_model_alias("msx-smoke", "champion", version.version)
     # Created after 'smoke' but launched before it: the default goes by launch time.
     write_launch(client, tracking_uri, storage, "older", LATEST_START_MS - 3_600_000,
-                 [("unet", "unet-c1", f, final_metrics(rng), "FINISHED") for f in FOLDS])
+                 [("unet", "unet-c1", f, scan_rows(rng), "FINISHED") for f in FOLDS])
     write_launch(client, tracking_uri, storage, "empty", LATEST_START_MS - 7_200_000,
                  [("unet", "unet-c1", 1, None, "FAILED")])
     return storage, tracking_uri, latest, finished
@@ -123,8 +169,21 @@ def smoke_report(store, tmp_path_factory):
     return out, result.output
 
 
+def fold_value(rows: list[dict], split: str, strategy: str, metric: str) -> float:
+    """A fold's number for one cell, by hand from its CSV rows: the mean over the split's scans; for the ISBI
+    score, of each scan's DSC/8 + PPV/8 + (1 - LFPR)/4 + LTPR/4 + Corr/4, with Corr the Pearson correlation of
+    the predicted and true volumes over those scans."""
+    scans = [{key: float(value) for key, value in row.items() if key not in ("split", "scan", "strategy")}
+             for row in rows if row["split"] == split and row["strategy"] == strategy]
+    assert len(scans) == len(SCANS[split])
+    if metric != "isbi":
+        return statistics.fmean(scan[metric] for scan in scans)
+    corr = statistics.correlation([scan["pred_volume_mm3"] for scan in scans], [scan["gt_volume_mm3"] for scan in scans])
+    return statistics.fmean(s["dsc"] / 8 + s["ppv"] / 8 + (1 - s["lfpr"]) / 4 + s["ltpr"] / 4 + corr / 4 for s in scans)
+
+
 def expected_cell(finished, split, backbone, strategy, metric) -> tuple[float, str]:
-    values = [finished[(backbone, fold)][f"{split}/{strategy}/{metric}"] for fold in FOLDS]
+    values = [fold_value(finished[(backbone, fold)], split, strategy, metric) for fold in FOLDS]
     mean = statistics.fmean(values)
     return mean, f"{mean:.3f} ± {statistics.pstdev(values):.3f}"
 
@@ -150,7 +209,7 @@ def test_tables_hold_fold_means_and_stds_with_the_best_of_each_column_bold(store
         for key, (_, text) in expected.items():
             assert rows[key][column].strip("*") == text
         # DSC higher is better, AVD (and LFPR, ASSD) lower.
-        pick = max if metric in ("dsc", "tpr", "ppv", "ltpr") else min
+        pick = max if metric in ("dsc", "tpr", "ppv", "ltpr", "isbi") else min
         best = pick(expected, key=lambda key: expected[key][0])
         for key in rows:
             assert rows[key][column].startswith("**") == (key == best), (metric, key)

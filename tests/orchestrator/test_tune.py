@@ -2,6 +2,7 @@
 record that real trials (Ray Train workers on a tiny synthetic cohort) leave through the tracking callback."""
 
 import csv
+import math
 import statistics
 
 import pytest
@@ -13,7 +14,7 @@ from msx.models.checkpoint import WEIGHTS_FILE
 from msx.models.data.folds import resolve_folds
 from msx.models.data.manifest import open_cohort
 from msx.models.data.synth import write_synthetic_cohort
-from msx.models.metrics import METRIC_NAMES
+from msx.models.metrics import METRIC_NAMES, VOLUME_NAMES, mean_isbi_score
 from msx.orchestrator.report import write_report
 from msx.orchestrator.search import MODE, OPTIMISED_METRIC, LosoGridSearcher, build_scheduler
 from msx.orchestrator.spec import spec_from_dict
@@ -189,12 +190,22 @@ def test_fold_runs_carry_scan_metrics_model_and_overlays(tracked_launch, tmp_pat
             table = client.download_artifacts(run_id, SCAN_METRICS_ARTIFACT, str(tmp_path / run_id))
             with open(table, newline="") as file:
                 reader = csv.DictReader(file)
-                assert reader.fieldnames == ["split", "scan", "strategy", *METRIC_NAMES]
+                assert reader.fieldnames == ["split", "scan", "strategy", *METRIC_NAMES, *VOLUME_NAMES]
                 rows = list(reader)
             scans = {"val": cohort.scans_of(fold.validation), "test": cohort.scans_of(fold.test)}
             assert sorted((row["split"], row["scan"], row["strategy"]) for row in rows) == sorted(
                 (split, scan.scan_id, strategy) for split, split_scans in scans.items() for scan in split_scans for strategy in strategies
             )
+            # The fold's ISBI score is its CSV's, the volume correlation over the split's scans (a NaN is not logged).
+            for split in scans:
+                for strategy in strategies:
+                    per_scan = [
+                        {key: float(value) for key, value in row.items() if key not in ("split", "scan", "strategy")}
+                        for row in rows
+                        if (row["split"], row["strategy"]) == (split, strategy)
+                    ]
+                    logged = fold_run.data.metrics.get(f"{split}/{strategy}/isbi", math.nan)
+                    assert logged == pytest.approx(mean_isbi_score(per_scan), nan_ok=True)
 
             overlays = {a.path for a in client.list_artifacts(run_id, "overlays")}
             assert overlays == {f"overlays/{split}-{split_scans[0].scan_id}-mean.png" for split, split_scans in scans.items()}
