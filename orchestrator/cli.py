@@ -17,7 +17,7 @@ from .data import prepare_cohort
 from .data_commands import data
 from .predict_command import predict
 from .provenance import study_provenance
-from .spec import SpecError, load_spec
+from .spec import SpecError, load_spec, spec_from_dict
 
 # Errors that describe bad input: printed as one line, exit status 1, before anything expensive starts.
 INPUT_ERRORS = (SpecError, UnknownNameError, ValueError, FileNotFoundError)
@@ -33,25 +33,73 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--space", default="smoke", show_default=True, help="Search space: a bundled name (smoke, paper) or a YAML path.")
+@click.option("--space", default=None, help="Search space: a bundled name (smoke, paper, hpo) or a YAML path  [default: smoke; with --resume, the study's own].")
 @click.option("--data", type=click.Path(path_type=Path), default=None, help="Cohort: an ISBI-layout folder or a manifest (.csv, .yaml) (default: the spec's, else synthetic).")
 @click.option("--storage", envvar="MSX_STORAGE", type=click.Path(path_type=Path), default=Path("msx_runs"), show_default=True, help="Folder for experiments, checkpoints and the default MLflow store (env MSX_STORAGE).")
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, help="MLflow tracking URI (default: SQLite file in --storage).")
-@click.option("--address", envvar="RAY_ADDRESS", default=None, help="Address of a running Ray cluster (default: join the one running on this machine, else start one).")
-def launch(space: str, data: Path | None, storage: Path, tracking_uri: str | None, address: str | None) -> None:
-    """Run a whole leave-one-subject-out study and register the best model."""
+@click.option("--address", envvar="RAY_ADDRESS", default=None, help="A running Ray cluster. Its dashboard URL (http://HEAD:8265) submits the study as a Ray job and streams its logs; a GCS address (HOST:6379, auto) runs the driver here. Default: join the Ray running on this machine, else start one.")
+@click.option("--cluster", "cluster_file", type=click.Path(path_type=Path), default=None, help="A Ray cluster launcher YAML (cluster/a100.yaml): brings the cluster up, submits the study as a Ray job through a tunnel to its dashboard, and streams its logs.")
+@click.option("--resume", "resume_name", default=None, metavar="NAME", help="Continue the unfinished study NAME (a study, or an experiment's latest): finished trials are kept, interrupted ones continue from their last checkpoint.")
+@click.option("--fresh", is_flag=True, help="Start a new study even when the experiment has an unfinished one (which stays as it is).")
+@click.pass_context
+def launch(
+    context: click.Context,
+    space: str | None,
+    data: Path | None,
+    storage: Path,
+    tracking_uri: str | None,
+    address: str | None,
+    cluster_file: Path | None,
+    resume_name: str | None,
+    fresh: bool,
+) -> None:
+    """Run a whole leave-one-subject-out study and register the best model.
+
+    An experiment whose latest study never ended (its driver died) is resumed automatically.
+    """
+    if resume_name and (space or fresh):
+        raise click.UsageError("--resume continues a study with its own spec and data: leave out --space and --fresh")
+    if cluster_file or (address and address.startswith(("http://", "https://"))):
+        _submit_launch(context, cluster_file, address)
+        return
+    _launch_here(space, data, storage.resolve(), tracking_uri, address, resume_name, fresh)
+
+
+def _launch_here(
+    space: str | None, data: Path | None, storage: Path, tracking_uri: str | None, address: str | None,
+    resume_name: str | None, fresh: bool,
+) -> None:
+    """The driver in this process: checks, then Ray, then the study."""
+    from .study_state import find_study, unfinished_study
     from .tracking import check_tracking_server, default_tracking_uri
 
     started = time.monotonic()
-    storage = storage.resolve()
     try:
-        spec = load_spec(space)
+        if resume_name:
+            resume = _resumable(find_study(storage, resume_name))
+            spec = spec_from_dict(resume.spec, f"study record of {resume.study}")
+            data = data or Path(resume.data_root)
+        else:
+            spec = load_spec(space or "smoke")
+            resume = None if fresh else unfinished_study(storage, spec.name)
+            if resume is not None:
+                resume = _auto_resumable(resume, spec, data)
         storage.mkdir(parents=True, exist_ok=True)
         cohort = prepare_cohort(spec, data, storage, click.echo)
         # Before Ray: the files the trials will read, as they are now.
         provenance = study_provenance(cohort, resolve_folds(spec.data.folds, cohort.patients))
+        if resume is not None and provenance.data_fingerprint != resume.data_fingerprint:
+            raise ValueError(
+                f"{cohort.root}: the data changed since study {resume.study} started (fingerprint "
+                f"{resume.data_fingerprint} then, {provenance.data_fingerprint} now); its trials would not compare. "
+                "Restore the data, or start a new study with --fresh"
+            )
     except INPUT_ERRORS as error:  # CohortError is a ValueError
         raise _fail_cleanly(error) from None
+    if resume is not None:
+        if tracking_uri and tracking_uri != resume.tracking_uri:
+            raise click.ClickException(f"study {resume.study} records to {resume.tracking_uri}; leave out --tracking-uri to resume it")
+        tracking_uri = resume.tracking_uri
     tracking_uri = tracking_uri or default_tracking_uri(storage)
     try:
         check_tracking_server(tracking_uri)
@@ -66,7 +114,12 @@ def launch(space: str, data: Path | None, storage: Path, tracking_uri: str | Non
         dashboard = start_ray(address, click.echo)
     except (RuntimeError, ConnectionError) as error:
         raise _fail_cleanly(error) from None
-    outcome = run_study(spec, cohort, storage, tracking_uri, provenance, echo=click.echo)
+    from .tracking import PendingWritesError
+
+    try:
+        outcome = run_study(spec, cohort, storage, tracking_uri, provenance, echo=click.echo, resume=resume)
+    except PendingWritesError as error:
+        raise _fail_cleanly(error) from None
 
     click.echo("")
     click.echo(
@@ -100,6 +153,80 @@ def launch(space: str, data: Path | None, storage: Path, tracking_uri: str | Non
     else:
         click.echo(f"Ray dashboard:  {dashboard} while the study ran (the local Ray stops with msx); for one that stays up:")
         click.echo("                ray start --head --dashboard-host 127.0.0.1 && msx launch --address 127.0.0.1:6379")
+
+
+def _resumable(state):
+    """The study named by --resume, if it can be taken over."""
+    from .study_state import RUNNING
+
+    if state.status != RUNNING:
+        raise ValueError(f"study {state.study} already ended ({state.status}); there is nothing to resume (msx status {state.study})")
+    if state.driver_alive():
+        raise ValueError(f"study {state.study} is still running (driver pid {state.driver_pid}); watch it with `msx status {state.study}`")
+    return state
+
+
+def _auto_resumable(state, spec, data: Path | None):
+    """An unfinished study of this experiment that a plain `msx launch` takes over: only the same spec and data."""
+    if state.driver_alive():
+        raise ValueError(
+            f"study {state.study} of experiment {spec.name!r} is still running (driver pid {state.driver_pid}); "
+            f"watch it with `msx status {state.study}`, or start another one alongside with --fresh"
+        )
+    same_data = data is None or Path(data).absolute() == Path(state.data_root) or not state.data_root
+    if state.spec != spec.to_dict() or not same_data:
+        raise ValueError(
+            f"experiment {spec.name!r} has an unfinished study {state.study} with another spec or data: "
+            f"`msx launch --resume {state.study}` continues it, `msx launch --fresh ...` starts a new study"
+        )
+    click.echo(f"resuming the unfinished study {state.study} (--fresh starts a new one instead)")
+    return _resumable(state)
+
+
+def _submit_launch(context: click.Context, cluster_file: Path | None, address: str | None) -> None:
+    """`msx launch` on a cluster: the same command runs there as a Ray job, and its logs stream here."""
+    from click.core import ParameterSource
+
+    from .jobs import SubmissionError, bring_up_cluster, launch_entrypoint, submit_launch
+
+    params = context.params
+    # Only what the user chose travels; the cluster's own environment (MSX_STORAGE) fills in the rest.
+    chosen = {
+        name: value for name, value in params.items()
+        if value is not None and context.get_parameter_source(name) == ParameterSource.COMMANDLINE
+    }
+    try:
+        spec = None if params["resume_name"] else load_spec(params["space"] or "smoke")
+        launch_entrypoint(spec, chosen)  # its path checks, before a cluster comes up
+        if cluster_file is not None:
+            address, tunnel = bring_up_cluster(cluster_file, click.echo)
+        else:
+            tunnel = None
+        try:
+            status = submit_launch(address, spec, chosen, click.echo)
+        finally:
+            if tunnel is not None:
+                tunnel.terminate()
+    except (SpecError, SubmissionError) as error:
+        raise _fail_cleanly(error) from None
+    if status != 0:
+        raise SystemExit(status)
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--storage", envvar="MSX_STORAGE", type=click.Path(path_type=Path), default=Path("msx_runs"), show_default=True, help="Folder of the experiments (env MSX_STORAGE).")
+def status(name: str | None, storage: Path) -> None:
+    """Where study NAME stands (a study, or an experiment's latest; default: the latest study): trials
+    done, running and failed, the best validation Dice so far, and whether its driver still runs."""
+    from .status import status_lines
+
+    try:
+        lines = status_lines(storage.resolve(), name)
+    except ValueError as error:
+        raise _fail_cleanly(error) from None
+    for line in lines:
+        click.echo(line)
 
 
 @main.command()

@@ -18,9 +18,10 @@ import yaml
 
 from msx.models.data.cohort import DEFAULT_MODALITIES, MODALITIES
 from msx.models.data.folds import FOLD_PLANS
-from msx.models.metrics import METRIC_NAMES
 from msx.models.networks import BACKBONES, spatial_multiple
 from msx.models.strategies import STRATEGIES
+
+from .results import SPLIT_METRIC_NAMES
 
 
 class SpecError(ValueError):
@@ -133,6 +134,8 @@ class SearchSpec:
     parameters: tuple[ParameterSpec, ...] = ()
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     seed: int = 0
+    # Wall-clock budget of the whole study: Tune starts no trial after it and stops running ones; None is no limit.
+    time_budget_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -244,8 +247,8 @@ def validate_spec(spec: ExperimentSpec, source: str = "spec") -> None:
         fail("data.rater", f"{spec.data.rater} is not a rater; valid: 1, 2")
     if spec.inference.connectivity not in (6, 18, 26):
         fail("inference.connectivity", f"{spec.inference.connectivity}; valid: 6, 18, 26")
-    if spec.registry.selection_metric not in METRIC_NAMES:
-        fail("registry.selection_metric", f"unknown metric {spec.registry.selection_metric!r}; valid: {', '.join(METRIC_NAMES)}")
+    if spec.registry.selection_metric not in SPLIT_METRIC_NAMES:
+        fail("registry.selection_metric", f"unknown metric {spec.registry.selection_metric!r}; valid: {', '.join(SPLIT_METRIC_NAMES)}")
     if spec.search.searcher not in SEARCHERS:
         fail("search.searcher", f"unknown searcher {spec.search.searcher!r}; valid names: {', '.join(SEARCHERS)}")
     if spec.search.scheduler.name not in SCHEDULERS:
@@ -266,6 +269,8 @@ def validate_spec(spec: ExperimentSpec, source: str = "spec") -> None:
     for key, value in (("training.lr", spec.training.lr), ("model.width", spec.model.width)):
         if value <= 0:
             fail(key, f"must be positive, got {value}")
+    if spec.search.time_budget_s is not None and spec.search.time_budget_s <= 0:
+        fail("search.time_budget_s", f"must be positive seconds (or null for no limit), got {spec.search.time_budget_s}")
     if not 0 <= spec.inference.overlap < 1:
         fail("inference.overlap", f"must be in [0, 1), got {spec.inference.overlap}")
     if not 0 <= spec.training.lesion_patch_fraction <= 1:

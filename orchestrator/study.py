@@ -17,11 +17,12 @@ from msx.models.data.cohort import Cohort
 from msx.models.data.folds import resolve_folds
 
 from .model_registry import Registration, register_selection
-from .progress import ProgressView
+from .progress import ProgressView, progress_path
 from .provenance import Provenance
 from .results import Selection, best_per_backbone, outcome_from_result, results_table, select_best, summarise_configurations
 from .search import MODE, OPTIMISED_METRIC, LosoGridSearcher, build_scheduler
 from .spec import ExperimentSpec
+from .study_state import FAILED, FINISHED, StudyState, write_state
 from .tracking import STUDY_TAG, TrialRunsCallback, ensure_experiment, log_study_start
 from .trial import TRIAL_RESOURCES, run_trial
 
@@ -92,31 +93,29 @@ def run_study(
     tracking_uri: str,
     provenance: Provenance,
     echo: Callable[[str], None] = print,
+    resume: StudyState | None = None,
 ) -> StudyOutcome:
+    """Run a new study, or with ``resume`` take over an unfinished one: trials that finished are kept,
+    interrupted ones continue from their last checkpoint, the search continues from its saved state, and
+    MLflow's runs are reused rather than made again."""
     storage = storage.resolve()
     experiment_folder = storage / spec.name
     spec_dict = spec.to_dict()
     folds = resolve_folds(spec.data.folds, cohort.patients)
     total = len(spec.model.backbones) * spec.search.configurations_per_backbone * len(folds)
-
-    experiment_id = ensure_experiment(tracking_uri, spec.name, storage / "mlartifacts")
     client = MlflowClient(tracking_uri)
-    study_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    parent = client.create_run(
-        experiment_id,
-        run_name=study_name,
-        tags={STUDY_TAG: study_name, "msx.data_fingerprint": provenance.data_fingerprint, "msx.code_version": provenance.code_version},
-    )
-    parent_run_id = parent.info.run_id
-    log_study_start(parent_run_id, tracking_uri, spec_dict, str(cohort.root))
-    echo(f"MLflow: experiment {spec.name!r}, study run {study_name} ({tracking_uri})")
+
+    if resume is None:
+        state = _start_study(spec, spec_dict, cohort, storage, tracking_uri, provenance, client).held_by_this_process()
+    else:
+        state = resume.held_by_this_process()
+        client.update_run(state.parent_run_id, status="RUNNING")
+    write_state(storage, state)
+    echo(f"MLflow: experiment {spec.name!r}, study run {state.study} ({tracking_uri})")
 
     # Validation Dice arrives every `validate_every` epochs, not with every report; ASHA and the searcher
     # read the results that carry it.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    max_concurrent = concurrent_trials(spec)
-    echo(f"{total} trials ({len(spec.model.backbones)} backbones x {spec.search.configurations_per_backbone} "
-         f"configurations x {len(folds)} folds), up to {max_concurrent} at a time")
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial,
@@ -128,26 +127,39 @@ def run_study(
         ),
         TRIAL_RESOURCES,
     )
-    tuner = tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(
-            metric=OPTIMISED_METRIC,
-            mode=MODE,
-            search_alg=LosoGridSearcher(spec, folds),
-            scheduler=build_scheduler(spec),
-            num_samples=total,
-            max_concurrent_trials=max_concurrent,
-        ),
-        run_config=tune.RunConfig(
-            name=study_name,
-            storage_path=str(experiment_folder / "tune"),
-            callbacks=[
-                TrialRunsCallback(tracking_uri, spec.name, parent_run_id, spec.inference.strategies, len(folds)),
-                ProgressView(total, echo),
-            ],
-            verbose=0,
-        ),
-    )
+    tune_path = state.tune_path(storage)
+    if resume is not None and tune.Tuner.can_restore(str(tune_path)):
+        echo(f"resuming {state.study} from {tune_path}")
+        # Callbacks, searcher and scheduler come back with Tune's own saved state.
+        tuner = tune.Tuner.restore(str(tune_path), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        max_concurrent = concurrent_trials(spec)
+        echo(f"{total} trials ({len(spec.model.backbones)} backbones x {spec.search.configurations_per_backbone} "
+             f"configurations x {len(folds)} folds), up to {max_concurrent} at a time")
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                metric=OPTIMISED_METRIC,
+                mode=MODE,
+                search_alg=LosoGridSearcher(spec, folds),
+                scheduler=build_scheduler(spec),
+                num_samples=total,
+                max_concurrent_trials=max_concurrent,
+                time_budget_s=spec.search.time_budget_s,
+            ),
+            run_config=tune.RunConfig(
+                name=state.study,
+                storage_path=str(tune_path.parent),
+                # A trial whose own process died with its node is started again; its TorchTrainer then
+                # continues from the last checkpoint (Train retries worker failures itself, see trial.py).
+                failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
+                callbacks=[
+                    TrialRunsCallback(tracking_uri, spec.name, state.parent_run_id, spec.inference.strategies, len(folds)),
+                    ProgressView(total, echo, progress_path(storage, spec.name, state.study)),
+                ],
+                verbose=0,
+            ),
+        )
     grid = tuner.fit()
 
     outcomes = [o for o in (outcome_from_result(r.config, flatten_dict(r.metrics or {})) for r in grid) if o]
@@ -155,6 +167,7 @@ def run_study(
     metric = spec.registry.selection_metric
     selection = select_best(configurations, spec.inference.strategies, metric)
     table = results_table(best_per_backbone(configurations, spec.inference.strategies, metric), spec.inference.strategies)
+    parent_run_id = state.parent_run_id
     client.log_text(parent_run_id, table, "results_table.txt")
     client.log_metric(parent_run_id, "trials_finished", len(outcomes))
 
@@ -165,7 +178,39 @@ def run_study(
         client.set_tag(parent_run_id, "msx.selected_strategy", selection.strategy)
         registration = register_selection(
             selection, spec_dict, spec.registry.model_name, parent_run_id, tracking_uri,
-            experiment_folder / "registered" / study_name, provenance,
+            experiment_folder / "registered" / state.study, provenance,
         )
-    client.set_terminated(parent_run_id, "FINISHED" if selection is not None else "FAILED")
-    return StudyOutcome(table, selection, registration, parent_run_id, experiment_id, total, len(outcomes))
+    status = FINISHED if selection is not None else FAILED
+    client.set_terminated(parent_run_id, status.upper())
+    write_state(storage, state.ended_as(status))
+    return StudyOutcome(table, selection, registration, parent_run_id, state.experiment_id, total, len(outcomes))
+
+
+def _start_study(
+    spec: ExperimentSpec,
+    spec_dict: dict,
+    cohort: Cohort,
+    storage: Path,
+    tracking_uri: str,
+    provenance: Provenance,
+    client: MlflowClient,
+) -> StudyState:
+    experiment_id = ensure_experiment(tracking_uri, spec.name, storage / "mlartifacts")
+    study_name = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    parent = client.create_run(
+        experiment_id,
+        run_name=study_name,
+        tags={STUDY_TAG: study_name, "msx.data_fingerprint": provenance.data_fingerprint, "msx.code_version": provenance.code_version},
+    )
+    log_study_start(parent.info.run_id, tracking_uri, spec_dict, str(cohort.root))
+    return StudyState(
+        experiment=spec.name,
+        study=study_name,
+        spec=spec_dict,
+        data_root=str(cohort.root),
+        data_fingerprint=provenance.data_fingerprint,
+        tracking_uri=tracking_uri,
+        experiment_id=experiment_id,
+        parent_run_id=parent.info.run_id,
+        started=time.time(),
+    )

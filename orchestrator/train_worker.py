@@ -39,12 +39,12 @@ from msx.models.engine import (
     training_dataset,
     training_optimizer,
 )
-from msx.models.metrics import METRIC_NAMES
 from msx.models.networks import NetworkConfig, build_network
 
 from .overlays import overlay_channel, write_overlay
-from .results import FINAL_REPORT, MODEL_DIR, OVERLAY_DIR, SCAN_METRICS_FILE
+from .results import FINAL_REPORT, MODEL_DIR, OVERLAY_DIR, SCAN_METRICS_FILE, split_metrics
 from .spec import ExperimentSpec, spec_from_dict
+from .worker_metrics import WorkerMetrics, trial_tags
 
 log = logging.getLogger("msx.train")
 
@@ -152,12 +152,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         log.info("%s: resumed at epoch %d (best validation Dice %.4f)", label, start_epoch, best_score)
 
     validation_scans = load(fold.validation)
+    worker_metrics = WorkerMetrics(trial_tags(config, context.get_experiment_name(), rank), device)
     started = time.monotonic()
-    for epoch in range(start_epoch + 1, spec.training.epochs + 1):
+    epochs = range(start_epoch + 1, spec.training.epochs + 1)
+    if not epochs:
+        # Restored from the final checkpoint, whose report never reached Tune (its driver died first): the
+        # last validation and the final evaluation are made and reported again, without training.
+        epochs = range(spec.training.epochs, spec.training.epochs + 1)
+    for epoch in epochs:
         if hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
-        loss = float(train_epoch(net, loader, optimizer, lr_schedule, device, diffusion, loss_weights, autocast_dtype))
-        metrics: dict[str, Any] = {"epoch": epoch, "train_loss": loss, "lr": lr_schedule.get_last_lr()[0]}
+        if epoch > start_epoch:
+            # The sampler's length is this worker's share of the samples (DistributedSampler with several workers).
+            with worker_metrics.training_epoch(epoch, steps=len(loader), samples=len(loader.sampler)):
+                loss = float(train_epoch(net, loader, optimizer, lr_schedule, device, diffusion, loss_weights, autocast_dtype))
+        else:
+            loss = math.nan
+        metrics: dict[str, Any] = {
+            "epoch": epoch, "train_loss": loss, "lr": lr_schedule.get_last_lr()[0],
+            # Which checkpoint this run of the workers started from (0: none): a retried trial's record shows it.
+            "resumed_from_epoch": start_epoch,
+        }
         if epoch % spec.training.validate_every and epoch != spec.training.epochs:
             log.info("%s: epoch %d/%d loss %.4f", label, epoch, spec.training.epochs, loss)
             ray.train.report(metrics)
@@ -167,6 +182,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             seed=spec.training.seed + epoch,
         )
         score = float(np.nanmean([scan[spec.training.validation_strategy]["dsc"] for scan in per_scan]))
+        worker_metrics.record_validation(score)
         if score > best_score or best_state is None:
             best_score = score
             best_state = {k: v.detach().clone() for k, v in bare_net.state_dict().items()}
@@ -229,7 +245,6 @@ def final_evaluation(
     overlay_strategy = spec.training.validation_strategy
     if overlay_strategy not in final.strategies:
         overlay_strategy = final.strategies[0]
-    metrics: dict[str, float] = {FINAL_REPORT: 1}
     rows: list[dict[str, Any]] = []
     for split, split_scans in scans.items():
         draw_example = None
@@ -241,17 +256,12 @@ def final_evaluation(
             net, split_scans, final, device, diffusion, autocast_dtype, seed=spec.training.seed + 10_000,
             on_first_scan=draw_example,
         )
-        for strategy in final.strategies:
-            for metric in METRIC_NAMES:
-                values = np.array([scan[strategy][metric] for scan in per_scan])
-                finite = values[~np.isnan(values)]
-                metrics[f"{split}/{strategy}/{metric}"] = float(finite.mean()) if finite.size else math.nan
         rows.extend(
             {"split": split, "scan": record.scan_id, "strategy": strategy, **values}
             for record, scan in zip(scan_records[split], per_scan)
             for strategy, values in scan.items()
         )
-    return metrics, rows
+    return {FINAL_REPORT: 1, **split_metrics(rows)}, rows
 
 
 def write_example_overlay(

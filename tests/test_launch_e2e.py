@@ -7,7 +7,7 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from msx.models.metrics import METRIC_NAMES
+from msx.orchestrator.results import SPLIT_METRIC_NAMES
 from msx.orchestrator.spec import load_spec
 
 pytestmark = pytest.mark.slow
@@ -41,7 +41,7 @@ def test_prints_progress_table_selection_and_where_to_look(smoke_study):
     assert "trials 10/10 done, 0 running, 0 failed" in stdout
     assert "best validation Dice" in stdout
     header = next(line for line in stdout.splitlines() if line.startswith("backbone"))
-    assert header.split() == ["backbone", "strategy", *[m.upper() for m in METRIC_NAMES]]
+    assert header.split() == ["backbone", "strategy", *[m.upper() for m in SPLIT_METRIC_NAMES]]
     rows = [line.split() for line in stdout.splitlines() if line.split()[:1] in (["unet"], ["segresnet"])]
     assert {(r[0], r[1]) for r in rows} == {(b, s) for b in spec.model.backbones for s in spec.inference.strategies}
     assert "registered model: models:/msx-smoke@champion" in stdout
@@ -97,3 +97,21 @@ def test_champion_is_registered_and_learned_something(smoke_study):
     assert shown.returncode == 0, shown.stderr
     assert "model    msx-smoke version 1" in shown.stdout
     assert "champion" in shown.stdout
+
+
+def test_status_and_a_second_launch_after_the_study_finished(smoke_study):
+    workdir, _ = smoke_study
+    status = subprocess.run(
+        [sys.executable, "-m", "msx.orchestrator.cli", "status", "--storage", "runs"],
+        cwd=workdir, capture_output=True, text=True, timeout=120, env=user_environment(),
+    )
+    assert status.returncode == 0, status.stderr
+    assert "(experiment smoke)" in status.stdout and "finished at" in status.stdout
+    assert "trials: 10/10 done, 0 running, 0 failed, 0 pending" in status.stdout
+    # A finished study is not resumed: asking for it says so, before any work.
+    again = subprocess.run(
+        [sys.executable, "-m", "msx.orchestrator.cli", "launch", "--resume", "smoke", "--storage", "runs"],
+        cwd=workdir, capture_output=True, text=True, timeout=120, env=user_environment(),
+    )
+    assert again.returncode == 1
+    assert "already ended (finished); there is nothing to resume" in again.stderr

@@ -64,6 +64,12 @@ def test_wrong_types_and_ranges_are_named(tmp_path):
         load_spec(write(tmp_path, "name: x\nmodel: {backbones: [unet]}\ntraining: {patch_size: [40, 32, 32]}\n"))
     with pytest.raises(SpecError, match=r"inference\.overlap: must be in \[0, 1\)"):
         load_spec(write(tmp_path, "name: x\ninference: {overlap: 1.5}\n"))
+    with pytest.raises(SpecError, match=r"registry\.selection_metric: unknown metric 'hd95'; valid: dsc, .*, isbi"):
+        load_spec(write(tmp_path, "name: x\nregistry: {selection_metric: hd95}\n"))
+    assert load_spec(write(tmp_path, "name: x\nregistry: {selection_metric: isbi}\n")).registry.selection_metric == "isbi"
+    with pytest.raises(SpecError, match=r"search\.time_budget_s: must be positive seconds"):
+        load_spec(write(tmp_path, "name: x\nsearch: {time_budget_s: 0}\n"))
+    assert load_spec(write(tmp_path, "name: x\nsearch: {time_budget_s: 3600}\n")).search.time_budget_s == 3600
 
 
 @pytest.mark.parametrize("fraction", [-0.1, 1.5, ".nan"])

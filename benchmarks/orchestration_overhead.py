@@ -1,0 +1,345 @@
+"""Orchestration overhead: one trial through Tune, Ray Train and MLflow against the same training run in plain Python.
+
+Ray arm (msx's real path, built as `orchestrator/study.py` builds it): a local Ray, then `Tuner.fit` with
+`LosoGridSearcher` and one trial of `run_trial` (`TRIAL_RESOURCES`, a TorchTrainer of one 1-CPU worker
+running `train_loop_per_worker`, `TuneReportCallback`) and MLflow's `TrialRunsCallback` on a SQLite store.
+Its first training step and its time in training epochs are read from the worker's metrics
+(`msx_training_start_time_seconds`, `msx_train_seconds_total`) on the local Ray's Prometheus endpoint.
+
+Plain-Python baseline (below, labelled): the worker loop's work without Ray: the same spec, fold, seeds,
+data, epochs, validations, final evaluation and checkpoint files, in this process, with as many torch
+threads as the Ray worker has CPUs (Ray limits a 1-CPU worker to 1 thread). It runs first, before Ray
+starts, as a script without Ray would.
+
+Overhead = (Ray arm - baseline) / Ray arm, in wall time; "to first step" is measured from `Tuner.fit` (a
+running cluster) and from the baseline's start. Starting the local Ray is reported apart. The median
+training-only epoch (no validation, not the first) is the baseline's epoch time and, in the Ray arm, Tune's
+time between two reports: their difference is what each report costs on its way to Tune and MLflow.
+
+    python benchmarks/orchestration_overhead.py                      # smoke spec, U-Net, fold 1, 24 epochs
+    python benchmarks/orchestration_overhead.py --epochs 8 --json overhead.json
+
+Both arms use the smoke search space (`search_spaces/smoke.yaml`: width 0.125, 32^3 patches, batch 2,
+synthetic 5-patient 48 x 56 x 48 cohort) with one backbone, the paper's fold 1, no searched parameters and
+no scan cache (both arms load and preprocess the scans the same way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import statistics
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from mlflow.tracking import MlflowClient
+from monai.data import list_data_collate
+from monai.optimizers import WarmupCosineSchedule
+from prometheus_client.parser import text_string_to_metric_families
+from ray import tune
+
+from msx.models.checkpoint import save_checkpoint
+from msx.models.data.cohort import load_scan
+from msx.models.data.folds import resolve_folds
+from msx.models.data.manifest import open_cohort
+from msx.models.data.synth import write_synthetic_cohort
+from msx.models.diffusion import DiffusionConfig, LossWeights
+from msx.models.engine import train_epoch, training_autocast_dtype, training_dataset, training_optimizer
+from msx.models.networks import build_network
+from msx.orchestrator.results import MODEL_DIR, OVERLAY_DIR, SCAN_METRICS_FILE
+from msx.orchestrator.search import MODE, OPTIMISED_METRIC, LosoGridSearcher, build_scheduler
+from msx.orchestrator.spec import ExperimentSpec, load_spec, spec_from_dict
+from msx.orchestrator.tracking import (
+    TrialRunsCallback,
+    ensure_experiment,
+    log_study_start,
+    tracking_uri_scope,
+)
+from msx.orchestrator.train_worker import (
+    STATE_FILE,
+    evaluate_distributed,
+    final_evaluation,
+    inference_config,
+    network_config,
+    trial_spec,
+)
+from msx.orchestrator.trial import TRIAL_RESOURCES, run_trial
+from msx.orchestrator.worker_metrics import PROMETHEUS_PREFIX
+from timing import print_table, write_json
+
+BACKBONE = "unet"
+PAPER_FOLD_1 = {"train": [1, 2, 3], "validation": [4], "test": [5]}
+FIRST_STEP_METRIC = PROMETHEUS_PREFIX + "msx_training_start_time_seconds"
+STEPS_PER_SECOND_METRIC = PROMETHEUS_PREFIX + "msx_train_steps_per_second"
+STEPS_METRIC = PROMETHEUS_PREFIX + "msx_train_steps_total"
+TRAINING_SECONDS_METRIC = PROMETHEUS_PREFIX + "msx_train_seconds_total"
+# Ray's metrics agent serves a value up to its report interval (10 s by default) after the worker records it.
+METRICS_DELAY_S = 30
+
+
+def benchmark_spec(epochs: int) -> ExperimentSpec:
+    raw = load_spec("smoke").to_dict()
+    raw["name"] = "overhead"
+    raw["model"]["backbones"] = [BACKBONE]
+    raw["data"]["folds"] = [PAPER_FOLD_1]
+    raw["training"]["epochs"] = epochs
+    # One trial: no searched values, and nothing for a scheduler to compare it with.
+    raw["search"]["parameters"] = []
+    raw["search"]["scheduler"] = {"name": "fifo"}
+    return spec_from_dict(raw)
+
+
+def training_only_epoch(epoch: int, spec: ExperimentSpec) -> bool:
+    """An epoch that only trains (no validation) and is not the first (whose report also carries the start-up)."""
+    return epoch > 1 and epoch % spec.training.validate_every != 0 and epoch != spec.training.epochs
+
+
+def plain_python_trial(config: dict[str, Any], folder: Path) -> dict[str, float]:
+    """PLAIN-PYTHON BASELINE, not msx's path: `train_loop_per_worker`'s work for one worker, without Ray.
+
+    The same steps in the same order (so the same random draws): seeds, cohort, training dataset and
+    shuffled loader, network, AdamW and warm-up cosine schedule, `train_epoch` per epoch, validation every
+    `validate_every` epochs and at the end, the best weights' final evaluation on the validation and test
+    patients with overlays, and the worker's checkpoint files written at every validation. What it leaves
+    out is what Ray adds: the worker process, the process group, reports, checkpoint registration, metrics.
+    """
+    started = time.time()
+    spec = trial_spec(config)
+    device = torch.device("cpu")
+    torch.manual_seed(spec.training.seed)
+    np.random.seed(spec.training.seed)
+    autocast_dtype = training_autocast_dtype(device)
+    cohort = open_cohort(config["data_root"], spec.data.modalities, spec.data.rater)
+    fold = next(f for f in resolve_folds(spec.data.folds, cohort.patients) if f.index == config["trial"]["fold"])
+
+    def load(patients: tuple[int, ...]):
+        return [load_scan(scan, spec.data.modalities, spec.data.rater) for scan in cohort.scans_of(patients)]
+
+    dataset = training_dataset(
+        load(fold.train), spec.training.patch_size, spec.training.lesion_patch_fraction, seed=spec.training.seed
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=spec.training.batch_size, shuffle=True, num_workers=0, collate_fn=list_data_collate
+    )
+    net = build_network(network_config(spec))
+    optimizer = training_optimizer(net.parameters(), spec.training.lr, spec.training.weight_decay, device)
+    total_steps = spec.training.epochs * len(loader)
+    lr_schedule = WarmupCosineSchedule(
+        optimizer, warmup_steps=int(spec.training.warmup_fraction * total_steps), t_total=total_steps
+    )
+    diffusion = DiffusionConfig(spec.diffusion.timesteps, spec.diffusion.beta_start, spec.diffusion.beta_end)
+    loss_weights = LossWeights(spec.training.loss_dice, spec.training.loss_bce, spec.training.loss_mse)
+    validation_scans = load(fold.validation)
+
+    first_step_at = time.time()
+    best_score, best_state, final_metrics = -math.inf, None, {}
+    training_seconds = 0.0
+    training_only_epochs_s = []
+    for epoch in range(1, spec.training.epochs + 1):
+        epoch_started = time.perf_counter()
+        # Reading the loss waits for the epoch's steps, as the worker's does.
+        float(train_epoch(net, loader, optimizer, lr_schedule, device, diffusion, loss_weights, autocast_dtype))
+        epoch_seconds = time.perf_counter() - epoch_started
+        training_seconds += epoch_seconds
+        steps_per_second = len(loader) / epoch_seconds
+        if training_only_epoch(epoch, spec):
+            training_only_epochs_s.append(epoch_seconds)
+        if epoch % spec.training.validate_every and epoch != spec.training.epochs:
+            continue
+        per_scan = evaluate_distributed(
+            net, validation_scans, inference_config(spec, validation=True), device, diffusion, autocast_dtype,
+            seed=spec.training.seed + epoch,
+        )
+        score = float(np.nanmean([scan[spec.training.validation_strategy]["dsc"] for scan in per_scan]))
+        if score > best_score or best_state is None:
+            best_score = score
+            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        if epoch == spec.training.epochs:
+            net.load_state_dict(best_state)
+            final_metrics, final_rows = final_evaluation(
+                net, spec, {"val": validation_scans, "test": load(fold.test)},
+                {"val": cohort.scans_of(fold.validation), "test": cohort.scans_of(fold.test)},
+                device, diffusion, autocast_dtype, overlay_folder=folder / OVERLAY_DIR,
+            )
+            save_checkpoint(folder / MODEL_DIR, net, {"spec": spec.to_dict(), "fold": fold.index})
+            (folder / SCAN_METRICS_FILE).write_text(json.dumps(final_rows, indent=1))
+        torch.save(
+            {"model": net.state_dict(), "best_model": best_state, "optimizer": optimizer.state_dict(),
+             "lr_schedule": lr_schedule.state_dict(), "epoch": epoch, "best_score": best_score},
+            folder / STATE_FILE,
+        )
+    finished = time.time()
+    return {
+        "wall_s": finished - started,
+        "to_first_step_s": first_step_at - started,
+        "training_s": training_seconds,
+        "training_only_epoch_s": statistics.median(training_only_epochs_s) if training_only_epochs_s else math.nan,
+        "last_epoch_steps_per_s": steps_per_second,
+        "val_dice": best_score,
+        "test_dsc": final_metrics.get(f"test/{spec.training.validation_strategy}/dsc", math.nan),
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def scrape_msx_metrics(url: str) -> dict[str, float]:
+    """The msx samples that the local Ray's metrics agent serves now (one trial runs: one series per name)."""
+    try:
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+    except OSError:  # the exporter may not listen yet
+        return {}
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith(PROMETHEUS_PREFIX + "msx_")
+    }
+
+
+def ray_trial(spec: ExperimentSpec, data_root: Path, folder: Path, metrics_url: str) -> dict[str, float]:
+    """One trial through msx's real path, as `orchestrator/study.py` runs it, MLflow record included."""
+    cohort = open_cohort(data_root, spec.data.modalities, spec.data.rater)
+    folds = resolve_folds(spec.data.folds, cohort.patients)
+    total_steps = spec.training.epochs * math.ceil(len(cohort.scans_of(folds[0].train)) / spec.training.batch_size)
+    tracking_uri = f"sqlite:///{folder / 'mlflow.db'}"
+    experiment_id = ensure_experiment(tracking_uri, spec.name, folder / "mlartifacts")
+    launch_id = MlflowClient(tracking_uri).create_run(experiment_id, run_name="overhead").info.run_id
+    log_study_start(launch_id, tracking_uri, spec.to_dict(), str(data_root))
+    # As in study.py: validation Dice comes with every `validate_every`-th report only.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            run_trial, spec=spec.to_dict(), data_root=str(data_root), storage_path=str(folder / "train")
+        ),
+        TRIAL_RESOURCES,
+    )
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(
+            metric=OPTIMISED_METRIC, mode=MODE, search_alg=LosoGridSearcher(spec, folds),
+            scheduler=build_scheduler(spec), num_samples=1, max_concurrent_trials=1,
+        ),
+        run_config=tune.RunConfig(
+            name="overhead",
+            storage_path=str(folder / "tune"),
+            callbacks=[TrialRunsCallback(tracking_uri, spec.name, launch_id, spec.inference.strategies, len(folds))],
+            verbose=0,
+        ),
+    )
+    # The worker's gauges vanish some seconds after it exits: scrape while the trial runs, keep the latest.
+    # Seldom: every scrape parses all of Ray's series, work that the trial's 2 CPUs would otherwise do.
+    seen: dict[str, float] = {}
+    with tracking_uri_scope(tracking_uri), ThreadPoolExecutor(1) as pool:
+        launched = time.time()
+        fitting = pool.submit(tuner.fit)
+        while not fitting.done():
+            seen.update(scrape_msx_metrics(metrics_url))
+            wait([fitting], timeout=5)
+        grid = fitting.result()
+        finished = time.time()
+    if grid.errors:
+        raise RuntimeError(f"the trial failed: {grid.errors}")
+    # Counters outlive the worker: wait for their final values.
+    deadline = time.monotonic() + METRICS_DELAY_S
+    while seen.get(STEPS_METRIC) != total_steps and time.monotonic() < deadline:
+        time.sleep(1)
+        seen.update(scrape_msx_metrics(metrics_url))
+    missing = {FIRST_STEP_METRIC, STEPS_METRIC, TRAINING_SECONDS_METRIC} - set(seen)
+    if missing or seen[STEPS_METRIC] != total_steps:
+        raise RuntimeError(f"the worker's metrics did not reach {metrics_url}: missing {missing}, seen {seen}")
+    metrics = grid[0].metrics
+    # Tune's time between the trial's reports: an epoch's training plus its report's way to Tune (and MLflow).
+    reports = grid[0].metrics_dataframe
+    report_intervals = reports.loc[[training_only_epoch(e, spec) for e in reports["epoch"]], "time_this_iter_s"]
+    return {
+        "wall_s": finished - launched,
+        "to_first_step_s": seen[FIRST_STEP_METRIC] - launched,
+        "training_s": seen[TRAINING_SECONDS_METRIC],
+        "training_only_epoch_s": float(report_intervals.median()),
+        "last_epoch_steps_per_s": seen.get(STEPS_PER_SECOND_METRIC, math.nan),
+        "val_dice": metrics["val_dice"],
+        "test_dsc": metrics.get(f"test/{spec.training.validation_strategy}/dsc", math.nan),
+    }
+
+
+def parse_arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=24, help="training epochs (the smoke spec's 24 by default)")
+    parser.add_argument("--json", help="write the results here")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_arguments()
+    spec = benchmark_spec(args.epochs)
+    config = {"backbone": BACKBONE, "fold": 1, "configuration": f"{BACKBONE}-c1"}
+    worker_threads = int(spec.resources.cpus_per_worker)
+    with tempfile.TemporaryDirectory() as scratch_name:
+        scratch = Path(scratch_name)
+        synthetic = spec.data.synthetic
+        write_synthetic_cohort(scratch / "cohort", synthetic.patients, synthetic.shape, synthetic.seed)
+
+        threads_before = torch.get_num_threads()
+        torch.set_num_threads(worker_threads)
+        (scratch / "plain").mkdir()
+        plain = plain_python_trial(
+            {"spec": spec.to_dict(), "trial": config, "data_root": str(scratch / "cohort")}, scratch / "plain"
+        )
+        torch.set_num_threads(threads_before)
+        print(f"plain Python: {plain['wall_s']:.1f} s", flush=True)
+
+        port = free_port()
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray_started = time.perf_counter()
+        # As `msx launch` starts a local Ray (study.start_ray), plus a known metrics port to read the worker from.
+        ray.init(
+            address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
+            _metrics_export_port=port,
+        )
+        ray_init_s = time.perf_counter() - ray_started
+        try:
+            ray_arm = ray_trial(spec, scratch / "cohort", scratch, f"http://127.0.0.1:{port}/metrics")
+        finally:
+            ray.shutdown()
+        print(f"Ray trial: {ray_arm['wall_s']:.1f} s (ray.init {ray_init_s:.1f} s before it)", flush=True)
+
+    overhead_s = ray_arm["wall_s"] - plain["wall_s"]
+    results = {
+        "plain": plain,
+        "ray": ray_arm,
+        "ray_init_s": ray_init_s,
+        "overhead_s": overhead_s,
+        "overhead_fraction": overhead_s / ray_arm["wall_s"],
+        "first_step_delay_s": ray_arm["to_first_step_s"] - plain["to_first_step_s"],
+    }
+    settings = {"epochs": args.epochs, "backbone": BACKBONE, "fold": 1, "worker_threads": worker_threads,
+                "spec": spec.to_dict()}
+    write_json(args.json, torch.device("cpu"), settings, results)
+    headers = ["arm", "wall s", "to first step s", "in training epochs s", "training-only epoch s (median)",
+               "last epoch steps/s", "best val Dice", "test DSC"]
+    rows = [
+        [name, arm["wall_s"], arm["to_first_step_s"], arm["training_s"], arm["training_only_epoch_s"],
+         arm["last_epoch_steps_per_s"], arm["val_dice"], arm["test_dsc"]]
+        for name, arm in (("plain Python (baseline)", plain), ("Tune + Ray Train + MLflow", ray_arm))
+    ]
+    print_table(headers, rows)
+    print(f"overhead {overhead_s:.1f} s = {100 * results['overhead_fraction']:.1f} % of the Ray trial's wall time; "
+          f"first step {results['first_step_delay_s']:.1f} s later than the baseline's; ray.init {ray_init_s:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
