@@ -127,7 +127,7 @@ def bring_up_cluster(path: Path, echo: Callable[[str], None]) -> tuple[str, subp
     completed = subprocess.run([ray_cli, "up", "--yes", "--disable-usage-stats", str(path)])
     if completed.returncode != 0:
         raise SubmissionError(f"`ray up {path}` failed (exit status {completed.returncode}); its output is above")
-    port = _free_local_port()
+    port = free_local_port()
     tunnel = subprocess.Popen([ray_cli, "dashboard", "--port", str(port), str(path)], stdout=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + DASHBOARD_WAIT_S
@@ -141,7 +141,7 @@ def bring_up_cluster(path: Path, echo: Callable[[str], None]) -> tuple[str, subp
     return address, tunnel
 
 
-def _free_local_port() -> int:
+def free_local_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]

@@ -16,6 +16,7 @@ from ray.tune.utils import flatten_dict
 from msx.models.data.cohort import Cohort
 from msx.models.data.folds import resolve_folds
 
+from .jobs import free_local_port
 from .model_registry import Registration, register_selection
 from .progress import ProgressView, progress_path
 from .provenance import Provenance
@@ -60,10 +61,18 @@ def start_ray(address: str | None, echo: Callable[[str], None]) -> str | None:
     if address:
         context = ray.init(address=address, log_to_driver=False)
     else:
+        port = free_local_port()
+        # Ray Train's placement-group cleaner, in a worker, finds the cluster's state API through this
+        # variable, else through /tmp/ray/ray_current_cluster, which a `ray start --head` that was not
+        # stopped cleanly leaves pointing at a dead cluster: the cleaner then fails, and every trial that
+        # Tune stops (ASHA, or its last report) leaks its workers' CPUs until the study deadlocks. Workers
+        # inherit the driver's environment as it is at ray.init.
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         context = ray.init(
             address="local",
             include_dashboard=True,
             dashboard_host="127.0.0.1",
+            dashboard_port=port,
             log_to_driver=False,
         )
     url = context.dashboard_url

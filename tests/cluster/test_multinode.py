@@ -28,6 +28,7 @@ import psutil
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from ray._common.utils import get_ray_address_file
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -132,6 +133,11 @@ def cluster(tmp_path_factory):
     for process in psutil.process_iter(["cmdline"]):
         if session in " ".join(process.info["cmdline"] or []):
             process.kill()
+    # What `ray stop` would also do: forget this head as "the current cluster", or later drivers on this machine
+    # (and Ray Train's placement-group cleaner in their workers) would look for it.
+    current = Path(get_ray_address_file(None))
+    if current.is_file() and current.read_text().strip().endswith(f":{gcs_port}"):
+        current.unlink()
 
 
 def wait_for(condition, what: str, timeout_s: float = 300, process: subprocess.Popen | None = None):
