@@ -66,15 +66,23 @@ def start_ray(address: str | None, echo: Callable[[str], None]) -> str | None:
         # variable, else through /tmp/ray/ray_current_cluster, which a `ray start --head` that was not
         # stopped cleanly leaves pointing at a dead cluster: the cleaner then fails, and every trial that
         # Tune stops (ASHA, or its last report) leaks its workers' CPUs until the study deadlocks. Workers
-        # inherit the driver's environment as it is at ray.init.
+        # inherit the environment of the node processes ray.init starts, so the variable is set for that call
+        # only: left in this process, it would point a later Ray of the same process at this one's address.
+        previous = os.environ.get("RAY_API_SERVER_ADDRESS")
         os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        context = ray.init(
-            address="local",
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            dashboard_port=port,
-            log_to_driver=False,
-        )
+        try:
+            context = ray.init(
+                address="local",
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                dashboard_port=port,
+                log_to_driver=False,
+            )
+        finally:
+            if previous is None:
+                os.environ.pop("RAY_API_SERVER_ADDRESS")
+            else:
+                os.environ["RAY_API_SERVER_ADDRESS"] = previous
     url = context.dashboard_url
     if url:
         url = url if url.startswith("http") else f"http://{url}"

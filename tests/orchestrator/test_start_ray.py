@@ -7,6 +7,7 @@ Tune stops leaks its workers' CPUs and a study deadlocks (seen in CI after a kil
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -47,5 +48,6 @@ def test_workers_reach_the_state_api_of_the_ray_msx_started(stale_current_cluste
         assert dashboard.startswith("http://127.0.0.1:")
         assert printed == [f"Ray dashboard: {dashboard}"]
         assert ray.get(actors_seen_by_a_worker.remote(), timeout=120) >= 0
+        assert "RAY_API_SERVER_ADDRESS" not in os.environ  # set for the node processes only
     finally:
         ray.shutdown()

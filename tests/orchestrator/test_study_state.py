@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import os
+import json
 import socket
 import subprocess
 import sys
@@ -99,7 +99,7 @@ def write_progress(storage, record, **values):
     )
     path = progress_path(storage, record.experiment, record.study)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(__import__("json").dumps(dataclasses.asdict(dataclasses.replace(progress, **values))))
+    path.write_text(json.dumps(dataclasses.asdict(dataclasses.replace(progress, **values))))
 
 
 def test_status_of_an_interrupted_study_says_how_to_resume(tmp_path):
@@ -133,7 +133,7 @@ def test_status_of_a_running_and_of_a_finished_study(tmp_path):
 def test_status_command_errors_in_one_line(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "msx.orchestrator.cli", "status", "nope", "--storage", str(tmp_path)],
-        capture_output=True, text=True, env={**os.environ},
+        capture_output=True, text=True,
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"Error: no study or experiment named 'nope' under {tmp_path} (no studies here yet)"]
