@@ -4,9 +4,15 @@ A backbone entry never changes the MONAI network; it only names the submodules t
 The encoder keeps those submodules (the decoder is dropped, so DistributedDataParallel sees no unused
 parameters) and the denoiser, a complete network, is conditioned at the outputs of the same submodules.
 
-Registered: "unet" (BasicUNet), "segresnet" (SegResNet), "attention-unet" (AttentionUnet), "swinunetr"
-(SwinUNETR), "unetr" (UNETR, built for one input size) and "multiencoder" (BasicUNet denoiser with one shared
-single-modality encoder). The encoders of the last three are not plain chains; see `encoders.py`.
+Registered: "unet" (the paper's MSSegDiff U-Net, `mssegdiff_unet.py`), "multiencoder" (the same denoiser with
+one shared single-modality encoder), "basic-unet" (MONAI's BasicUNet as it is: a lighter U-Net that is not the
+paper's), "segresnet" (SegResNet), "attention-unet" (AttentionUnet), "swinunetr" (SwinUNETR) and "unetr" (UNETR,
+built for one input size). The encoders of the last two and of "multiencoder" are not plain chains; see
+`encoders.py`.
+
+Two ways of conditioning the denoiser: the paper's U-Net takes the encoder's stage features and the time step
+as forward arguments (`conditioning = "arguments"`, `build_denoiser`); the MONAI networks used as they are get
+them added at their stage outputs by forward hooks (`conditioning = "hooks"`, `network.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from torch import nn
 
 from ..registry import Registry
 from .encoders import ModalitySumEncoder, SwinUNETREncoder, UNETREncoder
+from .mssegdiff_unet import SPATIAL_MULTIPLE as MSSEGDIFF_UNET_SPATIAL_MULTIPLE
+from .mssegdiff_unet import MSSegDiffUNetDenoiser
 
 CHANNEL_MULTIPLE = 8
 
@@ -69,6 +77,12 @@ class Backbone(ABC):
     # True for a network built for exactly one input size (UNETR's position embedding): it then needs the
     # `patch_size` argument of `build` and `build_encoder`, and takes inputs of that size only.
     fixed_input_size: ClassVar[bool] = False
+    # "hooks": the denoiser is `build`'s network, its stage outputs conditioned by DiffusionSegmentationNet's
+    # forward hooks. "arguments": `build_denoiser` gives a network taking the conditioning as arguments.
+    conditioning: ClassVar[str] = "hooks"
+    # True for a family that can also be built from explicit feature sizes (NetworkConfig.features) instead of
+    # width: it then has `encoder_with_features` and `denoiser_with_features`.
+    takes_features: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod
@@ -91,6 +105,11 @@ class Backbone(ABC):
         return DownPathEncoder.from_network(cls.build(image_channels, 1, width, patch_size), cls.stages)
 
     @classmethod
+    def build_denoiser(cls, in_channels: int, width: float, patch_size: Sequence[int] | None = None) -> nn.Module:
+        """For `conditioning = "arguments"`: forward(concat(image, x_t), t, stage features) -> x0 logits."""
+        raise NotImplementedError(f"{cls.__name__} is conditioned through hooks; it has no build_denoiser")
+
+    @classmethod
     def conditioned_modules(cls) -> tuple[str, ...]:
         """Names of the denoiser submodules whose outputs receive the per-stage conditioning."""
         return tuple(names[-1] for names in cls.stages)
@@ -99,9 +118,13 @@ class Backbone(ABC):
 BACKBONES: Registry[type[Backbone]] = Registry("backbone")
 
 
-@BACKBONES.register("unet")
-class UNetBackbone(Backbone):
-    """MONAI BasicUNet, reference features (64, 64, 128, 256, 512, 64), LeakyReLU 0.1, instance norm."""
+@BACKBONES.register("basic-unet")
+class BasicUNetBackbone(Backbone):
+    """MONAI BasicUNet as it is, reference features (64, 64, 128, 256, 512, 64), LeakyReLU 0.1, instance norm.
+
+    Not the paper's U-Net ("unet"): no squeeze-attention blocks, and the time embedding reaches the five down
+    stages only. 38.1 M parameters at width 1.0 against the paper's 85.7 M; kept as the lighter baseline.
+    """
 
     reference_features: ClassVar[tuple[int, ...]] = (64, 64, 128, 256, 512, 64)
     stages = (("conv_0",), ("down_1",), ("down_2",), ("down_3",), ("down_4",))
@@ -115,11 +138,15 @@ class UNetBackbone(Backbone):
     def build(
         cls, in_channels: int, out_channels: int, width: float, patch_size: Sequence[int] | None = None
     ) -> nn.Module:
+        return cls.basic_unet(in_channels, out_channels, cls.features(width))
+
+    @staticmethod
+    def basic_unet(in_channels: int, out_channels: int, features: Sequence[int]) -> BasicUNet:
         return BasicUNet(
             spatial_dims=3,
             in_channels=in_channels,
             out_channels=out_channels,
-            features=cls.features(width),
+            features=tuple(features),
             act=("LeakyReLU", {"negative_slope": 0.1, "inplace": True}),
         )
 
@@ -326,18 +353,47 @@ class UNETRBackbone(Backbone):
         return (f, 2 * f, 4 * f, 8 * f)
 
 
-@BACKBONES.register("multiencoder")
-class MultiEncoderBackbone(UNetBackbone):
-    """The "unet" denoiser with one shared single-channel U-Net encoder for all modalities.
+@BACKBONES.register("unet")
+class MSSegDiffUNetBackbone(BasicUNetBackbone):
+    """The paper's U-Net (`MSSegDiffUNetDenoiser`) with BasicUNet's down path as the image encoder.
 
-    The encoder is BasicUNet's down path with one input channel, applied to each image channel on its own;
-    each stage's feature maps are summed over the channels (`ModalitySumEncoder`). Its size does not
-    depend on the number of modalities.
+    85.74 M parameters at width 1.0 (encoder 14.28 M, denoiser 71.46 M), the reference's count. Also built from
+    any six feature sizes (NetworkConfig.features), as the reference takes them.
     """
+
+    spatial_multiple = MSSEGDIFF_UNET_SPATIAL_MULTIPLE
+    conditioning = "arguments"
+    takes_features = True
 
     @classmethod
     def build_encoder(cls, image_channels: int, width: float, patch_size: Sequence[int] | None = None) -> nn.Module:
-        return ModalitySumEncoder(super().build_encoder(1, width, patch_size))
+        return cls.encoder_with_features(image_channels, cls.features(width))
+
+    @classmethod
+    def build_denoiser(cls, in_channels: int, width: float, patch_size: Sequence[int] | None = None) -> nn.Module:
+        return cls.denoiser_with_features(in_channels, cls.features(width))
+
+    @classmethod
+    def encoder_with_features(cls, image_channels: int, features: Sequence[int]) -> nn.Module:
+        return DownPathEncoder.from_network(cls.basic_unet(image_channels, 1, features), cls.stages)
+
+    @classmethod
+    def denoiser_with_features(cls, in_channels: int, features: Sequence[int]) -> nn.Module:
+        return MSSegDiffUNetDenoiser(in_channels, 1, features)
+
+
+@BACKBONES.register("multiencoder")
+class MultiEncoderBackbone(MSSegDiffUNetBackbone):
+    """The paper's U-Net denoiser with one shared single-channel encoder for all modalities.
+
+    The encoder is BasicUNet's down path with one input channel, applied to each image channel on its own;
+    each stage's feature maps are summed over the channels (`ModalitySumEncoder`). Its size does not
+    depend on the number of modalities: 85.73 M parameters at width 1.0.
+    """
+
+    @classmethod
+    def encoder_with_features(cls, image_channels: int, features: Sequence[int]) -> nn.Module:
+        return ModalitySumEncoder(super().encoder_with_features(1, features))
 
 
 def spatial_multiple(backbone: str) -> int:

@@ -21,12 +21,15 @@ class NetworkConfig:
 
     `patch_size` is the input size (X, Y, Z) for a backbone built for one size ("unetr"), where it is
     required; other backbones take any size that is a multiple of their `spatial_multiple` and ignore it.
+    `features`, for a family that takes them ("unet", "multiencoder"), are six explicit feature sizes as
+    BasicUNet takes them (five down stages, the last up stage), used instead of `width` x the reference's.
     """
 
     backbone: str = "unet"
     image_channels: int = 3
     width: float = 1.0
     patch_size: tuple[int, int, int] | None = None
+    features: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         backbone = BACKBONES.get(self.backbone)  # an unknown name fails here, listing the registered ones
@@ -48,23 +51,35 @@ class NetworkConfig:
             raise ValueError(
                 f"{self.backbone} is built for one input size: set patch_size to the training patch size"
             )
+        if self.features is not None:
+            if not backbone.takes_features:
+                takers = ", ".join(name for name in BACKBONES.names() if BACKBONES.get(name).takes_features)
+                raise ValueError(f"{self.backbone} is sized by width only; explicit features suit: {takers}")
+            features = tuple(self.features)
+            if len(features) != 6 or not all(isinstance(f, int) and not isinstance(f, bool) and f > 0 for f in features):
+                raise ValueError(f"features must be six positive integers, got {self.features!r}")
+            object.__setattr__(self, "features", features)
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields as JSON-ready values; an unset patch_size is left out (as before the field existed)."""
+        """The fields as JSON-ready values; unset optional fields are left out (as before they existed)."""
         record = dataclasses.asdict(self)
-        if self.patch_size is None:
-            del record["patch_size"]
-        else:
-            record["patch_size"] = list(self.patch_size)
+        for name in ("patch_size", "features"):
+            if record[name] is None:
+                del record[name]
+            else:
+                record[name] = list(record[name])
         return record
 
 
 class DiffusionSegmentationNet(nn.Module):
     """Predicts the logits of the clean mask x0 from the image, the noisy mask x_t and the time step t.
 
-    The encoder runs the backbone's down path on the image; the denoiser, a complete network of the same
-    family, takes concat(image, x_t). At every down-path stage the denoiser's feature map gets the encoder's
-    feature map of that stage plus a per-stage projection of the time embedding added to it.
+    The encoder runs the backbone's down path on the image; the denoiser, a network of the same family, takes
+    concat(image, x_t), the time step and the encoder's stage features. A backbone conditioned by "arguments"
+    (the paper's U-Net) builds a denoiser that takes them in its forward. For one conditioned by "hooks" (a
+    MONAI network used as it is) the denoiser is the complete network, and at every down-path stage its
+    feature map gets the encoder's feature map of that stage plus a per-stage projection of the time
+    embedding added to it, by forward hooks.
     """
 
     def __init__(self, config: NetworkConfig) -> None:
@@ -73,7 +88,15 @@ class DiffusionSegmentationNet(nn.Module):
         self.config = config
         self.spatial_multiple = backbone.spatial_multiple
         self.fixed_input_size = config.patch_size if backbone.fixed_input_size else None
+        self.conditioned_by_arguments = backbone.conditioning == "arguments"
+        if config.features is not None:  # only families conditioned by arguments take them (NetworkConfig)
+            self.encoder = backbone.encoder_with_features(config.image_channels, config.features)
+            self.denoiser = backbone.denoiser_with_features(config.image_channels + 1, config.features)
+            return
         self.encoder = backbone.build_encoder(config.image_channels, config.width, config.patch_size)
+        if self.conditioned_by_arguments:
+            self.denoiser = backbone.build_denoiser(config.image_channels + 1, config.width, config.patch_size)
+            return
         self.denoiser = backbone.build(config.image_channels + 1, 1, config.width, config.patch_size)
         time_dim = scale_channels(REFERENCE_TIME_EMBEDDING_DIM, config.width)
         self.time_embedding = TimestepEmbedding(time_dim)
@@ -118,6 +141,8 @@ class DiffusionSegmentationNet(nn.Module):
         timesteps: torch.Tensor,
         stage_features: list[torch.Tensor],
     ) -> torch.Tensor:
+        if self.conditioned_by_arguments:
+            return self.denoiser(torch.cat([image, noisy_mask], dim=1), timesteps, stage_features)
         time = self.time_embedding(timesteps)
         additions = {
             self.denoiser.get_submodule(name): feature + project(time)[:, :, None, None, None]

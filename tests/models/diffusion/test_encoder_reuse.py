@@ -9,6 +9,7 @@ from msx.models.networks import BACKBONES, NetworkConfig, build_network
 # backbone -> (width, window size): the smallest each family takes (see test_more_backbones.py).
 CASES = {
     "unet": (0.125, (32, 32, 32)),
+    "basic-unet": (0.125, (32, 32, 32)),
     "segresnet": (0.125, (32, 32, 32)),
     "attention-unet": (0.125, (32, 32, 32)),
     "multiencoder": (0.125, (32, 32, 32)),

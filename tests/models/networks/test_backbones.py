@@ -32,8 +32,9 @@ def test_scale_channels_rejects_non_positive_width():
 
 
 def test_registered_backbones_and_spatial_multiples():
-    assert {"unet", "segresnet"} <= set(BACKBONES.names())
-    assert spatial_multiple("unet") == 16
+    assert {"unet", "basic-unet", "segresnet"} <= set(BACKBONES.names())
+    assert spatial_multiple("unet") == 32  # four poolings, and the last squeeze-attention block pools once more
+    assert spatial_multiple("basic-unet") == 16
     assert spatial_multiple("segresnet") == 8
 
 
@@ -75,19 +76,26 @@ def full_size_parameter_count(backbone: str) -> int:
         return parameter_count(build_network(NetworkConfig(backbone=backbone, width=1.0)))
 
 
-def test_unet_size_matches_the_reference_without_its_squeeze_attention_blocks():
-    # The reference's 85.7 M includes 8 SqueezeAttentionBlocks in its denoiser (after each down stage:
-    # 64, 128, 256, 512 channels; after each up stage: 256, 128, 64, 64), each two conv3d_blocks of two
-    # biased 3x3x3 convs + BatchNorm. They are not part of MONAI's BasicUNet and msx does not build them.
+def test_unet_and_multiencoder_have_the_reference_sizes():
+    # Encoder + denoiser of the reference's MSSegDiff and MSSegDiff+MultiEncoder at features 64, 64, 128, 256,
+    # 512, 64, counted from the reference code itself: 85,736,577 and 85,733,121.
+    assert full_size_parameter_count("unet") == 85_736_577
+    assert full_size_parameter_count("multiencoder") == 85_733_121
+
+
+def test_basic_unet_is_the_paper_unet_without_squeeze_attention_and_decoder_time():
+    # The reference's 8 squeeze-attention blocks (after each down stage: 64, 128, 256, 512 channels; after
+    # each up stage: 256, 128, 64, 64), each two blocks of two biased 3x3x3 convs + BatchNorm, are not in
+    # MONAI's BasicUNet; nor are the time projections of the decoder's four blocks.
     def conv_block(c):
         return 2 * (conv3(c, c) + 2 * c)
 
     squeeze_attention = sum(2 * conv_block(c) for c in (64, 128, 256, 512, 256, 128, 64, 64))
     assert squeeze_attention == 47_351_040
-    reference_without_them = 85.7e6 - squeeze_attention
-    count = full_size_parameter_count("unet")
-    # Left: the reference projects time into all 9 blocks (down and up), msx into the 5 down stages (0.26 M).
-    assert abs(count - reference_without_them) / reference_without_them < 0.02, count
+    up_projections = sum(512 * c + c for c in (256, 128, 64, 64))
+    basic = full_size_parameter_count("basic-unet")
+    assert basic == 38_122_881
+    assert basic + squeeze_attention + up_projections == full_size_parameter_count("unet")
 
 
 def test_segresnet_size_is_close_to_the_reference():

@@ -1,4 +1,4 @@
-"""The attention-unet, swinunetr, unetr and multiencoder backbones (tiny widths; full sizes built, not run)."""
+"""The attention-unet, swinunetr and unetr backbones (tiny widths; full sizes built, not run)."""
 
 import json
 
@@ -10,7 +10,7 @@ from torch import nn
 from msx.models.checkpoint import load_checkpoint, save_checkpoint
 from msx.models.networks import BACKBONES, NetworkConfig, build_network
 from msx.models.networks.backbones import SwinUNETRBackbone, UNETRBackbone
-from msx.models.networks.encoders import ModalitySumEncoder, SwinUNETREncoder, UNETREncoder
+from msx.models.networks.encoders import SwinUNETREncoder, UNETREncoder
 from msx.models.registry import UnknownNameError
 
 # backbone -> (width, input size). Smallest useful sizes: SwinUNETR needs sides that are multiples of 32 and a
@@ -18,7 +18,6 @@ from msx.models.registry import UnknownNameError
 # 0.25 is its smallest feature size, 12. UNETR at width 0.05 has one 64-channel head, feature size 8.
 CASES = {
     "attention-unet": (0.125, (32, 32, 32)),
-    "multiencoder": (0.125, (32, 32, 32)),
     "unetr": (0.05, (32, 32, 32)),
     "swinunetr": (0.25, (64, 32, 32)),
 }
@@ -199,9 +198,6 @@ def test_full_size_counts_of_the_other_new_backbones():
     # Same down-path channels as the U-Net reference: the encoders are the same size.
     assert attention["encoder"] == unet["encoder"] == 14_277_696
     assert attention["denoiser"] == 23_994_961
-    multi = count("multiencoder")
-    assert multi["denoiser"] == unet["denoiser"]
-    assert unet["encoder"] - multi["encoder"] == 2 * 27 * 64  # only the first conv's 3 -> 1 input channels
     unetr = count("unetr", patch_size=(96, 96, 96))
     assert unetr["denoiser"] == 102_240_785  # MONAI's default UNETR (ViT-B/16) at 96^3
     assert unetr["encoder"] == 82_240_320
@@ -221,42 +217,12 @@ def test_unetr_needs_its_patch_size_and_takes_inputs_of_that_size_only():
 
 
 def test_other_backbones_ignore_the_patch_size_and_omit_it_when_unset():
-    config = NetworkConfig(backbone="multiencoder", image_channels=1, width=0.125, patch_size=(64, 64, 64))
+    config = NetworkConfig(backbone="attention-unet", image_channels=1, width=0.125, patch_size=(64, 64, 64))
     net = build_network(config)
     side = torch.zeros(1, 1, 32, 32, 32)
     with torch.no_grad():
         assert net(side, side, torch.tensor([1])).shape == side.shape
     assert "patch_size" not in NetworkConfig(backbone="unet").to_dict()
-
-
-def test_multiencoder_shares_one_encoder_across_modalities():
-    torch.manual_seed(0)
-    nets = {c: build_network(config_for("multiencoder", image_channels=c)) for c in (1, 3, 4)}
-    assert len({parameter_count(n.encoder) for n in nets.values()}) == 1
-    # Only the denoiser's first convolution grows with the modalities (27 weights per extra input channel and
-    # output channel): the encoder is one 1-channel encoder whatever the number of modalities.
-    first = nets[1].denoiser.conv_0.conv_0.conv.out_channels
-    assert parameter_count(nets[4]) - parameter_count(nets[1]) == 3 * 27 * first
-    encoder = nets[3].encoder
-    assert isinstance(encoder, ModalitySumEncoder)
-    assert encoder.shared.stages[0][0].conv_0.conv.in_channels == 1
-
-
-def test_multiencoder_sums_the_shared_encoder_over_modalities_and_each_modality_counts():
-    torch.manual_seed(0)
-    net = build_network(config_for("multiencoder"))
-    image, noisy_mask, t = inputs("multiencoder")
-    with torch.no_grad():
-        features = net.encoder(image)
-        per_modality = [net.encoder.shared(image[:, c : c + 1]) for c in range(IMAGE_CHANNELS)]
-        for stage, feature in enumerate(features):
-            # Batched and one-by-one convolutions may take different kernels: equal up to float rounding.
-            torch.testing.assert_close(feature, sum(f[stage] for f in per_modality), rtol=1e-4, atol=1e-4)
-        reference = net(image, noisy_mask, t)
-        for c in range(IMAGE_CHANNELS):
-            changed = image.clone()
-            changed[:, c] += 0.5 * torch.randn_like(changed[:, c])
-            assert not torch.allclose(net(changed, noisy_mask, t), reference), c
 
 
 def test_unetr_works_under_strict_distributed_data_parallel(tmp_path):
@@ -270,12 +236,14 @@ def test_unetr_works_under_strict_distributed_data_parallel(tmp_path):
         torch.distributed.destroy_process_group()
 
 
-def test_unknown_backbone_lists_all_six():
+def test_unknown_backbone_lists_all_seven():
     with pytest.raises(UnknownNameError) as error:
         NetworkConfig(backbone="vnet")
     message = str(error.value)
-    assert "valid names: attention-unet, multiencoder, segresnet, swinunetr, unet, unetr" in message
-    assert set(BACKBONES.names()) == {"attention-unet", "multiencoder", "segresnet", "swinunetr", "unet", "unetr"}
+    assert "valid names: attention-unet, basic-unet, multiencoder, segresnet, swinunetr, unet, unetr" in message
+    assert set(BACKBONES.names()) == {
+        "attention-unet", "basic-unet", "multiencoder", "segresnet", "swinunetr", "unet", "unetr"
+    }
 
 
 def test_monai_classes_are_used_as_they_are():

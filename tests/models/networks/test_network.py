@@ -11,7 +11,9 @@ from msx.models.networks import DiffusionSegmentationNet, NetworkConfig, build_n
 SIDE = 32  # the smallest cube the U-Net takes in training mode (instance norm needs 2^3 voxels at the bottom)
 
 
-@pytest.fixture(scope="module", params=["unet", "segresnet"])
+# The families conditioned through forward hooks; the paper's U-Net, conditioned by arguments, is
+# test_mssegdiff_unet.py's.
+@pytest.fixture(scope="module", params=["basic-unet", "segresnet"])
 def net(request) -> DiffusionSegmentationNet:
     torch.manual_seed(0)
     return build_network(NetworkConfig(backbone=request.param, image_channels=3, width=0.125))
@@ -38,7 +40,7 @@ def straightforward_forward(net: DiffusionSegmentationNet, image, noisy_mask, t)
         x = stage(x)
         additions.append(x + project(time)[:, :, None, None, None])
     den, h = net.denoiser, torch.cat([image, noisy_mask], dim=1)
-    if net.config.backbone == "unet":
+    if net.config.backbone == "basic-unet":
         x0 = den.conv_0.forward(h) + additions[0]
         x1 = den.down_1.forward(x0) + additions[1]
         x2 = den.down_2.forward(x1) + additions[2]
@@ -140,10 +142,11 @@ def test_a_forward_nested_inside_another_does_not_disturb_it(net):
 def test_distributed_data_parallel_uses_every_parameter(tmp_path):
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
-        model = build_network(NetworkConfig(backbone="unet", width=0.125))
-        ddp = nn.parallel.DistributedDataParallel(model)  # find_unused_parameters=False: strict
-        image, noisy_mask, t = inputs()
-        for _ in range(2):  # an unused parameter only fails on the second iteration
-            ddp(image, noisy_mask, t).mean().backward()
+        for backbone in ("unet", "basic-unet"):
+            model = build_network(NetworkConfig(backbone=backbone, width=0.125))
+            ddp = nn.parallel.DistributedDataParallel(model)  # find_unused_parameters=False: strict
+            image, noisy_mask, t = inputs(batch=2)  # batch norm in training needs two samples at the bottom
+            for _ in range(2):  # an unused parameter only fails on the second iteration
+                ddp(image, noisy_mask, t).mean().backward()
     finally:
         torch.distributed.destroy_process_group()
