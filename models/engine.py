@@ -15,10 +15,10 @@ from monai.data import CacheDataset
 from .data.cache import PreparedScan, prepare_loaded_scan
 from .data.cohort import LoadedScan
 from .data.transforms import GridRestore, augmentation_transforms, prepare_scan_for_inference
-from .diffusion import DiffusionConfig, LossWeights, diffusion_loss, sample_scan
-from .lesion_maps import LesionMaps, lesion_maps
+from .diffusion import DiffusionConfig, LossWeights, diffusion_loss, sample_scan, sample_scan_fused
+from .lesion_maps import LesionMaps, binary_entropy_bits, lesion_probability
 from .metrics import lesion_volumes, segmentation_metrics
-from .strategies import fuse_all
+from .protocols import PROTOCOLS
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,8 @@ class InferenceConfig:
     sw_batch_size: int = 4
     strategies: tuple[str, ...] = ("last", "mean", "mean-var", "staple", "uncertainty", "majority")
     connectivity: int = 6
+    # The inference protocol (protocols.PROTOCOLS): how the trajectories are sampled and fused.
+    protocol: str = "msx"
 
 
 def training_dataset(
@@ -121,7 +123,7 @@ class ScanSegmentation:
     maps: LesionMaps[np.ndarray]  # float32 (X, Y, Z), zero outside the foreground crop
 
 
-def _sample_scan_trajectories(
+def _scan_scores(
     net: torch.nn.Module,
     image: np.ndarray,
     config: InferenceConfig,
@@ -129,27 +131,43 @@ def _sample_scan_trajectories(
     diffusion: DiffusionConfig,
     generator: torch.Generator | None,
     autocast_dtype: torch.dtype | None,
-) -> tuple[torch.Tensor, GridRestore]:
-    """The step logits (steps, samples, *prepared grid) of the preprocessed scan, and the map back to its grid."""
+    with_probability: bool,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, GridRestore]:
+    """Each strategy's score (lesion where > 0) and, if asked, the lesion probability, on the preprocessed scan's
+    grid, from ONE sampling pass under the config's protocol; and the map back to the input grid."""
+    protocol = PROTOCOLS.get(config.protocol)
+    for name in config.strategies:
+        protocol.strategy(name)  # a typo fails here, with the valid names, before any sampling
     net.eval()
     prepared, grid = prepare_scan_for_inference(image, config.roi_size)
-    step_logits = sample_scan(
-        net,
-        prepared.to(device),
-        num_steps=config.ddim_steps,
-        num_samples=config.samples,
-        roi_size=config.roi_size,
-        overlap=config.overlap,
-        sw_batch_size=config.sw_batch_size,
-        config=diffusion,
-        generator=generator,
-        autocast_dtype=autocast_dtype,
+    sampling = dict(
+        num_steps=config.ddim_steps, num_samples=config.samples, roi_size=config.roi_size, overlap=config.overlap,
+        sw_batch_size=config.sw_batch_size, config=diffusion, generator=generator, autocast_dtype=autocast_dtype,
+        x0=protocol.x0,
     )
-    return step_logits, grid
+    if not protocol.fuse_per_window:
+        step_logits = sample_scan(net, prepared.to(device), **sampling)
+        probability = lesion_probability(step_logits) if with_probability else None
+        return protocol.scores(step_logits, config.strategies), probability, grid
+
+    def fuse(windows: torch.Tensor) -> torch.Tensor:
+        """(windows, steps, samples, *roi) -> (windows, strategies [+ probability], *roi), stitched afterwards."""
+        fused = []
+        for step_logits in windows:
+            maps = list(protocol.scores(step_logits, config.strategies).values())
+            if with_probability:
+                maps.append(lesion_probability(step_logits))
+            fused.append(torch.stack([m.float() for m in maps]))
+        return torch.stack(fused)
+
+    stitched = sample_scan_fused(net, prepared.to(device), fuse=fuse, **sampling)
+    scores = dict(zip(config.strategies, stitched))
+    return scores, stitched[len(config.strategies)] if with_probability else None, grid
 
 
-def _restored_masks(step_logits: torch.Tensor, grid: GridRestore, strategies: Sequence[str]) -> dict[str, np.ndarray]:
-    return {name: grid.restore(mask.cpu().numpy()) for name, mask in fuse_all(step_logits, strategies).items()}
+def _restored_masks(scores: dict[str, torch.Tensor], grid: GridRestore) -> dict[str, np.ndarray]:
+    # A NaN score (the reference's STAPLE over a window where no step votes lesion) is background.
+    return {name: grid.restore((score > 0).cpu().numpy()) for name, score in scores.items()}
 
 
 def segment_scan(
@@ -162,8 +180,8 @@ def segment_scan(
     autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, np.ndarray]:
     """Masks of every configured strategy, on the input grid, from ONE sampling pass over the scan."""
-    step_logits, grid = _sample_scan_trajectories(net, image, config, device, diffusion, generator, autocast_dtype)
-    return _restored_masks(step_logits, grid, config.strategies)
+    scores, _, grid = _scan_scores(net, image, config, device, diffusion, generator, autocast_dtype, False)
+    return _restored_masks(scores, grid)
 
 
 def segment_scan_with_maps(
@@ -178,13 +196,12 @@ def segment_scan_with_maps(
     """``segment_scan``'s masks (the same, for the same generator state) plus the lesion probability and
     uncertainty maps (``lesion_maps``), all from ONE sampling pass over the scan.
     """
-    step_logits, grid = _sample_scan_trajectories(net, image, config, device, diffusion, generator, autocast_dtype)
-    maps = lesion_maps(step_logits)
+    scores, probability, grid = _scan_scores(net, image, config, device, diffusion, generator, autocast_dtype, True)
     return ScanSegmentation(
-        masks=_restored_masks(step_logits, grid, config.strategies),
+        masks=_restored_masks(scores, grid),
         maps=LesionMaps(
-            probability=grid.restore(maps.probability.cpu().numpy()),
-            uncertainty=grid.restore(maps.uncertainty.cpu().numpy()),
+            probability=grid.restore(probability.cpu().numpy()),
+            uncertainty=grid.restore(binary_entropy_bits(probability).cpu().numpy()),
         ),
     )
 

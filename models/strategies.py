@@ -2,9 +2,10 @@
 
 Every strategy is a pure function of one tensor ``step_logits`` of shape ``(N, s, *spatial)``: the
 predicted-x0 logits ``l_ij`` of DDIM steps ``i = 1..N`` (first = noisiest) and samples ``j``, with
-``p_ij = 2 * sigmoid(l_ij) - 1`` in [-1, 1]. A strategy returns a signed score of shape ``spatial``
-whose positive voxels are lesion, so sampling happens once per scan and all strategies are evaluated
-from the same trajectories (design/SCIENCE.md, "Inference strategies").
+``p_ij = x0(l_ij)`` in [-1, 1]: msx's ``2 * sigmoid(l) - 1`` unless the caller's inference protocol maps
+logits otherwise (``protocols.py``: the reference clamps them). A strategy returns a signed score of shape
+``spatial`` whose positive voxels are lesion, so sampling happens once per scan and all strategies are
+evaluated from the same trajectories (docs/FIDELITY.md).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from .diffusion import X0Map, x0_from_logits
 from .registry import Registry
 
 Strategy = Callable[[torch.Tensor], torch.Tensor]
@@ -35,41 +37,40 @@ def _check_shape(step_logits: torch.Tensor) -> None:
         )
 
 
-def _x0_predictions(step_logits: torch.Tensor) -> torch.Tensor:
-    """p = 2 * sigmoid(l) - 1, computed as tanh(l / 2): the same value, with p > 0 exactly when l > 0."""
+def _x0_predictions(step_logits: torch.Tensor, x0: X0Map) -> torch.Tensor:
     _check_shape(step_logits)
-    return torch.tanh(step_logits / 2)
+    return x0(step_logits)
 
 
 @STRATEGIES.register("last")
-def last_step(step_logits: torch.Tensor) -> torch.Tensor:
+def last_step(step_logits: torch.Tensor, x0: X0Map = x0_from_logits) -> torch.Tensor:
     """p at the final (least noisy) step, averaged over samples."""
-    return _x0_predictions(step_logits)[-1].mean(dim=0)
+    return _x0_predictions(step_logits, x0)[-1].mean(dim=0)
 
 
 @STRATEGIES.register("mean")
-def mean_over_steps(step_logits: torch.Tensor) -> torch.Tensor:
+def mean_over_steps(step_logits: torch.Tensor, x0: X0Map = x0_from_logits) -> torch.Tensor:
     """Mean of p over all steps and samples."""
-    return _x0_predictions(step_logits).mean(dim=(0, 1))
+    return _x0_predictions(step_logits, x0).mean(dim=(0, 1))
 
 
 @STRATEGIES.register("mean-var")
-def mean_minus_variance(step_logits: torch.Tensor) -> torch.Tensor:
+def mean_minus_variance(step_logits: torch.Tensor, x0: X0Map = x0_from_logits) -> torch.Tensor:
     """mean_i p_i - var_i p_i (unbiased), where p_i is p at step i averaged over samples."""
-    per_step = _x0_predictions(step_logits).mean(dim=1)
+    per_step = _x0_predictions(step_logits, x0).mean(dim=1)
     if per_step.shape[0] < 2:
         raise ValueError("mean-var needs at least 2 sampling steps for an unbiased variance")
     return per_step.mean(dim=0) - per_step.var(dim=0, correction=1)
 
 
 @STRATEGIES.register("uncertainty")
-def uncertainty_weighted(step_logits: torch.Tensor) -> torch.Tensor:
+def uncertainty_weighted(step_logits: torch.Tensor, x0: X0Map = x0_from_logits) -> torch.Tensor:
     """Step-uncertainty fusion (Diff-UNet): later, more confident steps weigh more.
 
     u_i = mean_j l_ij; U_i = -sigma * log(sigma) with sigma = max(sigmoid(u_i), 1e-3);
     w_i = exp(sigmoid(i / N) * (1 - U_i)) for i = 1..N; score = sum_i sum_j w_i * p_ij.
     """
-    p = _x0_predictions(step_logits)
+    p = _x0_predictions(step_logits, x0)
     steps = step_logits.shape[0]
     confidence = torch.sigmoid(step_logits.mean(dim=1)).clamp_min(1e-3)
     step_uncertainty = -confidence * torch.log(confidence)
@@ -80,24 +81,24 @@ def uncertainty_weighted(step_logits: torch.Tensor) -> torch.Tensor:
 
 
 @STRATEGIES.register("majority")
-def majority_vote(step_logits: torch.Tensor) -> torch.Tensor:
+def majority_vote(step_logits: torch.Tensor, x0: X0Map = x0_from_logits) -> torch.Tensor:
     """2 * (fraction of the N * s votes p_ij > 0) - 1: positive exactly where more than half vote lesion.
 
     Computed as the mean of +-1 votes so that a tie is exactly 0 (background).
     """
-    p = _x0_predictions(step_logits)
+    p = _x0_predictions(step_logits, x0)
     votes = torch.where(p > 0, 1.0, -1.0).to(p.dtype)
     return votes.mean(dim=(0, 1))
 
 
 @STRATEGIES.register("staple")
-def staple_fusion(step_logits: torch.Tensor) -> torch.Tensor:
+def staple_fusion(step_logits: torch.Tensor, x0: X0Map = x0_from_logits) -> torch.Tensor:
     """Binary STAPLE over the N step masks (p_i > 0, samples averaged first).
 
     Returns the float64 score ``posterior - nextafter(0.5, 0)`` (posterior = STAPLE probability of
     lesion), which is > 0 exactly where the posterior is >= 0.5, the rule of the reference method.
     """
-    step_masks = _x0_predictions(step_logits).mean(dim=1) > 0
+    step_masks = _x0_predictions(step_logits, x0).mean(dim=1) > 0
     # Near 0.5 this subtraction is exact (Sterbenz), so the sign is exactly the >= 0.5 decision. It stays
     # float64: a tie's margin of one ulp (6e-17) would round to 0 in float16.
     return staple(step_masks) - math.nextafter(0.5, 0.0)

@@ -1,10 +1,11 @@
 """Diffusion for MSSegDiff: the forward process, the x0 training loss and DDIM sampling that keeps every step."""
 
-from .sampling import ddim_trajectory, ddim_update, sample_scan
+from .sampling import X0Map, ddim_trajectory, ddim_update, sample_scan, sample_scan_fused
 from .schedule import DiffusionConfig, add_noise, alphas_cumprod, betas, ddim_timesteps, x0_from_logits
 from .training import Denoiser, EncodingDenoiser, LossWeights, diffusion_loss, x0_loss
 
 __all__ = [
+    "X0Map",
     "Denoiser",
     "DiffusionConfig",
     "EncodingDenoiser",
@@ -17,6 +18,7 @@ __all__ = [
     "ddim_update",
     "diffusion_loss",
     "sample_scan",
+    "sample_scan_fused",
     "x0_from_logits",
     "x0_loss",
 ]

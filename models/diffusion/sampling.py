@@ -8,14 +8,29 @@ would be told a noise level the sample does not have. MONAI's grid itself is use
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 from monai.utils import convert_to_tensor
 
-from .schedule import DiffusionConfig, alphas_cumprod, ddim_timesteps, x0_from_logits
+from .schedule import DiffusionConfig, ddim_timesteps, x0_from_logits
 from .training import Denoiser, EncodingDenoiser
+
+X0Map = Callable[[torch.Tensor], torch.Tensor]
+"""Logits -> the predicted clean mask in [-1, 1] that the DDIM update uses (an inference protocol's choice)."""
+
+
+def _alpha_bars_float64(config: DiffusionConfig) -> list[float]:
+    """alpha_bar_t as Python floats computed in float64, as guided-diffusion (the reference's sampler) does."""
+    betas = torch.linspace(config.beta_start, config.beta_end, config.timesteps, dtype=torch.float64)
+    return torch.cumprod(1.0 - betas, dim=0).tolist()
+
+
+def _float32(value: float) -> float:
+    return float(np.float32(value))
 
 
 def ddim_update(
@@ -23,10 +38,20 @@ def ddim_update(
 ) -> torch.Tensor:
     """One DDIM step with eta = 0 (Song et al. 2021, eq. 12): x_t -> x_prev given the predicted x0.
 
-    eps = (x_t - sqrt(a_t) x0) / sqrt(1 - a_t);  x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps.
+    eps = (x_t / sqrt(a_t) - x0) / sqrt(1 / a_t - 1);  x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps.
+    Written as guided-diffusion computes it (the reference's sampler): the coefficients from float64 schedules
+    rounded to float32, then the same float32 operations in the same order, so that a trajectory is the
+    reference's to the last bit on the same machine. The coefficients are Python floats: kernel arguments,
+    no device tensor to index or copy.
     """
-    predicted_noise = (noisy - alpha_bar_t**0.5 * predicted_x0) / (1.0 - alpha_bar_t) ** 0.5
-    return alpha_bar_prev**0.5 * predicted_x0 + (1.0 - alpha_bar_prev) ** 0.5 * predicted_noise
+    recip = _float32(math.sqrt(1.0 / alpha_bar_t))
+    recip_minus_one = _float32(math.sqrt(1.0 / alpha_bar_t - 1.0))
+    previous = torch.tensor(alpha_bar_prev, dtype=torch.float32)
+    # torch's float32 square roots of float32 values, as the reference takes them (on the CPU they can differ
+    # from the correctly rounded ones in the last bit).
+    keep_x0, keep_noise = previous.sqrt().item(), (1.0 - previous).sqrt().item()
+    predicted_noise = (recip * noisy - predicted_x0) / recip_minus_one
+    return predicted_x0 * keep_x0 + keep_noise * predicted_noise
 
 
 @torch.inference_mode()
@@ -38,6 +63,8 @@ def ddim_trajectory(
     config: DiffusionConfig = DiffusionConfig(),
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
+    x0: X0Map = x0_from_logits,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Predicted-x0 logits at every DDIM step for ``num_samples`` chains per image: (B, num_steps, num_samples, X, Y, Z).
 
@@ -46,15 +73,19 @@ def ddim_trajectory(
     from ``generator`` (which must live on the image's device), so the result is reproducible for a deterministic
     ``net``; put the net in eval mode first. ``autocast_dtype`` (e.g. torch.bfloat16) runs the net under autocast;
     the DDIM arithmetic and the returned logits stay float32. A ``net`` that is an ``EncodingDenoiser`` has its
-    encoder run once per image, its features reused for every step and sample.
+    encoder run once per image, its features reused for every step and sample. ``x0`` maps the logits to the
+    clean-mask estimate the update uses (msx's ``2 sigmoid(l) - 1`` by default). ``noise`` (B * num_samples, 1,
+    X, Y, Z), when given, is the starting x_T instead of a draw from ``generator``.
     """
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     timesteps = ddim_timesteps(num_steps, config)
     # Python floats: the step coefficients become kernel arguments, with no device tensor to index or copy.
-    alpha_bar = alphas_cumprod(config).tolist()
+    alpha_bar = _alpha_bars_float64(config)
     batch, spatial, device = image.shape[0], tuple(image.shape[2:]), image.device
     chains = batch * num_samples
+    if noise is not None and tuple(noise.shape) != (chains, 1, *spatial):
+        raise ValueError(f"noise must be {(chains, 1, *spatial)} (one x_T per chain), got {tuple(noise.shape)}")
 
     images = image.repeat_interleave(num_samples, dim=0)  # image b's samples are rows b*s .. b*s + s - 1
     autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
@@ -70,7 +101,10 @@ def ddim_trajectory(
         def predict(noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return net(images, noisy, t)
 
-    noisy = torch.randn((chains, 1, *spatial), dtype=torch.float32, device=device, generator=generator)
+    if noise is None:
+        noisy = torch.randn((chains, 1, *spatial), dtype=torch.float32, device=device, generator=generator)
+    else:
+        noisy = noise.to(device=device, dtype=torch.float32)
     trajectory = torch.empty((batch, len(timesteps), num_samples, *spatial), dtype=torch.float32, device=device)
     for step, t in enumerate(timesteps):
         with autocast:
@@ -80,8 +114,12 @@ def ddim_trajectory(
         logits = logits.float()
         trajectory[:, step] = logits.view(batch, num_samples, *spatial)
         if step + 1 < len(timesteps):
-            noisy = ddim_update(noisy, x0_from_logits(logits), alpha_bar[t], alpha_bar[timesteps[step + 1]])
+            noisy = ddim_update(noisy, x0(logits), alpha_bar[t], alpha_bar[timesteps[step + 1]])
     return trajectory
+
+
+WindowFusion = Callable[[torch.Tensor], torch.Tensor]
+"""(windows, num_steps, num_samples, *roi) step logits -> (windows, channels, *roi) maps to stitch."""
 
 
 @torch.inference_mode()
@@ -96,6 +134,7 @@ def sample_scan(
     config: DiffusionConfig = DiffusionConfig(),
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
+    x0: X0Map = x0_from_logits,
 ) -> torch.Tensor:
     """Every step's predicted-x0 logits for a whole scan ``image`` (C,X,Y,Z): (num_steps, num_samples, X, Y, Z).
 
@@ -104,14 +143,43 @@ def sample_scan(
     overlaps with equal weights. The scan should be at least ``roi_size`` (pad first; MONAI would zero-pad it).
     Memory beyond the windows in flight: the float32 output and one scan-sized overlap count.
     """
+
+    def all_steps(trajectories: torch.Tensor) -> torch.Tensor:
+        return trajectories.flatten(1, 2)  # (windows, num_steps * num_samples, *roi): channel = step * s + sample
+
+    stitched = sample_scan_fused(
+        net, image, num_steps, num_samples, roi_size, all_steps, overlap, sw_batch_size, config, generator,
+        autocast_dtype, x0,
+    )
+    return stitched.view(num_steps, num_samples, *image.shape[1:])
+
+
+@torch.inference_mode()
+def sample_scan_fused(
+    net: Denoiser,
+    image: torch.Tensor,
+    num_steps: int,
+    num_samples: int,
+    roi_size: int | Sequence[int],
+    fuse: WindowFusion,
+    overlap: float = 0.25,
+    sw_batch_size: int = 4,
+    config: DiffusionConfig = DiffusionConfig(),
+    generator: torch.Generator | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    x0: X0Map = x0_from_logits,
+) -> torch.Tensor:
+    """``sample_scan`` with each window's trajectories reduced by ``fuse`` before stitching: (channels, X, Y, Z).
+
+    The reference protocol fuses its strategies window by window and stitches the fused maps; this does that
+    from the same single sampling pass per window.
+    """
     if image.ndim != 4:
         raise ValueError(f"image must be (C,X,Y,Z), got shape {tuple(image.shape)}")
 
     def predict_windows(windows: torch.Tensor) -> torch.Tensor:
-        steps = ddim_trajectory(net, windows, num_steps, num_samples, config, generator, autocast_dtype)
-        return steps.flatten(1, 2)  # (windows, num_steps * num_samples, *roi): channel = step * s + sample
+        return fuse(ddim_trajectory(net, windows, num_steps, num_samples, config, generator, autocast_dtype, x0))
 
     # MONAI stitches in the input's dtype and would carry a MetaTensor's metadata through: give it plain float32.
     scan = convert_to_tensor(image, dtype=torch.float32, track_meta=False)[None]
-    stitched = sliding_window_inference(scan, roi_size, sw_batch_size, predict_windows, overlap=overlap)
-    return stitched[0].view(num_steps, num_samples, *image.shape[1:])
+    return sliding_window_inference(scan, roi_size, sw_batch_size, predict_windows, overlap=overlap)[0]
