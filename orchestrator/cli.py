@@ -15,6 +15,7 @@ from msx.models.registry import UnknownNameError
 
 from .data import prepare_cohort
 from .data_commands import data
+from .fidelity_command import fidelity
 from .predict_command import predict
 from .provenance import study_provenance
 from .spec import SpecError, load_spec, spec_from_dict
@@ -459,6 +460,7 @@ def ui(port: int, tracking_uri: str | None, storage: Path) -> None:
 
 main.add_command(predict)
 main.add_command(data)
+main.add_command(fidelity)
 
 if __name__ == "__main__":
     sys.exit(main())
