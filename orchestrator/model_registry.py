@@ -180,6 +180,7 @@ def register_selection(
             "overlap": inference["overlap"],
             "sw_batch_size": inference["sw_batch_size"],
             "connectivity": inference["connectivity"],
+            "protocol": inference["protocol"],
         },
         "diffusion": spec_dict["diffusion"],
         "seed": spec_dict["training"]["seed"],

@@ -184,6 +184,7 @@ def checkpoint_segmenter(
         sw_batch_size=spec.inference.sw_batch_size,
         strategies=(chosen,),
         connectivity=spec.inference.connectivity,
+        protocol=spec.inference.protocol,
     )
     diffusion = DiffusionConfig(spec.diffusion.timesteps, spec.diffusion.beta_start, spec.diffusion.beta_end)
     seed = spec.training.seed

@@ -30,6 +30,7 @@ from matplotlib.ticker import MaxNLocator
 from mlflow.entities import Run
 from mlflow.store.tracking import SEARCH_MAX_RESULTS_THRESHOLD
 from mlflow.tracking import MlflowClient
+from msx.models.protocols import PROTOCOLS
 
 from .results import (
     HIGHER_IS_BETTER,
@@ -100,12 +101,23 @@ class StudyRecord:
 
 
 @dataclass(frozen=True)
+class ProtocolScores:
+    """The rows' configurations (the same trained weights) scored under a compared inference protocol."""
+
+    protocol: str
+    rows: tuple[ConfigurationResult, ...]
+
+
+@dataclass(frozen=True)
 class StudySummary:
     strategies: tuple[str, ...]
     fold_count: int
     # Each backbone's configuration chosen on validation: the rows of the tables and figures.
     rows: tuple[ConfigurationResult, ...]
     selection: Selection | None
+    # The study's inference protocol, and the rows under each protocol its final evaluation was also scored with.
+    protocol: str = "msx"
+    compared: tuple[ProtocolScores, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -249,11 +261,20 @@ def summarise_study(record: StudyRecord) -> StudySummary:
             f"({trials_line(record.trials)})"
         )
     metric = record.spec["registry"]["selection_metric"]
+    rows = tuple(best_per_backbone(configurations, strategies, metric))
+    inference = record.spec["inference"]
+    compared = []
+    for protocol in inference.get("compare_protocols", ()):
+        scored = {c.configuration: c for c in summarise_configurations(outcomes, strategies, fold_count, protocol)}
+        compared.append(ProtocolScores(protocol, tuple(scored[r.configuration] for r in rows if r.configuration in scored)))
     return StudySummary(
         strategies=strategies,
         fold_count=fold_count,
-        rows=tuple(best_per_backbone(configurations, strategies, metric)),
+        rows=rows,
         selection=select_best(configurations, strategies, metric),
+        # Launches from before protocols existed ran msx's.
+        protocol=inference.get("protocol", "msx"),
+        compared=tuple(compared),
     )
 
 
@@ -277,13 +298,41 @@ def describe_configuration(configuration: ConfigurationResult) -> str:
     return f"{configuration.configuration} ({searched})" if searched else configuration.configuration
 
 
-def metrics_table(summary: StudySummary, split: str) -> Table:
-    """The paper's table: backbone x strategy rows, mean ± std over folds, each column's best marked."""
-    rows, best = [], set()
-    for row_index, (backbone, strategy, cells) in enumerate(summary_rows(list(summary.rows), summary.strategies, split)):
-        rows.append((backbone, strategy, *(format_cell(cell) for cell in cells)))
+def metrics_table(summary: StudySummary, split: str, rows: tuple[ConfigurationResult, ...] | None = None) -> Table:
+    """The paper's table: backbone x strategy rows, mean ± std over folds, each column's best marked.
+
+    `rows`: the same configurations scored under a compared protocol (default: under the study's own).
+    """
+    rows = summary.rows if rows is None else rows
+    lines, best = [], set()
+    for row_index, (backbone, strategy, cells) in enumerate(summary_rows(list(rows), summary.strategies, split)):
+        lines.append((backbone, strategy, *(format_cell(cell) for cell in cells)))
         best.update((row_index, 2 + column) for column, cell in enumerate(cells) if cell.best)
-    return Table(("backbone", "strategy", *(m.upper() for m in SPLIT_METRIC_NAMES)), tuple(rows), frozenset(best))
+    return Table(("backbone", "strategy", *(m.upper() for m in SPLIT_METRIC_NAMES)), tuple(lines), frozenset(best))
+
+
+def protocols_side_by_side(summary: StudySummary, compared: ProtocolScores, split: str = "test") -> Table:
+    """Each metric's mean over folds under the study's protocol and under a compared one, in adjacent columns,
+    with the difference (compared minus the study's)."""
+    headers = ["backbone", "strategy"]
+    for metric in SPLIT_METRIC_NAMES:
+        headers += [f"{metric.upper()} {summary.protocol}", f"{metric.upper()} {compared.protocol}", "Δ"]
+    scored = {row.configuration: row for row in compared.rows}
+    lines = []
+    for row in summary.rows:
+        other = scored.get(row.configuration)
+        for strategy in summary.strategies:
+            cells = [row.backbone, strategy]
+            for metric in SPLIT_METRIC_NAMES:
+                mine = row.score(strategy, metric, split)
+                theirs = other.score(strategy, metric, split) if other is not None else math.nan
+                cells += [_mean(mine), _mean(theirs), "n/a" if math.isnan(mine - theirs) else f"{theirs - mine:+.3f}"]
+            lines.append(tuple(cells))
+    return Table(tuple(headers), tuple(lines))
+
+
+def _mean(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.3f}"
 
 
 # ---- figures --------------------------------------------------------------------------------------
@@ -433,6 +482,7 @@ def report_blocks(
             ),
             metrics_table(summary, split),
         ]
+    blocks += _protocol_blocks(summary)
     blocks.append(
         Text(
             f"{ISBI_SCORE.upper()}: the raw ISBI 2015 score, DSC/8 + PPV/8 + (1 - LFPR)/4 + LTPR/4 + Corr/4 per scan, "
@@ -460,6 +510,33 @@ def report_blocks(
         Heading("Spec parameters"),
         Table(("parameter", "value"), tuple(sorted(record.params.items()))),
     ]
+    return blocks
+
+
+def _protocol_blocks(summary: StudySummary) -> list[Block]:
+    """The final evaluation under each compared inference protocol, from the same weights (docs/FIDELITY.md)."""
+    if not summary.compared:
+        return []
+    blocks: list[Block] = [
+        Heading("Inference protocols compared"),
+        Text(
+            "The same trained weights (each backbone's configuration above, every fold) scored once more under "
+            "another inference protocol. "
+            + " ".join(f"{p.name}: {p.description}." for p in map(PROTOCOLS.get, (summary.protocol, *(c.protocol for c in summary.compared))))
+            + " Selection, the tables above and the registered model use the study's protocol, "
+            f"{summary.protocol}."
+        ),
+    ]
+    for compared in summary.compared:
+        blocks += [
+            Heading(f"Test patients: {summary.protocol} and {compared.protocol} side by side", 3),
+            Text(f"Mean over folds; Δ = {compared.protocol} minus {summary.protocol}."),
+            protocols_side_by_side(summary, compared),
+            Heading(f"Test patients under the {compared.protocol} protocol", 3),
+            metrics_table(summary, "test", compared.rows),
+            Heading(f"Validation patients under the {compared.protocol} protocol", 3),
+            metrics_table(summary, "val", compared.rows),
+        ]
     return blocks
 
 

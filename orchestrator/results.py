@@ -102,10 +102,20 @@ def split_metrics(rows: Iterable[Mapping[str, Any]]) -> dict[str, float]:
     return metrics
 
 
+def protocol_prefix(protocol: str | None) -> str:
+    """How a compared protocol's final metrics are keyed: `{protocol}/{split}/{strategy}/{metric}`; the study's
+    own protocol (None) keeps `{split}/{strategy}/{metric}`."""
+    return f"{protocol}/" if protocol else ""
+
+
 def summarise_configurations(
-    outcomes: Iterable[TrialOutcome], strategies: tuple[str, ...], fold_count: int
+    outcomes: Iterable[TrialOutcome], strategies: tuple[str, ...], fold_count: int, protocol: str | None = None
 ) -> list[ConfigurationResult]:
-    """Configurations with every fold finished, each summarised as mean +- std over folds."""
+    """Configurations with every fold finished, each summarised as mean +- std over folds.
+
+    `protocol`: a compared protocol's metrics instead of the study's own (`protocol_prefix`).
+    """
+    prefix = protocol_prefix(protocol)
     by_configuration: dict[str, list[TrialOutcome]] = {}
     for outcome in outcomes:
         by_configuration.setdefault(outcome.configuration, []).append(outcome)
@@ -118,7 +128,7 @@ def summarise_configurations(
         for split in ("val", "test"):
             for strategy in strategies:
                 for metric in SPLIT_METRIC_NAMES:
-                    values = np.array([f.metrics.get(f"{split}/{strategy}/{metric}", math.nan) for f in folds])
+                    values = np.array([f.metrics.get(f"{prefix}{split}/{strategy}/{metric}", math.nan) for f in folds])
                     finite = values[~np.isnan(values)]
                     summary[(split, strategy, metric)] = (
                         (float(finite.mean()), float(finite.std())) if finite.size else (math.nan, math.nan)

@@ -19,6 +19,7 @@ import yaml
 from msx.models.data.cohort import DEFAULT_MODALITIES, MODALITIES
 from msx.models.data.folds import FOLD_PLANS
 from msx.models.networks import BACKBONES, spatial_multiple
+from msx.models.protocols import PROTOCOLS
 from msx.models.strategies import STRATEGIES
 
 from .results import SPLIT_METRIC_NAMES
@@ -81,8 +82,10 @@ class TrainingSpec:
     loss_bce: float = 1.0
     loss_mse: float = 1.0
     validate_every: int = 10
-    validation_ddim_steps: int = 10
-    validation_strategy: str = "mean"
+    # None: the inference protocol's (msx: 10 steps, mean, the test overlap; reference: 50, last, 0.25).
+    validation_ddim_steps: int | None = None
+    validation_strategy: str | None = None
+    validation_overlap: float | None = None
     seed: int = 0
     # Probability that a training patch is centred on a lesion voxel (else on the brain); 0: uniform crops.
     lesion_patch_fraction: float = 0.0
@@ -93,9 +96,15 @@ class InferenceSpec:
     strategies: tuple[str, ...] = ("last", "mean", "mean-var", "staple", "uncertainty", "majority")
     ddim_steps: int = 10
     samples: int = 4
-    overlap: float = 0.5
+    # None: the protocol's (msx 0.5, reference 0.6).
+    overlap: float | None = None
     sw_batch_size: int = 4
     connectivity: int = 6
+    # How the study samples and fuses, validates and selects (msx.models.protocols): "msx" or "reference".
+    protocol: str = "msx"
+    # Protocols the final evaluation is also scored under, from the same weights, each at its own default
+    # overlap; their metrics are logged as <protocol>/<split>/<strategy>/<metric>.
+    compare_protocols: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -156,6 +165,23 @@ class ExperimentSpec:
     search: SearchSpec = field(default_factory=SearchSpec)
     registry: RegistrySpec = field(default_factory=RegistrySpec)
 
+    def __post_init__(self) -> None:
+        """Settings left unset (None) take the protocol's defaults, so a built spec holds every value it runs with."""
+        if self.inference.protocol not in PROTOCOLS:
+            return  # validate_spec names the unknown protocol
+        defaults = PROTOCOLS.get(self.inference.protocol).defaults
+        inference = self.inference
+        if inference.overlap is None:
+            inference = dataclasses.replace(inference, overlap=defaults.overlap)
+        training = self.training
+        for name in ("validation_ddim_steps", "validation_strategy", "validation_overlap"):
+            if getattr(training, name) is None:
+                training = dataclasses.replace(training, **{name: getattr(defaults, name)})
+        if training.validation_overlap is None:
+            training = dataclasses.replace(training, validation_overlap=inference.overlap)
+        object.__setattr__(self, "inference", inference)
+        object.__setattr__(self, "training", training)
+
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
 
@@ -176,6 +202,8 @@ SCHEDULERS = ("asha", "fifo")
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
 # Fields a search may vary: numbers and names that change training or inference, never data or resources.
 SEARCHABLE_SECTIONS = ("model", "training", "inference", "diffusion")
+# A study's protocols decide what its results mean; they are chosen, never searched.
+UNSEARCHABLE_FIELDS = ("inference.protocol", "inference.compare_protocols")
 
 
 def bundled_spaces() -> dict[str, Path]:
@@ -238,6 +266,12 @@ def validate_spec(spec: ExperimentSpec, source: str = "spec") -> None:
         fail("model.backbones", "at least one backbone is needed")
     registered("model.backbones", spec.model.backbones, BACKBONES)
     registered("inference.strategies", spec.inference.strategies, STRATEGIES)
+    registered("inference.protocol", (spec.inference.protocol,), PROTOCOLS)
+    registered("inference.compare_protocols", spec.inference.compare_protocols, PROTOCOLS)
+    if spec.inference.protocol in spec.inference.compare_protocols:
+        fail("inference.compare_protocols", f"{spec.inference.protocol!r} is the study's own protocol (inference.protocol)")
+    if len(set(spec.inference.compare_protocols)) < len(spec.inference.compare_protocols):
+        fail("inference.compare_protocols", "a protocol is listed twice")
     registered("training.validation_strategy", (spec.training.validation_strategy,), STRATEGIES)
     _validate_folds(spec.data.folds, fail)
     for modality in spec.data.modalities:
@@ -271,8 +305,9 @@ def validate_spec(spec: ExperimentSpec, source: str = "spec") -> None:
             fail(key, f"must be positive, got {value}")
     if spec.search.time_budget_s is not None and spec.search.time_budget_s <= 0:
         fail("search.time_budget_s", f"must be positive seconds (or null for no limit), got {spec.search.time_budget_s}")
-    if not 0 <= spec.inference.overlap < 1:
-        fail("inference.overlap", f"must be in [0, 1), got {spec.inference.overlap}")
+    for key, overlap in (("inference.overlap", spec.inference.overlap), ("training.validation_overlap", spec.training.validation_overlap)):
+        if not 0 <= overlap < 1:
+            fail(key, f"must be in [0, 1), got {overlap}")
     if not 0 <= spec.training.lesion_patch_fraction <= 1:
         fail("training.lesion_patch_fraction", f"must be in [0, 1], got {spec.training.lesion_patch_fraction}")
     if any(side < 8 for side in spec.training.patch_size):
@@ -314,6 +349,8 @@ def _validate_folds(folds: str | tuple[FoldSpec, ...], fail) -> None:
 
 def _validate_parameter(spec: ExperimentSpec, parameter: ParameterSpec, key: str, fail) -> None:
     section_name, _, field_name = parameter.name.partition(".")
+    if parameter.name in UNSEARCHABLE_FIELDS:
+        fail(f"{key}.name", f"{parameter.name!r} is the study's choice, not a searched value")
     if section_name not in SEARCHABLE_SECTIONS or field_name not in _field_types(type(getattr(spec, section_name))):
         fail(f"{key}.name", f"{parameter.name!r} is not a searchable field (use <section>.<field> of: {', '.join(SEARCHABLE_SECTIONS)})")
     if parameter.distribution not in DISTRIBUTIONS:

@@ -40,9 +40,10 @@ from msx.models.engine import (
     training_optimizer,
 )
 from msx.models.networks import NetworkConfig, build_network
+from msx.models.protocols import PROTOCOLS
 
 from .overlays import overlay_channel, write_overlay
-from .results import FINAL_REPORT, MODEL_DIR, OVERLAY_DIR, SCAN_METRICS_FILE, split_metrics
+from .results import FINAL_REPORT, MODEL_DIR, OVERLAY_DIR, SCAN_METRICS_FILE, protocol_prefix, split_metrics
 from .spec import ExperimentSpec, spec_from_dict
 from .worker_metrics import WorkerMetrics, trial_tags
 
@@ -68,25 +69,30 @@ def network_config(spec: ExperimentSpec) -> NetworkConfig:
     )
 
 
-def inference_config(spec: ExperimentSpec, validation: bool) -> InferenceConfig:
+def inference_config(spec: ExperimentSpec, validation: bool, protocol: str | None = None) -> InferenceConfig:
+    """Validation: one chain, the validation strategy, under the study's protocol. Final evaluation: every strategy
+    under `protocol` (default the study's); a compared protocol runs at its own default overlap."""
     if validation:
         return InferenceConfig(
             ddim_steps=spec.training.validation_ddim_steps,
             samples=1,
             roi_size=spec.training.patch_size,
-            overlap=spec.inference.overlap,
+            overlap=spec.training.validation_overlap,
             sw_batch_size=spec.inference.sw_batch_size,
             strategies=(spec.training.validation_strategy,),
             connectivity=spec.inference.connectivity,
+            protocol=spec.inference.protocol,
         )
+    protocol = protocol or spec.inference.protocol
     return InferenceConfig(
         ddim_steps=spec.inference.ddim_steps,
         samples=spec.inference.samples,
         roi_size=spec.training.patch_size,
-        overlap=spec.inference.overlap,
+        overlap=spec.inference.overlap if protocol == spec.inference.protocol else PROTOCOLS.get(protocol).defaults.overlap,
         sw_batch_size=spec.inference.sw_batch_size,
         strategies=spec.inference.strategies,
         connectivity=spec.inference.connectivity,
+        protocol=protocol,
     )
 
 
@@ -123,10 +129,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     dataset = training_dataset(
         train_scans, spec.training.patch_size, spec.training.lesion_patch_fraction, seed=spec.training.seed + rank
     )
-    # list_data_collate: lesion-biased sampling yields a list of one sample per scan.
+    # list_data_collate: lesion-biased sampling yields a list of one sample per scan. An incomplete last batch is
+    # dropped, as the reference does (and batch norm in training needs more than one sample where the paper U-Net's
+    # deepest squeeze-attention block pools a 32^3 patch down to one voxel), unless it is the only batch.
     loader = ray.train.torch.prepare_data_loader(
         torch.utils.data.DataLoader(
-            dataset, batch_size=spec.training.batch_size, shuffle=True, num_workers=0, collate_fn=list_data_collate
+            dataset, batch_size=spec.training.batch_size, shuffle=True, num_workers=0, collate_fn=list_data_collate,
+            drop_last=len(dataset) > spec.training.batch_size,
         ),
         move_to_device=False,
     )
@@ -163,8 +172,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
         if epoch > start_epoch:
-            # The sampler's length is this worker's share of the samples (DistributedSampler with several workers).
-            with worker_metrics.training_epoch(epoch, steps=len(loader), samples=len(loader.sampler)):
+            # This worker's share of the samples (DistributedSampler with several workers), less a dropped last batch.
+            samples = len(loader) * spec.training.batch_size if loader.drop_last else len(loader.sampler)
+            with worker_metrics.training_epoch(epoch, steps=len(loader), samples=samples):
                 loss = float(train_epoch(net, loader, optimizer, lr_schedule, device, diffusion, loss_weights, autocast_dtype))
         else:
             loss = math.nan
@@ -235,33 +245,42 @@ def final_evaluation(
     autocast_dtype: torch.dtype | None,
     overlay_folder: Path | None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Every strategy on the validation and the test patients: split means and per-scan rows.
+    """Every strategy on the validation and the test patients, under the study's protocol and each compared one:
+    split means and per-scan rows.
 
-    With `overlay_folder` (rank 0's), also an overlay PNG of each split's first scan, so the trial's record
-    shows what its numbers look like.
+    The study's protocol's split means are `{split}/{strategy}/{metric}`, a compared protocol's
+    `{protocol}/{split}/{strategy}/{metric}`; each row names its protocol. With `overlay_folder` (rank 0's), also
+    an overlay PNG of each split's first scan under the study's protocol, so the trial's record shows what its
+    numbers look like.
     """
-    final = inference_config(spec, validation=False)
     # The strategy the trial was validated with, when the final evaluation runs it.
     overlay_strategy = spec.training.validation_strategy
-    if overlay_strategy not in final.strategies:
-        overlay_strategy = final.strategies[0]
+    if overlay_strategy not in spec.inference.strategies:
+        overlay_strategy = spec.inference.strategies[0]
+    metrics: dict[str, float] = {FINAL_REPORT: 1}
     rows: list[dict[str, Any]] = []
-    for split, split_scans in scans.items():
-        draw_example = None
-        if overlay_folder is not None and split_scans:
-            draw_example = functools.partial(
-                write_example_overlay, overlay_folder, spec, split, scan_records[split][0], split_scans[0], overlay_strategy
+    for protocol in (spec.inference.protocol, *spec.inference.compare_protocols):
+        primary = protocol == spec.inference.protocol
+        protocol_rows: list[dict[str, Any]] = []
+        for split, split_scans in scans.items():
+            draw_example = None
+            if primary and overlay_folder is not None and split_scans:
+                draw_example = functools.partial(
+                    write_example_overlay, overlay_folder, spec, split, scan_records[split][0], split_scans[0], overlay_strategy
+                )
+            per_scan = evaluate_distributed(
+                net, split_scans, inference_config(spec, validation=False, protocol=protocol), device, diffusion,
+                autocast_dtype, seed=spec.training.seed + 10_000, on_first_scan=draw_example,
             )
-        per_scan = evaluate_distributed(
-            net, split_scans, final, device, diffusion, autocast_dtype, seed=spec.training.seed + 10_000,
-            on_first_scan=draw_example,
-        )
-        rows.extend(
-            {"split": split, "scan": record.scan_id, "strategy": strategy, **values}
-            for record, scan in zip(scan_records[split], per_scan)
-            for strategy, values in scan.items()
-        )
-    return {FINAL_REPORT: 1, **split_metrics(rows)}, rows
+            protocol_rows.extend(
+                {"protocol": protocol, "split": split, "scan": record.scan_id, "strategy": strategy, **values}
+                for record, scan in zip(scan_records[split], per_scan)
+                for strategy, values in scan.items()
+            )
+        prefix = protocol_prefix(None if primary else protocol)
+        metrics.update({prefix + key: value for key, value in split_metrics(protocol_rows).items()})
+        rows.extend(protocol_rows)
+    return metrics, rows
 
 
 def write_example_overlay(

@@ -36,7 +36,7 @@ BIN = Path(sys.executable).parent
 TINY_SPEC = {
     "name": "tiny",
     "data": {"modalities": ["flair", "t2"], "folds": "loso", "synthetic": {"patients": 3, "shape": [32, 36, 32], "seed": 0}},
-    "model": {"backbones": ["unet"], "width": 0.125},
+    "model": {"backbones": ["basic-unet"], "width": 0.125},  # batch 1 suits no batch norm (the paper U-Net's)
     "training": {
         "epochs": 6, "batch_size": 1, "patch_size": [32, 32, 32], "validate_every": 2, "validation_ddim_steps": 1,
         "validation_strategy": "mean",

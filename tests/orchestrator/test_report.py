@@ -43,17 +43,30 @@ LATEST_START_MS = 1_750_000_000_000
 COHORT = "/data/ISBI_2015/training"
 
 
+# The smoke space's protocol, and the one its final evaluation is also scored under.
+PROTOCOL, COMPARED = SPEC.inference.protocol, SPEC.inference.compare_protocols[0]
+
+
 def scan_rows(rng: np.random.Generator) -> list[dict]:
-    """A fold's per-scan rows as the worker writes them: each strategy's metrics and lesion volumes (mm^3)."""
+    """A fold's per-scan rows as the worker writes them: under each protocol, each strategy's metrics and lesion
+    volumes (mm^3)."""
     rows = []
-    for split, scans in SCANS.items():
-        for scan in scans:
-            truth = float(rng.uniform(500, 20_000))
-            for strategy in STRATEGIES:
-                metrics = {metric: float(rng.uniform(*RANGES[metric])) for metric in SCAN_COLUMNS}
-                volumes = dict(zip(VOLUME_NAMES, (truth * float(rng.uniform(0.5, 1.5)), truth)))
-                rows.append({"split": split, "scan": scan, "strategy": strategy, **metrics, **volumes})
+    for protocol in (PROTOCOL, COMPARED):
+        for split, scans in SCANS.items():
+            for scan in scans:
+                truth = float(rng.uniform(500, 20_000))
+                for strategy in STRATEGIES:
+                    metrics = {metric: float(rng.uniform(*RANGES[metric])) for metric in SCAN_COLUMNS}
+                    volumes = dict(zip(VOLUME_NAMES, (truth * float(rng.uniform(0.5, 1.5)), truth)))
+                    rows.append({"protocol": protocol, "split": split, "scan": scan, "strategy": strategy, **metrics, **volumes})
     return rows
+
+
+def reported_metrics(rows: list[dict]) -> dict[str, float]:
+    """The final report's split means, as the worker keys them: the compared protocol's under its name."""
+    metrics = split_metrics([row for row in rows if row["protocol"] == PROTOCOL])
+    compared = split_metrics([row for row in rows if row["protocol"] == COMPARED])
+    return {**metrics, **{f"{COMPARED}/{key}": value for key, value in compared.items()}}
 
 
 @dataclass(eq=False)
@@ -88,7 +101,7 @@ def write_trial(callback, storage, launch, backbone, configuration, fold, rows, 
             (checkpoint / "model").mkdir(parents=True)
             (checkpoint / "model" / "weights.pt").write_bytes(b"weights")
             (checkpoint / SCAN_METRICS_FILE).write_text(json.dumps(rows))
-            report.update(split_metrics(rows), final=1, checkpoint_path=str(checkpoint))
+            report.update(reported_metrics(rows), final=1, checkpoint_path=str(checkpoint))
         callback.log_trial_result(epoch, trial, report)
     callback.log_trial_end(trial, failed=status == "FAILED")
 
@@ -169,12 +182,12 @@ def smoke_report(store, tmp_path_factory):
     return out, result.output
 
 
-def fold_value(rows: list[dict], split: str, strategy: str, metric: str) -> float:
+def fold_value(rows: list[dict], split: str, strategy: str, metric: str, protocol: str = PROTOCOL) -> float:
     """A fold's number for one cell, by hand from its CSV rows: the mean over the split's scans; for the ISBI
     score, of each scan's DSC/8 + PPV/8 + (1 - LFPR)/4 + LTPR/4 + Corr/4, with Corr the Pearson correlation of
     the predicted and true volumes over those scans."""
-    scans = [{key: float(value) for key, value in row.items() if key not in ("split", "scan", "strategy")}
-             for row in rows if row["split"] == split and row["strategy"] == strategy]
+    scans = [{key: float(value) for key, value in row.items() if key not in ("protocol", "split", "scan", "strategy")}
+             for row in rows if row["split"] == split and row["strategy"] == strategy and row["protocol"] == protocol]
     assert len(scans) == len(SCANS[split])
     if metric != "isbi":
         return statistics.fmean(scan[metric] for scan in scans)
@@ -182,15 +195,16 @@ def fold_value(rows: list[dict], split: str, strategy: str, metric: str) -> floa
     return statistics.fmean(s["dsc"] / 8 + s["ppv"] / 8 + (1 - s["lfpr"]) / 4 + s["ltpr"] / 4 + corr / 4 for s in scans)
 
 
-def expected_cell(finished, split, backbone, strategy, metric) -> tuple[float, str]:
-    values = [fold_value(finished[(backbone, fold)], split, strategy, metric) for fold in FOLDS]
+def expected_cell(finished, split, backbone, strategy, metric, protocol=PROTOCOL) -> tuple[float, str]:
+    values = [fold_value(finished[(backbone, fold)], split, strategy, metric, protocol) for fold in FOLDS]
     mean = statistics.fmean(values)
     return mean, f"{mean:.3f} ± {statistics.pstdev(values):.3f}"
 
 
-def table_rows(markdown: str, heading: str) -> dict[tuple[str, str], list[str]]:
+def table_rows(markdown: str, heading: str, level: int = 2) -> dict[tuple[str, str], list[str]]:
     """(backbone, strategy) -> metric cells of the table under `heading`."""
-    section = markdown.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    marks = "#" * level
+    section = markdown.split(f"{marks} {heading}\n", 1)[1].split(f"\n{marks} ", 1)[0]
     rows = {}
     for line in section.splitlines():
         cells = [cell.strip() for cell in line.strip("|").split("|")]
@@ -213,6 +227,33 @@ def test_tables_hold_fold_means_and_stds_with_the_best_of_each_column_bold(store
         best = pick(expected, key=lambda key: expected[key][0])
         for key in rows:
             assert rows[key][column].startswith("**") == (key == best), (metric, key)
+
+
+@pytest.mark.parametrize("split, heading", [("test", "Test patients"), ("val", "Validation patients")])
+def test_the_compared_protocol_has_its_own_tables(store, smoke_report, split, heading):
+    finished = store[3]
+    rows = table_rows((smoke_report[0] / "report.md").read_text(), f"{heading} under the {COMPARED} protocol", level=3)
+    assert set(rows) == {(b, s) for b in BACKBONES for s in STRATEGIES}
+    for column, metric in enumerate(COLUMNS):
+        for key in rows:
+            assert rows[key][column].strip("*") == expected_cell(finished, split, *key, metric, COMPARED)[1], (metric, key)
+
+
+def test_both_protocols_side_by_side_with_their_difference(store, smoke_report):
+    finished = store[3]
+    markdown = (smoke_report[0] / "report.md").read_text()
+    assert "## Inference protocols compared" in markdown
+    assert "reference: the public MSSegDiff code's" in markdown and "msx: msx's" in markdown
+    heading = f"Test patients: {PROTOCOL} and {COMPARED} side by side"
+    header = markdown.split(f"### {heading}\n", 1)[1].split("\n| ", 2)[1]
+    assert header.startswith(f"backbone | strategy | DSC {PROTOCOL} | DSC {COMPARED} | Δ | TPR {PROTOCOL} |")
+    rows = table_rows(markdown, heading, level=3)
+    assert set(rows) == {(b, s) for b in BACKBONES for s in STRATEGIES}
+    for column, metric in enumerate(COLUMNS):
+        for key, cells in rows.items():
+            ours = expected_cell(finished, "test", *key, metric)[0]
+            theirs = expected_cell(finished, "test", *key, metric, COMPARED)[0]
+            assert cells[3 * column : 3 * column + 3] == [f"{ours:.3f}", f"{theirs:.3f}", f"{theirs - ours:+.3f}"]
 
 
 def test_header_selection_and_registered_model(store, smoke_report):

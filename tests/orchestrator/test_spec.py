@@ -12,15 +12,25 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_bundled_spaces_load_and_validate():
-    assert {"smoke", "paper", "hpo"} <= set(bundled_spaces())
+    assert {"smoke", "paper", "paper-msx", "hpo"} <= set(bundled_spaces())
     smoke = load_spec("smoke")
     assert smoke.model.backbones == ("unet", "segresnet")
     assert smoke.data.folds == "paper"
     assert smoke.search.parameters[0].name == "training.lr"
+    assert (smoke.inference.protocol, smoke.inference.compare_protocols) == ("msx", ("reference",))
     paper = load_spec("paper")
     assert paper.training.patch_size == (96, 96, 96)
     assert paper.model.backbones == ("unet", "segresnet", "swinunetr", "multiencoder")
     assert paper.training.lr == pytest.approx(1e-4)
+    # The reference networks and protocol, with the reference's validation and test settings.
+    assert (paper.inference.protocol, paper.inference.compare_protocols) == ("reference", ("msx",))
+    assert (paper.training.validation_ddim_steps, paper.training.validation_strategy) == (50, "last")
+    assert (paper.training.validation_overlap, paper.inference.overlap) == (0.25, 0.6)
+    paper_msx = load_spec("paper-msx")
+    assert (paper_msx.inference.protocol, paper_msx.inference.compare_protocols) == ("msx", ("reference",))
+    assert (paper_msx.training.validation_ddim_steps, paper_msx.training.validation_strategy) == (10, "mean")
+    assert (paper_msx.training.validation_overlap, paper_msx.inference.overlap) == (0.5, 0.5)
+    assert paper_msx.model == paper.model and paper_msx.training.epochs == paper.training.epochs
     hpo = load_spec("hpo")
     assert hpo.model.backbones == paper.model.backbones and hpo.data.folds == "paper"
     assert {p.name for p in hpo.search.parameters} == {
@@ -60,8 +70,8 @@ def test_wrong_types_and_ranges_are_named(tmp_path):
         load_spec(write(tmp_path, "name: x\ntraining: {epochs: many}\n"))
     with pytest.raises(SpecError, match=r"training\.patch_size: expected a list of 3"):
         load_spec(write(tmp_path, "name: x\ntraining: {patch_size: [32, 32]}\n"))
-    with pytest.raises(SpecError, match=r"training\.patch_size: unet needs sides that are multiples of 16"):
-        load_spec(write(tmp_path, "name: x\nmodel: {backbones: [unet]}\ntraining: {patch_size: [40, 32, 32]}\n"))
+    with pytest.raises(SpecError, match=r"training\.patch_size: unet needs sides that are multiples of 32"):
+        load_spec(write(tmp_path, "name: x\nmodel: {backbones: [unet]}\ntraining: {patch_size: [48, 32, 32]}\n"))
     with pytest.raises(SpecError, match=r"inference\.overlap: must be in \[0, 1\)"):
         load_spec(write(tmp_path, "name: x\ninference: {overlap: 1.5}\n"))
     with pytest.raises(SpecError, match=r"registry\.selection_metric: unknown metric 'hd95'; valid: dsc, .*, isbi"):
@@ -89,6 +99,37 @@ def test_search_parameters_must_name_spec_fields(tmp_path):
     text = "name: x\nsearch: {parameters: [{name: os.system, low: 1, high: 2}]}\n"
     with pytest.raises(SpecError, match=r"search\.parameters\[0\]\.name: 'os\.system' is not a searchable field"):
         load_spec(write(tmp_path, text))
+
+
+def test_unset_validation_and_overlap_take_the_protocols_defaults(tmp_path):
+    msx = spec_from_dict({"name": "x"})
+    assert (msx.training.validation_ddim_steps, msx.training.validation_strategy) == (10, "mean")
+    assert (msx.training.validation_overlap, msx.inference.overlap) == (0.5, 0.5)
+    reference = spec_from_dict({"name": "x", "inference": {"protocol": "reference"}})
+    assert (reference.training.validation_ddim_steps, reference.training.validation_strategy) == (50, "last")
+    assert (reference.training.validation_overlap, reference.inference.overlap) == (0.25, 0.6)
+    # Set values stay, whatever the protocol; an unset validation overlap follows the test overlap under msx.
+    chosen = spec_from_dict({"name": "x", "training": {"validation_ddim_steps": 5}, "inference": {"overlap": 0.25}})
+    assert (chosen.training.validation_ddim_steps, chosen.training.validation_overlap) == (5, 0.25)
+    cheap = spec_from_dict({"name": "x", "training": {"validation_ddim_steps": 10}, "inference": {"protocol": "reference"}})
+    assert (cheap.training.validation_ddim_steps, cheap.training.validation_strategy) == (10, "last")
+    assert spec_from_dict(reference.to_dict()) == reference
+
+
+def test_protocols_are_registered_names_chosen_not_searched(tmp_path):
+    with pytest.raises(SpecError, match=r"inference\.protocol: unknown name 'paper'; valid names: msx, reference"):
+        load_spec(write(tmp_path, "name: x\ninference: {protocol: paper}\n"))
+    with pytest.raises(SpecError, match=r"inference\.compare_protocols: unknown name 'ref'; valid names: msx, reference"):
+        load_spec(write(tmp_path, "name: x\ninference: {compare_protocols: [ref]}\n"))
+    with pytest.raises(SpecError, match=r"inference\.compare_protocols: 'msx' is the study's own protocol"):
+        load_spec(write(tmp_path, "name: x\ninference: {compare_protocols: [msx]}\n"))
+    with pytest.raises(SpecError, match=r"inference\.compare_protocols: a protocol is listed twice"):
+        load_spec(write(tmp_path, "name: x\ninference: {protocol: msx, compare_protocols: [reference, reference]}\n"))
+    text = "name: x\nsearch: {parameters: [{name: inference.protocol, distribution: choice, choices: [msx, reference]}]}\n"
+    with pytest.raises(SpecError, match=r"search\.parameters\[0\]\.name: 'inference\.protocol' is the study's choice"):
+        load_spec(write(tmp_path, text))
+    with pytest.raises(SpecError, match=r"training\.validation_overlap: must be in \[0, 1\)"):
+        load_spec(write(tmp_path, "name: x\ntraining: {validation_overlap: 1.0}\n"))
 
 
 def test_missing_spec_file_and_unknown_bundled_name():

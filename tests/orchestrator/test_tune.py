@@ -89,7 +89,8 @@ TRACKED_SPEC = {
         "modalities": ["flair", "t2"],
         "folds": [{"train": [1], "validation": [2], "test": [3]}, {"train": [2], "validation": [3], "test": [1]}],
     },
-    "model": {"backbones": ["unet"], "width": 0.125},
+    # The lighter U-Net: this tests orchestration, and batch 1 suits no batch norm (the paper U-Net's).
+    "model": {"backbones": ["basic-unet"], "width": 0.125},
     "training": {
         "epochs": 1, "batch_size": 1, "patch_size": [32, 32, 32], "validate_every": 1, "validation_ddim_steps": 1,
         "validation_strategy": "mean",
@@ -153,7 +154,7 @@ def test_launch_run_holds_configuration_runs_that_hold_one_fold_run_per_trial(tr
     experiment_id = client.get_run(launch_id).info.experiment_id
     assert len(client.search_runs([experiment_id])) == 1 + 2 + 2 * len(folds)
     configurations = runs_under(client, launch_id)
-    assert sorted(run.info.run_name for run in configurations) == ["unet-c1", "unet-c2"]
+    assert sorted(run.info.run_name for run in configurations) == ["basic-unet-c1", "basic-unet-c2"]
     for configuration in configurations:
         name = configuration.info.run_name
         assert configuration.data.tags[CONFIGURATION_TAG] == name
@@ -190,8 +191,9 @@ def test_fold_runs_carry_scan_metrics_model_and_overlays(tracked_launch, tmp_pat
             table = client.download_artifacts(run_id, SCAN_METRICS_ARTIFACT, str(tmp_path / run_id))
             with open(table, newline="") as file:
                 reader = csv.DictReader(file)
-                assert reader.fieldnames == ["split", "scan", "strategy", *METRIC_NAMES, *VOLUME_NAMES]
+                assert reader.fieldnames == ["protocol", "split", "scan", "strategy", *METRIC_NAMES, *VOLUME_NAMES]
                 rows = list(reader)
+            assert {row["protocol"] for row in rows} == {"msx"}  # the study's protocol, none compared
             scans = {"val": cohort.scans_of(fold.validation), "test": cohort.scans_of(fold.test)}
             assert sorted((row["split"], row["scan"], row["strategy"]) for row in rows) == sorted(
                 (split, scan.scan_id, strategy) for split, split_scans in scans.items() for scan in split_scans for strategy in strategies
@@ -200,7 +202,7 @@ def test_fold_runs_carry_scan_metrics_model_and_overlays(tracked_launch, tmp_pat
             for split in scans:
                 for strategy in strategies:
                     per_scan = [
-                        {key: float(value) for key, value in row.items() if key not in ("split", "scan", "strategy")}
+                        {key: float(value) for key, value in row.items() if key not in ("protocol", "split", "scan", "strategy")}
                         for row in rows
                         if (row["split"], row["strategy"]) == (split, strategy)
                     ]

@@ -1,7 +1,6 @@
 """The training worker's msx_* Ray metrics, scraped from a real local Ray's Prometheus endpoint while a real
 TorchTrainer runs the msx worker loop on a tiny synthetic cohort."""
 
-import math
 import socket
 import time
 import urllib.request
@@ -73,9 +72,11 @@ def msx_samples_of_run(url: str, run: str) -> dict[str, tuple[dict[str, str], fl
 def test_worker_exports_its_figures_to_prometheus(metrics_url, tmp_path):
     write_synthetic_cohort(tmp_path / "cohort", patients=3, shape=(32, 36, 32))
     # Every time point of the training patient is a training scan: one sample each per epoch.
-    samples = len(open_cohort(tmp_path / "cohort", SPEC["data"]["modalities"], 1).scans_of((1,)))
-    steps = math.ceil(samples / BATCH)
-    assert samples % BATCH, "a short last batch tells counted samples from BATCH x steps"
+    scans = len(open_cohort(tmp_path / "cohort", SPEC["data"]["modalities"], 1).scans_of((1,)))
+    # The short last batch is dropped, as the reference does: what trains is BATCH x steps samples, not every scan.
+    assert scans % BATCH, "a short last batch tells counted samples from the scans"
+    steps = scans // BATCH
+    samples = steps * BATCH
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
