@@ -120,8 +120,19 @@ class SqueezeAttention(nn.Module):
         self.attention = _batch_norm_relu_pair(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        attention = F.interpolate(self.attention(F.avg_pool3d(x, kernel_size=2)), scale_factor=2.0, mode="nearest")
+        attention = _nearest_upsample_2x(self.attention(F.avg_pool3d(x, kernel_size=2)))
         return attention * self.features(x) + attention
+
+
+def _nearest_upsample_2x(x: torch.Tensor) -> torch.Tensor:
+    """Each voxel repeated 2 x 2 x 2: F.interpolate(x, scale_factor=2, mode="nearest"), value for value.
+
+    Written as a broadcast because Inductor (PyTorch 2.13) fails to generate CPU code for interpolate's backward
+    from a one-voxel map, which the last squeeze-attention block of a 32^3 patch has; the broadcast's backward is
+    a plain sum, and compiles.
+    """
+    n, c, d, h, w = x.shape
+    return x[:, :, :, None, :, None, :, None].expand(n, c, d, 2, h, 2, w, 2).reshape(n, c, 2 * d, 2 * h, 2 * w)
 
 
 class MSSegDiffUNetDenoiser(nn.Module):

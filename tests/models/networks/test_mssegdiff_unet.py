@@ -68,7 +68,7 @@ def test_squeeze_attention_is_pooled_attention_times_features_plus_attention():
     x = torch.randn(1, 4, 8, 8, 8)
     with torch.no_grad():
         y = F.interpolate(block.attention(F.avg_pool3d(x, 2)), scale_factor=2.0, mode="nearest")
-        torch.testing.assert_close(block(x), y * block.features(x) + y)
+        torch.testing.assert_close(block(x), y * block.features(x) + y, rtol=0, atol=0)
     # [3x3x3 conv, batch norm, ReLU] twice in each branch.
     for branch in (block.features, block.attention):
         assert [type(layer.conv).__name__ for layer in branch] == ["Conv3d", "Conv3d"]
