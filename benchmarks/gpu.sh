@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The GPU benchmarks in one go (under about 8 minutes on an H100), for a machine that has torch, numpy and scipy
+# The GPU benchmarks in one go (at most 9 minutes of runs), for a machine that has torch, numpy and scipy
 # but neither Ray nor MLflow nor msx installed. Run it from the repository root:
 #
 #   bash benchmarks/gpu.sh                     # results under $OUT, or ./benchmark-results when OUT is unset
 #   MSX_BENCH_QUICK=1 bash benchmarks/gpu.sh   # tiny sizes on the CPU: checks this script end to end
 #
-# Where monai or nibabel is missing, put their wheels (and einops) in ./.whl: they are installed into a
-# temporary folder, nothing outside it is touched.
+# Where monai, nibabel or PyYAML (msx.models reads manifests) is missing, put their wheels (and einops) in
+# ./.whl: they are installed into a temporary folder, nothing outside it is touched.
 set -uo pipefail
 
 repo=$(pwd)
@@ -22,9 +22,9 @@ trap 'rm -rf "$shim"' EXIT
 mkdir "$shim/msx"
 ln -s "$repo/models" "$shim/msx/models"
 search_path=$shim
-if ! "$python" -c 'import monai, nibabel' 2>/dev/null; then
+if ! "$python" -c 'import monai, nibabel, yaml' 2>/dev/null; then
     if ! compgen -G ".whl/*.whl" >/dev/null; then
-        echo "monai or nibabel is missing and there are no wheels in ./.whl" >&2
+        echo "monai, nibabel or yaml is missing and there are no wheels in ./.whl" >&2
         exit 1
     fi
     "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$shim/site" .whl/*.whl || exit 1
@@ -33,18 +33,21 @@ fi
 export PYTHONPATH=$search_path${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 
+# "unet" is the paper's MSSegDiff U-Net (85.7 M parameters at width 1.0, the reference's network): its
+# reference-style fp32 step at 96^3, batch 2 is the figure to set beside the reference code's own, 0.152-0.157 s
+# per step on an H200 (docs/BENCHMARKS.md). "basic-unet" is the lighter MONAI BasicUNet, for scale.
 if [ -n "${MSX_BENCH_QUICK:-}" ]; then
     device=cpu
-    train=(--backbones unet segresnet --width 0.125 --patch 32 --warmup 1 --steps 2)
+    train=(--backbones unet basic-unet segresnet --width 0.125 --patch 32 --warmup 1 --steps 2)
     compiled=(--backbones unet --width 0.125 --patch 32 --warmup 1 --steps 1)
     inference=(--width 0.125 --shape 32 40 32 --roi 32 --steps 2)
     limit=(600 600 900)
 else
     device=cuda
-    train=()
+    train=(--backbones unet multiencoder basic-unet segresnet swinunetr attention-unet unetr)
     compiled=(--backbones unet segresnet)
     inference=()
-    limit=(120 240 120)
+    limit=(150 240 150)
 fi
 
 date -u

@@ -1,11 +1,13 @@
 """All-strategy inference of one scan: msx's single sampling pass against the reference's way, in one process.
 
-msx runs its real code, `msx.models.engine.segment_scan`: one `sample_scan` (the s samples of a window batched,
-`sw_batch_size` windows batched, the encoder run once per window and reused for every step and sample), then
-`fuse_all` over every strategy. It is timed twice: as it is, and with the encoder rerun at every step
-(`WholeNetworkEveryStep`), which measures encoder reuse alone. The reference-style baseline (below, labelled)
-samples the scan again for every strategy, window by window at batch 1, in float32, and copies every step's
-prediction to the host. All arms use the same network, scan, DDIM steps, window size and overlap.
+msx runs its real code, `msx.models.engine.segment_scan` under an inference protocol (`--protocol`, by default
+the reference's, the method the baseline runs): one sampling pass (the s samples of a window batched,
+`sw_batch_size` windows batched, the encoder run once per window and reused for every step and sample) serves
+every strategy. It is timed twice: as it is, and with the encoder rerun at every step (`WholeNetworkEveryStep`),
+which measures encoder reuse alone. The reference-style baseline (below, labelled) runs the reference protocol
+the reference's way: it samples the scan again for every strategy (4 chains for uncertainty, 1 for the others),
+window by window at batch 1, in float32, copies every step's prediction to the host and fuses each window before
+stitching. All arms use the same network (`unet` is the paper's U-Net), scan, DDIM steps, window size and overlap.
 
     python benchmarks/inference.py                  # CPU: narrow U-Net, 40 x 48 x 40 brain, 32^3 windows
     python benchmarks/inference.py --device cuda    # width 1.0, 160 x 192 x 160 brain, 96^3 windows
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import resource
-from functools import partial
 from typing import Any
 
 import numpy as np
@@ -26,10 +27,10 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from msx.models.data.transforms import prepare_scan_for_inference
-from msx.models.diffusion import DiffusionConfig, alphas_cumprod, ddim_timesteps, ddim_update, x0_from_logits
+from msx.models.diffusion import DiffusionConfig, alphas_cumprod, ddim_timesteps, ddim_update
 from msx.models.engine import InferenceConfig, segment_scan, training_autocast_dtype
 from msx.models.networks import NetworkConfig, build_network
-from msx.models.strategies import fuse_all
+from msx.models.protocols import PROTOCOLS, REFERENCE
 from timing import pick_device, print_table, timed, write_json
 
 IMAGE_CHANNELS = 3
@@ -87,7 +88,7 @@ def reference_style_window_trajectory(
             logits = net(window, noisy, torch.full((1,), t, dtype=torch.long, device=window.device))
             host_steps.append(logits.cpu())
             if step + 1 < num_steps:
-                noisy = ddim_update(noisy, x0_from_logits(logits), alpha_bar[t], alpha_bar[timesteps[step + 1]])
+                noisy = ddim_update(noisy, REFERENCE.x0(logits), alpha_bar[t], alpha_bar[timesteps[step + 1]])
     by_sample = torch.cat(host_steps, dim=1).view(1, num_samples, num_steps, *window.shape[2:])
     return by_sample.transpose(1, 2).reshape(1, num_steps * num_samples, *window.shape[2:])
 
@@ -98,8 +99,9 @@ def reference_style_all_strategies(
 ) -> dict[str, np.ndarray]:
     """REFERENCE-STYLE BASELINE, not msx: a separate full sampling of the scan for every strategy.
 
-    Same preprocessing, windows, overlap and fusion functions as msx; sliding windows at batch 1 (one window per
-    network call), stitched on the host where the reference keeps its step outputs.
+    Same preprocessing, windows, overlap and reference-protocol fusion functions as msx; sliding windows at
+    batch 1 (one window per network call), each window's steps fused on the host where the reference keeps them,
+    the fused maps stitched.
     """
     net.eval()
     prepared, grid = prepare_scan_for_inference(scan, config.roi_size)
@@ -107,14 +109,16 @@ def reference_style_all_strategies(
     masks = {}
     for strategy in config.strategies:
         samples = REFERENCE_SAMPLES.get(strategy, 1)
-        predict_window = partial(
-            reference_style_window_trajectory, net, num_steps=config.ddim_steps, num_samples=samples
-        )
+        fuse = REFERENCE.strategy(strategy)
+
+        def predict_window(window: torch.Tensor, samples: int = samples, fuse=fuse) -> torch.Tensor:
+            steps = reference_style_window_trajectory(net, window, config.ddim_steps, samples)
+            return fuse(steps[0].view(config.ddim_steps, samples, *window.shape[2:])).float()[None, None]
+
         stitched = sliding_window_inference(
             image, config.roi_size, 1, predict_window, overlap=config.overlap, device=torch.device("cpu")
         )
-        step_logits = stitched[0].view(config.ddim_steps, samples, *image.shape[2:])
-        masks[strategy] = grid.restore(fuse_all(step_logits, [strategy])[strategy].numpy())
+        masks[strategy] = grid.restore((stitched[0, 0] > 0).numpy())
     return masks
 
 
@@ -158,6 +162,7 @@ def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--backbone", default="unet")
+    parser.add_argument("--protocol", default="reference", choices=PROTOCOLS.names(), help="msx's inference protocol")
     parser.add_argument("--width", type=float, help="times the reference widths (default: cpu 0.125, cuda 1.0)")
     parser.add_argument("--shape", type=int, nargs=3, help="scan size (default: cpu 40 48 40, cuda 160 192 160)")
     parser.add_argument("--roi", type=int, help="window side (default: cpu 32, cuda 96)")
@@ -193,7 +198,7 @@ def main() -> None:
     roi = (args.roi,) * 3
     config = InferenceConfig(
         ddim_steps=args.steps, samples=args.samples, roi_size=roi, overlap=args.overlap, sw_batch_size=args.sw_batch,
-        strategies=STRATEGIES,
+        strategies=STRATEGIES, protocol=args.protocol,
     )
     torch.manual_seed(0)
     net = build_network(
@@ -218,8 +223,8 @@ def main() -> None:
     reference_passes = sum(REFERENCE_SAMPLES.get(strategy, 1) for strategy in STRATEGIES)
     labels = {
         "reference": f"reference-style: each strategy sampled anew, batch 1, fp32 ({reference_passes} sample passes)",
-        "msx_encoder_every_step": f"msx, encoder rerun every step ({args.samples} samples, one pass)",
-        "msx": f"msx segment_scan ({args.samples} samples, one pass, encoder once per window)",
+        "msx_encoder_every_step": f"msx {args.protocol} protocol, encoder rerun every step ({args.samples} samples, one pass)",
+        "msx": f"msx segment_scan, {args.protocol} protocol ({args.samples} samples, one pass, encoder once per window)",
     }
     rows = []
     for arm, label in labels.items():
