@@ -520,8 +520,8 @@ def _protocol_blocks(summary: StudySummary) -> list[Block]:
     blocks: list[Block] = [
         Heading("Inference protocols compared"),
         Text(
-            "The same trained weights (each backbone's configuration above, every fold) scored once more under "
-            "another inference protocol. "
+            "The same trained weights (each backbone's configuration above, every fold) scored once more on the "
+            "test patients under another inference protocol. "
             + " ".join(f"{p.name}: {p.description}." for p in map(PROTOCOLS.get, (summary.protocol, *(c.protocol for c in summary.compared))))
             + " Selection, the tables above and the registered model use the study's protocol, "
             f"{summary.protocol}."
@@ -534,8 +534,6 @@ def _protocol_blocks(summary: StudySummary) -> list[Block]:
             protocols_side_by_side(summary, compared),
             Heading(f"Test patients under the {compared.protocol} protocol", 3),
             metrics_table(summary, "test", compared.rows),
-            Heading(f"Validation patients under the {compared.protocol} protocol", 3),
-            metrics_table(summary, "val", compared.rows),
         ]
     return blocks
 

@@ -102,8 +102,8 @@ class InferenceSpec:
     connectivity: int = 6
     # How the study samples and fuses, validates and selects (msx.models.protocols): "msx" or "reference".
     protocol: str = "msx"
-    # Protocols the final evaluation is also scored under, from the same weights, each at its own default
-    # overlap; their metrics are logged as <protocol>/<split>/<strategy>/<metric>.
+    # Protocols the final evaluation of the test patients is also scored under, from the same weights, each at its
+    # own default overlap; their metrics are logged as <protocol>/test/<strategy>/<metric>.
     compare_protocols: tuple[str, ...] = ()
 
 

@@ -245,11 +245,11 @@ def final_evaluation(
     autocast_dtype: torch.dtype | None,
     overlay_folder: Path | None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Every strategy on the validation and the test patients, under the study's protocol and each compared one:
-    split means and per-scan rows.
+    """Every strategy on the validation and the test patients under the study's protocol, and on the test patients
+    under each compared one (nothing is selected under those): split means and per-scan rows.
 
     The study's protocol's split means are `{split}/{strategy}/{metric}`, a compared protocol's
-    `{protocol}/{split}/{strategy}/{metric}`; each row names its protocol. With `overlay_folder` (rank 0's), also
+    `{protocol}/test/{strategy}/{metric}`; each row names its protocol. With `overlay_folder` (rank 0's), also
     an overlay PNG of each split's first scan under the study's protocol, so the trial's record shows what its
     numbers look like.
     """
@@ -263,6 +263,8 @@ def final_evaluation(
         primary = protocol == spec.inference.protocol
         protocol_rows: list[dict[str, Any]] = []
         for split, split_scans in scans.items():
+            if not primary and split != "test":
+                continue
             draw_example = None
             if primary and overlay_folder is not None and split_scans:
                 draw_example = functools.partial(
