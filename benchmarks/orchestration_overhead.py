@@ -57,15 +57,15 @@ from msx.models.diffusion import DiffusionConfig, LossWeights
 from msx.models.engine import train_epoch, training_autocast_dtype, training_dataset, training_optimizer
 from msx.models.networks import build_network
 from msx.orchestrator.results import MODEL_DIR, OVERLAY_DIR, SCAN_METRICS_FILE
-from msx.orchestrator.search import MODE, OPTIMISED_METRIC, LosoGridSearcher, build_scheduler
+from msx.orchestrator.study.search import MODE, OPTIMISED_METRIC, LosoGridSearcher, build_scheduler
 from msx.orchestrator.spec import ExperimentSpec, load_spec, spec_from_dict
-from msx.orchestrator.tracking import (
+from msx.orchestrator.tracking.callback import (
     TrialRunsCallback,
     ensure_experiment,
     log_study_start,
     tracking_uri_scope,
 )
-from msx.orchestrator.train_worker import (
+from msx.orchestrator.trials.worker import (
     STATE_FILE,
     evaluate_distributed,
     final_evaluation,
@@ -73,8 +73,8 @@ from msx.orchestrator.train_worker import (
     network_config,
     trial_spec,
 )
-from msx.orchestrator.trial import TRIAL_RESOURCES, run_trial
-from msx.orchestrator.worker_metrics import PROMETHEUS_PREFIX
+from msx.orchestrator.trials.trainable import TRIAL_RESOURCES, run_trial
+from msx.orchestrator.trials.worker_metrics import PROMETHEUS_PREFIX
 from timing import print_table, write_json
 
 BACKBONE = "unet"
