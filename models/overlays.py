@@ -1,7 +1,8 @@
 """Overlay PNGs of a segmentation: one axial slice, FLAIR in grey, prediction red, truth green.
 
-`msx predict` draws one per scan it segments; a trial's final evaluation draws its example scans into its
-checkpoint, and the tracking callback logs them to the fold's MLflow run.
+`msx predict` draws one per scan it segments; a fold's final evaluation (fold.py) draws its example scans into
+its checkpoint, and the orchestrator's tracking callback logs them to the fold's MLflow run. matplotlib is
+imported only to draw.
 """
 
 from __future__ import annotations
