@@ -1,4 +1,5 @@
-"""`msx data check` and `msx data inspect`: look at a cohort (folder or manifest) before training on it. Read-only."""
+"""`msx data check` and `msx data inspect`: look at a cohort (folder or manifest) before training on it (read-only);
+`msx synth`: write a synthetic one."""
 
 from __future__ import annotations
 
@@ -79,6 +80,25 @@ def inspect_command(cohort_path: Path, modalities: str, rater: str) -> None:
     except CohortError as error:
         raise click.ClickException(f"{error} (run `msx data check {cohort_path}` for every problem)") from None
     click.echo(format_table(rows))
+
+
+@click.command()
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to write the cohort into.")
+@click.option("--patients", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--shape", default="181,217,181", show_default=True, help="Volume shape X,Y,Z in 1 mm voxels.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def synth(out: Path, patients: int, shape: str, seed: int) -> None:
+    """Write a synthetic ISBI-2015-shaped longitudinal cohort (NIfTI, two raters)."""
+    from msx.models.data.synth import write_synthetic_cohort
+
+    try:
+        dims = tuple(int(v) for v in shape.split(","))
+        if len(dims) != 3 or min(dims) < 16:
+            raise ValueError
+    except ValueError:
+        raise click.BadParameter(f"{shape!r}: expected three integers of at least 16, like 181,217,181", param_hint="--shape") from None
+    paths = write_synthetic_cohort(out, patients=patients, shape=dims, seed=seed)
+    click.echo(f"wrote {len(paths)} files for {patients} patients to {out}")
 
 
 def _count(items, noun: str) -> str:

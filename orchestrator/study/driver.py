@@ -19,11 +19,13 @@ from msx.models.data.folds import resolve_folds
 from ..cluster.jobs import free_local_port
 from ..results import Selection, best_per_backbone, outcome_from_result, results_table, select_best, summarise_configurations
 from ..spec import ExperimentSpec
-from ..tracking.callback import STUDY_TAG, TrialRunsCallback, ensure_experiment, log_study_start
+from ..tracking.callback import TrialRunsCallback
+from ..tracking.provenance import Provenance
 from ..tracking.registry import Registration, register_selection
+from ..tracking.store import CODE_VERSION_TAG, DATA_FINGERPRINT_TAG, STUDY_TAG, ensure_experiment, log_study_start
+from ..trial import TrialConfig
 from ..trials.trainable import TRIAL_RESOURCES, run_trial
 from .progress import ProgressView, progress_path
-from .provenance import Provenance
 from .search import MODE, OPTIMISED_METRIC, LosoGridSearcher, build_scheduler
 from .state import FAILED, FINISHED, StudyState, write_state
 
@@ -168,7 +170,7 @@ def run_study(
                 name=state.study,
                 storage_path=str(tune_path.parent),
                 # A trial whose own process died with its node is started again; its TorchTrainer then
-                # continues from the last checkpoint (Train retries worker failures itself, see trial.py).
+                # continues from the last checkpoint (Train retries worker failures itself, see trials/trainable.py).
                 failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
                 callbacks=[
                     TrialRunsCallback(tracking_uri, spec.name, state.parent_run_id, spec.inference.strategies, len(folds)),
@@ -179,7 +181,7 @@ def run_study(
         )
     grid = tuner.fit()
 
-    outcomes = [o for o in (outcome_from_result(r.config, flatten_dict(r.metrics or {})) for r in grid) if o]
+    outcomes = [o for o in (outcome_from_result(TrialConfig.from_tune(r.config), flatten_dict(r.metrics or {})) for r in grid) if o]
     configurations = summarise_configurations(outcomes, spec.inference.strategies, len(folds))
     metric = spec.registry.selection_metric
     selection = select_best(configurations, spec.inference.strategies, metric)
@@ -194,7 +196,7 @@ def run_study(
         client.set_tag(parent_run_id, "msx.selected_configuration", selection.configuration.configuration)
         client.set_tag(parent_run_id, "msx.selected_strategy", selection.strategy)
         registration = register_selection(
-            selection, spec_dict, spec.registry.model_name, parent_run_id, tracking_uri,
+            selection, spec, spec.registry.model_name, parent_run_id, tracking_uri,
             experiment_folder / "registered" / state.study, provenance,
         )
     status = FINISHED if selection is not None else FAILED
@@ -217,7 +219,7 @@ def _start_study(
     parent = client.create_run(
         experiment_id,
         run_name=study_name,
-        tags={STUDY_TAG: study_name, "msx.data_fingerprint": provenance.data_fingerprint, "msx.code_version": provenance.code_version},
+        tags={STUDY_TAG: study_name, DATA_FINGERPRINT_TAG: provenance.data_fingerprint, CODE_VERSION_TAG: provenance.code_version},
     )
     log_study_start(parent.info.run_id, tracking_uri, spec_dict, str(cohort.root))
     return StudyState(

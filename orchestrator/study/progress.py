@@ -18,6 +18,7 @@ from typing import Callable
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
+from ..trial import BEST_VALIDATION_DICE, EPOCH, TrialConfig
 from .state import STUDIES_FOLDER
 
 PROGRESS_SUFFIX = ".progress.json"
@@ -62,7 +63,7 @@ def progress_of(trials: list[Trial], total: int, elapsed_s: float, scores: dict[
     running, failed, done = [], [], 0
     for trial in trials:
         result = trial.last_result or {}
-        seen = [s for s in (result.get("val_dice"), (scores or {}).get(trial.trial_id)) if s is not None]
+        seen = [s for s in (result.get(BEST_VALIDATION_DICE), (scores or {}).get(trial.trial_id)) if s is not None]
         score = max(seen) if seen else None
         if score is not None and (best is None or score > best[0]):
             best = (float(score), _label(trial))
@@ -71,7 +72,7 @@ def progress_of(trials: list[Trial], total: int, elapsed_s: float, scores: dict[
         elif trial.status == Trial.ERROR:
             failed.append(_label(trial))
         elif trial.status == Trial.RUNNING:
-            epoch = result.get("epoch")
+            epoch = result.get(EPOCH)
             running.append(f"{_label(trial)}: {'epoch ' + str(epoch) if epoch else 'starting'}")
     return Progress(
         total=total,
@@ -101,7 +102,7 @@ class ProgressView(Callback):
         self._started = time.time()
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        score = result.get("val_dice")
+        score = result.get(BEST_VALIDATION_DICE)
         if score is not None:
             self._scores[trial.trial_id] = max(float(score), self._scores.get(trial.trial_id, float(score)))
 
@@ -130,4 +131,4 @@ class ProgressView(Callback):
 
 
 def _label(trial: Trial) -> str:
-    return f"{trial.config.get('configuration')} fold {trial.config.get('fold')}"
+    return TrialConfig.from_tune(trial.config).label

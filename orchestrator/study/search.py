@@ -21,10 +21,11 @@ from ray.tune.search.optuna import OptunaSearch
 from msx.models.data.folds import Fold
 
 from ..spec import ExperimentSpec, ParameterSpec
+from ..trial import BEST_VALIDATION_DICE, EPOCH, TrialConfig
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-OPTIMISED_METRIC = "val_dice"
+OPTIMISED_METRIC = BEST_VALIDATION_DICE
 MODE = "max"
 
 SAMPLERS: dict[str, Callable[[int], optuna.samplers.BaseSampler]] = {
@@ -37,7 +38,7 @@ def build_scheduler(spec: ExperimentSpec) -> TrialScheduler:
     scheduler = spec.search.scheduler
     factories: dict[str, Callable[[], TrialScheduler]] = {
         "asha": lambda: AsyncHyperBandScheduler(
-            time_attr="epoch",
+            time_attr=EPOCH,
             max_t=spec.training.epochs,
             grace_period=min(scheduler.grace_period, spec.training.epochs),
             reduction_factor=scheduler.reduction_factor,
@@ -69,7 +70,7 @@ class LosoGridSearcher(Searcher):
         self._studies: dict[str, Searcher | None] = {
             backbone: self._study(spec, seed_offset) for seed_offset, backbone in enumerate(spec.model.backbones)
         }
-        self._pending: list[dict[str, Any]] = []
+        self._pending: list[TrialConfig] = []
         self._next_backbone = 0
         self._group_of_trial: dict[str, tuple[str, int]] = {}
         self._fold_scores: dict[str, dict[int, float]] = {}
@@ -93,9 +94,9 @@ class LosoGridSearcher(Searcher):
     def suggest(self, trial_id: str) -> dict[str, Any] | None:
         if not self._pending and not self._open_configuration():
             return Searcher.FINISHED
-        config = self._pending.pop(0)
-        self._group_of_trial[trial_id] = (config["configuration"], config["fold"])
-        return config
+        trial = self._pending.pop(0)
+        self._group_of_trial[trial_id] = (trial.configuration, trial.fold)
+        return trial.to_tune()
 
     def _open_configuration(self) -> bool:
         backbones = [b for b in self._budget if self._budget[b] > 0]
@@ -109,9 +110,7 @@ class LosoGridSearcher(Searcher):
         searched = study.suggest(group) if study is not None else {}
         self._backbone_of_group[group] = backbone
         self._fold_scores[group] = {}
-        self._pending.extend(
-            {"backbone": backbone, "fold": fold.index, "configuration": group, **searched} for fold in self._folds
-        )
+        self._pending.extend(TrialConfig(backbone, fold.index, group, searched) for fold in self._folds)
         return True
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:

@@ -1,7 +1,7 @@
 """What a registered model was made from: a fingerprint of the study's data, and the code version.
 
 Both are computed once, before Ray starts, and travel to registration, where they become version tags:
-the champion alias only moves between versions selected on the same data (see model_registry).
+the champion alias only moves between versions selected on the same data (see registry.py).
 """
 
 from __future__ import annotations

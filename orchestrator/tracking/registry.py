@@ -13,6 +13,7 @@ deleted; each carries a tag saying whether it became champion, and why not.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -30,11 +31,14 @@ from mlflow.tracking import MlflowClient
 from msx.models.checkpoint import load_checkpoint
 from msx.models.diffusion import DiffusionConfig
 from msx.models.engine import InferenceConfig, segment_scan, segment_scan_with_maps
+from msx.models.fold import MODEL_DIR
 from msx.models.lesion_maps import LesionMaps, binary_entropy_bits
+from msx.models.metrics import HIGHER_IS_BETTER
 
-from ..results import HIGHER_IS_BETTER, Selection
-from ..study.provenance import Provenance
-from .callback import tracking_uri_scope
+from ..results import Selection
+from ..spec import ExperimentSpec
+from .provenance import Provenance
+from .store import tracking_uri_scope
 
 CHAMPION = "champion"
 SELECTION_FILE = "selection.json"
@@ -154,7 +158,7 @@ def _checked_image(model_input: np.ndarray) -> np.ndarray:
 
 def register_selection(
     selection: Selection,
-    spec_dict: dict[str, Any],
+    spec: ExperimentSpec,
     model_name: str,
     parent_run_id: str,
     tracking_uri: str,
@@ -164,7 +168,7 @@ def register_selection(
     """Log the selected configuration's fold ensemble under the parent run, register it as a new version,
     and give it the champion alias if the champion policy (module docstring) says so."""
     configuration = selection.configuration
-    inference = spec_dict["inference"]
+    spec_dict = spec.to_dict()
     selection_record = {
         "configuration": configuration.configuration,
         "backbone": configuration.backbone,
@@ -172,17 +176,10 @@ def register_selection(
         "strategy": selection.strategy,
         "selection_metric": selection.metric,
         "validation_score": selection.validation_score,
-        "folds": [fold.fold for fold in configuration.folds],
-        "inference": {
-            "ddim_steps": inference["ddim_steps"],
-            "samples": inference["samples"],
-            "roi_size": tuple(spec_dict["training"]["patch_size"]),
-            "overlap": inference["overlap"],
-            "sw_batch_size": inference["sw_batch_size"],
-            "connectivity": inference["connectivity"],
-        },
-        "diffusion": spec_dict["diffusion"],
-        "seed": spec_dict["training"]["seed"],
+        "folds": [fold.trial.fold for fold in configuration.folds],
+        "inference": dataclasses.asdict(spec.inference_config((selection.strategy,))),
+        "diffusion": dataclasses.asdict(spec.diffusion_config()),
+        "seed": spec.training.seed,
         FINGERPRINT_TAG: provenance.data_fingerprint,
         CODE_VERSION_TAG: provenance.code_version,
     }
@@ -193,7 +190,7 @@ def register_selection(
     spec_path.write_text(json.dumps(spec_dict, indent=2))
     artifacts = {"selection": str(selection_path), "spec": str(spec_path)}
     for fold in configuration.folds:
-        artifacts[f"fold{fold.fold}"] = str(Path(fold.checkpoint_path) / "model")
+        artifacts[f"fold{fold.trial.fold}"] = str(Path(fold.checkpoint_path) / MODEL_DIR)
 
     # The version's source is the logged model's models:/m-... URI, resolved through the fluent tracking URI.
     with tracking_uri_scope(tracking_uri):

@@ -15,6 +15,7 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from ..spec import ExperimentSpec, spec_from_dict
+from ..trial import TrialConfig
 from .worker import train_loop_per_worker
 
 TRIAL_RESOURCES = {"cpu": 0, "memory": 1_000_000}
@@ -41,7 +42,9 @@ def run_trial(
     trial_id = ray.tune.get_context().get_trial_id()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec, "trial": config, "data_root": data_root, "scan_cache": scan_cache},
+        train_loop_config={
+            "spec": spec, "trial": TrialConfig.from_tune(config), "data_root": data_root, "scan_cache": scan_cache
+        },
         scaling_config=scaling_config(experiment),
         run_config=ray.train.RunConfig(
             # A stable name per trial: a restarted trial finds its own Train run and checkpoints again.

@@ -19,23 +19,23 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 from ray.util.metrics import Counter, Gauge
+
+from ..trial import TrialConfig
 
 TAG_KEYS = ("backbone", "configuration", "fold", "train_run", "rank")
 # The name Prometheus sees: Ray's metrics agent puts its namespace before every application metric.
 PROMETHEUS_PREFIX = "ray_"
 
 
-def trial_tags(config: dict[str, Any], train_run: str, rank: int) -> dict[str, str]:
-    """Tag values from the worker's `train_loop_config` (its `trial` entry) and its Ray Train context."""
-    trial = config["trial"]
+def trial_tags(trial: TrialConfig, train_run: str, rank: int) -> dict[str, str]:
+    """Tag values from the worker's trial and its Ray Train context."""
     return {
-        "backbone": trial["backbone"],
-        "configuration": str(trial.get("configuration", "")),
-        "fold": str(trial["fold"]),
+        "backbone": trial.backbone,
+        "configuration": trial.configuration,
+        "fold": str(trial.fold),
         "train_run": train_run,
         "rank": str(rank),
     }
