@@ -30,8 +30,9 @@ browser:
 test: install browser
 	$(BIN)/pytest
 
-test-fast: install browser
-	$(BIN)/pytest -m "not slow"
+# The unit tier (tests/conftest.py): no Ray, no server, no study.
+test-fast: install
+	$(BIN)/pytest -m "not integration and not slow"
 
 clean:
 	rm -rf $(VENV) msx_runs

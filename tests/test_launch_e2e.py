@@ -7,7 +7,7 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from msx.orchestrator.results import SPLIT_METRIC_NAMES
+from msx.models.metrics import SPLIT_METRIC_NAMES
 from msx.orchestrator.spec import load_spec
 
 pytestmark = pytest.mark.slow

@@ -1,19 +1,22 @@
-"""The msx command line as a user runs it (subprocess): bad input ends in one clear line, before Ray."""
+"""The msx command line as a user runs it: bad input ends in one clear line, before Ray.
+
+The commands run in this process (tests/helpers.run_msx); the installed script and `python -m` are run as
+subprocesses once, below.
+"""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 
-MSX = [sys.executable, "-m", "msx.orchestrator.cli"]
+from tests.helpers import free_port, run_msx, save_nifti
 
 
 def msx(*args, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([*MSX, *args], cwd=cwd, capture_output=True, text=True, timeout=240)
+    return run_msx(*args, cwd=cwd)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
@@ -24,6 +27,17 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     assert "Ray dashboard" not in result.stdout and "MLflow" not in result.stdout
+
+
+@pytest.mark.parametrize("command", [[str(Path(sys.executable).parent / "msx")], [sys.executable, "-m", "msx.orchestrator.cli"]])
+def test_msx_runs_as_the_installed_script_and_as_a_module(command, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("name: bad\ntraining: {epochs: 3\n")
+    result = subprocess.run(
+        [*command, "launch", "--space", str(space), "--storage", str(tmp_path / "runs")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=240,
+    )
+    assert_one_line_error(result, str(space), "invalid YAML", "line")
 
 
 def test_missing_data_folder(tmp_path):
@@ -55,7 +69,7 @@ def test_malformed_yaml(tmp_path):
 
 
 def write_mask(path: Path, array: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> None:
-    nib.save(nib.Nifti1Image(array.astype(np.uint8), np.diag([*spacing, 1.0])), str(path))
+    save_nifti(path, array.astype(np.uint8), np.diag([*spacing, 1.0]))
 
 
 def test_evaluate_prints_every_metric_as_json(tmp_path):
@@ -140,12 +154,7 @@ def test_evaluate_refuses_masks_on_different_grids(tmp_path):
 
 
 def test_unreachable_tracking_server_fails_before_ray(tmp_path):
-    import socket
-
-    with socket.socket() as probe:  # a port nothing listens on once the probe closes
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    uri = f"http://127.0.0.1:{port}"
+    uri = f"http://127.0.0.1:{free_port()}"
     runs = tmp_path / "runs"
     result = msx("launch", "--tracking-uri", uri, "--storage", str(runs), cwd=tmp_path)
     assert_one_line_error(result, f"MLflow tracking server {uri} is unreachable", "Ray was not started")

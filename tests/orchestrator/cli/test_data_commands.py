@@ -4,37 +4,35 @@ import dataclasses
 from pathlib import Path
 
 import click
-import nibabel as nib
 import numpy as np
 import pytest
 from click.testing import CliRunner
 from msx.models.data.cohort import CohortError
-from msx.orchestrator.study.cohort import prepare_cohort
 from msx.orchestrator.cli.data import data
 from msx.orchestrator.spec import DataSpec, ExperimentSpec, spec_from_dict
+from msx.orchestrator.study.cohort import prepare_cohort
+from tests.helpers import save_nifti, write_isbi_cohort
 
 SHAPE = (6, 7, 5)
 
 
-def _save(path: Path, volume: np.ndarray, affine: np.ndarray | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(volume, np.eye(4) if affine is None else affine), path)
-    return path
+def _rater_mask(patient: int, timepoint: int, rater: int) -> np.ndarray:
+    """Rater 1: one 2x2x2 lesion; rater 2: the same plus one voxel."""
+    mask = np.zeros(SHAPE, dtype=np.uint8)
+    mask[0:2, 0:2, 0:2] = 1
+    if rater == 2:
+        mask[4, 5, 3] = 1
+    return mask
 
 
 def _write_cohort(root: Path, patients=(1, 2, 3, 4, 5), affine=None) -> Path:
-    """One scan per patient: three modalities, rater 1 with one 2x2x2 lesion, rater 2 with the same plus one voxel."""
-    for patient in patients:
-        stem = root / f"training{patient:02d}" / f"training{patient:02d}_01"
-        for name in ("flair", "mprage", "t2"):
-            _save(Path(f"{stem}_{name}_pp.nii.gz"), np.full(SHAPE, patient, dtype=np.float32), affine)
-        rater1 = np.zeros(SHAPE, dtype=np.uint8)
-        rater1[0:2, 0:2, 0:2] = 1
-        rater2 = rater1.copy()
-        rater2[4, 5, 3] = 1
-        _save(Path(f"{stem}_mask1.nii.gz"), rater1, affine)
-        _save(Path(f"{stem}_mask2.nii.gz"), rater2, affine)
-    return root
+    """One scan per patient: three modalities holding the patient's number, and both raters' masks."""
+    return write_isbi_cohort(
+        root, patients, (1,),
+        image=lambda patient, _, __: np.full(SHAPE, patient, dtype=np.float32),
+        mask=_rater_mask,
+        affine=affine,
+    )
 
 
 def _snapshot(root: Path) -> dict:
@@ -63,7 +61,7 @@ def test_check_of_a_clean_cohort_exits_0_with_one_ok_line(tmp_path, invoke):
 def test_check_reports_every_error_and_exits_1_without_touching_files(tmp_path, invoke):
     root = _write_cohort(tmp_path / "cohort")
     bad = root / "training02" / "training02_01_mask1.nii.gz"
-    _save(bad, np.full(SHAPE, 2, dtype=np.uint8))
+    save_nifti(bad, np.full(SHAPE, 2, dtype=np.uint8))
     truncated = root / "training03" / "training03_01_t2_pp.nii.gz"
     truncated.write_bytes(truncated.read_bytes()[:30])
     before = _snapshot(root)
@@ -123,9 +121,9 @@ def test_prepare_cohort_refuses_bad_data_naming_the_first_problem(tmp_path):
     assert prepare_cohort(spec, None, tmp_path / "storage", print).patients == (1, 2, 3, 4, 5)
     nan = np.zeros(SHAPE, dtype=np.float32)
     nan[0, 0, 0] = np.nan
-    first = _save(root / "training01" / "training01_01_flair_pp.nii.gz", nan)
-    _save(root / "training04" / "training04_01_mask1.nii.gz", np.full(SHAPE, 5, dtype=np.uint8))
-    _save(root / "training05" / "training05_01_t2_pp.nii.gz", np.zeros((6, 7, 6), dtype=np.float32))
+    first = save_nifti(root / "training01" / "training01_01_flair_pp.nii.gz", nan)
+    save_nifti(root / "training04" / "training04_01_mask1.nii.gz", np.full(SHAPE, 5, dtype=np.uint8))
+    save_nifti(root / "training05" / "training05_01_t2_pp.nii.gz", np.zeros((6, 7, 6), dtype=np.float32))
     with pytest.raises(CohortError) as error:
         prepare_cohort(spec, None, tmp_path / "storage", print)
     assert str(error.value) == (

@@ -15,10 +15,9 @@ from msx.models.data.synth import write_synthetic_cohort
 from msx.orchestrator.cluster.jobs import CLUSTER_STORAGE, SubmissionError, check_cluster_config, launch_entrypoint
 from msx.orchestrator.spec import load_spec, spec_from_dict
 from msx.orchestrator.study.state import FINISHED, StudyState, write_state
+from tests.helpers import REPOSITORY, free_port
 
 from .test_cli import assert_one_line_error, msx
-
-REPOSITORY = Path(__file__).resolve().parents[3]
 
 
 def record(storage: Path, spec: dict, data_root: str, **changes) -> StudyState:
@@ -68,9 +67,7 @@ def test_resume_refuses_data_that_changed(tmp_path):
 
 
 def test_job_submission_to_an_address_where_nothing_answers(tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     result = msx("launch", "--address", f"http://127.0.0.1:{port}", "--storage", str(tmp_path), cwd=tmp_path)
     assert_one_line_error(result, f"http://127.0.0.1:{port}: no Ray dashboard answers there")
 

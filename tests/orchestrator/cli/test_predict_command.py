@@ -5,11 +5,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from msx.models.checkpoint import save_checkpoint
 from msx.models.data.synth import write_synthetic_cohort
-from msx.models.networks import NetworkConfig, build_network
-from msx.orchestrator.cli.predict import find_input_scans, predict
+from msx.models.fold import MODEL_DIR
+from msx.orchestrator.cli.predict import predict
+from msx.orchestrator.predict.segment import PredictError, find_input_scans
 from msx.orchestrator.spec import spec_from_dict
+from tests.helpers import save_tiny_checkpoint, tiny_spec
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -23,16 +24,8 @@ def cli() -> click.Group:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("predict")
-    spec = spec_from_dict(
-        {
-            "name": "predict-test",
-            "model": {"backbones": ["unet"], "width": 0.125},
-            "training": {"patch_size": [32, 32, 32]},
-            "inference": {"ddim_steps": 2, "samples": 1, "overlap": 0.0},
-        }
-    )
-    net = build_network(NetworkConfig(backbone="unet", width=0.125))
-    checkpoint = save_checkpoint(root / "checkpoint", net, {"spec": spec.to_dict(), "fold": 1})
+    spec = spec_from_dict(tiny_spec("predict-test", inference={"ddim_steps": 2}))
+    checkpoint = save_tiny_checkpoint(root / "checkpoint", {"spec": spec.to_dict(), "fold": 1})
     cohort = root / "cohort"
     write_synthetic_cohort(cohort, patients=1, shape=(40, 48, 40))
     # Keep two scans (fast): time point 1 with its masks, time point 2 with images only (new data).
@@ -131,7 +124,7 @@ def test_missing_input_folder_is_named(setup, tmp_path):
 
 def test_checkpoint_without_spec_is_rejected(setup, tmp_path):
     _, cohort, _, _ = setup
-    bare = save_checkpoint(tmp_path / "bare", build_network(NetworkConfig(backbone="unet", width=0.125)), {"fold": 1})
+    bare = save_tiny_checkpoint(tmp_path / "bare", {"fold": 1})
     result = CliRunner().invoke(cli(), ["predict", "--model", str(bare), "--input", str(cohort), "--out", str(tmp_path / "o")])
     assert result.exit_code == 1
     assert "no experiment spec" in result.output
@@ -150,35 +143,25 @@ def test_wrong_modality_count_is_rejected(setup, tmp_path):
 @pytest.mark.timeout(240)
 def test_predict_with_registered_model(setup, tmp_path):
     from mlflow.tracking import MlflowClient
+    from msx.orchestrator.results import TrialOutcome, select_best, summarise_configurations
+    from msx.orchestrator.trial import TrialConfig
+    from msx.orchestrator.tracking.provenance import Provenance
     from msx.orchestrator.tracking.registry import register_selection
-    from msx.orchestrator.study.provenance import Provenance
-    from msx.orchestrator.results import (
-        TrialOutcome,
-        select_best,
-        summarise_configurations,
-    )
-    from msx.orchestrator.tracking.callback import ensure_experiment
+    from msx.orchestrator.tracking.store import ensure_experiment
 
     _, cohort, _, _ = setup
-    spec = spec_from_dict(
-        {
-            "name": "predict-registry",
-            "model": {"backbones": ["unet"], "width": 0.125},
-            "training": {"patch_size": [32, 32, 32]},
-            "inference": {"strategies": ["mean"], "ddim_steps": 2, "samples": 1, "overlap": 0.0},
-        }
-    )
-    # One fold whose trial folder holds the tiny checkpoint under model/, as train_worker writes it.
+    spec = spec_from_dict(tiny_spec("predict-registry", inference={"ddim_steps": 2}))
+    # One fold whose trial folder holds the tiny checkpoint under model/, as the fold loop writes it.
     trial = tmp_path / "trial"
-    save_checkpoint(trial / "model", build_network(NetworkConfig(backbone="unet", width=0.125)), {"fold": 1})
-    outcome = TrialOutcome("unet-c1", "unet", 1, {}, {"val/mean/dsc": 0.5, "test/mean/dsc": 0.5}, str(trial))
+    save_tiny_checkpoint(trial / MODEL_DIR, {"fold": 1})
+    outcome = TrialOutcome(TrialConfig("unet", 1, "unet-c1"), {"val/mean/dsc": 0.5, "test/mean/dsc": 0.5}, str(trial))
     selection = select_best(summarise_configurations([outcome], ("mean",), fold_count=1), ("mean",), "dsc")
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     experiment_id = ensure_experiment(tracking_uri, spec.name, tmp_path / "artifacts")
     parent = MlflowClient(tracking_uri).create_run(experiment_id, run_name="study")
     provenance = Provenance(data_fingerprint="f" * 64, code_version="msx test")
     uri = register_selection(
-        selection, spec.to_dict(), "msx-predict", parent.info.run_id, tracking_uri, tmp_path / "work", provenance
+        selection, spec, "msx-predict", parent.info.run_id, tracking_uri, tmp_path / "work", provenance
     ).model_uri
 
     out = tmp_path / "out"
@@ -207,5 +190,5 @@ def test_input_may_be_a_manifest_without_masks(tmp_path):
     assert [(scan.scan_id, scan.masks) for scan in scans] == [("training07_01", {}), ("training07_02", {})]
     assert scans[1].images == {"flair": flair[1], "mprage": mprage[1], "t2": t2[1]}
     manifest.write_text(f"- {{patient: 7, timepoint: 1, flair: {flair[0]}, mprage: {mprage[0]}}}\n")
-    with pytest.raises(click.ClickException, match=r"new\.yaml: item 1 \(line 1\): t2: missing or empty"):
+    with pytest.raises(PredictError, match=r"new\.yaml: item 1 \(line 1\): t2: missing or empty"):
         find_input_scans(manifest, ("flair", "mprage", "t2"))

@@ -9,30 +9,24 @@ import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from msx.models.checkpoint import save_checkpoint
 from msx.models.data.folds import Fold
 from msx.models.data.manifest import open_cohort
 from msx.models.data.synth import write_synthetic_cohort
-from msx.models.networks import NetworkConfig, build_network
+from msx.models.fold import MODEL_DIR
 from msx.orchestrator.cli import main
-from msx.orchestrator.tracking.registry import register_selection
-from msx.orchestrator.study.provenance import Provenance, code_version, cohort_fingerprint
 from msx.orchestrator.results import TrialOutcome, select_best, summarise_configurations
 from msx.orchestrator.spec import spec_from_dict
-from msx.orchestrator.tracking.callback import ensure_experiment
+from msx.orchestrator.tracking.provenance import Provenance, code_version, cohort_fingerprint
+from msx.orchestrator.tracking.registry import register_selection
+from msx.orchestrator.tracking.store import ensure_experiment
+from msx.orchestrator.trial import TrialConfig
+from tests.helpers import REPOSITORY, free_port, save_tiny_checkpoint, tiny_spec
 
-from ..servers import free_port, start_mlflow_server, stop_server
+from ..servers import start_mlflow_server, stop_server
 
 MODEL = "msx-policy"
 DATA_A, DATA_B = "a" * 64, "b" * 64
-SPEC = spec_from_dict(
-    {
-        "name": "registry-commands",
-        "model": {"backbones": ["unet"], "width": 0.125},
-        "training": {"patch_size": [32, 32, 32]},
-        "inference": {"strategies": ["mean"], "ddim_steps": 2, "samples": 1, "overlap": 0.0},
-    }
-)
+SPEC = spec_from_dict(tiny_spec("registry-commands", inference={"ddim_steps": 2}))
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +40,7 @@ def mlflow_server(tmp_path_factory):
         stop_server(server)
 
 
-@pytest.fixture(scope="module", params=["sqlite", "http"])
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("http", marks=pytest.mark.integration)])
 def store(request, tmp_path_factory):
     """(tracking URI, work folder) of a fresh store of each kind."""
     folder = tmp_path_factory.mktemp(request.param)
@@ -56,22 +50,22 @@ def store(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def checkpoint_trial(tmp_path_factory):
-    """A trial folder holding a tiny untrained checkpoint under model/, as train_worker writes it."""
+    """A trial folder holding a tiny untrained checkpoint under model/, as the fold loop writes it."""
     trial = tmp_path_factory.mktemp("trial")
-    save_checkpoint(trial / "model", build_network(NetworkConfig(backbone="unet", width=0.125)), {"fold": 1})
+    save_tiny_checkpoint(trial / MODEL_DIR, {"fold": 1})
     return trial
 
 
 def register(store, trial: Path, validation_dsc: float, fingerprint: str):
     """A one-fold selection scoring `validation_dsc`, registered as a new version of MODEL."""
     tracking_uri, folder = store
-    outcome = TrialOutcome("unet-c1", "unet", 1, {}, {"val/mean/dsc": validation_dsc, "test/mean/dsc": 0.4}, str(trial))
+    outcome = TrialOutcome(TrialConfig("unet", 1, "unet-c1"), {"val/mean/dsc": validation_dsc, "test/mean/dsc": 0.4}, str(trial))
     selection = select_best(summarise_configurations([outcome], ("mean",), fold_count=1), ("mean",), "dsc")
     experiment_id = ensure_experiment(tracking_uri, SPEC.name, folder / "artifacts")
     parent = MlflowClient(tracking_uri).create_run(experiment_id, run_name="study")
     work = folder / "work" / parent.info.run_id
     return register_selection(
-        selection, SPEC.to_dict(), MODEL, parent.info.run_id, tracking_uri, work, Provenance(fingerprint, "msx test")
+        selection, SPEC, MODEL, parent.info.run_id, tracking_uri, work, Provenance(fingerprint, "msx test")
     )
 
 
@@ -227,12 +221,13 @@ def test_fingerprint_follows_the_chosen_files_bytes_only(cohort_folder, tmp_path
 def test_code_version_names_the_package_and_its_commit():
     version = code_version()
     assert re.fullmatch(r"msx \S+(, git [0-9a-f]{40}( \+ uncommitted changes)?)?", version), version
-    if (Path(__file__).parents[3] / ".git").exists():
+    if (REPOSITORY / ".git").exists():
         assert ", git " in version
 
 
+@pytest.mark.integration
 def test_the_launch_check_passes_for_a_live_server_and_local_stores(mlflow_server, tmp_path):
-    from msx.orchestrator.tracking.callback import check_tracking_server
+    from msx.orchestrator.tracking.store import check_tracking_server
 
     check_tracking_server(mlflow_server)
     check_tracking_server(mlflow_server + "/")

@@ -8,17 +8,16 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from msx.models.checkpoint import save_checkpoint
-from msx.models.networks import NetworkConfig, build_network
+from msx.models.fold import MODEL_DIR
+from tests.helpers import REPOSITORY, free_port, run_msx, save_tiny_checkpoint
 
 from ..servers import wait_until_healthy
-from .test_registry_commands import MODEL, free_port, register
+from .test_registry_commands import MODEL, register
 
-ARTIFACTS = Path(__file__).resolve().parents[3] / "test-artifacts"
+ARTIFACTS = REPOSITORY / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -29,7 +28,7 @@ def ui_with_a_champion(tmp_path):
     storage.mkdir()
     store = (f"sqlite:///{storage / 'mlflow.db'}", storage)
     trial = tmp_path / "trial"
-    save_checkpoint(trial / "model", build_network(NetworkConfig(backbone="unet", width=0.125)), {"fold": 1})
+    save_tiny_checkpoint(trial / MODEL_DIR, {"fold": 1})
     assert register(store, trial, 0.5, "a" * 64).decision.promoted
 
     port = free_port()
@@ -53,6 +52,7 @@ def ui_with_a_champion(tmp_path):
         log.close()
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (make test installs it with apt-get)")
 @pytest.mark.timeout(300)
 def test_the_model_page_shows_the_model_and_its_champion_alias(ui_with_a_champion):
@@ -71,9 +71,6 @@ def test_the_model_page_shows_the_model_and_its_champion_alias(ui_with_a_champio
 
 
 def test_ui_points_at_a_tracking_server_instead_of_serving_one():
-    result = subprocess.run(
-        [sys.executable, "-m", "msx.orchestrator.cli", "ui", "--tracking-uri", "http://127.0.0.1:5999"],
-        capture_output=True, text=True, timeout=120,
-    )
+    result = run_msx("ui", "--tracking-uri", "http://127.0.0.1:5999", cwd=REPOSITORY)
     assert result.returncode == 0
     assert "http://127.0.0.1:5999 is a tracking server, which serves its own UI" in result.stdout

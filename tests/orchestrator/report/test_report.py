@@ -1,4 +1,4 @@
-"""`msx report` on a real SQLite MLflow store written the way a launch writes it (tracking.py, study.py)."""
+"""`msx report` on a real SQLite MLflow store written the way a launch writes it (tracking/, study/driver.py)."""
 
 import base64
 import csv
@@ -13,15 +13,15 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from msx.models.metrics import VOLUME_NAMES
+from msx.models.fold import MODEL_DIR, SCAN_METRICS_FILE
+from msx.models.metrics import VOLUME_NAMES, split_metrics
 from msx.orchestrator.cli import main
-from msx.orchestrator.results import SCAN_METRICS_FILE, split_metrics
 from msx.orchestrator.spec import load_spec
-from msx.orchestrator.tracking.callback import (
+from msx.orchestrator.tracking.callback import TrialRunsCallback
+from msx.orchestrator.tracking.store import (
     SCAN_METRICS_ARTIFACT,
     STUDY_TAG,
     TRIAL_ID_TAG,
-    TrialRunsCallback,
     ensure_experiment,
     log_study_start,
     tracking_uri_scope,
@@ -85,8 +85,8 @@ def write_trial(callback, storage, launch, backbone, configuration, fold, rows, 
             report.update(val_dice_now=0.2 * epoch / EPOCHS + 0.01 * fold, val_dice=0.2 * epoch / EPOCHS + 0.01 * fold)
         if epoch == EPOCHS and rows is not None:
             checkpoint = storage / "checkpoints" / trial.trial_id
-            (checkpoint / "model").mkdir(parents=True)
-            (checkpoint / "model" / "weights.pt").write_bytes(b"weights")
+            (checkpoint / MODEL_DIR).mkdir(parents=True)
+            (checkpoint / MODEL_DIR / "weights.pt").write_bytes(b"weights")
             (checkpoint / SCAN_METRICS_FILE).write_text(json.dumps(rows))
             report.update(split_metrics(rows), final=1, checkpoint_path=str(checkpoint))
         callback.log_trial_result(epoch, trial, report)

@@ -38,6 +38,7 @@ def stale_current_cluster():
         record.write_text(previous)
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(180)
 def test_workers_reach_the_state_api_of_the_ray_msx_started(stale_current_cluster, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

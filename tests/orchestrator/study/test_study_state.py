@@ -11,9 +11,8 @@ import time
 
 import pytest
 
-from msx.orchestrator.study.progress import Progress, progress_path
 from msx.orchestrator.spec import load_spec
-from msx.orchestrator.study.status import status_lines
+from msx.orchestrator.study.progress import Progress, progress_path
 from msx.orchestrator.study.state import (
     FINISHED,
     RUNNING,
@@ -24,6 +23,8 @@ from msx.orchestrator.study.state import (
     unfinished_study,
     write_state,
 )
+from msx.orchestrator.study.status import status_lines
+from tests.helpers import run_msx
 
 
 def state(experiment="smoke", study="smoke-20261127-100000", started=1000.0, **changes) -> StudyState:
@@ -131,9 +132,6 @@ def test_status_of_a_running_and_of_a_finished_study(tmp_path):
 
 
 def test_status_command_errors_in_one_line(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "msx.orchestrator.cli", "status", "nope", "--storage", str(tmp_path)],
-        capture_output=True, text=True,
-    )
+    result = run_msx("status", "nope", "--storage", tmp_path, cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"Error: no study or experiment named 'nope' under {tmp_path} (no studies here yet)"]

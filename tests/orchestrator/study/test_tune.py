@@ -14,11 +14,13 @@ from msx.models.checkpoint import WEIGHTS_FILE
 from msx.models.data.folds import resolve_folds
 from msx.models.data.manifest import open_cohort
 from msx.models.data.synth import write_synthetic_cohort
+from msx.models.fold import MODEL_DIR, OVERLAY_DIR
 from msx.models.metrics import METRIC_NAMES, VOLUME_NAMES, mean_isbi_score
 from msx.orchestrator.report.document import write_report
-from msx.orchestrator.study.search import MODE, OPTIMISED_METRIC, LosoGridSearcher, build_scheduler
 from msx.orchestrator.spec import spec_from_dict
-from msx.orchestrator.tracking.callback import (
+from msx.orchestrator.study.search import MODE, OPTIMISED_METRIC, LosoGridSearcher, build_scheduler
+from msx.orchestrator.tracking.callback import TrialRunsCallback
+from msx.orchestrator.tracking.store import (
     CHECKPOINT_TAG,
     CONFIGURATION_TAG,
     FOLD_STD_SUFFIX,
@@ -26,12 +28,14 @@ from msx.orchestrator.tracking.callback import (
     SCAN_METRICS_ARTIFACT,
     STUDY_TAG,
     TRIAL_ID_TAG,
-    TrialRunsCallback,
     ensure_experiment,
     log_study_start,
     tracking_uri_scope,
 )
 from msx.orchestrator.trials.trainable import TRIAL_RESOURCES, run_trial
+from tests.helpers import tiny_spec
+
+pytestmark = pytest.mark.integration
 
 EPOCHS = 4
 # A "strong" and a "weak" backbone: ASHA must stop the weak one's trials at its first rung.
@@ -83,24 +87,19 @@ def test_grid_of_folds_with_optuna_and_asha(local_ray, tmp_path):
 
 
 # Two configurations of one backbone x two folds of three synthetic patients; every size as small as runs.
-TRACKED_SPEC = {
-    "name": "tracked",
-    "data": {
+TRACKED_SPEC = tiny_spec(
+    "tracked",
+    data={
         "modalities": ["flair", "t2"],
         "folds": [{"train": [1], "validation": [2], "test": [3]}, {"train": [2], "validation": [3], "test": [1]}],
     },
-    "model": {"backbones": ["unet"], "width": 0.125},
-    "training": {
-        "epochs": 1, "batch_size": 1, "patch_size": [32, 32, 32], "validate_every": 1, "validation_ddim_steps": 1,
-        "validation_strategy": "mean",
-    },
-    "inference": {"strategies": ["mean", "last"], "ddim_steps": 1, "samples": 1, "overlap": 0.0},
-    "search": {
+    inference={"strategies": ["mean", "last"]},
+    search={
         "configurations_per_backbone": 2,
         "parameters": [{"name": "training.lr", "low": 1.0e-3, "high": 4.0e-3}],
         "scheduler": {"name": "fifo"},
     },
-}
+)
 
 
 @pytest.fixture(scope="module")
@@ -184,8 +183,8 @@ def test_fold_runs_carry_scan_metrics_model_and_overlays(tracked_launch, tmp_pat
             run_id = fold_run.info.run_id
             fold = next(f for f in folds if fold_run.info.run_name.endswith(f"-fold{f.index}"))
             assert fold_run.data.tags[CHECKPOINT_TAG].startswith(str(root / "train"))
-            assert {a.path for a in client.list_artifacts(run_id)} == {SCAN_METRICS_ARTIFACT, "model", "overlays"}
-            assert f"model/{WEIGHTS_FILE}" in {a.path for a in client.list_artifacts(run_id, "model")}
+            assert {a.path for a in client.list_artifacts(run_id)} == {SCAN_METRICS_ARTIFACT, MODEL_DIR, OVERLAY_DIR}
+            assert f"{MODEL_DIR}/{WEIGHTS_FILE}" in {a.path for a in client.list_artifacts(run_id, MODEL_DIR)}
 
             table = client.download_artifacts(run_id, SCAN_METRICS_ARTIFACT, str(tmp_path / run_id))
             with open(table, newline="") as file:
@@ -207,8 +206,8 @@ def test_fold_runs_carry_scan_metrics_model_and_overlays(tracked_launch, tmp_pat
                     logged = fold_run.data.metrics.get(f"{split}/{strategy}/isbi", math.nan)
                     assert logged == pytest.approx(mean_isbi_score(per_scan), nan_ok=True)
 
-            overlays = {a.path for a in client.list_artifacts(run_id, "overlays")}
-            assert overlays == {f"overlays/{split}-{split_scans[0].scan_id}-mean.png" for split, split_scans in scans.items()}
+            overlays = {a.path for a in client.list_artifacts(run_id, OVERLAY_DIR)}
+            assert overlays == {f"{OVERLAY_DIR}/{split}-{split_scans[0].scan_id}-mean.png" for split, split_scans in scans.items()}
             for overlay in overlays:
                 with Image.open(client.download_artifacts(run_id, overlay, str(tmp_path / run_id))) as image:
                     image.verify()

@@ -11,34 +11,30 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from msx.models.checkpoint import save_checkpoint
+from msx.models.fold import MODEL_DIR
 from msx.models.lesion_maps import binary_entropy_bits
-from msx.models.networks import NetworkConfig, build_network
-from msx.orchestrator.tracking.registry import describe_model, register_selection
-from msx.orchestrator.study.provenance import Provenance
 from msx.orchestrator.results import TrialOutcome, select_best, summarise_configurations
 from msx.orchestrator.spec import spec_from_dict
-from msx.orchestrator.tracking.callback import ensure_experiment, tracking_uri_scope
+from msx.orchestrator.tracking.provenance import Provenance
+from msx.orchestrator.tracking.registry import describe_model, register_selection
+from msx.orchestrator.tracking.store import ensure_experiment, tracking_uri_scope
+from msx.orchestrator.trial import TrialConfig
+from tests.helpers import save_tiny_checkpoint, tiny_spec
 
 STRATEGIES = ("mean", "last")
 
 
 def fold_checkpoints(tmp_path, folds, backbone="unet"):
     spec = spec_from_dict(
-        {
-            "name": "registry-test",
-            "model": {"backbones": [backbone], "width": 0.125},
-            "training": {"patch_size": [32, 32, 32]},
-            "inference": {"strategies": list(STRATEGIES), "ddim_steps": 2, "samples": 1, "overlap": 0.0},
-        }
+        tiny_spec("registry-test", model={"backbones": [backbone]}, inference={"strategies": list(STRATEGIES), "ddim_steps": 2})
     )
     outcomes = []
     for fold in folds:
         folder = tmp_path / "trials" / f"fold{fold}"
-        net = build_network(NetworkConfig(backbone=backbone, image_channels=3, width=0.125))
-        save_checkpoint(folder / "model", net, {"fold": fold})
+        save_tiny_checkpoint(folder / MODEL_DIR, {"fold": fold}, backbone)
         metrics = {f"{split}/{s}/dsc": 0.5 + 0.01 * fold for split in ("val", "test") for s in STRATEGIES}
-        outcomes.append(TrialOutcome(f"{backbone}-c1", backbone, fold, {"training.lr": 1e-3}, metrics, str(folder)))
+        trial = TrialConfig(backbone, fold, f"{backbone}-c1", {"training.lr": 1e-3})
+        outcomes.append(TrialOutcome(trial, metrics, str(folder)))
     return spec, outcomes
 
 
@@ -53,7 +49,7 @@ def test_register_lookup_by_alias_load_and_predict(tmp_path):
 
     provenance = Provenance(data_fingerprint="f" * 64, code_version="msx test")
     registration = register_selection(
-        selection, spec.to_dict(), "msx-test", parent.info.run_id, tracking_uri, tmp_path / "work", provenance
+        selection, spec, "msx-test", parent.info.run_id, tracking_uri, tmp_path / "work", provenance
     )
     uri = registration.model_uri
     assert (registration.version, uri) == (1, "models:/msx-test@champion")

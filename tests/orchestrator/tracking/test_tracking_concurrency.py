@@ -13,14 +13,14 @@ import pytest
 from mlflow.tracking import MlflowClient
 from ray.tune.experiment import Trial
 
-from msx.orchestrator.results import SCAN_METRICS_FILE
-from msx.orchestrator.tracking.callback import (
+from msx.models.fold import MODEL_DIR, SCAN_METRICS_FILE
+from msx.orchestrator.tracking.callback import TrialRunsCallback
+from msx.orchestrator.tracking.store import (
     CONFIGURATION_TAG,
     PARENT_RUN_TAG,
     SCAN_METRICS_ARTIFACT,
     STUDY_TAG,
     TRIAL_ID_TAG,
-    TrialRunsCallback,
     ensure_experiment,
 )
 
@@ -66,8 +66,8 @@ def write_launch(tracking_uri: str, experiment_id: str, writer: int, storage: st
             report = {"epoch": epoch, "train_loss": train_loss(writer, fold, epoch), "training_iteration": epoch}
             if epoch == EPOCHS:
                 checkpoint = Path(storage) / "checkpoints" / trial.trial_id
-                (checkpoint / "model").mkdir(parents=True)
-                (checkpoint / "model" / "weights.pt").write_bytes(bytes([writer, fold]) * 1000)
+                (checkpoint / MODEL_DIR).mkdir(parents=True)
+                (checkpoint / MODEL_DIR / "weights.pt").write_bytes(bytes([writer, fold]) * 1000)
                 rows = scan_rows(writer, fold)
                 (checkpoint / SCAN_METRICS_FILE).write_text(json.dumps(rows))
                 report.update({f"{row['split']}/mean/dsc": row["dsc"] for row in rows}, final=1, checkpoint_path=str(checkpoint))
@@ -79,6 +79,7 @@ def write_launch(tracking_uri: str, experiment_id: str, writer: int, storage: st
     client.set_terminated(parent, "FINISHED")
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(180)
 def test_parallel_drivers_on_one_sqlite_store_lose_no_run_metric_or_artifact(tmp_path):
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -125,7 +126,7 @@ def test_parallel_drivers_on_one_sqlite_store_lose_no_run_metric_or_artifact(tmp
         ]
         assert run.data.metrics["val/mean/dsc"] == pytest.approx(0.5 + 0.01 * writer)
         artifacts = {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
-        assert artifacts == {SCAN_METRICS_ARTIFACT, "model"}
-        weights = client.download_artifacts(run.info.run_id, "model/weights.pt", str(tmp_path / "downloads" / trial_id))
+        assert artifacts == {SCAN_METRICS_ARTIFACT, MODEL_DIR}
+        weights = client.download_artifacts(run.info.run_id, f"{MODEL_DIR}/weights.pt", str(tmp_path / "downloads" / trial_id))
         with open(weights, "rb") as file:
             assert file.read() == bytes([writer, fold]) * 1000

@@ -16,19 +16,20 @@ import pytest
 from mlflow.tracking import MlflowClient
 from ray.tune.experiment import Trial
 
-from msx.orchestrator.results import SCAN_METRICS_FILE
-from msx.orchestrator.tracking.callback import (
+from msx.models.fold import MODEL_DIR, SCAN_METRICS_FILE
+from msx.orchestrator.tracking.callback import TrialRunsCallback
+from msx.orchestrator.tracking.pending import PendingWritesError
+from msx.orchestrator.tracking.store import (
     CONFIGURATION_TAG,
     PARENT_RUN_TAG,
     SCAN_METRICS_ARTIFACT,
     STUDY_TAG,
     TRIAL_ID_TAG,
-    PendingWritesError,
-    TrialRunsCallback,
     ensure_experiment,
 )
+from tests.helpers import free_port
 
-from ..servers import free_port, start_mlflow_server, stop_server
+from ..servers import start_mlflow_server, stop_server
 
 EXPERIMENT = "outage"
 STRATEGIES = ("mean",)
@@ -57,8 +58,8 @@ def report(trial: Trial, epoch: int, checkpoints) -> dict:
     result = {"epoch": epoch, "train_loss": train_loss(fold, epoch), "training_iteration": epoch}
     if epoch == EPOCHS:
         folder = checkpoints / trial.trial_id
-        (folder / "model").mkdir(parents=True)
-        (folder / "model" / "weights.pt").write_bytes(trial.trial_id.encode())
+        (folder / MODEL_DIR).mkdir(parents=True)
+        (folder / MODEL_DIR / "weights.pt").write_bytes(trial.trial_id.encode())
         rows = [{"split": split, "scan": f"{trial.trial_id}-{split}", "strategy": "mean", "dsc": dsc(fold, split)} for split in ("val", "test")]
         (folder / SCAN_METRICS_FILE).write_text(json.dumps(rows))
         result.update({f"{split}/mean/dsc": dsc(fold, split) for split in ("val", "test")}, final=1, checkpoint_path=str(folder))
@@ -90,12 +91,13 @@ def assert_launch_recorded_once(client: MlflowClient, experiment_id: str, parent
             (epoch, pytest.approx(train_loss(fold, epoch))) for epoch in range(1, EPOCHS + 1)
         ]
         assert run.data.metrics["test/mean/dsc"] == pytest.approx(dsc(fold, "test"))
-        assert {artifact.path for artifact in client.list_artifacts(run.info.run_id)} == {SCAN_METRICS_ARTIFACT, "model"}
-        weights = client.download_artifacts(run.info.run_id, "model/weights.pt", str(downloads / trial_id))
+        assert {artifact.path for artifact in client.list_artifacts(run.info.run_id)} == {SCAN_METRICS_ARTIFACT, MODEL_DIR}
+        weights = client.download_artifacts(run.info.run_id, f"{MODEL_DIR}/weights.pt", str(downloads / trial_id))
         with open(weights, "rb") as file:
             assert file.read() == trial_id.encode()
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(400)
 def test_writes_held_during_an_outage_land_in_order_and_once_when_the_server_is_back(tmp_path, capsys):
     """Two launches share the server. Launch "kept": its driver lives through the outage and writes what it

@@ -11,14 +11,14 @@ import torch.distributed as dist
 from ray.train.torch import TorchTrainer
 
 from msx.models.diffusion import DiffusionConfig, diffusion_loss
-from msx.models.networks import NetworkConfig, build_network
+from tests.helpers import tiny_network
 
 
 def gradient_check(config):
     rank = ray.train.get_context().get_world_rank()
     torch.manual_seed(0)
-    local = build_network(NetworkConfig(backbone="unet", image_channels=2, width=0.125))
-    ddp = ray.train.torch.prepare_model(build_network(NetworkConfig(backbone="unet", image_channels=2, width=0.125)))
+    local = tiny_network(image_channels=2)
+    ddp = ray.train.torch.prepare_model(tiny_network(image_channels=2))
     ddp.module.load_state_dict(local.state_dict())
 
     # Each rank sees different data.
@@ -50,6 +50,7 @@ def gradient_check(config):
         )
 
 
+@pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_two_gloo_workers_average_gradients(local_ray, tmp_path):
     trainer = TorchTrainer(

@@ -2,7 +2,6 @@
 TorchTrainer runs the msx worker loop on a tiny synthetic cohort."""
 
 import math
-import socket
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -16,29 +15,20 @@ from ray.train.torch import TorchTrainer
 from msx.models.data.manifest import open_cohort
 from msx.models.data.synth import write_synthetic_cohort
 from msx.orchestrator.spec import spec_from_dict
+from msx.orchestrator.trial import TrialConfig
 from msx.orchestrator.trials.worker import train_loop_per_worker
 from msx.orchestrator.trials.worker_metrics import PROMETHEUS_PREFIX
+from tests.helpers import free_port, tiny_spec
 
 EPOCHS = 2
 BATCH = 3
 RUN_NAME = "metrics-run"
-TRIAL = {"backbone": "unet", "fold": 1, "configuration": "unet-c1"}
-SPEC = {
-    "name": "metrics",
-    "data": {"modalities": ["flair", "t2"], "folds": [{"train": [1], "validation": [2], "test": [3]}]},
-    "model": {"backbones": ["unet"], "width": 0.125},
-    "training": {
-        "epochs": EPOCHS, "batch_size": BATCH, "patch_size": [32, 32, 32], "validate_every": 1,
-        "validation_ddim_steps": 1, "validation_strategy": "mean",
-    },
-    "inference": {"strategies": ["mean"], "ddim_steps": 1, "samples": 1, "overlap": 0.0},
-}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+TRIAL = TrialConfig("unet", 1, "unet-c1")
+SPEC = tiny_spec(
+    "metrics",
+    data={"modalities": ["flair", "t2"], "folds": [{"train": [1], "validation": [2], "test": [3]}]},
+    training={"epochs": EPOCHS, "batch_size": BATCH},
+)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +58,7 @@ def msx_samples_of_run(url: str, run: str) -> dict[str, tuple[dict[str, str], fl
     }
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 @pytest.mark.timeout(300)
 def test_worker_exports_its_figures_to_prometheus(metrics_url, tmp_path):
     write_synthetic_cohort(tmp_path / "cohort", patients=3, shape=(32, 36, 32))
