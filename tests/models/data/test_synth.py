@@ -51,6 +51,11 @@ def anatomies():
     return {patient: patient_anatomy(SHAPE, patient, seed=0) for patient in range(1, 6)}
 
 
+def _normal_white_matter(anatomy, rater1: np.ndarray, rater2: np.ndarray) -> np.ndarray:
+    """Voxels mostly white matter and at least 2 voxels from any lesion either rater drew."""
+    return anatomy.brain & ~ndimage.binary_dilation(rater1 | rater2, iterations=2) & (anatomy.white_matter > 0.8)
+
+
 def _arrays(paths: list[Path]) -> list[np.ndarray]:
     return [np.asanyarray(nib.load(p).dataobj) for p in paths]
 
@@ -207,7 +212,7 @@ def test_raters_disagree_at_borders_and_about_faint_lesions(scans, anatomies):
     for scan_id, (image, rater1, rater2) in scans.items():
         anatomy = anatomies[int(scan_id[8:10])]
         flair = image[FLAIR]
-        white = flair[anatomy.brain & ~ndimage.binary_dilation(rater1 | rater2, iterations=2) & (anatomy.white_matter > 0.8)]
+        white = flair[_normal_white_matter(anatomy, rater1, rater2)]
         borders = np.zeros_like(rater1)
         drawn_once = np.zeros_like(rater1)
         for mask, other in ((rater1, rater2), (rater2, rater1)):
@@ -290,7 +295,7 @@ def test_some_lesions_are_black_holes_on_mprage_most_are_not(scans, anatomies):
     for scan_id, (image, rater1, rater2) in scans.items():
         anatomy = anatomies[int(scan_id[8:10])]
         mprage = image[MPRAGE]
-        white = mprage[anatomy.brain & ~ndimage.binary_dilation(rater1 | rater2, iterations=2) & (anatomy.white_matter > 0.8)]
+        white = mprage[_normal_white_matter(anatomy, rater1, rater2)]
         labels, count = ndimage.label(rater1)
         for label in range(1, count + 1):
             core = ndimage.binary_erosion(labels == label)
@@ -306,7 +311,7 @@ def test_scans_differ_in_intensity_scale_and_bias_field(scans, anatomies):
     white_levels, front_to_back = [], []
     for scan_id, (image, rater1, rater2) in scans.items():
         anatomy = anatomies[int(scan_id[8:10])]
-        white = anatomy.brain & ~ndimage.binary_dilation(rater1 | rater2, iterations=2) & (anatomy.white_matter > 0.8)
+        white = _normal_white_matter(anatomy, rater1, rater2)
         flair = image[FLAIR]
         white_levels.append(np.median(flair[white]))
         front, back = white.copy(), white.copy()
