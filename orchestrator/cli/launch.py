@@ -110,7 +110,7 @@ def _submit_launch(context: click.Context, cluster_file: Path | None, address: s
     """`msx launch` on a cluster: the same command runs there as a Ray job, and its logs stream here."""
     from click.core import ParameterSource
 
-    from ..cluster.jobs import SubmissionError, bring_up_cluster, launch_entrypoint, submit_launch
+    from ..cluster.jobs import SubmissionError, bring_up_cluster, close_tunnel, launch_entrypoint, submit_launch
 
     params = context.params
     # Only what the user chose travels; the cluster's own environment (MSX_STORAGE) fills in the rest.
@@ -129,7 +129,7 @@ def _submit_launch(context: click.Context, cluster_file: Path | None, address: s
             status = submit_launch(address, spec, chosen, click.echo)
         finally:
             if tunnel is not None:
-                tunnel.terminate()
+                close_tunnel(tunnel)
     except (SpecError, SubmissionError) as error:
         raise fail_cleanly(error) from None
     if status != 0:

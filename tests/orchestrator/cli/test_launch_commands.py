@@ -4,20 +4,24 @@ before Ray or a cluster starts. Real files; the runs themselves are in tests/clu
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from msx.models.data.synth import write_synthetic_cohort
-from msx.orchestrator.cluster.jobs import CLUSTER_STORAGE, SubmissionError, check_cluster_config, launch_entrypoint
+from msx.orchestrator.cluster.jobs import CLUSTER_STORAGE, SubmissionError, check_cluster_config, fixed_node_count, launch_entrypoint
 from msx.orchestrator.spec import load_spec, spec_from_dict
 from msx.orchestrator.study.state import FINISHED, StudyState, write_state
 from tests.helpers import REPOSITORY, free_port
 
 from .test_cli import assert_one_line_error, msx
+
+MSX = [sys.executable, "-m", "msx.orchestrator.cli"]
 
 
 def record(storage: Path, spec: dict, data_root: str, **changes) -> StudyState:
@@ -88,9 +92,38 @@ def test_broken_cluster_config_is_refused_before_ray_up(tmp_path):
     assert_one_line_error(msx("launch", "--cluster", str(path), cwd=tmp_path), f"{path}: not valid YAML")
 
 
+def test_cluster_launch_without_a_token_stops_before_ray_up(tmp_path):
+    """The token the config copies to the nodes must exist here: without it the error is ours and comes first."""
+    result = subprocess.run(
+        [*MSX, "launch", "--cluster", "cluster/local.yaml"], cwd=REPOSITORY, capture_output=True, text=True, timeout=240,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_TOKEN")}, "HOME": str(tmp_path)},
+    )
+    assert_one_line_error(
+        result, "cluster/local.yaml: file_mounts copies the Ray authentication token ~/.ray/auth_token to the nodes",
+        "`ray get-auth-token --generate`",
+    )
+    assert "bringing up" not in result.stdout
+
+
+def test_cluster_launch_from_elsewhere_than_the_checkout_stops_before_ray_up(tmp_path):
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("0" * 64)
+    result = subprocess.run(
+        [*MSX, "launch", "--cluster", str(REPOSITORY / "cluster" / "local.yaml")], cwd=tmp_path, capture_output=True,
+        text=True, timeout=240, env={**os.environ, "HOME": str(tmp_path)},
+    )
+    assert_one_line_error(result, "file_mounts copies ./pyproject.toml to ~/msx/pyproject.toml", "the repository root")
+
+
 @pytest.mark.parametrize("name", ["a100.yaml", "local.yaml"])
 def test_bundled_cluster_configs_pass_the_check(name):
     assert check_cluster_config(REPOSITORY / "cluster" / name)["cluster_name"]
+
+
+def test_cluster_launch_waits_for_the_nodes_each_config_keeps():
+    # local.yaml: the head and every worker_ip (two placeholders); a100.yaml: autoscaled up from the head alone
+    assert fixed_node_count(check_cluster_config(REPOSITORY / "cluster" / "local.yaml")) == 3
+    assert fixed_node_count(check_cluster_config(REPOSITORY / "cluster" / "a100.yaml")) == 1
 
 
 def test_job_entrypoint_carries_the_spec_and_the_users_choices(tmp_path):
