@@ -45,7 +45,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from msx.orchestrator.model_registry import FINGERPRINT_TAG
+from msx.orchestrator.tracking.registry import FINGERPRINT_TAG
 
 from .test_multinode import FOLDS, TINY_SPEC
 
