@@ -5,7 +5,7 @@ predicted-x0 logits ``l_ij`` of DDIM steps ``i = 1..N`` (first = noisiest) and s
 ``p_ij = x0(l_ij)`` in [-1, 1]: msx's ``2 * sigmoid(l) - 1`` unless the caller's inference protocol maps
 logits otherwise (``protocols.py``: the reference clamps them). A strategy returns a signed score of shape
 ``spatial`` whose positive voxels are lesion, so sampling happens once per scan and all strategies are
-evaluated from the same trajectories (docs/FIDELITY.md).
+evaluated from the same trajectories (docs/SCIENCE.md, "Inference strategies"; docs/FIDELITY.md).
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 
 A spec names registered components only (backbones, strategies, fold plans, searchers, schedulers);
 nothing in it is imported or executed. Every error names the file and the offending key.
+
+The sections that describe the science take their defaults from msx.models' configs (the reference's recipe), and
+`ExperimentSpec` makes those configs, one method each: the spec is the only place that knows both vocabularies.
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ import yaml
 
 from msx.models.data.cohort import DEFAULT_MODALITIES, MODALITIES
 from msx.models.data.folds import FOLD_PLANS
-from msx.models.networks import BACKBONES, spatial_multiple
+from msx.models.diffusion import DiffusionConfig, LossWeights
+from msx.models.engine import InferenceConfig
+from msx.models.fold import FoldConfig, TrainingConfig
+from msx.models.metrics import SPLIT_METRIC_NAMES
+from msx.models.networks import BACKBONES, NetworkConfig, spatial_multiple
 from msx.models.protocols import PROTOCOLS
 from msx.models.strategies import STRATEGIES
-
-from .results import SPLIT_METRIC_NAMES
 
 
 class SpecError(ValueError):
@@ -60,48 +65,48 @@ class DataSpec:
 @dataclass(frozen=True)
 class ModelSpec:
     backbones: tuple[str, ...] = ("unet", "segresnet")
-    width: float = 1.0
+    width: float = NetworkConfig.width
 
 
 @dataclass(frozen=True)
 class DiffusionSpec:
-    timesteps: int = 1000
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
+    timesteps: int = DiffusionConfig.timesteps
+    beta_start: float = DiffusionConfig.beta_start
+    beta_end: float = DiffusionConfig.beta_end
 
 
 @dataclass(frozen=True)
 class TrainingSpec:
-    epochs: int = 500
-    batch_size: int = 2
-    patch_size: tuple[int, int, int] = (96, 96, 96)
-    lr: float = 1e-4
-    weight_decay: float = 1e-3
-    warmup_fraction: float = 0.1
-    loss_dice: float = 1.0
-    loss_bce: float = 1.0
-    loss_mse: float = 1.0
-    validate_every: int = 10
+    epochs: int = TrainingConfig.epochs
+    batch_size: int = TrainingConfig.batch_size
+    patch_size: tuple[int, int, int] = TrainingConfig.patch_size
+    lr: float = TrainingConfig.lr
+    weight_decay: float = TrainingConfig.weight_decay
+    warmup_fraction: float = TrainingConfig.warmup_fraction
+    loss_dice: float = LossWeights.dice
+    loss_bce: float = LossWeights.bce
+    loss_mse: float = LossWeights.mse
+    validate_every: int = TrainingConfig.validate_every
     # None: the inference protocol's (msx: 10 steps, mean, the test overlap; reference: 50, last, 0.25).
     validation_ddim_steps: int | None = None
     validation_strategy: str | None = None
     validation_overlap: float | None = None
-    seed: int = 0
+    seed: int = TrainingConfig.seed
     # Probability that a training patch is centred on a lesion voxel (else on the brain); 0: uniform crops.
-    lesion_patch_fraction: float = 0.0
+    lesion_patch_fraction: float = TrainingConfig.lesion_patch_fraction
 
 
 @dataclass(frozen=True)
 class InferenceSpec:
-    strategies: tuple[str, ...] = ("last", "mean", "mean-var", "staple", "uncertainty", "majority")
-    ddim_steps: int = 10
-    samples: int = 4
+    strategies: tuple[str, ...] = InferenceConfig.strategies
+    ddim_steps: int = InferenceConfig.ddim_steps
+    samples: int = InferenceConfig.samples
     # None: the protocol's (msx 0.5, reference 0.6).
     overlap: float | None = None
-    sw_batch_size: int = 4
-    connectivity: int = 6
+    sw_batch_size: int = InferenceConfig.sw_batch_size
+    connectivity: int = InferenceConfig.connectivity
     # How the study samples and fuses, validates and selects (msx.models.protocols): "msx" or "reference".
-    protocol: str = "msx"
+    protocol: str = InferenceConfig.protocol
     # Protocols the final evaluation of the test patients is also scored under, from the same weights, each at its
     # own default overlap; their metrics are logged as <protocol>/test/<strategy>/<metric>.
     compare_protocols: tuple[str, ...] = ()
@@ -184,6 +189,64 @@ class ExperimentSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
+
+    # ---- the configs of msx.models, each made here and nowhere else
+
+    def network_config(self, backbone: str) -> NetworkConfig:
+        return NetworkConfig(
+            backbone=backbone,
+            image_channels=len(self.data.modalities),
+            width=self.model.width,
+            patch_size=self.training.patch_size,
+        )
+
+    def diffusion_config(self) -> DiffusionConfig:
+        return DiffusionConfig(self.diffusion.timesteps, self.diffusion.beta_start, self.diffusion.beta_end)
+
+    def inference_config(self, strategies: tuple[str, ...] | None = None, protocol: str | None = None) -> InferenceConfig:
+        """The test-time inference settings, for ``strategies`` (default: the spec's) under ``protocol`` (default: the
+        study's); a compared protocol runs at its own default overlap."""
+        protocol = protocol or self.inference.protocol
+        own = protocol == self.inference.protocol
+        return InferenceConfig(
+            ddim_steps=self.inference.ddim_steps,
+            samples=self.inference.samples,
+            roi_size=self.training.patch_size,
+            overlap=self.inference.overlap if own else PROTOCOLS.get(protocol).defaults.overlap,
+            sw_batch_size=self.inference.sw_batch_size,
+            strategies=self.inference.strategies if strategies is None else strategies,
+            connectivity=self.inference.connectivity,
+            protocol=protocol,
+        )
+
+    def training_config(self) -> TrainingConfig:
+        training = self.training
+        return TrainingConfig(
+            epochs=training.epochs,
+            batch_size=training.batch_size,
+            patch_size=training.patch_size,
+            lr=training.lr,
+            weight_decay=training.weight_decay,
+            warmup_fraction=training.warmup_fraction,
+            loss_weights=LossWeights(training.loss_dice, training.loss_bce, training.loss_mse),
+            validate_every=training.validate_every,
+            validation_ddim_steps=training.validation_ddim_steps,
+            validation_strategy=training.validation_strategy,
+            validation_overlap=training.validation_overlap,
+            seed=training.seed,
+            lesion_patch_fraction=training.lesion_patch_fraction,
+        )
+
+    def fold_config(self, backbone: str) -> FoldConfig:
+        """What one fold of ``backbone`` trains and evaluates with (msx.models.fold.run_fold), its final evaluation
+        also scored under each compared protocol."""
+        return FoldConfig(
+            self.network_config(backbone),
+            self.training_config(),
+            self.diffusion_config(),
+            self.inference_config(),
+            compared=tuple(self.inference_config(protocol=protocol) for protocol in self.inference.compare_protocols),
+        )
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> "ExperimentSpec":
         """The spec with dotted fields replaced (a trial's searched values, a CLI override)."""

@@ -1,0 +1,223 @@
+"""`msx report`: a study's tables and figures, rebuilt from its MLflow record.
+
+The record (record.py), its results (summary.py) and figures (figures.py) make the document's blocks, rendered
+(render.py) as report.md with its figures beside it, and report.html with the figures embedded (one file to mail
+or archive), both also logged to the launch's run under report/.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from msx.models.metrics import HIGHER_IS_BETTER, ISBI_SCORE, SPLIT_METRIC_NAMES
+from msx.models.protocols import PROTOCOLS
+
+from ..results import ConfigurationResult, format_cell, summary_rows
+from ..tracking.store import DATA_ROOT_TAG
+from .figures import example_overlays, study_figures
+from .record import StudyRecord, read_study
+from .render import Block, Heading, Picture, Table, Text, render_html, render_markdown
+from .summary import ProtocolScores, StudySummary, describe_configuration, summarise_study, trials_line, unfinished_label
+
+REPORT_ARTIFACT_PATH = "report"
+SPLIT_NAMES = {"test": "test", "val": "validation"}
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    markdown: Path
+    html: Path
+    figures: tuple[Path, ...]
+    record: StudyRecord
+
+
+def metrics_table(summary: StudySummary, split: str, rows: tuple[ConfigurationResult, ...] | None = None) -> Table:
+    """The paper's table: backbone x strategy rows, mean ± std over folds, each column's best marked.
+
+    `rows`: the same configurations scored under a compared protocol (default: under the study's own).
+    """
+    rows = summary.rows if rows is None else rows
+    lines, best = [], set()
+    for row_index, (backbone, strategy, cells) in enumerate(summary_rows(list(rows), summary.strategies, split)):
+        lines.append((backbone, strategy, *(format_cell(cell) for cell in cells)))
+        best.update((row_index, 2 + column) for column, cell in enumerate(cells) if cell.best)
+    return Table(("backbone", "strategy", *(m.upper() for m in SPLIT_METRIC_NAMES)), tuple(lines), frozenset(best))
+
+
+def protocols_side_by_side(summary: StudySummary, compared: ProtocolScores, split: str = "test") -> Table:
+    """Each metric's mean over folds under the study's protocol and under a compared one, in adjacent columns,
+    with the difference (compared minus the study's)."""
+    headers = ["backbone", "strategy"]
+    for metric in SPLIT_METRIC_NAMES:
+        headers += [f"{metric.upper()} {summary.protocol}", f"{metric.upper()} {compared.protocol}", "Δ"]
+    scored = {row.configuration: row for row in compared.rows}
+    lines = []
+    for row in summary.rows:
+        other = scored.get(row.configuration)
+        for strategy in summary.strategies:
+            cells = [row.backbone, strategy]
+            for metric in SPLIT_METRIC_NAMES:
+                mine = row.score(strategy, metric, split)
+                theirs = other.score(strategy, metric, split) if other is not None else math.nan
+                cells += [_mean(mine), _mean(theirs), "n/a" if math.isnan(mine - theirs) else f"{theirs - mine:+.3f}"]
+            lines.append(tuple(cells))
+    return Table(tuple(headers), tuple(lines))
+
+
+def _mean(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.3f}"
+
+
+def report_blocks(
+    record: StudyRecord, summary: StudySummary, pictures: list[Picture], overlays: list[Picture]
+) -> list[Block]:
+    spec = record.spec
+    connectivity = spec["inference"]["connectivity"]
+    blocks: list[Block] = [
+        Heading(f"Study {record.study}", 1),
+        Table(
+            ("", ""),
+            (
+                ("launch (MLflow run)", f"{record.launch} ({record.run_id})"),
+                ("status", record.status),
+                ("started", f"{record.started:%Y-%m-%d %H:%M:%S} UTC"),
+                ("ended", f"{record.ended:%Y-%m-%d %H:%M:%S} UTC ({_duration(record.ended - record.started)})" if record.ended else "-"),
+                ("trials", trials_line(record.trials)),
+                ("cohort", record.tags.get(DATA_ROOT_TAG, "-")),
+                ("folds", f"{summary.fold_count} ({spec['data']['folds']}), rater {spec['data']['rater']}"),
+                ("lesions", f"{connectivity}-connected components"),
+            ),
+        ),
+    ]
+    blocks += _selection_blocks(record, summary)
+    higher = ", ".join(m.upper() for m in SPLIT_METRIC_NAMES if HIGHER_IS_BETTER[m])
+    lower = ", ".join(m.upper() for m in SPLIT_METRIC_NAMES if not HIGHER_IS_BETTER[m])
+    chosen = "; ".join(f"{row.backbone}: {describe_configuration(row)}" for row in summary.rows)
+    for split in ("test", "val"):
+        blocks += [
+            Heading(f"{SPLIT_NAMES[split].capitalize()} patients"),
+            Text(
+                f"Mean ± std (population) over the {summary.fold_count} folds of each fold's mean over its {SPLIT_NAMES[split]} "
+                f"scans. Bold: the best of its column (higher is better for {higher}; lower for {lower}). "
+                f"AVD in percent, ASSD in mm. Each backbone's configuration was chosen on validation patients: {chosen}."
+            ),
+            metrics_table(summary, split),
+        ]
+    blocks += _protocol_blocks(summary)
+    blocks.append(
+        Text(
+            f"{ISBI_SCORE.upper()}: the raw ISBI 2015 score, DSC/8 + PPV/8 + (1 - LFPR)/4 + LTPR/4 + Corr/4 per scan, "
+            "Corr being the Pearson correlation of predicted and true lesion volumes over the fold's scans of that "
+            "split; the fold's value is the mean over those scans. The challenge's rescaling (inter-rater agreement "
+            "= 90) is not applied, and a split of fewer than two scans has none (n/a)."
+        )
+    )
+    blocks.append(Heading("Figures"))
+    blocks += pictures
+    if overlays:
+        blocks += [
+            Heading("Example overlays"),
+            Text("The first validation and test scan of a fold of each backbone's chosen configuration, with the mask "
+                 "of the spec's validation strategy, on the slice with the most predicted lesion."),
+            *overlays,
+        ]
+    unfinished = [trial for trial in record.trials if trial.outcome is None]
+    if unfinished:
+        blocks += [
+            Heading("Trials not finished"),
+            Table(("trial", "state"), tuple((trial.name, unfinished_label(trial)) for trial in unfinished)),
+        ]
+    blocks += [
+        Heading("Spec parameters"),
+        Table(("parameter", "value"), tuple(sorted(record.params.items()))),
+    ]
+    return blocks
+
+
+def _protocol_blocks(summary: StudySummary) -> list[Block]:
+    """The final evaluation under each compared inference protocol, from the same weights (docs/FIDELITY.md)."""
+    if not summary.compared:
+        return []
+    blocks: list[Block] = [
+        Heading("Inference protocols compared"),
+        Text(
+            "The same trained weights (each backbone's configuration above, every fold) scored once more on the "
+            "test patients under another inference protocol. "
+            + " ".join(f"{p.name}: {p.description}." for p in map(PROTOCOLS.get, (summary.protocol, *(c.protocol for c in summary.compared))))
+            + " Selection, the tables above and the registered model use the study's protocol, "
+            f"{summary.protocol}."
+        ),
+    ]
+    for compared in summary.compared:
+        blocks += [
+            Heading(f"Test patients: {summary.protocol} and {compared.protocol} side by side", 3),
+            Text(f"Mean over folds; Δ = {compared.protocol} minus {summary.protocol}."),
+            protocols_side_by_side(summary, compared),
+            Heading(f"Test patients under the {compared.protocol} protocol", 3),
+            metrics_table(summary, "test", compared.rows),
+        ]
+    return blocks
+
+
+def _selection_blocks(record: StudyRecord, summary: StudySummary) -> list[Block]:
+    blocks: list[Block] = [Heading("Selected configuration")]
+    selection = summary.selection
+    if selection is None:
+        blocks.append(Text("No configuration has a validation score; nothing was selected."))
+    else:
+        metric = selection.metric
+        test_mean, test_std = selection.configuration.summary[("test", selection.strategy, metric)]
+        blocks.append(
+            Text(
+                f"Chosen on validation patients only, by mean {metric.upper()} over folds: backbone "
+                f"{selection.configuration.backbone}, configuration {describe_configuration(selection.configuration)}, "
+                f"strategy {selection.strategy}; validation {metric.upper()} {selection.validation_score:.3f}, "
+                f"test {metric.upper()} {test_mean:.3f} ± {test_std:.3f}."
+            )
+        )
+    if record.registered:
+        for version in record.registered:
+            aliases = f", aliases {', '.join(version.aliases)}" if version.aliases else ""
+            reference = f"models:/{version.name}@{version.aliases[0]}" if version.aliases else f"models:/{version.name}/{version.version}"
+            blocks.append(Text(f"Registered model: {version.name} version {version.version}{aliases} ({reference})."))
+    else:
+        blocks.append(Text("No model version was registered from this launch."))
+    return blocks
+
+
+def _duration(delta: timedelta) -> str:
+    minutes, seconds = divmod(int(delta.total_seconds()), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s"
+
+
+# ---- the command's work ---------------------------------------------------------------------------
+
+
+def write_report(tracking_uri: str, study: str, out: Path) -> ReportFiles:
+    """Read the study's latest launch, write report.md, report.html and figures/ to `out`, and log them to the
+    launch's run under report/."""
+    client = MlflowClient(tracking_uri)
+    record = read_study(client, study)
+    summary = summarise_study(record)
+    figures = study_figures(record, summary)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    for picture, figure in figures:
+        figure.savefig(out / picture.file, format="png")
+    overlays = example_overlays(client, record, summary, out)
+    pictures = [picture for picture, _ in figures] + overlays
+    images = {picture.file: (out / picture.file).read_bytes() for picture in pictures}
+    blocks = report_blocks(record, summary, [picture for picture, _ in figures], overlays)
+    markdown, page = out / "report.md", out / "report.html"
+    markdown.write_text(render_markdown(blocks), encoding="utf-8")
+    page.write_text(render_html(blocks, images, f"msx report: {study} ({record.launch})"), encoding="utf-8")
+    written = (markdown, page, *(out / picture.file for picture in pictures))
+    # File by file: `out` may be a folder that holds more than this report.
+    for path in written:
+        client.log_artifact(record.run_id, str(path), (Path(REPORT_ARTIFACT_PATH) / path.parent.relative_to(out)).as_posix())
+    return ReportFiles(markdown, page, written[2:], record)

@@ -1,0 +1,58 @@
+"""The Tune trial: a function trainable that fits one Ray Train TorchTrainer.
+
+Ray Train V2 cannot be passed to a Tuner directly; a function trainable builds and fits the trainer
+and `TuneReportCallback` forwards rank 0's reports to Tune. The trial itself holds no CPU (see
+`TRIAL_RESOURCES`): on a 2-CPU machine a trial that held one would starve its own workers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray.train
+import ray.tune
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from ..spec import ExperimentSpec, spec_from_dict
+from ..trial import TrialConfig
+from .worker import train_loop_per_worker
+
+TRIAL_RESOURCES = {"cpu": 0, "memory": 1_000_000}
+
+
+def scaling_config(spec: ExperimentSpec) -> ray.train.ScalingConfig:
+    resources = spec.resources
+    per_worker: dict[str, float] = {"CPU": resources.cpus_per_worker}
+    if resources.use_gpu:
+        per_worker["GPU"] = resources.gpus_per_worker
+    return ray.train.ScalingConfig(
+        num_workers=resources.workers_per_trial, use_gpu=resources.use_gpu, resources_per_worker=per_worker
+    )
+
+
+def run_trial(
+    config: dict[str, Any], *, spec: dict[str, Any], data_root: str, storage_path: str, scan_cache: str | None = None
+) -> None:
+    """Train and evaluate one (backbone, hyperparameters, fold); results flow back through reports.
+
+    ``scan_cache``: folder of preprocessed training scans shared by the trials; None loads them afresh.
+    """
+    experiment = spec_from_dict(spec)
+    trial_id = ray.tune.get_context().get_trial_id()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "spec": spec, "trial": TrialConfig.from_tune(config), "data_root": data_root, "scan_cache": scan_cache
+        },
+        scaling_config=scaling_config(experiment),
+        run_config=ray.train.RunConfig(
+            # A stable name per trial: a restarted trial finds its own Train run and checkpoints again.
+            name=f"train-{trial_id}",
+            storage_path=storage_path,
+            callbacks=[TuneReportCallback()],
+            failure_config=ray.train.FailureConfig(max_failures=experiment.resources.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    trainer.fit()
