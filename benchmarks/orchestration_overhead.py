@@ -1,7 +1,7 @@
 """Orchestration overhead: one trial through Tune, Ray Train and MLflow against the same training run in plain Python.
 
 Ray arm (msx's real path, built as `orchestrator/study.py` builds it): a local Ray, then `Tuner.fit` with
-`LosoGridSearcher` and one trial of `run_trial` (`TRIAL_RESOURCES`, a TorchTrainer of one 1-CPU worker
+`ConfigurationSearch` and one trial of `run_trial` (`TRIAL_RESOURCES`, a TorchTrainer of one 1-CPU worker
 running `train_loop_per_worker`, `TuneReportCallback`) and MLflow's `TrialRunsCallback` on a SQLite store.
 Its first training step and its time in training epochs are read from the worker's metrics
 (`msx_training_start_time_seconds`, `msx_train_seconds_total`) on the local Ray's Prometheus endpoint.
@@ -57,7 +57,8 @@ from msx.models.diffusion import DiffusionConfig, LossWeights
 from msx.models.engine import train_epoch, training_autocast_dtype, training_dataset, training_optimizer
 from msx.models.networks import build_network
 from msx.orchestrator.results import MODEL_DIR, OVERLAY_DIR, SCAN_METRICS_FILE
-from msx.orchestrator.search import MODE, OPTIMISED_METRIC, LosoGridSearcher, build_scheduler
+from msx.orchestrator.configuration_search import ConfigurationScheduler, ConfigurationSearch
+from msx.orchestrator.search import MODE, OPTIMISED_METRIC
 from msx.orchestrator.spec import ExperimentSpec, load_spec, spec_from_dict
 from msx.orchestrator.tracking import (
     TrialRunsCallback,
@@ -230,8 +231,8 @@ def ray_trial(spec: ExperimentSpec, data_root: Path, folder: Path, metrics_url: 
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            metric=OPTIMISED_METRIC, mode=MODE, search_alg=LosoGridSearcher(spec, folds),
-            scheduler=build_scheduler(spec), num_samples=1, max_concurrent_trials=1,
+            metric=OPTIMISED_METRIC, mode=MODE, search_alg=ConfigurationSearch(spec, folds, concurrency=1),
+            scheduler=ConfigurationScheduler(), num_samples=1,
         ),
         run_config=tune.RunConfig(
             name="overhead",

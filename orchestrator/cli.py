@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -108,18 +109,30 @@ def _launch_here(
     click.echo(f"study {spec.name!r}: {len(cohort.patients)} patients, {len(cohort.scans)} scans from {cohort.root}")
     click.echo(f"data fingerprint {provenance.data_fingerprint}, code {provenance.code_version}")
 
-    from .study import run_study, start_ray
-
-    try:
-        dashboard = start_ray(address, click.echo)
-    except (RuntimeError, ConnectionError) as error:
-        raise _fail_cleanly(error) from None
+    from .cluster_check import ClusterTooSmallError
+    from .study import run_study, start_ray, stop_ray
     from .tracking import PendingWritesError
 
+    # SIGTERM (a batch scheduler's stop) ends the launch as Ctrl-C does: cleanly, the local Ray given back.
+    # During the trials, the study's own handler makes it an interruption that can be resumed.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
+        dashboard = start_ray(address, click.echo)
         outcome = run_study(spec, cohort, storage, tracking_uri, provenance, echo=click.echo, resume=resume)
-    except PendingWritesError as error:
+    except (RuntimeError, ConnectionError, ClusterTooSmallError) as error:  # PendingWritesError is a ConnectionError
         raise _fail_cleanly(error) from None
+    finally:
+        stop_ray()
+
+    if outcome.interrupted:
+        storage_option = "" if storage == Path("msx_runs").resolve() else f" --storage {storage}"
+        how = signal.Signals(outcome.signal).name if outcome.signal else "stopped before the search finished"
+        click.echo("")
+        click.echo(
+            f"study {outcome.study} interrupted ({how}): its trials stopped at their last checkpoints and nothing was "
+            f"registered; `msx launch --resume {outcome.study}{storage_option}` continues it"
+        )
+        raise SystemExit(128 + (outcome.signal or signal.SIGINT))
 
     click.echo("")
     click.echo(
@@ -128,6 +141,8 @@ def _launch_here(
     )
     click.echo(outcome.table)
     click.echo("")
+    for line in outcome.search.lines() if outcome.search else ():
+        click.echo(line)
     if outcome.selection is None:
         raise click.ClickException(
             f"no configuration finished all its folds ({outcome.trials_finished}/{outcome.trials_total} trials); nothing was registered"
@@ -151,15 +166,18 @@ def _launch_here(
     if address:
         click.echo(f"Ray dashboard:  {dashboard or 'on the cluster head (ray dashboard CLUSTER.yaml tunnels it to 127.0.0.1:8265)'}")
     else:
-        click.echo(f"Ray dashboard:  {dashboard} while the study ran (the local Ray stops with msx); for one that stays up:")
-        click.echo("                ray start --head --dashboard-host 127.0.0.1 && msx launch --address 127.0.0.1:6379")
+        click.echo(f"Ray dashboard:  {dashboard} while a study runs on this machine (the last study to end stops the local Ray)")
+
+
+def _exit_on_sigterm(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _resumable(state):
     """The study named by --resume, if it can be taken over."""
-    from .study_state import RUNNING
+    from .study_state import RESUMABLE
 
-    if state.status != RUNNING:
+    if state.status not in RESUMABLE:
         raise ValueError(f"study {state.study} already ended ({state.status}); there is nothing to resume (msx status {state.study})")
     if state.driver_alive():
         raise ValueError(f"study {state.study} is still running (driver pid {state.driver_pid}); watch it with `msx status {state.study}`")
@@ -227,6 +245,24 @@ def status(name: str | None, storage: Path) -> None:
         raise _fail_cleanly(error) from None
     for line in lines:
         click.echo(line)
+
+
+@main.group(name="ray")
+def ray_group() -> None:
+    """The local Ray that the studies on this machine share."""
+
+
+@ray_group.command("stop")
+def ray_stop() -> None:
+    """Stop the local Ray msx started, unless a study still uses it (the last study to end stops it anyway;
+    this is for a Ray left behind by a driver that was killed)."""
+    from .local_ray import LocalRayError, stop_if_unused
+
+    try:
+        stopped = stop_if_unused()
+    except LocalRayError as error:
+        raise _fail_cleanly(error) from None
+    click.echo("stopped the local Ray" if stopped else "no local Ray started by msx runs on this machine")
 
 
 @main.command()

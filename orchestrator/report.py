@@ -45,6 +45,7 @@ from .results import (
     summarise_configurations,
     summary_rows,
 )
+from .search_record import SEARCH_ARTIFACT, SearchSummary, read_summary
 from .tracking import STUDY_TAG, child_runs, fold_run_outcome
 
 REPORT_ARTIFACT_PATH = "report"
@@ -97,6 +98,8 @@ class StudyRecord:
     spec: dict[str, Any]
     trials: tuple[TrialRun, ...]
     registered: tuple[RegisteredVersion, ...]
+    # The search's summary the launch logged (configurations pruned or complete, epochs saved); None before.
+    search: SearchSummary | None = None
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,8 @@ def read_study(client: MlflowClient, study: str) -> StudyRecord:
     ]
     with tempfile.TemporaryDirectory() as folder:
         spec = json.loads(Path(client.download_artifacts(run_id, "spec.json", folder)).read_text())
+        logged = {artifact.path for artifact in client.list_artifacts(run_id)}
+        search = read_summary(Path(client.download_artifacts(run_id, SEARCH_ARTIFACT, folder))) if SEARCH_ARTIFACT in logged else None
     # search_model_versions leaves the aliases out; get_model_version has them.
     registered = tuple(
         RegisteredVersion(v.name, int(v.version), tuple(client.get_model_version(v.name, v.version).aliases))
@@ -206,6 +211,7 @@ def read_study(client: MlflowClient, study: str) -> StudyRecord:
         spec=spec,
         trials=tuple(sorted((_trial_run(client, fold) for fold in folds), key=lambda t: (t.configuration, t.fold))),
         registered=tuple(sorted(registered, key=lambda v: (v.name, v.version))),
+        search=search,
     )
 
 
@@ -420,6 +426,8 @@ def report_blocks(
         ),
     ]
     blocks += _selection_blocks(record, summary)
+    if record.search is not None:
+        blocks += _search_blocks(record.search)
     higher = ", ".join(m.upper() for m in SPLIT_METRIC_NAMES if HIGHER_IS_BETTER[m])
     lower = ", ".join(m.upper() for m in SPLIT_METRIC_NAMES if not HIGHER_IS_BETTER[m])
     chosen = "; ".join(f"{row.backbone}: {describe_configuration(row)}" for row in summary.rows)
@@ -452,9 +460,16 @@ def report_blocks(
         ]
     unfinished = [trial for trial in record.trials if trial.outcome is None]
     if unfinished:
+        ended = {c.name: c for c in record.search.configurations} if record.search else {}
         blocks += [
             Heading("Trials not finished"),
-            Table(("trial", "state"), tuple((trial.name, unfinished_label(trial)) for trial in unfinished)),
+            Table(
+                ("trial", "state"),
+                tuple(
+                    (trial.name, ended[trial.configuration].describe() if trial.configuration in ended else unfinished_label(trial))
+                    for trial in unfinished
+                ),
+            ),
         ]
     blocks += [
         Heading("Spec parameters"),
@@ -487,6 +502,37 @@ def _selection_blocks(record: StudyRecord, summary: StudySummary) -> list[Block]
     else:
         blocks.append(Text("No model version was registered from this launch."))
     return blocks
+
+
+def _search_blocks(search: SearchSummary) -> list[Block]:
+    """Every configuration the search opened, pruned ones with the rung and score that stopped them."""
+    rows = []
+    for c in search.configurations:
+        rung = c.last_rung
+        rows.append((
+            c.name,
+            ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(c.searched.items())) or "-",
+            c.status,
+            str(rung) if rung is not None else "-",
+            f"{c.rung_means[rung]:.3f}" if rung is not None else "-",
+            f"{c.final_score:.3f}" if c.final_score is not None else "-",
+            str(c.epochs_trained),
+        ))
+    rungs = ", ".join(map(str, search.rungs)) or "none (fifo)"
+    full, trained = search.epochs_full_grid, search.epochs_trained
+    text = (
+        f"Early stopping by configuration: at each rung (epochs {rungs}) a configuration's folds were judged together, "
+        f"on their mean validation Dice. {trained} of {full} fold-epochs were trained, {full - trained} "
+        f"({(full - trained) / full:.0%}) fewer than training every configuration on every fold to epoch {search.epochs}."
+        if full else "No configuration was opened."
+    )
+    if search.cut_short:
+        text += f" The search was cut short by its time budget ({search.time_budget_s:.0f} s)."
+    return [
+        Heading("Search and early stopping"),
+        Text(text),
+        Table(("configuration", "searched", "status", "last rung", "mean val Dice there", "final mean val Dice", "fold-epochs"), tuple(rows)),
+    ]
 
 
 def _duration(delta: timedelta) -> str:
