@@ -3,8 +3,9 @@
 Studies on one machine share one Ray: one study's end must not stop the Ray under another's trials, and the
 machine's CPUs and GPUs are best shared out by one scheduler. So the first
 `msx launch` without --address starts a Ray of its own (`ray start --head --block`, in a process session
-of its own so that a Ctrl-C in the launching terminal reaches that terminal's driver only), bound to
-127.0.0.1 with token authentication on, and the next launches connect to it: its dashboard lists every
+of its own so that a Ctrl-C in the launching terminal reaches that terminal's driver only), its dashboard
+bound to 127.0.0.1 and token authentication on (Ray puts its own ports on the machine's address, never on
+the loopback one), and the next launches connect to it: its dashboard lists every
 study's driver (Jobs). Each driver holds a lease, a file named after its pid, while its study runs; the
 driver that gives back the last lease stops the Ray. A driver killed outright leaves a lease whose process
 is gone: it is ignored, and the Ray stops when the next study on the machine ends (or with
@@ -126,6 +127,17 @@ def acquire(echo: Callable[[str], None]) -> LocalRay:
     return ray_here
 
 
+def use_token_authentication() -> None:
+    """Token authentication for this process's connection to the local Ray (the token is ~/.ray/auth_token).
+
+    Ray turns it on by itself only for `ray.init()` without an address; with one, the mode must be set, and
+    Ray reads it once into its C++ configuration, which its own helper refreshes (there is no public one).
+    """
+    from ray._private.authentication.authentication_token_setup import _enable_token_auth
+
+    _enable_token_auth()
+
+
 def release() -> None:
     """Give back this process's lease; the last study to end stops the local Ray."""
     lease = _leases() / str(os.getpid())
@@ -189,7 +201,7 @@ def _start(echo: Callable[[str], None]) -> LocalRay:
     log = folder() / f"ray-{time.strftime('%Y%m%d-%H%M%S')}.log"
     command = [
         ray_cli, "start", "--head", "--block", "--disable-usage-stats",
-        "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
+        "--port", str(gcs_port),
         "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
         "--ray-client-server-port", str(client_port), "--dashboard-agent-listen-port", str(agent_port),
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -59,18 +60,17 @@ def start_ray(address: str | None, echo: Callable[[str], None]) -> str | None:
     if ray.is_initialized():
         return None
     if address:
-        context = ray.init(address=address, log_to_driver=False)
+        context = ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
         url = context.dashboard_url
         if url:
             url = url if url.startswith("http") else f"http://{url}"
             echo(f"Ray dashboard: {url}")
         return url
     local = local_ray.acquire(echo)
-    # Token authentication, as msx starts its local Ray (the token is ~/.ray/auth_token); a driver that
-    # connects does not turn it on by itself.
-    os.environ["RAY_AUTH_MODE"] = "token"
+    local_ray.use_token_authentication()
     try:
-        ray.init(address=local.gcs_address, log_to_driver=False)
+        # Its "connecting" lines would only repeat what msx says.
+        ray.init(address=local.gcs_address, log_to_driver=False, logging_level=logging.WARNING)
     except BaseException:
         local_ray.release()
         raise

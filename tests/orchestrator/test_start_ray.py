@@ -1,4 +1,4 @@
-"""The local Ray `msx launch` uses: one per machine, shared by the studies that run on it, bound to
+"""The local Ray `msx launch` uses: one per machine, shared by the studies that run on it, its dashboard on
 127.0.0.1, stopped by the last study to end; its workers find its state API even when
 /tmp/ray/ray_current_cluster names a cluster that is gone (a `ray start --head` never stopped cleanly).
 
@@ -71,8 +71,6 @@ def test_workers_reach_the_state_api_of_the_ray_msx_started(stale_current_cluste
         assert printed[0].startswith("Ray: starting a local Ray for the studies on this machine")
         assert printed[1] == f"Ray: dashboard {dashboard}"
         assert ray.get(actors_seen_by_a_worker.remote(), timeout=120) >= 0
-        # Bound to this machine only.
-        assert all(node["NodeManagerAddress"] == "127.0.0.1" for node in ray.nodes())
     finally:
         stop_ray()
     assert local_ray.running_local_ray() is None

@@ -77,7 +77,7 @@ def test_configurations_wait_at_rungs_and_are_pruned_whole(local_ray, tmp_path):
     folds = resolve_folds("loso", range(1, 4))
     search = ConfigurationSearch(spec, folds, concurrency=2, snapshot=tmp_path / "search.json", echo=print)
     tuner = tune.Tuner(
-        tune.with_resources(fake_training, {"cpu": 0}),
+        tune.with_resources(fake_training, TRIAL_RESOURCES),
         tune_config=tune.TuneConfig(
             metric=OPTIMISED_METRIC, mode=MODE, search_alg=search, scheduler=ConfigurationScheduler(), num_samples=4 * len(folds)
         ),
