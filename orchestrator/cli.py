@@ -155,7 +155,9 @@ def _launch_here(
         f"mean validation {selection.metric.upper()} {selection.validation_score:.4f}"
     )
     click.echo(f"registered model: {outcome.registration.summary}")
-    click.echo(f"finished {outcome.trials_finished}/{outcome.trials_total} trials in {time.monotonic() - started:.0f} s")
+    pruned = outcome.search.count("pruned") * outcome.search.folds if outcome.search else 0
+    stopped = f" ({pruned} stopped with their pruned configurations)" if pruned else ""
+    click.echo(f"finished {outcome.trials_finished}/{outcome.trials_total} trials{stopped} in {time.monotonic() - started:.0f} s")
     click.echo("")
     if tracking_uri.startswith("sqlite:"):
         storage_option = "" if storage == Path("msx_runs").resolve() else f" --storage {storage}"

@@ -396,8 +396,8 @@ class ConfigurationSearch(Searcher):
         return None
 
     def _open_configuration(self) -> bool:
-        if self._cut_short:
-            return False
+        if self._cut_short and self._configurations:
+            return False  # a budget spent before anything opened still lets one configuration give an answer
         backbones = [b for b in self._budget if self._budget[b] > 0]
         if not backbones:
             return False
@@ -418,7 +418,7 @@ class ConfigurationSearch(Searcher):
         return True
 
     def _nothing_left_to_open(self) -> bool:
-        return self._cut_short or not any(self._budget.values())
+        return (self._cut_short and bool(self._configurations)) or not any(self._budget.values())
 
     @property
     def studies(self) -> dict[str, optuna.Study]:

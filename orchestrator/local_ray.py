@@ -27,14 +27,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .jobs import free_local_port
+from .jobs import dashboard_answers, free_local_port
 
 START_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 60.0
@@ -213,7 +211,7 @@ def _start(echo: Callable[[str], None]) -> LocalRay:
         )
     record = LocalRay(f"127.0.0.1:{gcs_port}", dashboard, keeper.pid, str(log))
     deadline = time.monotonic() + START_TIMEOUT_S
-    while not _answers(dashboard):
+    while not dashboard_answers(dashboard):
         if keeper.poll() is not None or time.monotonic() > deadline:
             _signal_group(keeper.pid, signal.SIGKILL)
             tail = " ".join(Path(log).read_text().split()[-40:])
@@ -224,17 +222,6 @@ def _start(echo: Callable[[str], None]) -> LocalRay:
     os.replace(partial, _record_path())
     echo(f"Ray: dashboard {dashboard}")
     return record
-
-
-def _answers(url: str) -> bool:
-    """The dashboard answers (with 401 when the token is missing: it is up)."""
-    try:
-        urllib.request.urlopen(url, timeout=5).close()
-    except urllib.error.HTTPError:
-        return True
-    except (urllib.error.URLError, OSError):
-        return False
-    return True
 
 
 def _signal_group(pid: int, signum: int) -> None:

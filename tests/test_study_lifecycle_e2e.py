@@ -238,7 +238,7 @@ def cpu_sized_hpo() -> dict:
     }
 
 
-@pytest.mark.timeout(2400)
+@pytest.mark.timeout(3300)
 def test_two_studies_at_once_share_the_local_ray_and_both_register_a_champion(tmp_path, environment):
     hpo = write_space(tmp_path, cpu_sized_hpo())
     small = write_space(
@@ -249,8 +249,8 @@ def test_two_studies_at_once_share_the_local_ray_and_both_register_a_champion(tm
     first = launch(tmp_path, environment, "--space", str(hpo), "--storage", "hpo-runs")
     time.sleep(20)  # the first has started the local Ray, or is starting it: the second joins it
     second = launch(tmp_path, environment, "--space", str(small), "--storage", "small-runs")
-    second.wait(timeout=2000)
-    first.wait(timeout=2000)
+    second.wait(timeout=3000)
+    first.wait(timeout=3000)
     first_text, second_text = output_of(tmp_path, 0), output_of(tmp_path, 1)
     assert first.returncode == 0 and second.returncode == 0
     assert "Ray: starting a local Ray" in first_text

@@ -6,6 +6,7 @@ import json
 import math
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -139,6 +140,46 @@ TRACKED_SPEC = {
         "scheduler": {"name": "fifo"},
     },
 }
+
+
+def slow_fake_training(config):
+    time.sleep(1.0)  # per epoch: the time budget ends while configurations train
+    fake_training(config)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_spent_time_budget_stops_the_search_but_lets_one_configuration_finish(local_ray, tmp_path):
+    spec = spec_from_dict(
+        {
+            "name": "budget",
+            "model": {"backbones": ["unet"]},
+            "training": {"epochs": EPOCHS, "validate_every": 1},
+            "search": {
+                "configurations_per_backbone": 6,
+                "parameters": [{"name": "training.lr", "low": 0.5, "high": 2.0, "initial": 1.0}],
+                "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
+                "time_budget_s": 5,
+            },
+        }
+    )
+    folds = resolve_folds("loso", range(1, 4))
+    search = ConfigurationSearch(spec, folds, concurrency=2, echo=print)
+    grid = tune.Tuner(
+        tune.with_resources(slow_fake_training, TRIAL_RESOURCES),
+        tune_config=tune.TuneConfig(
+            metric=OPTIMISED_METRIC, mode=MODE, search_alg=search, scheduler=ConfigurationScheduler(), num_samples=6 * len(folds)
+        ),
+        run_config=tune.RunConfig(name="budget", storage_path=str(tmp_path), verbose=0),
+    ).fit()
+    assert not grid.errors
+    summary = search.summary()
+    assert summary.cut_short and summary.finished
+    (complete,) = [c for c in summary.configurations if c.status == "complete"]
+    assert {c.status for c in summary.configurations} <= {"complete", "pruned", "cut short"}
+    assert len(summary.configurations) < 6  # no configuration opened after the budget
+    finished = [r for r in grid if r.config["configuration"] == complete.name]
+    assert len(finished) == len(folds) and all(r.metrics.get("final") for r in finished)
 
 
 @pytest.mark.slow
