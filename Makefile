@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: launch test test-fast install browser clean
+.PHONY: launch test test-fast install browser sshd clean
 
 install: $(VENV)/.installed
 
@@ -27,11 +27,28 @@ browser:
 	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } ; } || \
 	  echo "Chromium could not be installed: the MLflow UI browser test will be skipped"
 
-test: install browser
+# The cluster test (tests/cluster/test_ray_up.py) runs `ray up` over SSH against its own SSH servers on
+# 127.0.0.1 and 127.0.0.2: Debian's openssh-server, rsync (Ray's file mounts) and netcat (Ray's way to an SSH
+# port other than 22), installed only when missing and only where apt-get can run as root, with the system's
+# SSH service kept from starting (policy-rc.d) and from starting at boot. Otherwise that test is skipped.
+sshd:
+	@if ! { [ -x /usr/sbin/sshd ] && command -v rsync && command -v nc; } >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    policy=; [ -e /usr/sbin/policy-rc.d ] || { printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && policy=1; }; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server rsync netcat-openbsd >/dev/null; \
+	    [ -z "$$policy" ] || rm -f /usr/sbin/policy-rc.d; \
+	    ! command -v systemctl >/dev/null 2>&1 || systemctl disable ssh.service ssh.socket >/dev/null 2>&1 || true; \
+	  fi; \
+	  { [ -x /usr/sbin/sshd ] && command -v rsync && command -v nc; } >/dev/null 2>&1 || \
+	    echo "openssh-server, rsync or netcat could not be installed: the ray up cluster test will be skipped"; \
+	fi
+
+test: install browser sshd
 	$(BIN)/pytest
 
-test-fast: install browser
-	$(BIN)/pytest -m "not slow"
+# The unit tier (tests/conftest.py): no Ray, no server, no study.
+test-fast: install
+	$(BIN)/pytest -m "not integration and not slow"
 
 clean:
 	rm -rf $(VENV) msx_runs

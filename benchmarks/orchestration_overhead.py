@@ -1,15 +1,15 @@
 """Orchestration overhead: one trial through Tune, Ray Train and MLflow against the same training run in plain Python.
 
-Ray arm (msx's real path, built as `orchestrator/study.py` builds it): a local Ray, then `Tuner.fit` with
+Ray arm (msx's real path, built as `orchestrator/study/driver.py` builds it): a local Ray, then `Tuner.fit` with
 `ConfigurationSearch` and one trial of `run_trial` (`TRIAL_RESOURCES`, a TorchTrainer of one 1-CPU worker
 running `train_loop_per_worker`, `TuneReportCallback`) and MLflow's `TrialRunsCallback` on a SQLite store.
 Its first training step and its time in training epochs are read from the worker's metrics
 (`msx_training_start_time_seconds`, `msx_train_seconds_total`) on the local Ray's Prometheus endpoint.
 
-Plain-Python baseline (below, labelled): the worker loop's work without Ray: the same spec, fold, seeds,
-data, epochs, validations, final evaluation and checkpoint files, in this process, with as many torch
-threads as the Ray worker has CPUs (Ray limits a 1-CPU worker to 1 thread). It runs first, before Ray
-starts, as a script without Ray would.
+Plain-Python baseline (below, labelled): the fold loop that the Ray worker runs (`msx.models.fold.run_fold`),
+called without Ray: the same spec, fold, seeds, data, epochs, validations, final evaluation and checkpoint files,
+in this process, with as many torch threads as the Ray worker has CPUs (Ray limits a 1-CPU worker to 1 thread).
+It runs first, before Ray starts, as a script without Ray would.
 
 Overhead = (Ray arm - baseline) / Ray arm, in wall time; "to first step" is measured from `Tuner.fit` (a
 running cluster) and from the baseline's start. Starting the local Ray is reported apart. The median
@@ -27,55 +27,37 @@ no scan cache (both arms load and preprocess the scans the same way).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
+import shutil
 import socket
 import statistics
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import ray
 import torch
 from mlflow.tracking import MlflowClient
-from monai.data import list_data_collate
-from monai.optimizers import WarmupCosineSchedule
 from prometheus_client.parser import text_string_to_metric_families
 from ray import tune
 
-from msx.models.checkpoint import save_checkpoint
-from msx.models.data.cohort import load_scan
 from msx.models.data.folds import resolve_folds
 from msx.models.data.manifest import open_cohort
 from msx.models.data.synth import write_synthetic_cohort
-from msx.models.diffusion import DiffusionConfig, LossWeights
-from msx.models.engine import train_epoch, training_autocast_dtype, training_dataset, training_optimizer
-from msx.models.networks import build_network
-from msx.orchestrator.results import MODEL_DIR, OVERLAY_DIR, SCAN_METRICS_FILE
-from msx.orchestrator.configuration_search import ConfigurationScheduler, ConfigurationSearch
-from msx.orchestrator.search import MODE, OPTIMISED_METRIC
+from msx.models.fold import EpochReport, load_fold_data, run_fold
 from msx.orchestrator.spec import ExperimentSpec, load_spec, spec_from_dict
-from msx.orchestrator.tracking import (
-    TrialRunsCallback,
-    ensure_experiment,
-    log_study_start,
-    tracking_uri_scope,
-)
-from msx.orchestrator.train_worker import (
-    STATE_FILE,
-    evaluate_distributed,
-    final_evaluation,
-    inference_config,
-    network_config,
-    trial_spec,
-)
-from msx.orchestrator.trial import TRIAL_RESOURCES, run_trial
-from msx.orchestrator.worker_metrics import PROMETHEUS_PREFIX
+from msx.orchestrator.study.configuration_search import ConfigurationScheduler, ConfigurationSearch
+from msx.orchestrator.study.search import MODE, OPTIMISED_METRIC
+from msx.orchestrator.tracking.callback import TrialRunsCallback
+from msx.orchestrator.tracking.store import ensure_experiment, log_study_start, tracking_uri_scope
+from msx.orchestrator.trial import BEST_VALIDATION_DICE, TrialConfig
+from msx.orchestrator.trials.trainable import TRIAL_RESOURCES, run_trial
+from msx.orchestrator.trials.worker_metrics import PROMETHEUS_PREFIX
 from timing import print_table, write_json
 
 BACKBONE = "unet"
@@ -105,89 +87,64 @@ def training_only_epoch(epoch: int, spec: ExperimentSpec) -> bool:
     return epoch > 1 and epoch % spec.training.validate_every != 0 and epoch != spec.training.epochs
 
 
-def plain_python_trial(config: dict[str, Any], folder: Path) -> dict[str, float]:
-    """PLAIN-PYTHON BASELINE, not msx's path: `train_loop_per_worker`'s work for one worker, without Ray.
+class EpochClock:
+    """The fold loop's observer in the baseline: when training began and how long each training epoch took, timed
+    around the same block as the Ray worker's metrics (`WorkerMetrics.training_epoch`)."""
 
-    The same steps in the same order (so the same random draws): seeds, cohort, training dataset and
-    shuffled loader, network, AdamW and warm-up cosine schedule, `train_epoch` per epoch, validation every
-    `validate_every` epochs and at the end, the best weights' final evaluation on the validation and test
-    patients with overlays, and the worker's checkpoint files written at every validation. What it leaves
-    out is what Ray adds: the worker process, the process group, reports, checkpoint registration, metrics.
+    def __init__(self) -> None:
+        self.first_step_at: float | None = None
+        self.epoch_seconds: dict[int, float] = {}
+        self.steps_per_second = math.nan
+
+    @contextmanager
+    def training_epoch(self, epoch: int, steps: int, samples: int) -> Iterator[None]:
+        if self.first_step_at is None:
+            self.first_step_at = time.time()
+        began = time.perf_counter()
+        yield
+        self.epoch_seconds[epoch] = time.perf_counter() - began
+        self.steps_per_second = steps / self.epoch_seconds[epoch]
+
+    def record_validation(self, dice: float) -> None:
+        pass
+
+
+def plain_python_trial(spec: ExperimentSpec, trial: TrialConfig, data_root: Path, folder: Path) -> dict[str, float]:
+    """PLAIN-PYTHON BASELINE, not msx's path: the fold loop the Ray worker runs (`msx.models.fold.run_fold`), called
+    as a notebook would, in this process, without Ray.
+
+    The same spec, trial, data, seeds, epochs, validations, final evaluation and checkpoint files as the Ray arm,
+    each checkpoint folder copied under `folder` as Ray Train persists it. What it leaves out is what Ray adds: the
+    worker process, the process group, reports to Tune and MLflow, checkpoint registration, metrics.
     """
     started = time.time()
-    spec = trial_spec(config)
-    device = torch.device("cpu")
-    torch.manual_seed(spec.training.seed)
-    np.random.seed(spec.training.seed)
-    autocast_dtype = training_autocast_dtype(device)
-    cohort = open_cohort(config["data_root"], spec.data.modalities, spec.data.rater)
-    fold = next(f for f in resolve_folds(spec.data.folds, cohort.patients) if f.index == config["trial"]["fold"])
+    trial_spec = trial.spec_of(spec)
+    cohort = open_cohort(data_root, trial_spec.data.modalities, trial_spec.data.rater)
+    fold = next(f for f in resolve_folds(trial_spec.data.folds, cohort.patients) if f.index == trial.fold)
+    clock = EpochClock()
 
-    def load(patients: tuple[int, ...]):
-        return [load_scan(scan, spec.data.modalities, spec.data.rater) for scan in cohort.scans_of(patients)]
+    def keep(report: EpochReport, checkpoint: Path | None) -> None:
+        if checkpoint is not None:
+            shutil.copytree(checkpoint, folder / f"checkpoint_{report.epoch:06d}")
 
-    dataset = training_dataset(
-        load(fold.train), spec.training.patch_size, spec.training.lesion_patch_fraction, seed=spec.training.seed
+    result = run_fold(
+        trial_spec.fold_config(trial.backbone),
+        load_fold_data(cohort, fold, trial_spec.training.patch_size),
+        torch.device("cpu"),
+        report=keep,
+        observer=clock,
+        model_metadata={"spec": trial_spec.to_dict(), "fold": fold.index},
     )
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=spec.training.batch_size, shuffle=True, num_workers=0, collate_fn=list_data_collate
-    )
-    net = build_network(network_config(spec))
-    optimizer = training_optimizer(net.parameters(), spec.training.lr, spec.training.weight_decay, device)
-    total_steps = spec.training.epochs * len(loader)
-    lr_schedule = WarmupCosineSchedule(
-        optimizer, warmup_steps=int(spec.training.warmup_fraction * total_steps), t_total=total_steps
-    )
-    diffusion = DiffusionConfig(spec.diffusion.timesteps, spec.diffusion.beta_start, spec.diffusion.beta_end)
-    loss_weights = LossWeights(spec.training.loss_dice, spec.training.loss_bce, spec.training.loss_mse)
-    validation_scans = load(fold.validation)
-
-    first_step_at = time.time()
-    best_score, best_state, final_metrics = -math.inf, None, {}
-    training_seconds = 0.0
-    training_only_epochs_s = []
-    for epoch in range(1, spec.training.epochs + 1):
-        epoch_started = time.perf_counter()
-        # Reading the loss waits for the epoch's steps, as the worker's does.
-        float(train_epoch(net, loader, optimizer, lr_schedule, device, diffusion, loss_weights, autocast_dtype))
-        epoch_seconds = time.perf_counter() - epoch_started
-        training_seconds += epoch_seconds
-        steps_per_second = len(loader) / epoch_seconds
-        if training_only_epoch(epoch, spec):
-            training_only_epochs_s.append(epoch_seconds)
-        if epoch % spec.training.validate_every and epoch != spec.training.epochs:
-            continue
-        per_scan = evaluate_distributed(
-            net, validation_scans, inference_config(spec, validation=True), device, diffusion, autocast_dtype,
-            seed=spec.training.seed + epoch,
-        )
-        score = float(np.nanmean([scan[spec.training.validation_strategy]["dsc"] for scan in per_scan]))
-        if score > best_score or best_state is None:
-            best_score = score
-            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        if epoch == spec.training.epochs:
-            net.load_state_dict(best_state)
-            final_metrics, final_rows = final_evaluation(
-                net, spec, {"val": validation_scans, "test": load(fold.test)},
-                {"val": cohort.scans_of(fold.validation), "test": cohort.scans_of(fold.test)},
-                device, diffusion, autocast_dtype, overlay_folder=folder / OVERLAY_DIR,
-            )
-            save_checkpoint(folder / MODEL_DIR, net, {"spec": spec.to_dict(), "fold": fold.index})
-            (folder / SCAN_METRICS_FILE).write_text(json.dumps(final_rows, indent=1))
-        torch.save(
-            {"model": net.state_dict(), "best_model": best_state, "optimizer": optimizer.state_dict(),
-             "lr_schedule": lr_schedule.state_dict(), "epoch": epoch, "best_score": best_score},
-            folder / STATE_FILE,
-        )
     finished = time.time()
+    training_only = [s for epoch, s in clock.epoch_seconds.items() if training_only_epoch(epoch, spec)]
     return {
         "wall_s": finished - started,
-        "to_first_step_s": first_step_at - started,
-        "training_s": training_seconds,
-        "training_only_epoch_s": statistics.median(training_only_epochs_s) if training_only_epochs_s else math.nan,
-        "last_epoch_steps_per_s": steps_per_second,
-        "val_dice": best_score,
-        "test_dsc": final_metrics.get(f"test/{spec.training.validation_strategy}/dsc", math.nan),
+        "to_first_step_s": clock.first_step_at - started,
+        "training_s": sum(clock.epoch_seconds.values()),
+        "training_only_epoch_s": statistics.median(training_only) if training_only else math.nan,
+        "last_epoch_steps_per_s": clock.steps_per_second,
+        "val_dice": result.best_validation_dice,
+        "test_dsc": result.metrics.get(f"test/{spec.training.validation_strategy}/dsc", math.nan),
     }
 
 
@@ -212,7 +169,7 @@ def scrape_msx_metrics(url: str) -> dict[str, float]:
 
 
 def ray_trial(spec: ExperimentSpec, data_root: Path, folder: Path, metrics_url: str) -> dict[str, float]:
-    """One trial through msx's real path, as `orchestrator/study.py` runs it, MLflow record included."""
+    """One trial through msx's real path, as `orchestrator/study/driver.py` runs it, MLflow record included."""
     cohort = open_cohort(data_root, spec.data.modalities, spec.data.rater)
     folds = resolve_folds(spec.data.folds, cohort.patients)
     total_steps = spec.training.epochs * math.ceil(len(cohort.scans_of(folds[0].train)) / spec.training.batch_size)
@@ -220,7 +177,7 @@ def ray_trial(spec: ExperimentSpec, data_root: Path, folder: Path, metrics_url: 
     experiment_id = ensure_experiment(tracking_uri, spec.name, folder / "mlartifacts")
     launch_id = MlflowClient(tracking_uri).create_run(experiment_id, run_name="overhead").info.run_id
     log_study_start(launch_id, tracking_uri, spec.to_dict(), str(data_root))
-    # As in study.py: validation Dice comes with every `validate_every`-th report only.
+    # As in study/driver.py: validation Dice comes with every `validate_every`-th report only.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     trainable = tune.with_resources(
         tune.with_parameters(
@@ -272,7 +229,7 @@ def ray_trial(spec: ExperimentSpec, data_root: Path, folder: Path, metrics_url: 
         "training_s": seen[TRAINING_SECONDS_METRIC],
         "training_only_epoch_s": float(report_intervals.median()),
         "last_epoch_steps_per_s": seen.get(STEPS_PER_SECOND_METRIC, math.nan),
-        "val_dice": metrics["val_dice"],
+        "val_dice": metrics[BEST_VALIDATION_DICE],
         "test_dsc": metrics.get(f"test/{spec.training.validation_strategy}/dsc", math.nan),
     }
 
@@ -287,7 +244,7 @@ def parse_arguments() -> argparse.Namespace:
 def main() -> None:
     args = parse_arguments()
     spec = benchmark_spec(args.epochs)
-    config = {"backbone": BACKBONE, "fold": 1, "configuration": f"{BACKBONE}-c1"}
+    trial = TrialConfig(BACKBONE, fold=1, configuration=f"{BACKBONE}-c1")
     worker_threads = int(spec.resources.cpus_per_worker)
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
@@ -297,9 +254,7 @@ def main() -> None:
         threads_before = torch.get_num_threads()
         torch.set_num_threads(worker_threads)
         (scratch / "plain").mkdir()
-        plain = plain_python_trial(
-            {"spec": spec.to_dict(), "trial": config, "data_root": str(scratch / "cohort")}, scratch / "plain"
-        )
+        plain = plain_python_trial(spec, trial, scratch / "cohort", scratch / "plain")
         torch.set_num_threads(threads_before)
         print(f"plain Python: {plain['wall_s']:.1f} s", flush=True)
 

@@ -32,7 +32,7 @@ Empty masks:
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -43,6 +43,17 @@ METRIC_NAMES = ("dsc", "tpr", "ppv", "ltpr", "lfpr", "avd", "assd")
 EXTRA_METRIC_NAMES = ("hd95",)
 # Keys of :func:`lesion_volumes`: a scan's lesion volumes, not a score (a mean of them over scans means nothing).
 VOLUME_NAMES = ("pred_volume_mm3", "gt_volume_mm3")
+# The raw ISBI 2015 score of a set of scans (:func:`mean_isbi_score`): it needs the scans together, for its volume
+# correlation, so it is a score of a split, never of one scan alone.
+ISBI_SCORE = "isbi"
+# What a split of a fold (its validation or its test scans) is scored by (:func:`split_metrics`): the tables'
+# columns, and what a selection may rank by.
+SPLIT_METRIC_NAMES = (*METRIC_NAMES, ISBI_SCORE)
+# The direction of "better" of every score msx reports.
+HIGHER_IS_BETTER = {
+    "dsc": True, "tpr": True, "ppv": True, "ltpr": True, "lfpr": False, "avd": False, "assd": False, "hd95": False,
+    ISBI_SCORE: True,
+}
 
 # Lesion connectivity -> rank argument of scipy.ndimage.generate_binary_structure(3, rank).
 _CONNECTIVITY_RANK = {6: 1, 18: 2, 26: 3}
@@ -195,6 +206,24 @@ def mean_isbi_score(per_scan: Sequence[Mapping[str, float]]) -> float:
     )
     finite = scores[~np.isnan(scores)]
     return float(finite.mean()) if finite.size else math.nan
+
+
+def split_metrics(rows: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    """A fold's scores from its per-scan rows (``split``, ``scan``, ``strategy``, METRIC_NAMES and VOLUME_NAMES):
+    ``{split}/{strategy}/{name}`` for each of SPLIT_METRIC_NAMES, the mean over the split's scans with NaN left out
+    (NaN when no value is finite), and the ISBI score of the split's scans."""
+    scans_of: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for row in rows:
+        scans_of.setdefault((row["split"], row["strategy"]), []).append(row)
+    metrics = {}
+    for (split, strategy), scans in scans_of.items():
+        for metric in METRIC_NAMES:
+            values = np.array([scan[metric] for scan in scans], dtype=float)
+            finite = values[~np.isnan(values)]
+            metrics[f"{split}/{strategy}/{metric}"] = float(finite.mean()) if finite.size else math.nan
+        # The volume correlation needs the split's scans together: a mean of per-scan scores would not do.
+        metrics[f"{split}/{strategy}/{ISBI_SCORE}"] = mean_isbi_score(scans)
+    return metrics
 
 
 def summarise(per_scan: Sequence[dict[str, float]], ddof: int = 0) -> dict[str, tuple[float, float]]:

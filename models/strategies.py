@@ -4,7 +4,7 @@ Every strategy is a pure function of one tensor ``step_logits`` of shape ``(N, s
 predicted-x0 logits ``l_ij`` of DDIM steps ``i = 1..N`` (first = noisiest) and samples ``j``, with
 ``p_ij = 2 * sigmoid(l_ij) - 1`` in [-1, 1]. A strategy returns a signed score of shape ``spatial``
 whose positive voxels are lesion, so sampling happens once per scan and all strategies are evaluated
-from the same trajectories (design/SCIENCE.md, "Inference strategies").
+from the same trajectories (docs/SCIENCE.md, "Inference strategies").
 """
 
 from __future__ import annotations

@@ -8,40 +8,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
 import numpy as np
 
-from msx.models.metrics import METRIC_NAMES, mean_isbi_score
+from msx.models.fold import EVALUATED_SPLITS
+from msx.models.metrics import HIGHER_IS_BETTER, SPLIT_METRIC_NAMES
 
-# The key of the worker's last report, which carries the final evaluation.
-FINAL_REPORT = "final"
-# The final checkpoint's folders and files besides the training state: written by the worker, logged to the
-# fold's MLflow run by the tracking callback.
-MODEL_DIR = "model"
-SCAN_METRICS_FILE = "scan_metrics.json"
-OVERLAY_DIR = "overlays"
-
-# The raw ISBI 2015 score of a fold's split: each scan's, its volume correlation over the split's scans, averaged.
-ISBI_SCORE = "isbi"
-# What a fold reports per split and strategy (means over the split's scans): the tables' columns, and what
-# a selection may rank by.
-SPLIT_METRIC_NAMES = (*METRIC_NAMES, ISBI_SCORE)
-
-# Direction of "better" for each metric, for marking best values.
-HIGHER_IS_BETTER = {
-    "dsc": True, "tpr": True, "ppv": True, "ltpr": True, "lfpr": False, "avd": False, "assd": False, ISBI_SCORE: True,
-}
+from .trial import FINAL_REPORT, TrialConfig
 
 
 @dataclass(frozen=True)
 class TrialOutcome:
-    """One finished trial: its configuration, fold, final metrics and the folder of its final checkpoint."""
+    """One finished trial: its final metrics (`val/mean/dsc`, ...) and the folder of its final checkpoint."""
 
-    configuration: str
-    backbone: str
-    fold: int
-    searched: dict[str, Any]
+    trial: TrialConfig
     metrics: dict[str, float]
     checkpoint_path: str | None
 
@@ -67,7 +48,7 @@ class Selection:
     validation_score: float
 
 
-def outcome_from_result(config: dict[str, Any], metrics: dict[str, Any]) -> TrialOutcome | None:
+def outcome_from_result(trial: TrialConfig, metrics: dict[str, Any]) -> TrialOutcome | None:
     """None for trials that did not reach their final evaluation (failed or stopped early).
 
     `metrics` is flat: "test/mean/dsc", as the worker reported it (Tune nests such keys; flatten first).
@@ -75,31 +56,10 @@ def outcome_from_result(config: dict[str, Any], metrics: dict[str, Any]) -> Tria
     if not metrics or not metrics.get(FINAL_REPORT):
         return None
     return TrialOutcome(
-        configuration=config["configuration"],
-        backbone=config["backbone"],
-        fold=int(config["fold"]),
-        searched={k: v for k, v in config.items() if "." in k},
+        trial=trial,
         metrics={k: float(v) for k, v in metrics.items() if "/" in k and isinstance(v, (int, float))},
         checkpoint_path=metrics.get("checkpoint_path"),
     )
-
-
-def split_metrics(rows: Iterable[Mapping[str, Any]]) -> dict[str, float]:
-    """A fold's final metrics from its per-scan rows (split, scan, strategy, METRIC_NAMES and VOLUME_NAMES):
-    `{split}/{strategy}/{metric}` for each of SPLIT_METRIC_NAMES, the mean over the split's scans with NaN
-    left out (NaN when no value is finite)."""
-    scans_of: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
-    for row in rows:
-        scans_of.setdefault((row["split"], row["strategy"]), []).append(row)
-    metrics = {}
-    for (split, strategy), scans in scans_of.items():
-        for metric in METRIC_NAMES:
-            values = np.array([scan[metric] for scan in scans], dtype=float)
-            finite = values[~np.isnan(values)]
-            metrics[f"{split}/{strategy}/{metric}"] = float(finite.mean()) if finite.size else math.nan
-        # The volume correlation needs the split's scans together: a mean of per-scan scores would not do.
-        metrics[f"{split}/{strategy}/{ISBI_SCORE}"] = mean_isbi_score(scans)
-    return metrics
 
 
 def summarise_configurations(
@@ -108,14 +68,14 @@ def summarise_configurations(
     """Configurations with every fold finished, each summarised as mean +- std over folds."""
     by_configuration: dict[str, list[TrialOutcome]] = {}
     for outcome in outcomes:
-        by_configuration.setdefault(outcome.configuration, []).append(outcome)
+        by_configuration.setdefault(outcome.trial.configuration, []).append(outcome)
     results = []
     for name, folds in sorted(by_configuration.items()):
-        if len({f.fold for f in folds}) < fold_count:
+        if len({f.trial.fold for f in folds}) < fold_count:
             continue
-        folds = sorted(folds, key=lambda f: f.fold)
+        folds = sorted(folds, key=lambda f: f.trial.fold)
         summary = {}
-        for split in ("val", "test"):
+        for split in EVALUATED_SPLITS:
             for strategy in strategies:
                 for metric in SPLIT_METRIC_NAMES:
                     values = np.array([f.metrics.get(f"{split}/{strategy}/{metric}", math.nan) for f in folds])
@@ -123,7 +83,8 @@ def summarise_configurations(
                     summary[(split, strategy, metric)] = (
                         (float(finite.mean()), float(finite.std())) if finite.size else (math.nan, math.nan)
                     )
-        results.append(ConfigurationResult(name, folds[0].backbone, folds[0].searched, tuple(folds), summary))
+        trial = folds[0].trial
+        results.append(ConfigurationResult(name, trial.backbone, dict(trial.searched), tuple(folds), summary))
     return results
 
 

@@ -2,6 +2,9 @@
 
 A spec names registered components only (backbones, strategies, fold plans, searchers, schedulers);
 nothing in it is imported or executed. Every error names the file and the offending key.
+
+The sections that describe the science take their defaults from msx.models' configs (the reference's recipe), and
+`ExperimentSpec` makes those configs, one method each: the spec is the only place that knows both vocabularies.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ import yaml
 
 from msx.models.data.cohort import DEFAULT_MODALITIES, MODALITIES
 from msx.models.data.folds import FOLD_PLANS
-from msx.models.networks import BACKBONES, spatial_multiple
+from msx.models.diffusion import DiffusionConfig, LossWeights
+from msx.models.engine import InferenceConfig
+from msx.models.fold import FoldConfig, TrainingConfig
+from msx.models.metrics import SPLIT_METRIC_NAMES
+from msx.models.networks import BACKBONES, NetworkConfig, spatial_multiple
 from msx.models.strategies import STRATEGIES
-
-from .results import SPLIT_METRIC_NAMES
 
 
 class SpecError(ValueError):
@@ -59,43 +64,43 @@ class DataSpec:
 @dataclass(frozen=True)
 class ModelSpec:
     backbones: tuple[str, ...] = ("unet", "segresnet")
-    width: float = 1.0
+    width: float = NetworkConfig.width
 
 
 @dataclass(frozen=True)
 class DiffusionSpec:
-    timesteps: int = 1000
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
+    timesteps: int = DiffusionConfig.timesteps
+    beta_start: float = DiffusionConfig.beta_start
+    beta_end: float = DiffusionConfig.beta_end
 
 
 @dataclass(frozen=True)
 class TrainingSpec:
-    epochs: int = 500
-    batch_size: int = 2
-    patch_size: tuple[int, int, int] = (96, 96, 96)
-    lr: float = 1e-4
-    weight_decay: float = 1e-3
-    warmup_fraction: float = 0.1
-    loss_dice: float = 1.0
-    loss_bce: float = 1.0
-    loss_mse: float = 1.0
-    validate_every: int = 10
-    validation_ddim_steps: int = 10
-    validation_strategy: str = "mean"
-    seed: int = 0
+    epochs: int = TrainingConfig.epochs
+    batch_size: int = TrainingConfig.batch_size
+    patch_size: tuple[int, int, int] = TrainingConfig.patch_size
+    lr: float = TrainingConfig.lr
+    weight_decay: float = TrainingConfig.weight_decay
+    warmup_fraction: float = TrainingConfig.warmup_fraction
+    loss_dice: float = LossWeights.dice
+    loss_bce: float = LossWeights.bce
+    loss_mse: float = LossWeights.mse
+    validate_every: int = TrainingConfig.validate_every
+    validation_ddim_steps: int = TrainingConfig.validation_ddim_steps
+    validation_strategy: str = TrainingConfig.validation_strategy
+    seed: int = TrainingConfig.seed
     # Probability that a training patch is centred on a lesion voxel (else on the brain); 0: uniform crops.
-    lesion_patch_fraction: float = 0.0
+    lesion_patch_fraction: float = TrainingConfig.lesion_patch_fraction
 
 
 @dataclass(frozen=True)
 class InferenceSpec:
-    strategies: tuple[str, ...] = ("last", "mean", "mean-var", "staple", "uncertainty", "majority")
-    ddim_steps: int = 10
-    samples: int = 4
-    overlap: float = 0.5
-    sw_batch_size: int = 4
-    connectivity: int = 6
+    strategies: tuple[str, ...] = InferenceConfig.strategies
+    ddim_steps: int = InferenceConfig.ddim_steps
+    samples: int = InferenceConfig.samples
+    overlap: float = InferenceConfig.overlap
+    sw_batch_size: int = InferenceConfig.sw_batch_size
+    connectivity: int = InferenceConfig.connectivity
 
 
 @dataclass(frozen=True)
@@ -165,6 +170,52 @@ class ExperimentSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
+
+    # ---- the configs of msx.models, each made here and nowhere else
+
+    def network_config(self, backbone: str) -> NetworkConfig:
+        return NetworkConfig(
+            backbone=backbone,
+            image_channels=len(self.data.modalities),
+            width=self.model.width,
+            patch_size=self.training.patch_size,
+        )
+
+    def diffusion_config(self) -> DiffusionConfig:
+        return DiffusionConfig(self.diffusion.timesteps, self.diffusion.beta_start, self.diffusion.beta_end)
+
+    def inference_config(self, strategies: tuple[str, ...] | None = None) -> InferenceConfig:
+        """The test-time inference settings, for ``strategies`` (default: the spec's)."""
+        return InferenceConfig(
+            ddim_steps=self.inference.ddim_steps,
+            samples=self.inference.samples,
+            roi_size=self.training.patch_size,
+            overlap=self.inference.overlap,
+            sw_batch_size=self.inference.sw_batch_size,
+            strategies=self.inference.strategies if strategies is None else strategies,
+            connectivity=self.inference.connectivity,
+        )
+
+    def training_config(self) -> TrainingConfig:
+        training = self.training
+        return TrainingConfig(
+            epochs=training.epochs,
+            batch_size=training.batch_size,
+            patch_size=training.patch_size,
+            lr=training.lr,
+            weight_decay=training.weight_decay,
+            warmup_fraction=training.warmup_fraction,
+            loss_weights=LossWeights(training.loss_dice, training.loss_bce, training.loss_mse),
+            validate_every=training.validate_every,
+            validation_ddim_steps=training.validation_ddim_steps,
+            validation_strategy=training.validation_strategy,
+            seed=training.seed,
+            lesion_patch_fraction=training.lesion_patch_fraction,
+        )
+
+    def fold_config(self, backbone: str) -> FoldConfig:
+        """What one fold of ``backbone`` trains and evaluates with (msx.models.fold.run_fold)."""
+        return FoldConfig(self.network_config(backbone), self.training_config(), self.diffusion_config(), self.inference_config())
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> "ExperimentSpec":
         """The spec with dotted fields replaced (a trial's searched values, a CLI override)."""

@@ -1,80 +1,64 @@
-"""The Tune trial: a function trainable that fits one Ray Train TorchTrainer.
+"""A trial, the unit of a study: one (backbone, configuration's searched values, fold); and the keys of what it reports.
 
-Ray Train V2 cannot be passed to a Tuner directly; a function trainable builds and fits the trainer
-and `TuneReportCallback` forwards rank 0's reports to Tune. The trial itself holds no CPU (see
-`TRIAL_RESOURCES`): on a 2-CPU machine a trial that held one would starve its own workers.
+Ray Tune carries a trial's config as a flat dict, `{"backbone", "fold", "configuration", **searched}` with the
+searched values under their dotted spec fields ("training.lr"), and so do the MLflow params of its runs. That dict
+is made and read here only (`to_tune`, `from_tune`); every other module handles a `TrialConfig`.
 """
 
 from __future__ import annotations
 
-import logging
-import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-import ray.train
-import ray.tune
-from ray.train.torch import TorchTrainer
-from ray.tune.integration.ray_train import TuneReportCallback
+from .spec import ExperimentSpec
 
-from .cluster_check import check_cluster_hosts_a_trial, trial_request, worker_resources
-from .spec import ExperimentSpec, spec_from_dict
-from .train_worker import train_loop_per_worker
-
-TRIAL_RESOURCES = {"cpu": 0, "memory": 1_000_000}
-# Ray Train's bound on one wait for the workers' placement group (it propagates the variable to its controller).
-WORKER_START_TIMEOUT_VARIABLE = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
-
-log = logging.getLogger("msx.trial")
+# The keys of a trial's reports (trials/worker.py makes them from the fold loop's EpochReport). Tune's scheduler and
+# the searcher optimise BEST_VALIDATION_DICE; a report carries validation keys only at validation epochs.
+EPOCH = "epoch"
+TRAIN_LOSS = "train_loss"
+VALIDATION_DICE = "val_dice_now"  # this epoch's weights
+BEST_VALIDATION_DICE = "val_dice"  # the best so far, whose weights the trial keeps
+# Marks the last report, which carries the final evaluation's split scores (`val/mean/dsc`, ...).
+FINAL_REPORT = "final"
 
 
-class WorkersDidNotStartError(RuntimeError):
-    """The trial's training workers could not start within resources.worker_start_timeout_s."""
+@dataclass(frozen=True)
+class TrialConfig:
+    """Which backbone, which of its configurations (named like `unet-c1`, with its searched values) and which fold."""
 
+    backbone: str
+    fold: int
+    configuration: str
+    # Dotted spec fields -> values, as the searcher proposed them (strings when read back from MLflow params).
+    searched: Mapping[str, Any] = field(default_factory=dict)
 
-def scaling_config(spec: ExperimentSpec) -> ray.train.ScalingConfig:
-    resources = spec.resources
-    return ray.train.ScalingConfig(
-        num_workers=resources.workers_per_trial, use_gpu=resources.use_gpu, resources_per_worker=worker_resources(spec)
-    )
+    def to_tune(self) -> dict[str, Any]:
+        return {"backbone": self.backbone, "fold": self.fold, "configuration": self.configuration, **self.searched}
 
+    @classmethod
+    def from_tune(cls, config: Mapping[str, Any]) -> "TrialConfig":
+        """From Tune's config dict, or a trial run's MLflow params (where every value is a string)."""
+        return cls(
+            backbone=config["backbone"],
+            fold=int(config["fold"]),
+            configuration=config["configuration"],
+            searched={key: value for key, value in config.items() if "." in key},
+        )
 
-def run_trial(
-    config: dict[str, Any], *, spec: dict[str, Any], data_root: str, storage_path: str, scan_cache: str | None = None
-) -> None:
-    """Train and evaluate one (backbone, hyperparameters, fold); results flow back through reports.
+    def configuration_params(self) -> dict[str, Any]:
+        """What the configuration's folds share: the trial's config without its fold."""
+        return {key: value for key, value in self.to_tune().items() if key != "fold"}
 
-    ``scan_cache``: folder of preprocessed training scans shared by the trials; None loads them afresh.
-    """
-    experiment = spec_from_dict(spec)
-    trial_id = ray.tune.get_context().get_trial_id()
-    # A cluster that lost the nodes this trial needs fails the trial now, with the reason, rather than wait.
-    check_cluster_hosts_a_trial(experiment, log.info)
-    timeout = experiment.resources.worker_start_timeout_s
-    if timeout:
-        os.environ[WORKER_START_TIMEOUT_VARIABLE] = str(timeout)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"spec": spec, "trial": config, "data_root": data_root, "scan_cache": scan_cache},
-        scaling_config=scaling_config(experiment),
-        run_config=ray.train.RunConfig(
-            # A stable name per trial: a restarted trial finds its own Train run and checkpoints again.
-            name=f"train-{trial_id}",
-            storage_path=storage_path,
-            callbacks=[TuneReportCallback()],
-            # With a timeout, the first wait that ends without workers fails the trial (Ray Train would
-            # otherwise try again, without end).
-            failure_config=ray.train.FailureConfig(
-                max_failures=experiment.resources.max_failures, controller_failure_limit=0 if timeout else -1
-            ),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-        ),
-    )
-    try:
-        trainer.fit()
-    except ray.train.ControllerError as error:
-        if timeout and "startup timed out" in str(error.controller_failure):
-            raise WorkersDidNotStartError(
-                f"the training workers ({trial_request(experiment).describe()}) did not start within "
-                f"resources.worker_start_timeout_s = {timeout:g} s: the cluster had no room for them"
-            ) from error
-        raise
+    @property
+    def run_name(self) -> str:
+        return f"{self.configuration}-fold{self.fold}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.configuration} fold {self.fold}"
+
+    def spec_of(self, experiment: ExperimentSpec) -> ExperimentSpec:
+        """The experiment's spec as this trial runs it: its one backbone and its searched values. It is recorded
+        with the trial's model, which so carries its own plan."""
+        return experiment.with_overrides({"model.backbones": (self.backbone,), **self.searched})

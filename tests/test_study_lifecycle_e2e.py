@@ -26,12 +26,12 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from msx.models.data.folds import resolve_folds
-from msx.orchestrator import local_ray
-from msx.orchestrator.configuration_search import ConfigurationSearch
-from msx.orchestrator.search_record import read_summary
+from msx.orchestrator.cluster import local_ray
+from msx.orchestrator.study.configuration_search import ConfigurationSearch
+from msx.orchestrator.study.search_record import read_summary
 from msx.orchestrator.spec import load_spec, spec_from_dict
-from msx.orchestrator.study_state import studies_of
-from msx.orchestrator.tracking import CONFIGURATION_TAG, child_runs
+from msx.orchestrator.study.state import studies_of
+from msx.orchestrator.tracking.store import CONFIGURATION_TAG, child_runs
 
 pytestmark = pytest.mark.slow
 

@@ -7,13 +7,19 @@ skull-stripped T1) that nilearn ships inside its wheel, read with nibabel from n
 folder without importing nilearn. ISBI's preprocessed images live in this MNI space at 1 mm, so the
 template cropped to 181 x 217 x 181 is the ISBI grid. Per patient: a smooth random deformation and
 head size, and ventricles enlarged by a random amount (atrophy); white-matter lesions, mostly
-periventricular and juxtacortical, that persist, grow, shrink or appear over time; qualitative MRI
-contrasts with Rician noise and a residual bias field, zero outside the brain like ISBI's
-skull-stripped ``_pp`` images; and a second rater who draws some borders wider or tighter and misses
-some small lesions. A smaller shape resamples the same head onto fewer voxels (written as 1 mm voxels,
-as the rest of msx expects), with lesions at least 2 voxels in radius so that they stay learnable.
+periventricular and juxtacortical, that persist, grow, shrink or appear over time, from faint to
+bright on FLAIR, with fuzzy borders, a minority of them black holes on T1; and the FLAIR look-alikes
+that defeat a brightness threshold on real scans: periventricular caps and bands, brighter grey-matter
+regions, CSF that escapes suppression and flow artefacts. Per scan: its own intensity scale, noise
+level and residual bias field (scanner drift), zero outside the brain like ISBI's skull-stripped
+``_pp`` images. Two raters outline each lesion where its contrast reaches their own level, so they
+disagree at fuzzy borders and about faint lesions. A smaller shape resamples the same head onto fewer
+voxels (written as 1 mm voxels, as the rest of msx expects), with lesions at least 2 voxels in radius
+and look-alikes at least a voxel or two wide so that both stay seen.
 
-Anatomy, lesions, contrasts and raters are separate functions so each can be made more realistic alone.
+Anatomy, lesions, confounders, contrasts and raters are separate functions so each can be made more
+realistic alone. ``docs/SYNTHETIC.md`` lists the measured statistics, among them the FLAIR threshold
+baseline (:mod:`msx.models.data.baseline`).
 """
 
 from __future__ import annotations
@@ -41,23 +47,49 @@ _ISBI_CENTRE_MM = np.array([0.0, -18.0, 18.0])  # MNI position of the ISBI grid'
 
 # Relative signal of (CSF, grey matter, white matter, lesion) per sequence, from the usual appearance of
 # 3T MS scans: lesions bright on FLAIR/T2/PD and darker than white matter on MPRAGE; CSF nulled on FLAIR.
+# The lesion level is that of the brightest lesions: each lesion reaches a random part of the way to it.
 _TISSUE_SIGNAL = {
-    "flair": (0.12, 0.62, 0.50, 1.15),
+    "flair": (0.12, 0.62, 0.50, 0.92),
     "mprage": (0.25, 0.62, 1.00, 0.45),
     "t2": (1.00, 0.62, 0.45, 0.90),
     "pd": (0.85, 0.85, 0.70, 0.98),
 }
 _SIGNAL_SCALE = 1000.0
-_NOISE_FRACTION = 0.025  # Rician noise sigma as a fraction of white-matter signal
+
+# Confounders: relative signal change per unit of periventricular hyperintensity (caps and bands: more
+# water, so bright on FLAIR, T2 and PD and about iso on MPRAGE) and of a brighter grey matter region
+# (insula, cingulate and mesial temporal cortex are brighter than the rest on FLAIR).
+_PERIVENTRICULAR_EFFECT = {"flair": 1.0, "mprage": -0.04, "t2": 0.6, "pd": 0.3}
+_GREY_BOOST_EFFECT = {"flair": 1.0, "mprage": 0.0, "t2": 0.4, "pd": 0.2}
+
+# Acquisition, drawn per scan (so per time point: scanner drift) and per sequence.
+_GAIN_RANGE = (0.5, 2.0)  # intensity scale, log-uniform: raw scans have no common unit
+_NOISE_RANGE = (0.02, 0.05)  # Rician noise sigma as a fraction of white-matter signal
+_BIAS_RANGE = (0.04, 0.12)  # amplitude of the residual bias field's logarithm (ISBI images are bias-corrected)
 
 _CORTEX_DEPTH_MM = 25.0  # grey matter closer than this to the brain surface is cortex; deep nuclei lie deeper
 _NEAR_MM = 3.0  # a lesion this close to the ventricles or the cortex is periventricular or juxtacortical
 _LOCATION_ODDS = {"periventricular": 0.5, "juxtacortical": 0.3, "deep": 0.2}
 
 _MIN_LESION_RADIUS = 2.0  # voxels: smaller lesions vanish at coarse grids and cannot be learned
-_LESION_EDGE_VOXELS = 1.0
 _LESION_MEDIAN_RADIUS_MM = 2.0
 _MAX_LESION_LOAD = (0.01, 0.03)  # range of lesion voxels / brain voxels at the largest extent
+
+
+@dataclass(frozen=True)
+class _Rater:
+    """How an expert draws: the faintest lesion contrast they outline (a fraction of the brightest lesions'),
+    which also sets where on a fuzzy border they put the outline, and how often they overlook a small lesion."""
+
+    contrast: float
+    lapse: float
+
+
+# Two raters of similar skill; each one's contrast level varies by about a third from lesion to lesion and a
+# little between time points.
+_RATERS = (_Rater(contrast=0.25, lapse=0.05), _Rater(contrast=0.28, lapse=0.12))
+_RATER_SPREAD = 0.35  # log-sd of a rater's contrast level between lesions
+_RATER_JITTER = 0.1  # log-sd of the same between time points, for one lesion
 
 
 @dataclass(frozen=True)
@@ -89,8 +121,10 @@ class _Lesion:
     ripple_cycles: np.ndarray  # (m,)
     ripple_phases: np.ndarray  # (m,)
     ripple_amplitude: float
-    strength: float  # how fully the lesion reaches the lesion signal on FLAIR, T2 and PD
-    t1_darkness: float  # how far towards the lesion signal it darkens MPRAGE: iso- to hypointense
+    strength: float  # contrast on FLAIR, T2 and PD: the fraction of the way to the brightest lesions' signal
+    fuzz: float  # voxels: width of the border's ramp from background to full lesion signal (partial volume)
+    t1_darkness: float  # how far towards the lesion signal it darkens MPRAGE: iso-intense to a black hole
+    rater_bias: tuple[float, ...]  # per rater: log-factor of their contrast level for this lesion, kept over time
     onset: int  # first time point index at which it is visible
     growth: float  # relative change of its radius per time point
 
@@ -124,16 +158,16 @@ def write_synthetic_cohort(
         n_timepoints = TIMEPOINT_PATTERN[(patient - 1) % len(TIMEPOINT_PATTERN)]
         anatomy = patient_anatomy(shape, patient, seed)
         lesions = _lesion_course(anatomy, n_timepoints, patient_rng)
+        confounders = _patient_confounders(anatomy, patient_rng)
         folder = out_dir / f"training{patient:02d}"
         for timepoint in range(n_timepoints):
             scan_rng = np.random.default_rng([seed, patient, timepoint + 1])
-            lesion_weight, t1_weight, rater1 = _lesions_at(lesions, timepoint, anatomy)
-            rater2 = _second_rater(rater1, anatomy, scan_rng)
-            images = _modalities(anatomy, lesion_weight, t1_weight, scan_rng)
+            lesion_weight, t1_weight, masks = _lesions_at(lesions, timepoint, anatomy, scan_rng)
+            images = _modalities(anatomy, confounders, lesion_weight, t1_weight, scan_rng)
             stem = f"training{patient:02d}_{timepoint + 1:02d}"
             for name in MODALITIES:
                 written.append(_save(images[name], affine, folder / "preprocessed" / f"{stem}_{name}_pp.nii.gz"))
-            for rater, mask in ((1, rater1), (2, rater2)):
+            for rater, mask in enumerate(masks, start=1):
                 written.append(_save(mask.astype(np.uint8), affine, folder / "masks" / f"{stem}_mask{rater}.nii.gz"))
     return written
 
@@ -364,6 +398,10 @@ def _lesion_course(anatomy: Anatomy, n_timepoints: int, rng: np.random.Generator
         n_lobes = int(rng.integers(1, 4))
         n_ripples = 4
         ripple_directions = rng.normal(size=(n_ripples, 3))
+        # Borders blur over about 1 to 2.5 mm, or a good part of the radius: big lesions have wide, fuzzy edges.
+        fuzz = max(
+            rng.uniform(1.0, 2.5) * anatomy.voxels_per_mm, rng.uniform(0.3, 0.7) * max(radius, _MIN_LESION_RADIUS)
+        )
         lesions.append(
             _Lesion(
                 center=center,
@@ -375,8 +413,12 @@ def _lesion_course(anatomy: Anatomy, n_timepoints: int, rng: np.random.Generator
                 ripple_cycles=rng.uniform(1.0, 3.0, size=n_ripples),
                 ripple_phases=rng.uniform(0, 2 * math.pi, size=n_ripples),
                 ripple_amplitude=rng.uniform(0.03, 0.08),
-                strength=rng.uniform(0.75, 1.0),
-                t1_darkness=rng.uniform(0.3, 1.0),
+                # From faint (about grey matter's level on FLAIR) to bright, most in between.
+                strength=float(np.clip(rng.lognormal(math.log(0.55), 0.45), 0.15, 1.0)),
+                fuzz=max(fuzz, 0.6),
+                # A quarter are black holes on T1; the rest are iso- to mildly hypointense.
+                t1_darkness=rng.uniform(0.6, 1.0) if rng.random() < 0.25 else rng.uniform(0.0, 0.35),
+                rater_bias=tuple(rng.normal(0.0, _RATER_SPREAD, size=len(_RATERS))),
                 onset=onset,
                 growth=_growth_rate(rng),
             )
@@ -407,8 +449,9 @@ def _within_load(
         radii = np.maximum(lesion.radii * largest, _MIN_LESION_RADIUS)
         volumes.append(4 / 3 * math.pi * float(np.prod(radii)) * float(np.sum(lesion.lobe_sizes**3)))
     kept = list(rng.permutation(len(lesions)))
-    # One lesion visible at every time point goes last in line to be dropped, so no scan is lesion-free.
-    persistent = [i for i in kept if lesions[i].onset == 0 and lesions[i].growth >= 0]
+    # One clearly visible lesion present at every time point goes last in line to be dropped, so that no scan
+    # is lesion-free.
+    persistent = [i for i in kept if lesions[i].onset == 0 and lesions[i].growth >= 0 and lesions[i].strength >= 0.6]
     if persistent:
         kept.remove(persistent[0])
         kept.insert(0, persistent[0])
@@ -418,36 +461,49 @@ def _within_load(
 
 
 def _lesions_at(
-    lesions: list[_Lesion], timepoint: int, anatomy: Anatomy
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """At a time point: lesion weight on FLAIR/T2/PD and on MPRAGE (float32 in [0, 1], soft borders) and the
-    true lesion mask (bool)."""
+    lesions: list[_Lesion], timepoint: int, anatomy: Anatomy, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
+    """At a time point: lesion weight on FLAIR/T2/PD and on MPRAGE (float32 in [0, 1], fuzzy borders) and
+    each rater's mask (bool).
+
+    A rater outlines a lesion where its contrast reaches the rater's level for it: bright lesions out to
+    the foot of their fuzzy border, faint ones tighter, and the faintest not at all. So raters disagree
+    most at borders and about faint lesions, as real ones do.
+    """
     shape = anatomy.brain.shape
-    extent = np.zeros(shape, dtype=np.float32)  # how far each voxel is inside a lesion, in [0, 1]
     weight = np.zeros(shape, dtype=np.float32)
     t1_weight = np.zeros(shape, dtype=np.float32)
+    masks = tuple(np.zeros(shape, dtype=bool) for _ in _RATERS)
+    small = 3.0 * anatomy.voxels_per_mm  # radius below which a lesion is small enough to overlook
     for lesion in lesions:
         scale = lesion.scale_at(timepoint)
         if scale == 0.0:
             continue
-        box, inside = _rasterise(lesion, scale, shape)
-        extent[box] = np.maximum(extent[box], inside)
-        weight[box] = np.maximum(weight[box], inside * np.float32(lesion.strength))
-        t1_weight[box] = np.maximum(t1_weight[box], inside * np.float32(lesion.t1_darkness))
-    # Lesions do not grow into CSF; the mask is where the lesion fills at least half the voxel, less the
-    # specks that CSF leaves of a lesion's rim, smaller than raters draw (a sphere under 3 mm across).
+        box, depth = _rasterise(lesion, scale, shape)
+        profile = np.clip(depth / np.float32(lesion.fuzz) + np.float32(0.5), 0.0, 1.0)
+        weight[box] = np.maximum(weight[box], profile * np.float32(lesion.strength))
+        t1_weight[box] = np.maximum(t1_weight[box], profile * np.float32(lesion.t1_darkness))
+        for rater, bias, mask in zip(_RATERS, lesion.rater_bias, masks):
+            level = rater.contrast * math.exp(bias + rng.normal(0.0, _RATER_JITTER)) / lesion.strength
+            overlooked = float(np.mean(lesion.radii)) * scale < small and rng.random() < rater.lapse
+            if level < 0.9 and not overlooked:
+                mask[box] |= depth >= np.float32(lesion.fuzz * (level - 0.5))
+    # Lesions do not grow into CSF; raters do not draw the specks that CSF leaves of a lesion's rim, smaller
+    # than a sphere 3 mm across.
     not_csf = np.where(anatomy.brain, 1.0 - anatomy.csf, 0.0).astype(np.float32)
-    mask = extent * not_csf >= 0.5
-    labels, _ = ndimage.label(mask)
-    sizes = np.bincount(labels.ravel())
-    mask &= (sizes >= max(14 * anatomy.voxels_per_mm**3, 2))[labels]
-    return weight * not_csf, t1_weight * not_csf, mask
+    speck = max(14 * anatomy.voxels_per_mm**3, 2)
+    for mask in masks:
+        mask &= not_csf >= 0.5
+        labels, _ = ndimage.label(mask)
+        mask &= (np.bincount(labels.ravel()) >= speck)[labels]
+    return weight * not_csf, t1_weight * not_csf, masks
 
 
 def _rasterise(lesion: _Lesion, scale: float, shape) -> tuple[tuple[slice, ...], np.ndarray]:
-    """The lesion's partial-volume fraction inside a box around it."""
+    """The lesion's signed depth in voxels (positive inside, 0 on its border) inside a box around it."""
     radii = np.maximum(lesion.radii * scale, _MIN_LESION_RADIUS)
-    reach = float(radii.max()) * (1.0 + np.abs(lesion.lobe_offsets).max() + 3 * lesion.ripple_amplitude) + 2
+    reach = float(radii.max()) * (1.0 + np.abs(lesion.lobe_offsets).max() + 3 * lesion.ripple_amplitude)
+    reach += lesion.fuzz + 2
     box = tuple(
         slice(max(int(c - reach), 0), min(int(math.ceil(c + reach)) + 1, size))
         for c, size in zip(lesion.center, shape)
@@ -477,31 +533,124 @@ def _rasterise(lesion: _Lesion, scale: float, shape) -> tuple[tuple[slice, ...],
         )
         for d, cycles, phase in zip(lesion.ripple_directions, lesion.ripple_cycles, lesion.ripple_phases)
     )
-    mean_radius = float(np.mean(radii))
-    inside = np.clip((border - radius) * np.float32(mean_radius / _LESION_EDGE_VOXELS) + 0.5, 0.0, 1.0)
-    return box, inside.astype(np.float32)
+    return box, ((border - radius) * np.float32(np.mean(radii))).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class _Confounders:
+    """A patient's FLAIR look-alikes of lesions, as maps on the output grid (float32, 0 where absent)."""
+
+    periventricular: np.ndarray  # caps at the ventricles' horns and a thin band along them, in [0, 1]
+    grey_boost: np.ndarray  # relative extra signal of grey matter in some regions
+    csf_leak: np.ndarray  # in [0, 1]: where CSF tends to escape suppression on FLAIR (inferiorly, patchily)
+    strength: float  # how bright the periventricular hyperintensity is, relative to white matter
+
+
+def _patient_confounders(anatomy: Anatomy, rng: np.random.Generator) -> _Confounders:
+    """What a FLAIR threshold mistakes for lesions in this patient: periventricular caps and bands, brighter
+    cortex regions, and CSF that the inversion does not fully null."""
+    mm = anatomy.voxels_per_mm
+    shape = anatomy.brain.shape
+    axes = _unit_axes(shape)
+    distance = anatomy.ventricle_distance
+
+    def plateau(width_mm: float, least_voxels: float) -> np.ndarray:
+        # Full strength out to half the width, then fading to nothing at 1.5 widths; at least a voxel or two
+        # wide on coarse grids, as lesions are held at 2 voxels, so that it stays seen.
+        width = np.float32(max(width_mm * mm, least_voxels))
+        return np.clip(np.float32(1.5) - distance / width, 0.0, 1.0)
+
+    # A thin band lining the ventricles, patchy along them (where it thickens it looks like confluent lesions).
+    patches = np.clip(np.float32(0.6) + np.float32(0.8) * _smooth_field(axes, rng, terms=6, max_cycles=4.0), 0.0, 1.0)
+    band = plateau(rng.uniform(1.0, 2.0), rng.uniform(0.7, 1.2)) * patches * np.float32(rng.uniform(0.5, 0.9))
+    # Caps: wider hyperintensity at the front and back ends (the frontal and occipital horns).
+    ventricles = distance < 0.5
+    ends = np.flatnonzero(ventricles.any(axis=(0, 2)))
+    span = np.float32(max(0.2 * (ends[-1] - ends[0]), 2.0))
+    y = np.arange(shape[1], dtype=np.float32).reshape(1, -1, 1)
+    horns = np.clip((y - (ends[-1] - span)) / span, 0, 1) + np.clip(((ends[0] + span) - y) / span, 0, 1)
+    caps = plateau(rng.uniform(2.0, 4.0), rng.uniform(1.0, 2.0)) * horns
+    periventricular = np.where(distance > 0, np.maximum(band, caps), 0.0)
+    grey_boost = np.float32(rng.uniform(0.06, 0.22)) * np.clip(
+        np.float32(0.6) * _smooth_field(axes, rng, terms=8, max_cycles=5.0) - np.float32(0.2), 0.0, 1.5
+    )
+    inferior = np.clip(np.float32(0.1) - np.float32(1.2) * axes[2], 0.0, 1.0)
+    leak = np.float32(0.5) * _smooth_field(axes, rng, terms=4, max_cycles=2.0) + np.float32(0.7) * inferior
+    csf_leak = np.clip(leak - np.float32(0.2), 0.0, 1.0)
+    return _Confounders(
+        periventricular=periventricular.astype(np.float32),
+        grey_boost=grey_boost.astype(np.float32),
+        csf_leak=csf_leak.astype(np.float32),
+        strength=float(rng.uniform(0.6, 1.0)),
+    )
+
+
+def _flow_artefacts(anatomy: Anatomy, rng: np.random.Generator) -> np.ndarray:
+    """CSF pulsation artefacts of one scan on FLAIR: a few bright spots inside the ventricles, as CSF signal
+    relative to white matter's (1.4 to 2.2 at their centres, 0 elsewhere)."""
+    shape = anatomy.brain.shape
+    spots = np.zeros(shape, dtype=np.float32)
+    candidates = np.flatnonzero((anatomy.ventricle_distance < 0.5) & (anatomy.csf > 0.7))
+    if candidates.size == 0:
+        return spots
+    for index in rng.choice(candidates, size=int(rng.integers(2, 7))):
+        centre = np.array(np.unravel_index(index, shape), dtype=np.float32)
+        radius = max(rng.uniform(1.5, 4.0) * anatomy.voxels_per_mm, 1.2)
+        reach = int(math.ceil(2 * radius))
+        box = tuple(slice(max(int(c) - reach, 0), min(int(c) + reach + 1, size)) for c, size in zip(centre, shape))
+        squared = sum(
+            (np.arange(s.start, s.stop, dtype=np.float32).reshape([-1 if a == axis else 1 for a in range(3)]) - c) ** 2
+            for axis, (s, c) in enumerate(zip(box, centre))
+        )
+        spot = np.exp(-squared / np.float32(2 * radius**2)) * np.float32(rng.uniform(1.4, 2.2))
+        spots[box] = np.maximum(spots[box], spot)
+    return spots
 
 
 def _modalities(
-    anatomy: Anatomy, lesion_weight: np.ndarray, t1_weight: np.ndarray, rng: np.random.Generator
+    anatomy: Anatomy,
+    confounders: _Confounders,
+    lesion_weight: np.ndarray,
+    t1_weight: np.ndarray,
+    rng: np.random.Generator,
 ) -> dict[str, np.ndarray]:
-    """FLAIR, MPRAGE, T2 and PD images: tissue mixtures, a residual bias field and Rician noise; 0 outside the brain."""
+    """FLAIR, MPRAGE, T2 and PD images of one scan: tissue mixtures with the patient's confounders, a scan's
+    own intensity scale, bias field and Rician noise; 0 outside the brain."""
     axes = _unit_axes(anatomy.brain.shape)
     brain = anatomy.brain
     csf, grey = anatomy.csf[brain], anatomy.grey_matter[brain]
     white = 1.0 - csf - grey
+    # Per time point, the confounders drift: how well CSF is nulled, where flow shows, how bright caps are.
+    periventricular = confounders.periventricular[brain] * np.float32(confounders.strength * rng.uniform(0.85, 1.15))
+    grey_weight = confounders.grey_boost[brain] * np.minimum(grey / np.float32(0.6), 1)
+    grey_weight *= np.float32(rng.uniform(0.85, 1.15))
+    # CSF's FLAIR signal relative to white matter's where it escapes suppression, and in flow artefacts.
+    unsuppressed = np.maximum(
+        confounders.csf_leak[brain] * np.float32(rng.uniform(0.6, 1.5)), _flow_artefacts(anatomy, rng)[brain]
+    )
+    noise = rng.uniform(*_NOISE_RANGE)
     images = {}
     for name in MODALITIES:
         lesion = (t1_weight if name == "mprage" else lesion_weight)[brain]
-        gain = _SIGNAL_SCALE * rng.uniform(0.9, 1.1)
+        gain = _SIGNAL_SCALE * math.exp(rng.uniform(*np.log(_GAIN_RANGE)))
         csf_signal, grey_signal, white_signal, lesion_signal = (
-            np.float32(gain * level * rng.uniform(0.96, 1.04)) for level in _TISSUE_SIGNAL[name]
+            np.float32(gain * level * rng.uniform(0.94, 1.06)) for level in _TISSUE_SIGNAL[name]
         )
-        tissue = csf * csf_signal + grey * grey_signal + white * white_signal
+        csf_level = csf_signal
+        if name == "flair":
+            csf_level = np.maximum(csf_signal, unsuppressed * white_signal)
+        # Periventricular hyperintensity lies in whatever tissue lines the ventricles (white matter, caudate,
+        # thalamus). A bright grey-matter region brightens a voxel in proportion to its grey matter, in full
+        # from 60 % on, so that cortex stays bright on coarse grids, where few voxels are pure grey matter.
+        tissue = csf * csf_level + (grey * grey_signal + white * white_signal) * (
+            1
+            + periventricular * np.float32(_PERIVENTRICULAR_EFFECT[name])
+            + grey_weight * np.float32(_GREY_BOOST_EFFECT[name])
+        )
         clean = tissue + lesion * (lesion_signal - tissue)
-        # ISBI images are bias-corrected; what remains is a weak smooth field.
-        clean *= np.exp(np.float32(0.04) * _smooth_field(axes, rng, terms=4, max_cycles=1.0))[brain]
-        sigma = np.float32(_NOISE_FRACTION) * white_signal
+        bias = np.float32(rng.uniform(*_BIAS_RANGE))
+        clean *= np.exp(bias * _smooth_field(axes, rng, terms=4, max_cycles=1.0))[brain]
+        sigma = np.float32(noise * rng.uniform(0.8, 1.2)) * white_signal
         real = clean + sigma * rng.standard_normal(clean.shape, dtype=np.float32)
         imaginary = sigma * rng.standard_normal(clean.shape, dtype=np.float32)
         image = np.zeros(brain.shape, dtype=np.float32)
@@ -509,31 +658,3 @@ def _modalities(
         image[brain] = np.maximum(np.sqrt(real**2 + imaginary**2), np.float32(1e-3))
         images[name] = image
     return images
-
-
-def _second_rater(mask: np.ndarray, anatomy: Anatomy, rng: np.random.Generator) -> np.ndarray:
-    """Rater 2: draws some lesion borders wider or tighter and misses some small lesions.
-
-    Border shifts grow with the lesion (about a third of its radius, at least one voxel) and "small"
-    means below a 3 mm radius, so raters disagree about as much at every grid size.
-    """
-    small = max(4 / 3 * math.pi * (3.0 * anatomy.voxels_per_mm) ** 3, 40.0)
-    labels, _ = ndimage.label(mask)
-    sizes = np.bincount(labels.ravel())
-    cross = ndimage.generate_binary_structure(3, 1)
-    second = np.zeros_like(mask)
-    for label, found in enumerate(ndimage.find_objects(labels), start=1):
-        if sizes[label] < small and rng.random() < 0.3:
-            continue
-        shift = max(1, round(0.35 * (3 * sizes[label] / (4 * math.pi)) ** (1 / 3)))
-        box = tuple(slice(max(s.start - shift, 0), s.stop + shift) for s in found)
-        lesion = labels[box] == label
-        action = rng.choice(("wider", "tighter", "same"), p=(0.35, 0.35, 0.3))
-        if action == "wider":
-            lesion = ndimage.binary_dilation(lesion, cross, iterations=shift) & anatomy.brain[box]
-        elif action == "tighter":
-            tighter = ndimage.binary_erosion(lesion, cross, iterations=shift)
-            # Nobody draws a lesion they saw as a few voxels: a thin lesion is kept as it is.
-            lesion = tighter if tighter.sum() >= 0.25 * lesion.sum() else lesion
-        second[box] |= lesion
-    return second

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
+import shlex
+import subprocess
 from pathlib import Path
 
 import jsonschema
@@ -17,7 +20,9 @@ import ray.autoscaler
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-CLUSTER = Path(__file__).resolve().parents[2] / "cluster"
+REPOSITORY = Path(__file__).resolve().parents[2]
+CLUSTER = REPOSITORY / "cluster"
+SETUP_NODE = CLUSTER / "setup_node.sh"
 CONFIGS = ["a100.yaml", "local.yaml"]
 SCHEMA = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
 
@@ -29,7 +34,6 @@ COMMAND_LISTS = [
     "head_start_ray_commands",
     "worker_start_ray_commands",
 ]
-TORCH_PIN = "torch==2.13.0"
 
 
 def load(name: str) -> dict:
@@ -114,6 +118,15 @@ def test_head_binds_dashboard_to_loopback(name):
     assert f"ray dashboard cluster/{name}" in (CLUSTER / name).read_text()
 
 
+def setup_node_calls(config: dict) -> list[list[str]]:
+    """The arguments of each cluster/setup_node.sh call in the setup commands, in order."""
+    return [
+        shlex.split(command)[2:]
+        for command in commands(config, "initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands")
+        if "cluster/setup_node.sh" in command
+    ]
+
+
 def test_usage_stats_off(name):
     config = load(name)
     starts = ray_start_commands(config)
@@ -121,7 +134,7 @@ def test_usage_stats_off(name):
     for command in starts:
         assert "RAY_USAGE_STATS_ENABLED=0" in command
         assert "--disable-usage-stats" in command
-    assert "export RAY_USAGE_STATS_ENABLED=0" in " ".join(commands(config, "setup_commands"))
+    assert "export RAY_USAGE_STATS_ENABLED=0" in SETUP_NODE.read_text()
 
 
 def test_token_auth_on_every_node(name):
@@ -129,29 +142,63 @@ def test_token_auth_on_every_node(name):
     assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
     for command in ray_start_commands(config):
         assert "RAY_AUTH_MODE=token" in command
+    assert "export RAY_AUTH_MODE=token" in SETUP_NODE.read_text()
 
 
-def test_setup_installs_pinned_torch_before_msx_from_the_checkout(name):
+def test_every_node_is_set_up_by_the_shared_script_from_the_checkout(name):
     config = load(name)
-    assert config["file_mounts"]["~/msx"] == "."
-    # ray up runs setup_commands then head_setup_commands on the head, then worker_setup_commands on workers
-    for node in ("head_setup_commands", "worker_setup_commands"):
-        setup = commands(config, "initialization_commands", "setup_commands", node)
-        torch = first_index(setup, r"pip install .*torch==2\.13\.0")
-        msx = first_index(setup, r"pip install (-e|--editable) ~/msx\b")
-        assert torch < msx
-    # no other torch install that could pull an unpinned build
+    # setup_commands run on the head and on every worker
+    (call,) = setup_node_calls(config)
+    assert call[:2] == ["/mnt/shared", f"cluster/{name}"]
+    assert setup_node_calls(config) == [shlex.split(c)[2:] for c in commands(config, "setup_commands") if "setup_node.sh" in c]
+    # the script installs msx from the synced checkout, from the wheelhouse only when there is one
+    script = SETUP_NODE.read_text()
+    assert '--no-index --find-links "$wheelhouse" -e ~/msx' in script
+    # nothing in the config installs packages by itself (so nothing bypasses the wheelhouse), or msx from elsewhere
     for command in commands(config):
-        if re.search(r"pip install\b.*\btorch\b", command):
-            assert TORCH_PIN in command, command
-    # nothing installs msx from anywhere but the synced checkout
+        assert not re.search(r"\bpip3? install\b", command), command
     assert not any("git+" in c for c in commands(config))
 
 
-def test_shared_storage_is_exported(name):
-    setup = " ".join(commands(load(name), "setup_commands"))
-    assert "export MSX_STORAGE=/mnt/shared/msx_runs" in setup
-    assert "/mnt/shared" in setup
+def test_file_mounts_carry_what_installing_msx_needs_and_no_more(name):
+    """`ray up` hashes every file under the mounted paths: "." would read .venv and msx_runs at each start."""
+    tomllib = pytest.importorskip("tomllib")
+    mounts = load(name)["file_mounts"]
+    pyproject = tomllib.loads((REPOSITORY / "pyproject.toml").read_text())
+    needed = {"pyproject.toml", pyproject["project"]["readme"], "cluster", *pyproject["tool"]["setuptools"]["package-dir"].values()}
+    checkout = {local.removeprefix("./"): remote for remote, local in mounts.items() if local.startswith("./")}
+    assert set(checkout) == needed
+    assert all(remote == f"~/msx/{local}" for local, remote in checkout.items())
+    assert set(mounts) - set(checkout.values()) == {"~/.ray/auth_token"}
+
+
+def test_shared_storage_is_exported():
+    assert "export MSX_STORAGE=$shared/msx_runs" in SETUP_NODE.read_text()
+
+
+def run_setup_node(home: Path, shared: Path) -> subprocess.CompletedProcess:
+    """setup_node.sh as a node runs it, here, with `home` as the node's home folder."""
+    return subprocess.run(
+        ["bash", str(SETUP_NODE), str(shared), "cluster/local.yaml"], env={"HOME": str(home), "PATH": os.environ["PATH"]},
+        capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_setup_stops_with_a_message_without_the_shared_mount(tmp_path):
+    result = run_setup_node(tmp_path, tmp_path / "not-mounted")
+    assert result.returncode == 1
+    assert f"cluster/local.yaml, node {os.uname().nodename}: no writable shared folder at {tmp_path / 'not-mounted'}" in result.stderr
+    assert not (tmp_path / "msx-venv").exists()
+
+
+def test_setup_stops_with_a_message_without_the_token(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    result = run_setup_node(tmp_path, shared)
+    assert result.returncode == 1
+    assert "no Ray authentication token at ~/.ray/auth_token" in result.stderr
+    assert "'ray get-auth-token --generate'" in result.stderr
+    assert not (tmp_path / "msx-venv").exists()
 
 
 def test_a100_cluster_shape():
@@ -169,7 +216,8 @@ def test_a100_cluster_shape():
     assert config["idle_timeout_minutes"] > 0
     # head and workers share an image, so Ray sees one Python version
     assert head["node_config"]["ImageId"] == worker["node_config"]["ImageId"]
-    assert "pip install \"boto3" in " ".join(config["head_setup_commands"])
+    # boto3 (Ray's AWS autoscaler on the head) comes with msx, from the wheelhouse when there is one
+    assert any(requirement.startswith("boto3") for requirement in setup_node_calls(config)[0][2:])
 
 
 def test_local_provider_lists_the_users_machines():

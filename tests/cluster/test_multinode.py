@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,33 +29,25 @@ import yaml
 from mlflow.tracking import MlflowClient
 from ray._common.utils import get_ray_address_file
 
+from tests.helpers import free_port, tiny_spec
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 BIN = Path(sys.executable).parent
-TINY_SPEC = {
-    "name": "tiny",
-    "data": {"modalities": ["flair", "t2"], "folds": "loso", "synthetic": {"patients": 3, "shape": [32, 36, 32], "seed": 0}},
-    "model": {"backbones": ["unet"], "width": 0.125},
-    "training": {
-        "epochs": 6, "batch_size": 1, "patch_size": [32, 32, 32], "validate_every": 2, "validation_ddim_steps": 1,
-        "validation_strategy": "mean",
-    },
-    "inference": {"strategies": ["mean", "last"], "ddim_steps": 1, "samples": 1, "overlap": 0.0},
-    "resources": {"workers_per_trial": 1, "cpus_per_worker": 1, "max_failures": 3},
-    "search": {
+TINY_SPEC = tiny_spec(
+    "tiny",
+    data={"modalities": ["flair", "t2"], "folds": "loso", "synthetic": {"patients": 3, "shape": [32, 36, 32], "seed": 0}},
+    training={"epochs": 6, "validate_every": 2},
+    inference={"strategies": ["mean", "last"]},
+    resources={"workers_per_trial": 1, "cpus_per_worker": 1, "max_failures": 3},
+    search={
         "configurations_per_backbone": 1,
         "parameters": [{"name": "training.lr", "distribution": "loguniform", "low": 1.0e-3, "high": 4.0e-3}],
         "scheduler": {"name": "fifo"},
     },
-    "registry": {"model_name": "msx-tiny"},
-}
+    registry={"model_name": "msx-tiny"},
+)
 FOLDS = 3
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @dataclass

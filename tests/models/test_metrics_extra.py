@@ -1,4 +1,4 @@
-"""HD95 and the ISBI 2015 score (msx.models.metrics extras)."""
+"""HD95, the ISBI 2015 score and a fold's split scores (msx.models.metrics extras)."""
 
 import math
 
@@ -8,12 +8,15 @@ import torch
 from monai.metrics import compute_hausdorff_distance
 from msx.models.metrics import (
     EXTRA_METRIC_NAMES,
+    HIGHER_IS_BETTER,
     METRIC_NAMES,
+    SPLIT_METRIC_NAMES,
     _symmetric_surface_percentile,
     isbi_scores,
     lesion_volumes,
     mean_isbi_score,
     segmentation_metrics,
+    split_metrics,
 )
 
 from .metric_references import LESION_KINDS, directed_surface_distances, random_lesion_pair
@@ -115,3 +118,26 @@ def test_mean_isbi_score_correlates_over_the_scans_given_and_leaves_out_undefine
     assert mean_isbi_score(per_scan) == pytest.approx((first + second) / 2)
     assert math.isnan(mean_isbi_score(per_scan[:1]))  # one scan: no correlation
     assert math.isnan(mean_isbi_score([]))
+
+
+def test_split_metrics_are_means_over_the_splits_scans_with_the_isbi_score_over_the_same_scans():
+    def row(split, scan, strategy, dsc, pred_volume):
+        metrics = {"dsc": dsc, "tpr": 0.5, "ppv": 0.6, "ltpr": 0.7, "lfpr": 0.1, "avd": 20.0, "assd": 1.0}
+        return {"split": split, "scan": scan, "strategy": strategy, **metrics, "pred_volume_mm3": pred_volume, "gt_volume_mm3": 100.0 * scan}
+
+    rows = [row("val", 1, "mean", 0.2, 90.0), row("val", 2, "mean", math.nan, 210.0), row("val", 3, "mean", 0.6, 280.0)]
+    rows += [row("test", 4, "mean", 0.5, 350.0), row("test", 4, "last", 0.1, 10.0)]
+
+    metrics = split_metrics(rows)
+
+    assert set(metrics) == {f"{split}/{strategy}/{metric}" for split, strategy in (("val", "mean"), ("test", "mean"), ("test", "last"))
+                            for metric in SPLIT_METRIC_NAMES}
+    assert metrics["val/mean/dsc"] == pytest.approx(0.4)  # NaN left out
+    assert metrics["val/mean/avd"] == pytest.approx(20.0)
+    assert metrics["val/mean/isbi"] == pytest.approx(mean_isbi_score(rows[:3]))
+    assert metrics["test/mean/dsc"] == 0.5 and metrics["test/last/dsc"] == 0.1
+    assert math.isnan(metrics["test/mean/isbi"])  # one scan: no volume correlation
+
+
+def test_every_reported_score_has_a_direction():
+    assert set(HIGHER_IS_BETTER) == {*SPLIT_METRIC_NAMES, *EXTRA_METRIC_NAMES}

@@ -1,9 +1,8 @@
 import os
-from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+from tests.helpers import REPOSITORY
 
 
 @pytest.fixture(scope="module")
@@ -15,8 +14,7 @@ def local_ray():
     import ray
 
     # Workers unpickle functions defined in test modules by module name: let them import those modules.
-    here = str(Path(__file__).parents[2])
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH")]))
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

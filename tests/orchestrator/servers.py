@@ -1,7 +1,6 @@
 """Servers the tests start (mlflow server, msx ui): starting and stopping an MLflow server, waiting for a health check."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -26,12 +25,6 @@ def wait_until_healthy(process: subprocess.Popen, url: str, log: Path, timeout_s
         if time.monotonic() > deadline:
             pytest.fail(f"server did not answer in {timeout_s:.0f} s: {log.read_text()[-2000:]}")
         time.sleep(0.5)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:

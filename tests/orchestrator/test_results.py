@@ -1,17 +1,13 @@
 import math
 
-import pytest
-
-from msx.models.metrics import mean_isbi_score
 from msx.orchestrator.results import (
-    SPLIT_METRIC_NAMES,
     TrialOutcome,
     best_per_backbone,
     results_table,
     select_best,
-    split_metrics,
     summarise_configurations,
 )
+from msx.orchestrator.trial import TrialConfig
 
 STRATEGIES = ("mean", "last")
 
@@ -22,7 +18,7 @@ def outcome(configuration, fold, val_mean, test_mean, backbone="unet"):
         for strategy, offset in (("mean", 0.0), ("last", -0.1)):
             metrics[f"{split}/{strategy}/dsc"] = value + offset
             metrics[f"{split}/{strategy}/lfpr"] = 0.2
-    return TrialOutcome(configuration, backbone, fold, {"training.lr": 1e-3}, metrics, f"/ckpt/{configuration}/{fold}")
+    return TrialOutcome(TrialConfig(backbone, fold, configuration, {"training.lr": 1e-3}), metrics, f"/ckpt/{configuration}/{fold}")
 
 
 def test_summary_is_mean_and_population_std_over_folds():
@@ -62,22 +58,3 @@ def test_table_marks_best_per_column_and_lists_each_backbone_once():
     segresnet_mean = next(l for l in lines if l.startswith("segresnet") and " mean " in l)
     assert "0.700 ± 0.000*" in segresnet_mean
     assert "n/a" in segresnet_mean  # metrics not reported stay visible as n/a
-
-
-def test_split_metrics_are_means_over_the_splits_scans_with_the_isbi_score_over_the_same_scans():
-    def row(split, scan, strategy, dsc, pred_volume):
-        metrics = {"dsc": dsc, "tpr": 0.5, "ppv": 0.6, "ltpr": 0.7, "lfpr": 0.1, "avd": 20.0, "assd": 1.0}
-        return {"split": split, "scan": scan, "strategy": strategy, **metrics, "pred_volume_mm3": pred_volume, "gt_volume_mm3": 100.0 * scan}
-
-    rows = [row("val", 1, "mean", 0.2, 90.0), row("val", 2, "mean", math.nan, 210.0), row("val", 3, "mean", 0.6, 280.0)]
-    rows += [row("test", 4, "mean", 0.5, 350.0), row("test", 4, "last", 0.1, 10.0)]
-
-    metrics = split_metrics(rows)
-
-    assert set(metrics) == {f"{split}/{strategy}/{metric}" for split, strategy in (("val", "mean"), ("test", "mean"), ("test", "last"))
-                            for metric in SPLIT_METRIC_NAMES}
-    assert metrics["val/mean/dsc"] == pytest.approx(0.4)  # NaN left out
-    assert metrics["val/mean/avd"] == pytest.approx(20.0)
-    assert metrics["val/mean/isbi"] == pytest.approx(mean_isbi_score(rows[:3]))
-    assert metrics["test/mean/dsc"] == 0.5 and metrics["test/last/dsc"] == 0.1
-    assert math.isnan(metrics["test/mean/isbi"])  # one scan: no volume correlation

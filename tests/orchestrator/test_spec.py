@@ -2,6 +2,10 @@ from pathlib import Path
 
 import pytest
 
+from msx.models.diffusion import DiffusionConfig, LossWeights
+from msx.models.engine import InferenceConfig
+from msx.models.fold import TrainingConfig
+from msx.models.networks import NetworkConfig
 from msx.orchestrator.spec import ExperimentSpec, SpecError, bundled_spaces, load_spec, spec_from_dict
 
 
@@ -141,3 +145,28 @@ def test_bad_folds_are_named_with_their_index_and_split(tmp_path, folds, message
     path = write(tmp_path, f"name: x\ndata:\n  folds: {folds}\n")
     with pytest.raises(SpecError, match=rf"^{path}: {message}"):
         load_spec(path)
+
+
+def test_the_science_sections_default_to_msx_models_configs():
+    config = ExperimentSpec(name="x").fold_config("unet")
+    assert config.training == TrainingConfig()
+    assert config.diffusion == DiffusionConfig()
+    assert config.evaluation == InferenceConfig()
+    assert config.network == NetworkConfig("unet", patch_size=TrainingConfig.patch_size)
+
+
+def test_engine_configs_carry_the_specs_values():
+    spec = load_spec("smoke")
+    config = spec.fold_config("segresnet")
+    assert config.network == NetworkConfig("segresnet", 3, spec.model.width, spec.training.patch_size)
+    assert config.training.loss_weights == LossWeights(spec.training.loss_dice, spec.training.loss_bce, spec.training.loss_mse)
+    assert config.evaluation == InferenceConfig(
+        spec.inference.ddim_steps, spec.inference.samples, spec.training.patch_size, spec.inference.overlap,
+        spec.inference.sw_batch_size, spec.inference.strategies, spec.inference.connectivity,
+    )
+    # Validation: one chain with the validation's steps and strategy, the final evaluation's windows.
+    assert config.validation == InferenceConfig(
+        spec.training.validation_ddim_steps, 1, spec.training.patch_size, spec.inference.overlap,
+        spec.inference.sw_batch_size, (spec.training.validation_strategy,), spec.inference.connectivity,
+    )
+    assert spec.inference_config(("last",)).strategies == ("last",)

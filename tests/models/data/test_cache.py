@@ -11,6 +11,7 @@ import pytest
 from msx.models.data.cache import PreparedScan, cache_key, cached_training_scan, prepare_training_scan
 from msx.models.data.cohort import CohortError, Scan, find_isbi_cohort, load_scan
 from msx.models.data.transforms import preprocessing_transforms
+from tests.helpers import write_isbi_scan
 
 SHAPE = (14, 12, 10)
 PATCH = (8, 8, 8)
@@ -20,15 +21,13 @@ MODALITIES = ("flair", "t2")
 def _write_scan(folder: Path, seed: int = 0) -> Scan:
     """One ISBI-named scan: a positive 'brain' box of random intensities and a small lesion in it."""
     rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
+    images = {}
     for modality in ("flair", "mprage", "t2"):
-        volume = np.zeros(SHAPE, np.float32)
-        volume[2:12, 1:10, 2:9] = rng.uniform(10, 100, (10, 9, 7))
-        nib.save(nib.Nifti1Image(volume, np.eye(4)), folder / f"training01_01_{modality}_pp.nii.gz")
+        images[modality] = np.zeros(SHAPE, np.float32)
+        images[modality][2:12, 1:10, 2:9] = rng.uniform(10, 100, (10, 9, 7))
     mask = np.zeros(SHAPE, np.uint8)
     mask[5:7, 4:6, 4:6] = 1
-    for rater in (1, 2):
-        nib.save(nib.Nifti1Image(mask, np.eye(4)), folder / f"training01_01_mask{rater}.nii.gz")
+    write_isbi_scan(folder, 1, 1, images, {1: mask, 2: mask})
     return find_isbi_cohort(folder, MODALITIES).scans[0]
 
 

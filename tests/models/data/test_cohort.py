@@ -4,7 +4,6 @@ import gzip
 import re
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 
@@ -15,6 +14,7 @@ from msx.models.data.cohort import (
     find_isbi_cohort,
     load_scan,
 )
+from tests.helpers import save_nifti, write_isbi_scan
 
 SHAPE = (6, 7, 5)
 AFFINE = np.diag([2.0, 1.5, 1.0, 1.0])
@@ -22,9 +22,7 @@ AFFINE[:3, 3] = (-10.0, 20.0, 5.0)
 
 
 def _save(path: Path, data: np.ndarray, affine: np.ndarray = AFFINE) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(data, affine), path)
-    return path
+    return save_nifti(path, data, affine)
 
 
 def _image_values(patient: int, timepoint: int, modality: str) -> np.ndarray:
@@ -47,14 +45,12 @@ def _write_scan(
     modalities: tuple[str, ...] = MODALITIES,
     raters: tuple[int, ...] = (1, 2),
 ) -> dict[str, Path]:
-    stem = f"training{patient:02d}_{timepoint:02d}"
-    files = {
-        name: _save(folder / f"{stem}_{name}_pp{suffix}", _image_values(patient, timepoint, name))
-        for name in modalities
-    }
-    for rater in raters:
-        files[f"mask{rater}"] = _save(folder / f"{stem}_mask{rater}{suffix}", _mask_values(patient, timepoint, rater))
-    return files
+    return write_isbi_scan(
+        folder, patient, timepoint,
+        {name: _image_values(patient, timepoint, name) for name in modalities},
+        {rater: _mask_values(patient, timepoint, rater) for rater in raters},
+        AFFINE, suffix,
+    )
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int]]:

@@ -5,6 +5,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from msx.models.data.baseline import brain_zscore, flair_threshold_baseline
 from msx.models.data.cohort import MODALITIES, find_isbi_cohort, load_scan
 from msx.models.data.synth import (
     ISBI_SHAPE,
@@ -17,6 +18,7 @@ from msx.models.data.synth import (
 from scipy import ndimage
 
 SHAPE = (48, 56, 48)  # the smoke study's grid
+FLAIR, MPRAGE = MODALITIES.index("flair"), MODALITIES.index("mprage")
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -47,6 +49,11 @@ def scans(written):
 @pytest.fixture(scope="module")
 def anatomies():
     return {patient: patient_anatomy(SHAPE, patient, seed=0) for patient in range(1, 6)}
+
+
+def _normal_white_matter(anatomy, rater1: np.ndarray, rater2: np.ndarray) -> np.ndarray:
+    """Voxels mostly white matter and at least 2 voxels from any lesion either rater drew."""
+    return anatomy.brain & ~ndimage.binary_dilation(rater1 | rater2, iterations=2) & (anatomy.white_matter > 0.8)
 
 
 def _arrays(paths: list[Path]) -> list[np.ndarray]:
@@ -143,7 +150,8 @@ def test_skull_stripped_background_is_exactly_zero(scans):
 
 
 def test_contrasts_follow_mri_physics_per_modality(scans, anatomies):
-    """Lesions bright on FLAIR, T2 and PD and hypo- to iso-intense on MPRAGE; CSF dark on FLAIR and MPRAGE."""
+    """On average lesions are bright on FLAIR, T2 and PD and darker than white matter on MPRAGE; CSF dark on
+    FLAIR and MPRAGE."""
     for scan_id, (image, lesion, _) in scans.items():
         anatomy = anatomies[int(scan_id[8:10])]
         healthy = anatomy.brain & ~ndimage.binary_dilation(lesion, iterations=2)
@@ -157,7 +165,7 @@ def test_contrasts_follow_mri_physics_per_modality(scans, anatomies):
             for name in MODALITIES
         }
         flair, mprage, t2, pd = (mean[name] for name in ("flair", "mprage", "t2", "pd"))
-        assert flair["lesion"] > 1.5 * flair["white"] and flair["lesion"] > flair["grey"] > flair["white"] > flair["csf"], scan_id
+        assert flair["lesion"] > 1.2 * flair["white"] and flair["lesion"] > flair["grey"] > flair["white"] > flair["csf"], scan_id
         assert mprage["white"] > mprage["grey"] > mprage["csf"] and mprage["white"] > 1.2 * mprage["lesion"], scan_id
         assert mprage["lesion"] > mprage["csf"], scan_id
         assert t2["csf"] > t2["lesion"] > 1.3 * t2["white"] and t2["grey"] > t2["white"], scan_id
@@ -186,7 +194,7 @@ def test_lesions_are_mostly_periventricular_or_juxtacortical(scans, anatomies):
 
 def test_second_rater_differs_from_first_as_raters_do(scans):
     dices = [_dice(r1, r2) for _, r1, r2 in scans.values()]
-    assert 0.65 < np.median(dices) < 0.85 and min(dices) > 0.5
+    assert 0.6 < np.median(dices) < 0.85 and min(dices) > 0.5
     rater1 = np.concatenate([s[1].ravel() for s in scans.values()])
     rater2 = np.concatenate([s[2].ravel() for s in scans.values()])
     # Rater 2 both adds and removes voxels, and misses some lesions entirely.
@@ -196,6 +204,34 @@ def test_second_rater_differs_from_first_as_raters_do(scans):
         labels, count = ndimage.label(r1)
         missed += sum(not r2[labels == i].any() for i in range(1, count + 1))
     assert missed > 0
+
+
+def test_raters_disagree_at_borders_and_about_faint_lesions(scans, anatomies):
+    disagreeing = explained = 0
+    contrast = {"both": [], "one": []}  # lesion FLAIR over normal white matter, by how many raters drew it
+    for scan_id, (image, rater1, rater2) in scans.items():
+        anatomy = anatomies[int(scan_id[8:10])]
+        flair = image[FLAIR]
+        white = flair[_normal_white_matter(anatomy, rater1, rater2)]
+        borders = np.zeros_like(rater1)
+        drawn_once = np.zeros_like(rater1)
+        for mask, other in ((rater1, rater2), (rater2, rater1)):
+            borders |= ndimage.binary_dilation(mask) & ~ndimage.binary_erosion(mask)
+            labels, count = ndimage.label(mask)
+            for label in range(1, count + 1):
+                lesion = labels == label
+                seen_by_both = other[lesion].any()
+                drawn_once |= lesion & ~seen_by_both
+                if mask is rater1 or not seen_by_both:
+                    contrast["both" if seen_by_both else "one"].append(flair[lesion].mean() / white.mean())
+        disagreement = rater1 ^ rater2
+        disagreeing += disagreement.sum()
+        explained += (disagreement & (borders | drawn_once)).sum()
+    # Almost every voxel they disagree on is on a lesion's border or in a lesion only one of them drew ...
+    assert explained / disagreeing > 0.9
+    # ... and the lesions only one of them drew are fainter than those both drew.
+    assert len(contrast["one"]) >= 10
+    assert np.mean(contrast["one"]) < np.mean(contrast["both"])
 
 
 def test_lesions_persist_and_change_over_time(scans):
@@ -210,13 +246,80 @@ def test_lesions_persist_and_change_over_time(scans):
     assert appeared > 0  # some lesions are new at follow-up
 
 
-def test_a_flair_threshold_finds_the_lesions(scans):
-    """Learnable: even the crudest classifier separates lesions, so a small network will."""
-    for scan_id, (image, lesion, _) in scans.items():
-        flair = image[MODALITIES.index("flair")]
-        brain = flair > 0
-        z = (flair - flair[brain].mean()) / flair[brain].std()
-        assert _dice(brain & (z > 2.5), lesion) > 0.6, scan_id
+def test_one_flair_threshold_does_not_find_the_lesions(scans):
+    """As on real FLAIR: the best single brightness cut misses faint lesions and takes look-alikes."""
+    baseline = flair_threshold_baseline((image[FLAIR], rater1) for image, rater1, _ in scans.values())
+    assert 0.2 < baseline.mean_dice < 0.65
+    assert max(baseline.best_per_scan) < 0.75  # not even with a threshold chosen for each scan
+
+
+def test_lesions_stand_out_from_the_tissue_around_them(scans, anatomies):
+    """Learnable all the same: nearly every lesion is brighter on FLAIR than the tissue just around it, a
+    local contrast that a network sees and a global threshold cannot use (a few lie in equally bright caps)."""
+    contrasts = []
+    for scan_id, (image, rater1, rater2) in scans.items():
+        anatomy = anatomies[int(scan_id[8:10])]
+        labels, count = ndimage.label(rater1)
+        around = anatomy.brain & (anatomy.csf < 0.5) & ~ndimage.binary_dilation(rater1 | rater2)
+        for label in range(1, count + 1):
+            lesion = labels == label
+            shell = ndimage.binary_dilation(lesion, iterations=2) & around
+            if shell.sum() >= 5:
+                contrasts.append(image[FLAIR][lesion].mean() / image[FLAIR][shell].mean())
+    assert len(contrasts) > 100
+    contrasts = np.array(contrasts)
+    assert np.mean(contrasts > 1.05) > 0.95 and np.mean(contrasts > 1.15) > 0.8
+
+
+def test_look_alikes_as_bright_as_lesions_lie_outside_them(scans, anatomies):
+    """Confounders: outside the lesions, voxels as bright on FLAIR as the median lesion voxel, in grey matter
+    and next to the ventricles (caps and bands), add up to a good part of the lesion volume."""
+    lesion_voxels = 0
+    found = {"grey matter": 0, "periventricular": 0}
+    look_alikes = 0
+    for scan_id, (image, rater1, rater2) in scans.items():
+        anatomy = anatomies[int(scan_id[8:10])]
+        z = brain_zscore(image[FLAIR])
+        bright = anatomy.brain & ~ndimage.binary_dilation(rater1 | rater2, iterations=2) & (z >= np.median(z[rater1]))
+        lesion_voxels += rater1.sum()
+        look_alikes += bright.sum()
+        periventricular = bright & (anatomy.csf <= 0.5) & (anatomy.ventricle_distance <= 2)
+        found["periventricular"] += periventricular.sum()
+        found["grey matter"] += (bright & ~periventricular & (anatomy.grey_matter > 0.5)).sum()
+    assert look_alikes > 0.3 * lesion_voxels
+    assert all(count > 0.1 * look_alikes for count in found.values()), found
+
+
+def test_some_lesions_are_black_holes_on_mprage_most_are_not(scans, anatomies):
+    darkness = []  # each lesion's MPRAGE core over normal white matter
+    for scan_id, (image, rater1, rater2) in scans.items():
+        anatomy = anatomies[int(scan_id[8:10])]
+        mprage = image[MPRAGE]
+        white = mprage[_normal_white_matter(anatomy, rater1, rater2)]
+        labels, count = ndimage.label(rater1)
+        for label in range(1, count + 1):
+            core = ndimage.binary_erosion(labels == label)
+            darkness.append(mprage[core if core.any() else labels == label].mean() / white.mean())
+    darkness = np.array(darkness)
+    # Darker than grey matter (0.62 of white matter): black holes, a minority; the rest iso- to mildly hypointense.
+    assert 0.05 < np.mean(darkness < 0.62) < 0.4
+    assert np.mean(darkness > 0.75) > 0.4
+
+
+def test_scans_differ_in_intensity_scale_and_bias_field(scans, anatomies):
+    """Raw scans have no common unit, and the residual bias field changes from scan to scan (scanner drift)."""
+    white_levels, front_to_back = [], []
+    for scan_id, (image, rater1, rater2) in scans.items():
+        anatomy = anatomies[int(scan_id[8:10])]
+        white = _normal_white_matter(anatomy, rater1, rater2)
+        flair = image[FLAIR]
+        white_levels.append(np.median(flair[white]))
+        front, back = white.copy(), white.copy()
+        front[:, : SHAPE[1] // 2] = False
+        back[:, SHAPE[1] // 2 :] = False
+        front_to_back.append(flair[front].mean() / flair[back].mean())
+    assert max(white_levels) / min(white_levels) > 1.5
+    assert np.std(front_to_back) > 0.02
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 from msx.models.data.cohort import Cohort, find_isbi_cohort
@@ -13,15 +12,10 @@ from msx.models.data.validation import (
     check_cohort_root,
     summarise_cohort,
 )
+from tests.helpers import save_nifti, write_isbi_cohort
 
 SHAPE = (6, 7, 5)
 MODALITIES = ("flair", "mprage", "t2")
-
-
-def _save(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), path)
-    return path
 
 
 def _mask(timepoint: int = 1) -> np.ndarray:
@@ -32,15 +26,12 @@ def _mask(timepoint: int = 1) -> np.ndarray:
 
 def write_cohort(root: Path, patients=(1, 2, 3, 4, 5), timepoints=2, affine=None, ext=".nii.gz") -> Path:
     """A tiny, valid ISBI-named cohort: three modalities and both raters' masks per scan."""
-    for patient in patients:
-        for timepoint in range(1, timepoints + 1):
-            stem = root / f"training{patient:02d}" / f"training{patient:02d}_{timepoint:02d}"
-            for name in MODALITIES:
-                image = np.random.default_rng(patient * 10 + timepoint).random(SHAPE, dtype=np.float32)
-                _save(Path(f"{stem}_{name}_pp{ext}"), image, affine)
-            for rater in (1, 2):
-                _save(Path(f"{stem}_mask{rater}{ext}"), _mask(timepoint), affine)
-    return root
+    return write_isbi_cohort(
+        root, patients, range(1, timepoints + 1),
+        image=lambda patient, timepoint, _: np.random.default_rng(patient * 10 + timepoint).random(SHAPE, dtype=np.float32),
+        mask=lambda _, timepoint, __: _mask(timepoint),
+        affine=affine, suffix=ext, modalities=MODALITIES,
+    )
 
 
 def _file(root: Path, patient: int, timepoint: int, suffix: str, ext: str = ".nii.gz") -> Path:
@@ -79,7 +70,7 @@ def test_nan_voxel_is_an_error(tmp_path):
     image = np.ones(SHAPE, dtype=np.float32)
     image[2, 3, 1] = np.nan
     image[0, 0, 0] = np.inf
-    path = _save(_file(root, 3, 2, "t2_pp"), image)
+    path = save_nifti(_file(root, 3, 2, "t2_pp"), image)
     error = _only_error(check_cohort_root(root))
     assert error == f"{path} contains 2 NaN or infinite voxels"
 
@@ -88,14 +79,14 @@ def test_mask_value_outside_0_1_is_an_error(tmp_path):
     root = write_cohort(tmp_path)
     mask = _mask()
     mask[0, 0, 0] = 2
-    path = _save(_file(root, 1, 1, "mask1"), mask)
+    path = save_nifti(_file(root, 1, 1, "mask1"), mask)
     error = _only_error(check_cohort_root(root))
     assert error.startswith(f"{path} is not a binary mask: 1 voxels hold values such as [2.0]")
 
 
 def test_shape_mismatch_is_an_error(tmp_path):
     root = write_cohort(tmp_path)
-    path = _save(_file(root, 4, 1, "t2_pp"), np.zeros((6, 7, 6), dtype=np.float32))
+    path = save_nifti(_file(root, 4, 1, "t2_pp"), np.zeros((6, 7, 6), dtype=np.float32))
     error = _only_error(check_cohort_root(root))
     assert error == f"{path} has shape (6, 7, 6) but {_file(root, 4, 1, 'flair_pp')} has {SHAPE}"
 
@@ -104,7 +95,7 @@ def test_affine_mismatch_is_an_error(tmp_path):
     root = write_cohort(tmp_path)
     shifted = np.eye(4)
     shifted[0, 3] = 5.0
-    path = _save(_file(root, 5, 2, "mask1"), _mask(2), shifted)
+    path = save_nifti(_file(root, 5, 2, "mask1"), _mask(2), shifted)
     error = _only_error(check_cohort_root(root))
     assert error.startswith(f"{path} has a different affine")
 
@@ -126,7 +117,7 @@ def test_missing_modality_and_rater_mask_are_errors(tmp_path):
 
 def test_duplicate_time_point_as_nii_and_nii_gz_is_an_error(tmp_path):
     root = write_cohort(tmp_path)
-    _save(_file(root, 1, 2, "flair_pp", ext=".nii"), np.ones(SHAPE, dtype=np.float32))
+    save_nifti(_file(root, 1, 2, "flair_pp", ext=".nii"), np.ones(SHAPE, dtype=np.float32))
     error = _only_error(check_cohort_root(root))
     assert "patient 1 time point 2 has two flair files" in error
     assert str(_file(root, 1, 2, "flair_pp", ext=".nii")) in error and str(_file(root, 1, 2, "flair_pp")) in error
@@ -157,8 +148,8 @@ def test_every_problem_is_reported_at_once(tmp_path):
     root = write_cohort(tmp_path)
     nan_image = np.zeros(SHAPE, dtype=np.float32)
     nan_image[0, 0, 0] = np.nan
-    _save(_file(root, 1, 1, "flair_pp"), nan_image)
-    _save(_file(root, 1, 1, "mask1"), _mask() * 3)
+    save_nifti(_file(root, 1, 1, "flair_pp"), nan_image)
+    save_nifti(_file(root, 1, 1, "mask1"), _mask() * 3)
     _file(root, 5, 2, "mprage_pp").write_bytes(b"not a nifti")
     _file(root, 4, 1, "t2_pp").unlink()
     report = check_cohort_root(root, folds="paper")
@@ -168,7 +159,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
 def test_non_1mm_spacing_and_empty_mask_are_warnings(tmp_path):
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     root = write_cohort(tmp_path, patients=(1,), timepoints=1, affine=affine)
-    empty = _save(_file(root, 1, 1, "mask1"), np.zeros(SHAPE, dtype=np.uint8), affine)
+    empty = save_nifti(_file(root, 1, 1, "mask1"), np.zeros(SHAPE, dtype=np.uint8), affine)
     report = check_cohort_root(root)
     assert report.errors == ()
     assert report.warnings == (
@@ -193,7 +184,7 @@ def test_summary_counts_lesions_volume_and_inter_rater_dice(tmp_path):
     affine = np.diag([2.0, 1.0, 1.5, 1.0])  # 3 mm^3 voxels
     stem = tmp_path / "training01_01"
     for name in MODALITIES:
-        _save(Path(f"{stem}_{name}_pp.nii"), np.zeros(SHAPE, dtype=np.float32), affine)
+        save_nifti(Path(f"{stem}_{name}_pp.nii"), np.zeros(SHAPE, dtype=np.float32), affine)
     rater1 = np.zeros(SHAPE, dtype=np.uint8)
     rater1[0:2, 0:2, 0:2] = 1  # 8 voxels
     rater1[2, 2, 2] = 1  # touches the block only at a corner: its own 6-connected lesion
@@ -201,12 +192,12 @@ def test_summary_counts_lesions_volume_and_inter_rater_dice(tmp_path):
     rater2 = np.zeros(SHAPE, dtype=np.uint8)
     rater2[0:2, 0:2, 0:2] = 1  # 8 voxels, all shared
     rater2[5, 0, 0] = 1  # 1 voxel, not shared
-    _save(Path(f"{stem}_mask1.nii"), rater1, affine)
-    _save(Path(f"{stem}_mask2.nii"), rater2, affine)
+    save_nifti(Path(f"{stem}_mask1.nii"), rater1, affine)
+    save_nifti(Path(f"{stem}_mask2.nii"), rater2, affine)
     stem2 = tmp_path / "training02_03"
     for name in MODALITIES:
-        _save(Path(f"{stem2}_{name}_pp.nii.gz"), np.zeros(SHAPE, dtype=np.float32))
-    _save(Path(f"{stem2}_mask1.nii.gz"), rater1)  # only rater 1, 1 mm
+        save_nifti(Path(f"{stem2}_{name}_pp.nii.gz"), np.zeros(SHAPE, dtype=np.float32))
+    save_nifti(Path(f"{stem2}_mask1.nii.gz"), rater1)  # only rater 1, 1 mm
 
     first, second = summarise_cohort(find_isbi_cohort(tmp_path))
     assert (first.patient, first.timepoint, first.shape, first.spacing) == (1, 1, SHAPE, (2.0, 1.0, 1.5))
@@ -229,7 +220,7 @@ def test_a_manifest_reports_its_bad_rows_and_its_files_problems_together(tmp_pat
     root = write_cohort(tmp_path / "data", patients=(1, 2, 3), timepoints=1)
     nan = np.zeros(SHAPE, dtype=np.float32)
     nan[1, 1, 1] = np.nan
-    _save(_file(root, 2, 1, "flair_pp"), nan)
+    save_nifti(_file(root, 2, 1, "flair_pp"), nan)
     manifest = tmp_path / "manifest.csv"
     lines = ["patient,timepoint,flair,mprage,t2,mask1"]
     for patient in (1, 2, 3):

@@ -1,0 +1,417 @@
+"""One fold of a study, free of any orchestration: train on the fold's training scans, validate every few epochs on
+its validation scans, keep the best weights, and evaluate them with every strategy on its validation and test scans.
+
+The orchestrator's Ray Train worker runs `run_fold` with Ray's pieces plugged in (data sharding and DDP through
+`Parallelism`, its reports carrying the checkpoint folders, its metrics as the `TrainingObserver`); a notebook, a
+test or a benchmark run it as it is:
+
+    cohort = open_cohort("data/synthetic", ("flair", "mprage", "t2"), rater=1)
+    fold = resolve_folds("paper", cohort.patients)[0]
+    config = FoldConfig(NetworkConfig("unet", width=0.125), TrainingConfig(epochs=4, patch_size=(32, 32, 32)),
+                        evaluation=InferenceConfig(roi_size=(32, 32, 32)))
+    result = run_fold(config, load_fold_data(cohort, fold, (32, 32, 32)), torch.device("cpu"))
+    result.metrics["test/mean/dsc"]
+
+Every worker of a data-parallel group runs it; rank 0 writes the checkpoint files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, ContextManager, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from monai.data import list_data_collate
+from monai.optimizers import WarmupCosineSchedule
+
+from .checkpoint import save_checkpoint
+from .data.cache import PreparedScan, cached_training_scan
+from .data.cohort import Cohort, LoadedScan, Scan, load_scan
+from .data.folds import Fold
+from .diffusion import DiffusionConfig, LossWeights
+from .engine import (
+    InferenceConfig,
+    ScanEvaluation,
+    evaluate_scan,
+    train_epoch,
+    training_autocast_dtype,
+    training_dataset,
+    training_optimizer,
+)
+from .metrics import split_metrics
+from .networks import NetworkConfig, build_network
+from .overlays import overlay_channel, write_overlay
+
+log = logging.getLogger(__name__)
+
+# A fold's checkpoint folder, written at every validation (and handed to `report`): the training state a restart
+# resumes from; the last one also holds the best weights as an msx checkpoint, the per-scan metrics of the final
+# evaluation and an overlay of each split's first scan.
+STATE_FILE = "training_state.pt"
+MODEL_DIR = "model"
+SCAN_METRICS_FILE = "scan_metrics.json"
+OVERLAY_DIR = "overlays"
+# The splits a fold is evaluated on at its end, by the names its metrics carry (`val/mean/dsc`).
+EVALUATED_SPLITS = ("val", "test")
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """How a fold is trained and validated; the defaults are the reference's recipe."""
+
+    epochs: int = 500
+    batch_size: int = 2
+    patch_size: tuple[int, int, int] = (96, 96, 96)
+    lr: float = 1e-4
+    weight_decay: float = 1e-3
+    # Linear warm-up over this fraction of the steps, then cosine decay.
+    warmup_fraction: float = 0.1
+    loss_weights: LossWeights = LossWeights()
+    validate_every: int = 10
+    # Validation samples one chain with the test-time number of DDIM steps (the reference validates with 50, which
+    # costs more than the training steps) and scores this strategy's Dice; its best epoch's weights are kept.
+    validation_ddim_steps: int = InferenceConfig.ddim_steps
+    validation_strategy: str = "mean"
+    seed: int = 0
+    # Probability that a training patch is centred on a lesion voxel (else on the brain); 0: uniform crops.
+    lesion_patch_fraction: float = 0.0
+
+
+@dataclass(frozen=True)
+class FoldConfig:
+    """Everything `run_fold` needs besides the data: the network, its training, the diffusion process, and the
+    final evaluation's inference settings (validation uses them too, with `TrainingConfig`'s steps and strategy)."""
+
+    network: NetworkConfig
+    training: TrainingConfig = TrainingConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    evaluation: InferenceConfig = InferenceConfig()
+
+    def __post_init__(self) -> None:
+        if tuple(self.evaluation.roi_size) != tuple(self.training.patch_size):
+            raise ValueError(
+                f"inference windows {self.evaluation.roi_size} must be the training patch size {self.training.patch_size}"
+            )
+
+    @property
+    def validation(self) -> InferenceConfig:
+        """The validations' settings: one chain, the validation's steps and strategy, the evaluation's windows."""
+        return replace(
+            self.evaluation,
+            ddim_steps=self.training.validation_ddim_steps,
+            samples=1,
+            strategies=(self.training.validation_strategy,),
+        )
+
+
+@dataclass(frozen=True)
+class FoldData:
+    """A fold's scans: the training scans ready for cropping, the validation scans loaded, the test scans named
+    (they are read for the final evaluation only)."""
+
+    cohort: Cohort
+    fold: Fold
+    train: Sequence[LoadedScan | PreparedScan]
+    validation: Sequence[LoadedScan]
+
+    def records(self, split: str) -> tuple[Scan, ...]:
+        """The scans of `split` ("train", "val" or "test")."""
+        patients = {"train": self.fold.train, "val": self.fold.validation, "test": self.fold.test}[split]
+        return self.cohort.scans_of(patients)
+
+    def load(self, split: str) -> list[LoadedScan]:
+        return [load_scan(scan, self.cohort.modalities, self.cohort.rater) for scan in self.records(split)]
+
+
+def load_fold_data(cohort: Cohort, fold: Fold, patch_size: Sequence[int], scan_cache: str | Path | None = None) -> FoldData:
+    """The fold's training scans (from ``scan_cache``, a folder of preprocessed scans shared by the trials of an
+    experiment, when given) and validation scans; validation and test scans keep their own grid, which whole-scan
+    inference needs."""
+    records = cohort.scans_of(fold.train)
+    if scan_cache is not None:
+        train = [cached_training_scan(scan, cohort.modalities, cohort.rater, patch_size, scan_cache) for scan in records]
+    else:
+        train = [load_scan(scan, cohort.modalities, cohort.rater) for scan in records]
+    validation = [load_scan(scan, cohort.modalities, cohort.rater) for scan in cohort.scans_of(fold.validation)]
+    return FoldData(cohort, fold, train, validation)
+
+
+@dataclass(frozen=True)
+class EpochReport:
+    """What one epoch reports. Every worker of a data-parallel group reports every epoch, the same number of times."""
+
+    epoch: int
+    # NaN for an epoch reported again without training (resumed from the final checkpoint, whose report was lost).
+    train_loss: float
+    lr: float
+    # The epoch of the training state this run started from (0: none).
+    resumed_from_epoch: int
+    # Validation epochs: the Dice of this epoch's weights and the best so far (whose weights are kept).
+    validation_dice: float | None = None
+    best_validation_dice: float | None = None
+    # The last epoch: the best weights' scores on every split (`split_metrics`).
+    final_metrics: Mapping[str, float] | None = None
+
+
+# Called with each epoch's report and, on rank 0 at a validation, the checkpoint folder, which is deleted after the
+# call returns: keep what is wanted of it inside the call.
+Report = Callable[[EpochReport, "Path | None"], None]
+
+
+class TrainingObserver(Protocol):
+    """Watches the training: each training epoch as a block, and each validation's Dice."""
+
+    def training_epoch(self, epoch: int, steps: int, samples: int) -> ContextManager[None]: ...
+
+    def record_validation(self, dice: float) -> None: ...
+
+
+class _Unobserved:
+    def training_epoch(self, epoch: int, steps: int, samples: int) -> ContextManager[None]:
+        return contextlib.nullcontext()
+
+    def record_validation(self, dice: float) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Parallelism:
+    """How the training data and the network are spread over a data-parallel group; the default is one process
+    with the whole data (Ray Train's `prepare_data_loader` and `prepare_model` shard and wrap for several)."""
+
+    prepare_loader: Callable[[torch.utils.data.DataLoader], torch.utils.data.DataLoader] = lambda loader: loader
+    prepare_model: Callable[[torch.nn.Module], torch.nn.Module] = lambda net: net
+
+
+@dataclass(frozen=True)
+class FoldResult:
+    """The network holding the best weights, their validation Dice, and the final evaluation: split scores and
+    per-scan rows (`split`, `scan`, `strategy`, metrics, lesion volumes)."""
+
+    net: torch.nn.Module
+    best_validation_dice: float
+    metrics: Mapping[str, float]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def load_training_state(folder: Path, device: torch.device) -> dict[str, Any]:
+    """The training state of a checkpoint folder written by `run_fold`, to resume from."""
+    return torch.load(Path(folder) / STATE_FILE, map_location=device, weights_only=True)
+
+
+def run_fold(
+    config: FoldConfig,
+    data: FoldData,
+    device: torch.device,
+    *,
+    report: Report | None = None,
+    resume: Mapping[str, Any] | None = None,
+    parallel: Parallelism = Parallelism(),
+    observer: TrainingObserver | None = None,
+    model_metadata: Mapping[str, Any] | None = None,
+    label: str | None = None,
+) -> FoldResult:
+    """Train, validate every `validate_every` epochs and at the end, keep the best weights, evaluate them.
+
+    ``resume``: a training state (`load_training_state`) to continue from. ``model_metadata`` is saved with the best
+    weights (the orchestrator records the trial's spec there). Seeds follow `TrainingConfig.seed` and the rank, so a
+    run is repeatable for the same data and device.
+    """
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    training = config.training
+    observer = observer or _Unobserved()
+    label = label or f"{config.network.backbone} fold {data.fold.index}"
+    torch.manual_seed(training.seed + rank)
+    np.random.seed(training.seed + rank)
+    autocast_dtype = training_autocast_dtype(device)
+
+    dataset = training_dataset(data.train, training.patch_size, training.lesion_patch_fraction, seed=training.seed + rank)
+    # list_data_collate: lesion-biased sampling yields a list of one sample per scan.
+    loader = parallel.prepare_loader(
+        torch.utils.data.DataLoader(
+            dataset, batch_size=training.batch_size, shuffle=True, num_workers=0, collate_fn=list_data_collate
+        )
+    )
+    net = parallel.prepare_model(build_network(config.network).to(device))
+    bare_net = net.module if hasattr(net, "module") else net
+    optimizer = training_optimizer(net.parameters(), training.lr, training.weight_decay, device)
+    total_steps = training.epochs * len(loader)
+    lr_schedule = WarmupCosineSchedule(
+        optimizer, warmup_steps=int(training.warmup_fraction * total_steps), t_total=total_steps
+    )
+
+    start_epoch, best_score, best_state = 0, -math.inf, None
+    if resume is not None:
+        bare_net.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        lr_schedule.load_state_dict(resume["lr_schedule"])
+        start_epoch, best_score, best_state = resume["epoch"], resume["best_score"], resume["best_model"]
+        log.info("%s: resumed at epoch %d (best validation Dice %.4f)", label, start_epoch, best_score)
+
+    epochs = range(start_epoch + 1, training.epochs + 1)
+    if not epochs:
+        # Resumed from the final checkpoint, whose report never arrived (its driver died first): the last validation
+        # and the final evaluation are made and reported again, without training.
+        epochs = range(training.epochs, training.epochs + 1)
+    final_metrics: Mapping[str, float] = {}
+    final_rows: list[dict[str, Any]] = []
+    started = time.monotonic()
+    for epoch in epochs:
+        if hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        if epoch > start_epoch:
+            # The sampler's length is this worker's share of the samples (DistributedSampler with several workers).
+            with observer.training_epoch(epoch, steps=len(loader), samples=len(loader.sampler)):
+                loss = float(
+                    train_epoch(
+                        net, loader, optimizer, lr_schedule, device, config.diffusion, training.loss_weights, autocast_dtype
+                    )
+                )
+        else:
+            loss = math.nan
+        lr = lr_schedule.get_last_lr()[0]
+        if epoch % training.validate_every and epoch != training.epochs:
+            log.info("%s: epoch %d/%d loss %.4f", label, epoch, training.epochs, loss)
+            if report is not None:
+                report(EpochReport(epoch, loss, lr, start_epoch), None)
+            continue
+        per_scan = evaluate_distributed(
+            bare_net, data.validation, config.validation, device, config.diffusion, autocast_dtype,
+            seed=training.seed + epoch,
+        )
+        score = float(np.nanmean([scan[training.validation_strategy]["dsc"] for scan in per_scan]))
+        observer.record_validation(score)
+        if score > best_score or best_state is None:
+            best_score = score
+            best_state = {k: v.detach().clone() for k, v in bare_net.state_dict().items()}
+        log.info(
+            "%s: epoch %d/%d loss %.4f validation Dice %.4f (best %.4f, %.0f s)",
+            label, epoch, training.epochs, loss, score, best_score, time.monotonic() - started,
+        )
+        with tempfile.TemporaryDirectory() as scratch:
+            folder = Path(scratch)
+            # The last validation also carries the final evaluation, in the same report: a scheduler that stops the
+            # trial on this report cannot cut the evaluation off.
+            last = epoch == training.epochs
+            if last:
+                bare_net.load_state_dict(best_state)
+                final_metrics, final_rows = final_evaluation(
+                    bare_net, config, data, device, autocast_dtype, overlay_folder=folder / OVERLAY_DIR if rank == 0 else None
+                )
+                log.info("%s: done, best validation Dice %.4f", label, best_score)
+            if rank == 0:
+                torch.save(
+                    {
+                        "model": bare_net.state_dict(),
+                        "best_model": best_state,
+                        "optimizer": optimizer.state_dict(),
+                        "lr_schedule": lr_schedule.state_dict(),
+                        "epoch": epoch,
+                        "best_score": best_score,
+                    },
+                    folder / STATE_FILE,
+                )
+                if last:
+                    save_checkpoint(folder / MODEL_DIR, bare_net, dict(model_metadata or {}))
+                    (folder / SCAN_METRICS_FILE).write_text(json.dumps(final_rows, indent=1))
+            if report is not None:
+                report(
+                    EpochReport(epoch, loss, lr, start_epoch, score, best_score, final_metrics if last else None),
+                    folder if rank == 0 else None,
+                )
+    return FoldResult(bare_net, best_score, final_metrics, final_rows)
+
+
+def final_evaluation(
+    net: torch.nn.Module,
+    config: FoldConfig,
+    data: FoldData,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    overlay_folder: Path | None,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Every strategy on the validation and the test scans: split scores and per-scan rows.
+
+    With `overlay_folder` (rank 0's), also an overlay PNG of each split's first scan, so the fold's record shows what
+    its numbers look like.
+    """
+    final = config.evaluation
+    # The strategy the fold was validated with, when the final evaluation runs it.
+    overlay_strategy = config.training.validation_strategy
+    if overlay_strategy not in final.strategies:
+        overlay_strategy = final.strategies[0]
+    scans = {"val": data.validation, "test": data.load("test")}
+    rows: list[dict[str, Any]] = []
+    for split in EVALUATED_SPLITS:
+        split_scans, records = scans[split], data.records(split)
+        draw_example = None
+        if overlay_folder is not None and split_scans:
+            draw_example = functools.partial(
+                write_example_overlay, overlay_folder, data.cohort, split, records[0], split_scans[0], overlay_strategy
+            )
+        per_scan = evaluate_distributed(
+            net, split_scans, final, device, config.diffusion, autocast_dtype, seed=config.training.seed + 10_000,
+            on_first_scan=draw_example,
+        )
+        rows.extend(
+            {"split": split, "scan": record.scan_id, "strategy": strategy, **values}
+            for record, scan in zip(records, per_scan)
+            for strategy, values in scan.items()
+        )
+    return split_metrics(rows), rows
+
+
+def write_example_overlay(
+    folder: Path, cohort: Cohort, split: str, record: Scan, scan: LoadedScan, strategy: str, evaluation: ScanEvaluation
+) -> None:
+    folder.mkdir(exist_ok=True)
+    write_overlay(
+        folder / f"{split}-{record.scan_id}-{strategy}.png",
+        scan.image[overlay_channel(cohort.modalities)],
+        evaluation.masks[strategy].astype(bool),
+        scan.mask.astype(bool),
+        f"{split} {record.scan_id} [{strategy}]",
+        f"rater {cohort.rater}",
+    )
+
+
+def evaluate_distributed(
+    net: torch.nn.Module,
+    scans: Sequence[LoadedScan],
+    config: InferenceConfig,
+    device: torch.device,
+    diffusion: DiffusionConfig,
+    autocast_dtype: torch.dtype | None,
+    seed: int,
+    on_first_scan: Callable[[ScanEvaluation], None] | None = None,
+) -> list[dict[str, dict[str, float]]]:
+    """Per-scan metrics, scans shared out over the workers of a process group and gathered back in scan order.
+
+    `on_first_scan` gets the first scan's evaluation, masks included, on the worker that evaluates it (rank 0);
+    only metrics travel between workers.
+    """
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    generator = torch.Generator(device=device)
+    mine = {}
+    for index in range(rank, len(scans), world_size):
+        generator.manual_seed(seed + index)
+        evaluation = evaluate_scan(net, scans[index], config, device, diffusion, generator, autocast_dtype)
+        if index == 0 and on_first_scan is not None:
+            on_first_scan(evaluation)
+        mine[index] = evaluation.metrics
+    if world_size > 1:
+        gathered: list[dict] = [None] * world_size  # type: ignore[list-item]
+        dist.all_gather_object(gathered, mine)
+        mine = {index: value for part in gathered for index, value in part.items()}
+    return [mine[index] for index in range(len(scans))]

@@ -1,0 +1,77 @@
+"""`msx predict`: segment new scans with a checkpoint or a registered model (msx.orchestrator.predict)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from msx.models.registry import UnknownNameError
+
+from ..predict.segment import (
+    OVERLAY_RATER,
+    PredictError,
+    find_input_scans,
+    input_modalities,
+    model_segmenter,
+    predict_scans,
+)
+
+
+def _strategy_check(strategy: str | None) -> None:
+    from msx.models.strategies import STRATEGIES
+
+    if strategy is not None:
+        try:
+            STRATEGIES.get(strategy)
+        except UnknownNameError as error:
+            raise click.ClickException(str(error)) from None
+
+
+def _parse_modalities(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    from msx.models.data.cohort import check_choices
+
+    try:
+        return check_choices([name.strip() for name in text.split(",") if name.strip()], 1)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from None
+
+
+@click.command("predict")
+@click.option("--model", "model_ref", required=True, help="An msx checkpoint folder, or models:/NAME@ALIAS (also NAME/VERSION).")
+@click.option("--input", "input_path", type=click.Path(path_type=Path), required=True, help="Folder with ISBI-named scans (one scan or a cohort), or a cohort manifest (.csv, .yaml); masks optional.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for <scan>_mask.nii.gz and <scan>_overlay.png.")
+@click.option("--maps", is_flag=True, help="Also write <scan>_probability.nii.gz and <scan>_uncertainty.nii.gz (float32, entropy in bits).")
+@click.option("--strategy", default=None, help="Inference strategy (default: the registered model's, or the checkpoint spec's validation strategy).")
+@click.option("--modalities", default=None, help="Comma-separated input channels in the model's order (default: the training spec's).")
+@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, help="MLflow tracking URI (default: SQLite file in --storage).")
+@click.option("--storage", envvar="MSX_STORAGE", type=click.Path(path_type=Path), default=Path("msx_runs"), show_default=True)
+def predict(
+    model_ref: str, input_path: Path, out: Path, maps: bool, strategy: str | None, modalities: str | None,
+    tracking_uri: str | None, storage: Path,
+) -> None:
+    """Segment every scan under --input with a checkpoint or a registered model; write masks, overlays (and maps)."""
+    # Cheap checks first: a typo must not wait for a model to load.
+    _strategy_check(strategy)
+    chosen_modalities = _parse_modalities(modalities)
+    if not input_path.exists():
+        raise click.ClickException(f"input {input_path} does not exist")
+    from ..tracking.store import default_tracking_uri
+
+    try:
+        segment, model_modalities, used_strategy, channels = model_segmenter(
+            model_ref, strategy, tracking_uri or default_tracking_uri(storage.resolve()), maps
+        )
+        use = input_modalities(chosen_modalities, model_modalities, channels)
+        for done in predict_scans(segment, find_input_scans(input_path, use), use, out, used_strategy):
+            line = (
+                f"{done.scan_id}: {done.voxels} lesion voxels ({done.volume_mm3:.1f} mm^3), strategy {used_strategy}, "
+                f"slice z={done.overlay_slice}"
+            )
+            if done.dice is not None:
+                line += f", DSC vs rater {OVERLAY_RATER} {done.dice:.3f}"
+            click.echo(f"{line} -> {done.mask_path}")
+    except PredictError as error:
+        raise click.ClickException(str(error)) from None

@@ -1,0 +1,208 @@
+"""`msx report`: a study's tables and figures, rebuilt from its MLflow record.
+
+The record (record.py), its results (summary.py) and figures (figures.py) make the document's blocks, rendered
+(render.py) as report.md with its figures beside it, and report.html with the figures embedded (one file to mail
+or archive), both also logged to the launch's run under report/.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from msx.models.metrics import HIGHER_IS_BETTER, ISBI_SCORE, SPLIT_METRIC_NAMES
+
+from ..results import format_cell, summary_rows
+from ..study.search_record import SearchSummary
+from ..tracking.store import DATA_ROOT_TAG
+from .figures import example_overlays, study_figures
+from .record import StudyRecord, read_study
+from .render import Block, Heading, Picture, Table, Text, render_html, render_markdown
+from .summary import StudySummary, describe_configuration, summarise_study, trials_line, unfinished_label
+
+REPORT_ARTIFACT_PATH = "report"
+SPLIT_NAMES = {"test": "test", "val": "validation"}
+
+
+@dataclass(frozen=True)
+class ReportFiles:
+    markdown: Path
+    html: Path
+    figures: tuple[Path, ...]
+    record: StudyRecord
+
+
+def metrics_table(summary: StudySummary, split: str) -> Table:
+    """The paper's table: backbone x strategy rows, mean ± std over folds, each column's best marked."""
+    rows, best = [], set()
+    for row_index, (backbone, strategy, cells) in enumerate(summary_rows(list(summary.rows), summary.strategies, split)):
+        rows.append((backbone, strategy, *(format_cell(cell) for cell in cells)))
+        best.update((row_index, 2 + column) for column, cell in enumerate(cells) if cell.best)
+    return Table(("backbone", "strategy", *(m.upper() for m in SPLIT_METRIC_NAMES)), tuple(rows), frozenset(best))
+
+
+def report_blocks(
+    record: StudyRecord, summary: StudySummary, pictures: list[Picture], overlays: list[Picture]
+) -> list[Block]:
+    spec = record.spec
+    connectivity = spec["inference"]["connectivity"]
+    blocks: list[Block] = [
+        Heading(f"Study {record.study}", 1),
+        Table(
+            ("", ""),
+            (
+                ("launch (MLflow run)", f"{record.launch} ({record.run_id})"),
+                ("status", record.status),
+                ("started", f"{record.started:%Y-%m-%d %H:%M:%S} UTC"),
+                ("ended", f"{record.ended:%Y-%m-%d %H:%M:%S} UTC ({_duration(record.ended - record.started)})" if record.ended else "-"),
+                ("trials", trials_line(record.trials)),
+                ("cohort", record.tags.get(DATA_ROOT_TAG, "-")),
+                ("folds", f"{summary.fold_count} ({spec['data']['folds']}), rater {spec['data']['rater']}"),
+                ("lesions", f"{connectivity}-connected components"),
+            ),
+        ),
+    ]
+    blocks += _selection_blocks(record, summary)
+    if record.search is not None:
+        blocks += _search_blocks(record.search)
+    higher = ", ".join(m.upper() for m in SPLIT_METRIC_NAMES if HIGHER_IS_BETTER[m])
+    lower = ", ".join(m.upper() for m in SPLIT_METRIC_NAMES if not HIGHER_IS_BETTER[m])
+    chosen = "; ".join(f"{row.backbone}: {describe_configuration(row)}" for row in summary.rows)
+    for split in ("test", "val"):
+        blocks += [
+            Heading(f"{SPLIT_NAMES[split].capitalize()} patients"),
+            Text(
+                f"Mean ± std (population) over the {summary.fold_count} folds of each fold's mean over its {SPLIT_NAMES[split]} "
+                f"scans. Bold: the best of its column (higher is better for {higher}; lower for {lower}). "
+                f"AVD in percent, ASSD in mm. Each backbone's configuration was chosen on validation patients: {chosen}."
+            ),
+            metrics_table(summary, split),
+        ]
+    blocks.append(
+        Text(
+            f"{ISBI_SCORE.upper()}: the raw ISBI 2015 score, DSC/8 + PPV/8 + (1 - LFPR)/4 + LTPR/4 + Corr/4 per scan, "
+            "Corr being the Pearson correlation of predicted and true lesion volumes over the fold's scans of that "
+            "split; the fold's value is the mean over those scans. The challenge's rescaling (inter-rater agreement "
+            "= 90) is not applied, and a split of fewer than two scans has none (n/a)."
+        )
+    )
+    blocks.append(Heading("Figures"))
+    blocks += pictures
+    if overlays:
+        blocks += [
+            Heading("Example overlays"),
+            Text("The first validation and test scan of a fold of each backbone's chosen configuration, with the mask "
+                 "of the spec's validation strategy, on the slice with the most predicted lesion."),
+            *overlays,
+        ]
+    unfinished = [trial for trial in record.trials if trial.outcome is None]
+    if unfinished:
+        ended = {c.name: c for c in record.search.configurations} if record.search else {}
+        blocks += [
+            Heading("Trials not finished"),
+            Table(
+                ("trial", "state"),
+                tuple(
+                    (trial.name, ended[trial.configuration].describe() if trial.configuration in ended else unfinished_label(trial))
+                    for trial in unfinished
+                ),
+            ),
+        ]
+    blocks += [
+        Heading("Spec parameters"),
+        Table(("parameter", "value"), tuple(sorted(record.params.items()))),
+    ]
+    return blocks
+
+
+def _selection_blocks(record: StudyRecord, summary: StudySummary) -> list[Block]:
+    blocks: list[Block] = [Heading("Selected configuration")]
+    selection = summary.selection
+    if selection is None:
+        blocks.append(Text("No configuration has a validation score; nothing was selected."))
+    else:
+        metric = selection.metric
+        test_mean, test_std = selection.configuration.summary[("test", selection.strategy, metric)]
+        blocks.append(
+            Text(
+                f"Chosen on validation patients only, by mean {metric.upper()} over folds: backbone "
+                f"{selection.configuration.backbone}, configuration {describe_configuration(selection.configuration)}, "
+                f"strategy {selection.strategy}; validation {metric.upper()} {selection.validation_score:.3f}, "
+                f"test {metric.upper()} {test_mean:.3f} ± {test_std:.3f}."
+            )
+        )
+    if record.registered:
+        for version in record.registered:
+            aliases = f", aliases {', '.join(version.aliases)}" if version.aliases else ""
+            reference = f"models:/{version.name}@{version.aliases[0]}" if version.aliases else f"models:/{version.name}/{version.version}"
+            blocks.append(Text(f"Registered model: {version.name} version {version.version}{aliases} ({reference})."))
+    else:
+        blocks.append(Text("No model version was registered from this launch."))
+    return blocks
+
+
+def _search_blocks(search: SearchSummary) -> list[Block]:
+    """Every configuration the search opened, pruned ones with the rung and score that stopped them."""
+    rows = []
+    for c in search.configurations:
+        rung = c.last_rung
+        rows.append((
+            c.name,
+            ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(c.searched.items())) or "-",
+            c.status,
+            str(rung) if rung is not None else "-",
+            f"{c.rung_means[rung]:.3f}" if rung is not None else "-",
+            f"{c.final_score:.3f}" if c.final_score is not None else "-",
+            str(c.epochs_trained),
+        ))
+    rungs = ", ".join(map(str, search.rungs)) or "none (fifo)"
+    full, trained = search.epochs_full_grid, search.epochs_trained
+    text = (
+        f"Early stopping by configuration: at each rung (epochs {rungs}) a configuration's folds were judged together, "
+        f"on their mean validation Dice. {trained} of {full} fold-epochs were trained, {full - trained} "
+        f"({(full - trained) / full:.0%}) fewer than training every configuration on every fold to epoch {search.epochs}."
+        if full else "No configuration was opened."
+    )
+    if search.cut_short:
+        text += f" The search was cut short by its time budget ({search.time_budget_s:.0f} s)."
+    return [
+        Heading("Search and early stopping"),
+        Text(text),
+        Table(("configuration", "searched", "status", "last rung", "mean val Dice there", "final mean val Dice", "fold-epochs"), tuple(rows)),
+    ]
+
+
+def _duration(delta: timedelta) -> str:
+    minutes, seconds = divmod(int(delta.total_seconds()), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s"
+
+
+# ---- the command's work ---------------------------------------------------------------------------
+
+
+def write_report(tracking_uri: str, study: str, out: Path) -> ReportFiles:
+    """Read the study's latest launch, write report.md, report.html and figures/ to `out`, and log them to the
+    launch's run under report/."""
+    client = MlflowClient(tracking_uri)
+    record = read_study(client, study)
+    summary = summarise_study(record)
+    figures = study_figures(record, summary)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    for picture, figure in figures:
+        figure.savefig(out / picture.file, format="png")
+    overlays = example_overlays(client, record, summary, out)
+    pictures = [picture for picture, _ in figures] + overlays
+    images = {picture.file: (out / picture.file).read_bytes() for picture in pictures}
+    blocks = report_blocks(record, summary, [picture for picture, _ in figures], overlays)
+    markdown, page = out / "report.md", out / "report.html"
+    markdown.write_text(render_markdown(blocks), encoding="utf-8")
+    page.write_text(render_html(blocks, images, f"msx report: {study} ({record.launch})"), encoding="utf-8")
+    written = (markdown, page, *(out / picture.file for picture in pictures))
+    # File by file: `out` may be a folder that holds more than this report.
+    for path in written:
+        client.log_artifact(record.run_id, str(path), (Path(REPORT_ARTIFACT_PATH) / path.parent.relative_to(out)).as_posix())
+    return ReportFiles(markdown, page, written[2:], record)

@@ -1,0 +1,160 @@
+"""A study's latest launch read back from MLflow: its launch run, resolved spec, trial (fold) runs with their curves
+and final outcomes, and the model versions registered from it.
+
+A study is an MLflow experiment; its latest launch is the newest launch run, and the launch's trials are the fold
+runs under its configuration runs (tracking/store.py).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Run
+from mlflow.store.tracking import SEARCH_MAX_RESULTS_THRESHOLD
+from mlflow.tracking import MlflowClient
+
+from ..results import TrialOutcome
+from ..study.search_record import SearchSummary, read_summary
+from ..trial import TRAIN_LOSS, VALIDATION_DICE, TrialConfig
+from ..tracking.store import SEARCH_ARTIFACT, SPEC_ARTIFACT, STUDY_TAG, child_runs, fold_run_outcome
+
+LOSS_CURVE = TRAIN_LOSS
+# The Dice of that epoch's weights; the running best is a staircase that hides the training.
+VALIDATION_CURVE = VALIDATION_DICE
+
+
+class ReportError(Exception):
+    """A report that cannot be made: no such study, or nothing in it finished."""
+
+
+@dataclass(frozen=True)
+class TrialRun:
+    """A trial's fold run, as the report reads it."""
+
+    run_id: str
+    name: str
+    configuration: str
+    backbone: str
+    fold: int
+    status: str
+    # None unless the trial reached its final evaluation.
+    outcome: TrialOutcome | None
+    # metric -> ((epoch, value), ...)
+    curves: dict[str, tuple[tuple[int, float], ...]]
+
+
+@dataclass(frozen=True)
+class RegisteredVersion:
+    name: str
+    version: int
+    aliases: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    """The latest launch of a study: its parent run, resolved spec, trials and registered versions."""
+
+    study: str
+    launch: str
+    run_id: str
+    status: str
+    started: datetime
+    ended: datetime | None
+    params: dict[str, str]
+    tags: dict[str, str]
+    spec: dict[str, Any]
+    trials: tuple[TrialRun, ...]
+    registered: tuple[RegisteredVersion, ...]
+    # The search's summary the launch logged (configurations pruned or complete, epochs saved); None before.
+    search: SearchSummary | None = None
+
+
+def study_names(client: MlflowClient) -> list[str]:
+    """Experiments that hold at least one msx launch, the most recently launched first."""
+    experiments = {e.experiment_id: e.name for e in client.search_experiments()}
+    if not experiments:
+        return []
+    launches = client.search_runs(
+        list(experiments),
+        filter_string=f"tags.`{STUDY_TAG}` LIKE '%'",
+        order_by=["attributes.start_time DESC"],
+        max_results=SEARCH_MAX_RESULTS_THRESHOLD,
+    )
+    return list(dict.fromkeys(experiments[run.info.experiment_id] for run in launches))
+
+
+def resolve_study(tracking_uri: str, name: str | None) -> str:
+    """`name` checked against the store's studies; with no name, the most recently launched study."""
+    names = study_names(MlflowClient(tracking_uri))
+    if not names:
+        raise ReportError(f"no msx study in {tracking_uri}; `msx launch` makes one")
+    if name is None:
+        return names[0]
+    if name not in names:
+        raise ReportError(f"no study named {name!r} in {tracking_uri}; studies: {', '.join(sorted(names))}")
+    return name
+
+
+def read_study(client: MlflowClient, study: str) -> StudyRecord:
+    experiment = client.get_experiment_by_name(study)
+    parent = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`{STUDY_TAG}` LIKE '%'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )[0]
+    run_id = parent.info.run_id
+    folds = [
+        fold
+        for configuration in child_runs(client, experiment.experiment_id, run_id)
+        for fold in child_runs(client, experiment.experiment_id, configuration.info.run_id)
+    ]
+    with tempfile.TemporaryDirectory() as folder:
+        spec = json.loads(Path(client.download_artifacts(run_id, SPEC_ARTIFACT, folder)).read_text())
+        logged = {artifact.path for artifact in client.list_artifacts(run_id)}
+        search = read_summary(Path(client.download_artifacts(run_id, SEARCH_ARTIFACT, folder))) if SEARCH_ARTIFACT in logged else None
+    # search_model_versions leaves the aliases out; get_model_version has them.
+    registered = tuple(
+        RegisteredVersion(v.name, int(v.version), tuple(client.get_model_version(v.name, v.version).aliases))
+        for v in client.search_model_versions(f"run_id = '{run_id}'")
+    )
+    return StudyRecord(
+        study=study,
+        launch=parent.info.run_name,
+        run_id=run_id,
+        status=parent.info.status,
+        started=_utc(parent.info.start_time),
+        ended=_utc(parent.info.end_time) if parent.info.end_time else None,
+        params=dict(parent.data.params),
+        tags=dict(parent.data.tags),
+        spec=spec,
+        trials=tuple(sorted((_trial_run(client, fold) for fold in folds), key=lambda t: (t.configuration, t.fold))),
+        registered=tuple(sorted(registered, key=lambda v: (v.name, v.version))),
+        search=search,
+    )
+
+
+def _trial_run(client: MlflowClient, run: Run) -> TrialRun:
+    trial = TrialConfig.from_tune(run.data.params)
+    return TrialRun(
+        run_id=run.info.run_id,
+        name=run.info.run_name,
+        configuration=trial.configuration,
+        backbone=trial.backbone,
+        fold=trial.fold,
+        status=run.info.status,
+        outcome=fold_run_outcome(run),
+        curves={
+            key: tuple(sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)))
+            for key in (LOSS_CURVE, VALIDATION_CURVE)
+        },
+    )
+
+
+def _utc(milliseconds: int) -> datetime:
+    return datetime.fromtimestamp(milliseconds / 1000, tz=timezone.utc)

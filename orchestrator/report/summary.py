@@ -1,0 +1,63 @@
+"""A study's results as the report shows them, recomputed from its record with the functions the launch itself used
+(results.py), so the report agrees with what the launch printed and registered."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from ..results import ConfigurationResult, Selection, best_per_backbone, select_best, summarise_configurations
+from .record import ReportError, StudyRecord, TrialRun
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    strategies: tuple[str, ...]
+    fold_count: int
+    # Each backbone's configuration chosen on validation: the rows of the tables and figures.
+    rows: tuple[ConfigurationResult, ...]
+    selection: Selection | None
+
+
+def summarise_study(record: StudyRecord) -> StudySummary:
+    """The launch's tables and selection, recomputed from its finished trials."""
+    strategies = tuple(record.spec["inference"]["strategies"])
+    outcomes = [trial.outcome for trial in record.trials if trial.outcome is not None]
+    if not outcomes:
+        raise ReportError(f"study {record.study!r}, launch {record.launch}: {trials_line(record.trials)}; nothing to report")
+    # The spec names its folds by plan ("paper", "loso") whose size depends on the cohort; a launch creates
+    # every fold's run of a configuration when it starts it, so the runs give the fold count.
+    fold_count = len({trial.fold for trial in record.trials})
+    configurations = summarise_configurations(outcomes, strategies, fold_count)
+    if not configurations:
+        raise ReportError(
+            f"study {record.study!r}, launch {record.launch}: no configuration finished all its {fold_count} folds "
+            f"({trials_line(record.trials)})"
+        )
+    metric = record.spec["registry"]["selection_metric"]
+    return StudySummary(
+        strategies=strategies,
+        fold_count=fold_count,
+        rows=tuple(best_per_backbone(configurations, strategies, metric)),
+        selection=select_best(configurations, strategies, metric),
+    )
+
+
+def unfinished_label(trial: TrialRun) -> str:
+    # Tune ends a trial its scheduler stopped as FINISHED too; only the missing final evaluation tells.
+    return "stopped early" if trial.status == "FINISHED" else trial.status.lower()
+
+
+def trials_line(trials: tuple[TrialRun, ...]) -> str:
+    """'10 of 12 trials finished; not finished: 1 failed, 1 stopped early'."""
+    finished = sum(trial.outcome is not None for trial in trials)
+    line = f"{finished} of {len(trials)} trials finished"
+    not_finished = Counter(unfinished_label(trial) for trial in trials if trial.outcome is None)
+    if not_finished:
+        line += "; not finished: " + ", ".join(f"{count} {label}" for label, count in sorted(not_finished.items()))
+    return line
+
+
+def describe_configuration(configuration: ConfigurationResult) -> str:
+    searched = ", ".join(f"{key}={value}" for key, value in sorted(configuration.searched.items()))
+    return f"{configuration.configuration} ({searched})" if searched else configuration.configuration

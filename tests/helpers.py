@@ -1,0 +1,124 @@
+"""What tests across the layers share: a free port, the repository's root, ISBI-named NIfTI files, tiny specs and
+networks. Heavy imports (torch, msx's networks) happen inside the functions that need them."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import subprocess
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+MODALITIES = ("flair", "mprage", "t2")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (once the probe closes)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), path)
+    return path
+
+
+def write_isbi_scan(
+    folder: Path,
+    patient: int,
+    timepoint: int,
+    images: Mapping[str, np.ndarray],
+    masks: Mapping[int, np.ndarray],
+    affine: np.ndarray | None = None,
+    suffix: str = ".nii.gz",
+) -> dict[str, Path]:
+    """One scan under the ISBI 2015 names in `folder`: `trainingPP_TT_<modality>_pp<suffix>` per image and
+    `trainingPP_TT_mask<rater><suffix>` per mask. Returns the paths by modality and by `mask<rater>`."""
+    stem = f"training{patient:02d}_{timepoint:02d}"
+    files = {name: save_nifti(folder / f"{stem}_{name}_pp{suffix}", volume, affine) for name, volume in images.items()}
+    for rater, mask in masks.items():
+        files[f"mask{rater}"] = save_nifti(folder / f"{stem}_mask{rater}{suffix}", mask, affine)
+    return files
+
+
+def write_isbi_cohort(
+    root: Path,
+    patients: Iterable[int],
+    timepoints: Iterable[int],
+    image: Callable[[int, int, str], np.ndarray],
+    mask: Callable[[int, int, int], np.ndarray],
+    affine: np.ndarray | None = None,
+    suffix: str = ".nii.gz",
+    modalities: Iterable[str] = MODALITIES,
+    raters: Iterable[int] = (1, 2),
+) -> Path:
+    """A cohort laid out as copies of the challenge data are, a folder per patient: `image(patient, time point,
+    modality)` and `mask(patient, time point, rater)` give each file's voxels."""
+    for patient in patients:
+        for timepoint in timepoints:
+            write_isbi_scan(
+                root / f"training{patient:02d}", patient, timepoint,
+                {name: image(patient, timepoint, name) for name in modalities},
+                {rater: mask(patient, timepoint, rater) for rater in raters},
+                affine, suffix,
+            )
+    return root
+
+
+# The smallest study that trains on a CPU: a U-Net at an eighth of the reference width on 32^3 patches, one epoch
+# validated once, one DDIM step, one sample, windows without overlap.
+TINY_SPEC: dict[str, Any] = {
+    "model": {"backbones": ["unet"], "width": 0.125},
+    "training": {
+        "epochs": 1, "batch_size": 1, "patch_size": [32, 32, 32], "validate_every": 1, "validation_ddim_steps": 1,
+        "validation_strategy": "mean",
+    },
+    "inference": {"strategies": ["mean"], "ddim_steps": 1, "samples": 1, "overlap": 0.0},
+}
+
+
+def tiny_spec(name: str, **sections: Mapping[str, Any]) -> dict[str, Any]:
+    """TINY_SPEC named `name`, each given section's keys replacing or adding to its own."""
+    spec = copy.deepcopy(TINY_SPEC)
+    for section, values in sections.items():
+        spec[section] = {**spec.get(section, {}), **copy.deepcopy(dict(values))}
+    return {"name": name, **spec}
+
+
+def tiny_network(backbone: str = "unet", image_channels: int = 3):
+    """An untrained network of TINY_SPEC's width."""
+    from msx.models.networks import NetworkConfig, build_network
+
+    return build_network(NetworkConfig(backbone=backbone, image_channels=image_channels, width=0.125))
+
+
+def save_tiny_checkpoint(folder: Path, metadata: Mapping[str, Any] | None = None, backbone: str = "unet") -> Path:
+    """An untrained `tiny_network` saved as an msx checkpoint in `folder`."""
+    from msx.models.checkpoint import save_checkpoint
+
+    return save_checkpoint(folder, tiny_network(backbone), dict(metadata or {}))
+
+
+def run_msx(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`msx ARGUMENTS` in the folder `cwd`, as a shell runs it: exit status, stdout and stderr apart. It runs in this
+    process through click's test runner, so a test pays msx's imports once rather than once per command; an error
+    that is not msx's own one-line report raises here with its traceback."""
+    from click.testing import CliRunner
+
+    from msx.orchestrator.cli import main
+
+    previous = Path.cwd()
+    os.chdir(cwd)
+    try:
+        result = CliRunner(catch_exceptions=False).invoke(main, [str(argument) for argument in arguments], prog_name="msx")
+    finally:
+        os.chdir(previous)
+    return subprocess.CompletedProcess(["msx", *arguments], result.exit_code, result.stdout, result.stderr)

@@ -1,0 +1,161 @@
+"""The msx command line as a user runs it: bad input ends in one clear line, before Ray.
+
+The commands run in this process (tests/helpers.run_msx); the installed script and `python -m` are run as
+subprocesses once, below.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.helpers import free_port, run_msx, save_nifti
+
+
+def msx(*args, cwd: Path) -> subprocess.CompletedProcess:
+    return run_msx(*args, cwd=cwd)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode != 0
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("Error: ")
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert "Ray dashboard" not in result.stdout and "MLflow" not in result.stdout
+
+
+@pytest.mark.parametrize("command", [[str(Path(sys.executable).parent / "msx")], [sys.executable, "-m", "msx.orchestrator.cli"]])
+def test_msx_runs_as_the_installed_script_and_as_a_module(command, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("name: bad\ntraining: {epochs: 3\n")
+    result = subprocess.run(
+        [*command, "launch", "--space", str(space), "--storage", str(tmp_path / "runs")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=240,
+    )
+    assert_one_line_error(result, str(space), "invalid YAML", "line")
+
+
+def test_missing_data_folder(tmp_path):
+    missing = tmp_path / "no-such-cohort"
+    result = msx("launch", "--data", str(missing), "--storage", str(tmp_path / "runs"), cwd=tmp_path)
+    assert_one_line_error(result, str(missing))
+
+
+def test_unknown_backbone(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("name: bad\nmodel: {backbones: [unet, vnet]}\n")
+    result = msx("launch", "--space", str(space), "--storage", str(tmp_path / "runs"), cwd=tmp_path)
+    assert_one_line_error(result, "model.backbones", "'vnet'", "segresnet", "unet")
+
+
+def test_unknown_strategy(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("name: bad\ninference: {strategies: [mean, median]}\n")
+    result = msx("launch", "--space", str(space), "--storage", str(tmp_path / "runs"), cwd=tmp_path)
+    assert_one_line_error(result, "inference.strategies", "'median'", "uncertainty")
+
+
+def test_malformed_yaml(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("name: bad\ntraining: {epochs: 3\n")
+    result = msx("launch", "--space", str(space), "--storage", str(tmp_path / "runs"), cwd=tmp_path)
+    assert_one_line_error(result, str(space), "invalid YAML", "line")
+    assert not (tmp_path / "runs" / "mlflow.db").exists()
+
+
+def write_mask(path: Path, array: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> None:
+    save_nifti(path, array.astype(np.uint8), np.diag([*spacing, 1.0]))
+
+
+def test_evaluate_prints_every_metric_as_json(tmp_path):
+    gt = np.zeros((12, 12, 12), np.uint8)
+    gt[2:5, 2:5, 2:5] = 1  # lesion 1: 27 voxels
+    gt[8:10, 8:10, 8:10] = 1  # lesion 2: 8 voxels, missed
+    pred = np.zeros_like(gt)
+    pred[2:5, 2:5, 2:4] = 1  # 18 voxels inside lesion 1
+    pred[0, 11, 0] = 1  # a false positive lesion
+    write_mask(tmp_path / "gt.nii.gz", gt)
+    write_mask(tmp_path / "pred.nii.gz", pred)
+    result = msx("evaluate", "--pred", "pred.nii.gz", "--gt", "gt.nii.gz", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads(result.stdout)
+    assert set(metrics) == {"pred", "gt", "connectivity", "dsc", "tpr", "ppv", "ltpr", "lfpr", "avd", "assd", "hd95", "isbi"}
+    assert metrics["connectivity"] == 6
+    assert metrics["isbi"] is None  # its volume correlation needs two scans or more
+    assert metrics["dsc"] == pytest.approx(2 * 18 / (19 + 35))
+    assert metrics["tpr"] == pytest.approx(18 / 35)
+    assert metrics["ppv"] == pytest.approx(18 / 19)
+    assert metrics["ltpr"] == pytest.approx(0.5)
+    assert metrics["lfpr"] == pytest.approx(0.5)
+    assert metrics["avd"] == pytest.approx(100 * 16 / 35)
+
+
+def test_evaluate_several_scans_scores_isbi_with_volume_correlation_in_mm3(tmp_path):
+    # Scan i: a truth block of gt_rows x 3 x 3 voxels, a prediction block of pred_rows x 3 x 3 inside the
+    # same corner, and one false positive voxel; voxel sizes differ, so volumes must be compared in mm^3.
+    scans = [((0.5, 1.0, 2.5), 3, 2), ((1.0, 1.0, 1.0), 4, 4), ((1.0, 1.0, 3.0), 2, 3)]
+    arguments, expected_parts, pred_volumes, gt_volumes = [], [], [], []
+    for index, (spacing, gt_rows, pred_rows) in enumerate(scans):
+        gt = np.zeros((10, 10, 10), np.uint8)
+        gt[2 : 2 + gt_rows, 2:5, 2:5] = 1
+        pred = np.zeros_like(gt)
+        pred[2 : 2 + pred_rows, 2:5, 2:5] = 1
+        pred[9, 9, 9] = 1
+        write_mask(tmp_path / f"gt{index}.nii.gz", gt, spacing)
+        write_mask(tmp_path / f"pred{index}.nii.gz", pred, spacing)
+        arguments += ["--pred", f"pred{index}.nii.gz", "--gt", f"gt{index}.nii.gz"]
+        overlap, pred_voxels, gt_voxels = 9 * min(gt_rows, pred_rows), 9 * pred_rows + 1, 9 * gt_rows
+        dsc, ppv, ltpr, lfpr = 2 * overlap / (pred_voxels + gt_voxels), overlap / pred_voxels, 1.0, 0.5
+        expected_parts.append(dsc / 8 + ppv / 8 + (1 - lfpr) / 4 + ltpr / 4)
+        pred_volumes.append(pred_voxels * np.prod(spacing))
+        gt_volumes.append(gt_voxels * np.prod(spacing))
+    corr = np.corrcoef(pred_volumes, gt_volumes)[0, 1]
+
+    result = msx("evaluate", *arguments, "--connectivity", "26", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [(row["pred"], row["gt"], row["connectivity"]) for row in rows] == [
+        (f"pred{i}.nii.gz", f"gt{i}.nii.gz", 26) for i in range(len(scans))
+    ]
+    assert [row["isbi"] for row in rows] == pytest.approx([part + corr / 4 for part in expected_parts])
+
+    table = msx("evaluate", *arguments, cwd=tmp_path).stdout.splitlines()
+    assert table[1].split() == ["prediction", "DSC", "TPR", "PPV", "LTPR", "LFPR", "AVD", "ASSD", "HD95", "ISBI"]
+    assert [line.split()[0] for line in table[2:]] == [f"pred{i}.nii.gz" for i in range(len(scans))]
+
+
+def test_evaluate_needs_one_ground_truth_per_prediction(tmp_path):
+    write_mask(tmp_path / "mask.nii.gz", np.zeros((8, 8, 8)))
+    result = msx("evaluate", "--pred", "mask.nii.gz", "--pred", "mask.nii.gz", "--gt", "mask.nii.gz", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "got 2 --pred and 1 --gt" in result.stderr
+
+
+def test_evaluate_empty_prediction_gives_null_for_undefined(tmp_path):
+    gt = np.zeros((8, 8, 8), np.uint8)
+    gt[2:4, 2:4, 2:4] = 1
+    write_mask(tmp_path / "gt.nii.gz", gt)
+    write_mask(tmp_path / "pred.nii.gz", np.zeros_like(gt))
+    result = msx("evaluate", "--pred", "pred.nii.gz", "--gt", "gt.nii.gz", "--json", cwd=tmp_path)
+    metrics = json.loads(result.stdout)
+    assert metrics["dsc"] == 0 and metrics["tpr"] == 0 and metrics["ppv"] is None
+
+
+def test_evaluate_refuses_masks_on_different_grids(tmp_path):
+    write_mask(tmp_path / "gt.nii.gz", np.zeros((8, 8, 8)))
+    write_mask(tmp_path / "pred.nii.gz", np.zeros((8, 8, 9)))
+    result = msx("evaluate", "--pred", "pred.nii.gz", "--gt", "gt.nii.gz", cwd=tmp_path)
+    assert_one_line_error(result, "pred.nii.gz", "shape")
+
+
+def test_unreachable_tracking_server_fails_before_ray(tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"
+    runs = tmp_path / "runs"
+    result = msx("launch", "--tracking-uri", uri, "--storage", str(runs), cwd=tmp_path)
+    assert_one_line_error(result, f"MLflow tracking server {uri} is unreachable", "Ray was not started")
+    assert not (runs / "smoke").exists()  # no experiment folder: no trial ran
