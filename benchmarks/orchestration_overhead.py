@@ -1,7 +1,7 @@
 """Orchestration overhead: one trial through Tune, Ray Train and MLflow against the same training run in plain Python.
 
 Ray arm (msx's real path, built as `orchestrator/study/driver.py` builds it): a local Ray, then `Tuner.fit` with
-`LosoGridSearcher` and one trial of `run_trial` (`TRIAL_RESOURCES`, a TorchTrainer of one 1-CPU worker
+`ConfigurationSearch` and one trial of `run_trial` (`TRIAL_RESOURCES`, a TorchTrainer of one 1-CPU worker
 running `train_loop_per_worker`, `TuneReportCallback`) and MLflow's `TrialRunsCallback` on a SQLite store.
 Its first training step and its time in training epochs are read from the worker's metrics
 (`msx_training_start_time_seconds`, `msx_train_seconds_total`) on the local Ray's Prometheus endpoint.
@@ -51,7 +51,8 @@ from msx.models.data.manifest import open_cohort
 from msx.models.data.synth import write_synthetic_cohort
 from msx.models.fold import EpochReport, load_fold_data, run_fold
 from msx.orchestrator.spec import ExperimentSpec, load_spec, spec_from_dict
-from msx.orchestrator.study.search import MODE, OPTIMISED_METRIC, LosoGridSearcher, build_scheduler
+from msx.orchestrator.study.configuration_search import ConfigurationScheduler, ConfigurationSearch
+from msx.orchestrator.study.search import MODE, OPTIMISED_METRIC
 from msx.orchestrator.tracking.callback import TrialRunsCallback
 from msx.orchestrator.tracking.store import ensure_experiment, log_study_start, tracking_uri_scope
 from msx.orchestrator.trial import BEST_VALIDATION_DICE, TrialConfig
@@ -188,8 +189,8 @@ def ray_trial(spec: ExperimentSpec, data_root: Path, folder: Path, metrics_url: 
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            metric=OPTIMISED_METRIC, mode=MODE, search_alg=LosoGridSearcher(spec, folds),
-            scheduler=build_scheduler(spec), num_samples=1, max_concurrent_trials=1,
+            metric=OPTIMISED_METRIC, mode=MODE, search_alg=ConfigurationSearch(spec, folds, concurrency=1),
+            scheduler=ConfigurationScheduler(), num_samples=1,
         ),
         run_config=tune.RunConfig(
             name="overhead",

@@ -120,6 +120,11 @@ class ResourcesSpec:
     gpus_per_worker: float = 1.0
     max_concurrent_trials: int | None = None
     max_failures: int = 2
+    # Ray's memory reservation per worker (GiB); None reserves none.
+    memory_per_worker_gb: float | None = None
+    # How long a trial waits for its workers to start (an autoscaler adding nodes, other studies' trials
+    # holding them) before it fails with that reason; None: as long as it takes.
+    worker_start_timeout_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -148,7 +153,9 @@ class SearchSpec:
     parameters: tuple[ParameterSpec, ...] = ()
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     seed: int = 0
-    # Wall-clock budget of the whole study: Tune starts no trial after it and stops running ones; None is no limit.
+    # Wall-clock budget of the search (seconds of its drivers' time): once spent, no configuration starts and
+    # those still training stop, except one that gives the study a configuration finished on every fold;
+    # None is no limit.
     time_budget_s: float | None = None
 
 
@@ -366,6 +373,18 @@ def validate_spec(spec: ExperimentSpec, source: str = "spec") -> None:
     for key, value in (("training.lr", spec.training.lr), ("model.width", spec.model.width)):
         if value <= 0:
             fail(key, f"must be positive, got {value}")
+    if spec.search.scheduler.grace_period < 1:
+        fail("search.scheduler.grace_period", f"must be at least 1 epoch, got {spec.search.scheduler.grace_period}")
+    if spec.search.scheduler.reduction_factor < 2:
+        fail("search.scheduler.reduction_factor", f"must be at least 2, got {spec.search.scheduler.reduction_factor}")
+    for key, value in (
+        ("resources.cpus_per_worker", spec.resources.cpus_per_worker),
+        ("resources.gpus_per_worker", spec.resources.gpus_per_worker),
+        ("resources.memory_per_worker_gb", spec.resources.memory_per_worker_gb),
+        ("resources.worker_start_timeout_s", spec.resources.worker_start_timeout_s),
+    ):
+        if value is not None and value <= 0:
+            fail(key, f"must be positive (or left out), got {value}")
     if spec.search.time_budget_s is not None and spec.search.time_budget_s <= 0:
         fail("search.time_budget_s", f"must be positive seconds (or null for no limit), got {spec.search.time_budget_s}")
     for key, overlap in (("inference.overlap", spec.inference.overlap), ("training.validation_overlap", spec.training.validation_overlap)):

@@ -10,6 +10,7 @@ from .evaluate import evaluate
 from .fidelity import fidelity
 from .launch import launch, status
 from .predict import predict
+from .ray import ray_group
 from .registry import registry
 from .report import report
 from .ui import ui
@@ -20,5 +21,5 @@ def main() -> None:
     """msx: diffusion MS lesion segmentation studies on Ray Tune, Ray Train and MLflow."""
 
 
-for command in (launch, status, synth, evaluate, registry, report, ui, predict, data, fidelity):
+for command in (launch, status, synth, evaluate, registry, report, ui, predict, data, fidelity, ray_group):
     main.add_command(command)

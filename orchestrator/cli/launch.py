@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 
@@ -60,17 +61,29 @@ def _launch_here(
     click.echo(f"study {spec.name!r}: {len(cohort.patients)} patients, {len(cohort.scans)} scans from {cohort.root}")
     click.echo(f"data fingerprint {provenance.data_fingerprint}, code {provenance.code_version}")
 
-    from ..study.driver import run_study, start_ray
-    from ..tracking.pending import PendingWritesError
+    from ..cluster.capacity import ClusterTooSmallError
+    from ..study.driver import run_study, start_ray, stop_ray
 
+    # SIGTERM (a batch scheduler's stop) ends the launch as Ctrl-C does: cleanly, the local Ray given back.
+    # During the trials, the study's own handler makes it an interruption that can be resumed.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         dashboard = start_ray(address, click.echo)
-    except (RuntimeError, ConnectionError) as error:
-        raise fail_cleanly(error) from None
-    try:
         outcome = run_study(spec, cohort, storage, tracking_uri, provenance, echo=click.echo, resume=plan.resume)
-    except PendingWritesError as error:
+    except (RuntimeError, ConnectionError, ClusterTooSmallError) as error:  # PendingWritesError is a ConnectionError
         raise fail_cleanly(error) from None
+    finally:
+        stop_ray()
+
+    if outcome.interrupted:
+        storage_option = "" if storage == Path("msx_runs").resolve() else f" --storage {storage}"
+        how = signal.Signals(outcome.signal).name if outcome.signal else "stopped before the search finished"
+        click.echo("")
+        click.echo(
+            f"study {outcome.study} interrupted ({how}): its trials stopped at their last checkpoints and nothing was "
+            f"registered; `msx launch --resume {outcome.study}{storage_option}` continues it"
+        )
+        raise SystemExit(128 + (outcome.signal or signal.SIGINT))
 
     click.echo("")
     click.echo(
@@ -79,6 +92,8 @@ def _launch_here(
     )
     click.echo(outcome.table)
     click.echo("")
+    for line in outcome.search.lines() if outcome.search else ():
+        click.echo(line)
     if outcome.selection is None:
         raise click.ClickException(
             f"no configuration finished all its folds ({outcome.trials_finished}/{outcome.trials_total} trials); nothing was registered"
@@ -91,7 +106,9 @@ def _launch_here(
         f"mean validation {selection.metric.upper()} {selection.validation_score:.4f}"
     )
     click.echo(f"registered model: {outcome.registration.summary}")
-    click.echo(f"finished {outcome.trials_finished}/{outcome.trials_total} trials in {time.monotonic() - started:.0f} s")
+    pruned = outcome.search.count("pruned") * outcome.search.folds if outcome.search else 0
+    stopped = f" ({pruned} stopped with their pruned configurations)" if pruned else ""
+    click.echo(f"finished {outcome.trials_finished}/{outcome.trials_total} trials{stopped} in {time.monotonic() - started:.0f} s")
     click.echo("")
     if tracking_uri.startswith("sqlite:"):
         storage_option = "" if storage == Path("msx_runs").resolve() else f" --storage {storage}"
@@ -102,8 +119,11 @@ def _launch_here(
     if address:
         click.echo(f"Ray dashboard:  {dashboard or 'on the cluster head (ray dashboard CLUSTER.yaml tunnels it to 127.0.0.1:8265)'}")
     else:
-        click.echo(f"Ray dashboard:  {dashboard} while the study ran (the local Ray stops with msx); for one that stays up:")
-        click.echo("                ray start --head --dashboard-host 127.0.0.1 && msx launch --address 127.0.0.1:6379")
+        click.echo(f"Ray dashboard:  {dashboard} while a study runs on this machine (the last study to end stops the local Ray)")
+
+
+def _exit_on_sigterm(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _submit_launch(context: click.Context, cluster_file: Path | None, address: str | None) -> None:

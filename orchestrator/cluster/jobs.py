@@ -187,7 +187,7 @@ def bring_up_cluster(path: Path, echo: Callable[[str], None]) -> tuple[str, subp
     )
     address = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + DASHBOARD_WAIT_S
-    while not _answers(address):
+    while not dashboard_answers(address):
         if tunnel.poll() is not None or time.monotonic() > deadline:
             close_tunnel(tunnel)
             raise SubmissionError(f"the dashboard tunnel of {path} did not open (`ray dashboard {path}` shows why)")
@@ -252,7 +252,7 @@ def free_local_port() -> int:
         return probe.getsockname()[1]
 
 
-def _answers(address: str) -> bool:
+def dashboard_answers(address: str) -> bool:
     """Anything HTTP answering counts: the dashboard asks for the token before it says more."""
     try:
         urllib.request.urlopen(address, timeout=5).close()

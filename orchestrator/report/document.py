@@ -18,6 +18,7 @@ from msx.models.metrics import HIGHER_IS_BETTER, ISBI_SCORE, SPLIT_METRIC_NAMES
 from msx.models.protocols import PROTOCOLS
 
 from ..results import ConfigurationResult, format_cell, summary_rows
+from ..study.search_record import SearchSummary
 from ..tracking.store import DATA_ROOT_TAG
 from .figures import example_overlays, study_figures
 from .record import StudyRecord, read_study
@@ -95,6 +96,8 @@ def report_blocks(
         ),
     ]
     blocks += _selection_blocks(record, summary)
+    if record.search is not None:
+        blocks += _search_blocks(record.search)
     higher = ", ".join(m.upper() for m in SPLIT_METRIC_NAMES if HIGHER_IS_BETTER[m])
     lower = ", ".join(m.upper() for m in SPLIT_METRIC_NAMES if not HIGHER_IS_BETTER[m])
     chosen = "; ".join(f"{row.backbone}: {describe_configuration(row)}" for row in summary.rows)
@@ -128,9 +131,16 @@ def report_blocks(
         ]
     unfinished = [trial for trial in record.trials if trial.outcome is None]
     if unfinished:
+        ended = {c.name: c for c in record.search.configurations} if record.search else {}
         blocks += [
             Heading("Trials not finished"),
-            Table(("trial", "state"), tuple((trial.name, unfinished_label(trial)) for trial in unfinished)),
+            Table(
+                ("trial", "state"),
+                tuple(
+                    (trial.name, ended[trial.configuration].describe() if trial.configuration in ended else unfinished_label(trial))
+                    for trial in unfinished
+                ),
+            ),
         ]
     blocks += [
         Heading("Spec parameters"),
@@ -188,6 +198,37 @@ def _selection_blocks(record: StudyRecord, summary: StudySummary) -> list[Block]
     else:
         blocks.append(Text("No model version was registered from this launch."))
     return blocks
+
+
+def _search_blocks(search: SearchSummary) -> list[Block]:
+    """Every configuration the search opened, pruned ones with the rung and score that stopped them."""
+    rows = []
+    for c in search.configurations:
+        rung = c.last_rung
+        rows.append((
+            c.name,
+            ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(c.searched.items())) or "-",
+            c.status,
+            str(rung) if rung is not None else "-",
+            f"{c.rung_means[rung]:.3f}" if rung is not None else "-",
+            f"{c.final_score:.3f}" if c.final_score is not None else "-",
+            str(c.epochs_trained),
+        ))
+    rungs = ", ".join(map(str, search.rungs)) or "none (fifo)"
+    full, trained = search.epochs_full_grid, search.epochs_trained
+    text = (
+        f"Early stopping by configuration: at each rung (epochs {rungs}) a configuration's folds were judged together, "
+        f"on their mean validation Dice. {trained} of {full} fold-epochs were trained, {full - trained} "
+        f"({(full - trained) / full:.0%}) fewer than training every configuration on every fold to epoch {search.epochs}."
+        if full else "No configuration was opened."
+    )
+    if search.cut_short:
+        text += f" The search was cut short by its time budget ({search.time_budget_s:.0f} s)."
+    return [
+        Heading("Search and early stopping"),
+        Text(text),
+        Table(("configuration", "searched", "status", "last rung", "mean val Dice there", "final mean val Dice", "fold-epochs"), tuple(rows)),
+    ]
 
 
 def _duration(delta: timedelta) -> str:

@@ -19,8 +19,9 @@ from mlflow.store.tracking import SEARCH_MAX_RESULTS_THRESHOLD
 from mlflow.tracking import MlflowClient
 
 from ..results import TrialOutcome
+from ..study.search_record import SearchSummary, read_summary
 from ..trial import TRAIN_LOSS, VALIDATION_DICE, TrialConfig
-from ..tracking.store import SPEC_ARTIFACT, STUDY_TAG, child_runs, fold_run_outcome
+from ..tracking.store import SEARCH_ARTIFACT, SPEC_ARTIFACT, STUDY_TAG, child_runs, fold_run_outcome
 
 LOSS_CURVE = TRAIN_LOSS
 # The Dice of that epoch's weights; the running best is a staircase that hides the training.
@@ -69,6 +70,8 @@ class StudyRecord:
     spec: dict[str, Any]
     trials: tuple[TrialRun, ...]
     registered: tuple[RegisteredVersion, ...]
+    # The search's summary the launch logged (configurations pruned or complete, epochs saved); None before.
+    search: SearchSummary | None = None
 
 
 def study_names(client: MlflowClient) -> list[str]:
@@ -113,6 +116,8 @@ def read_study(client: MlflowClient, study: str) -> StudyRecord:
     ]
     with tempfile.TemporaryDirectory() as folder:
         spec = json.loads(Path(client.download_artifacts(run_id, SPEC_ARTIFACT, folder)).read_text())
+        logged = {artifact.path for artifact in client.list_artifacts(run_id)}
+        search = read_summary(Path(client.download_artifacts(run_id, SEARCH_ARTIFACT, folder))) if SEARCH_ARTIFACT in logged else None
     # search_model_versions leaves the aliases out; get_model_version has them.
     registered = tuple(
         RegisteredVersion(v.name, int(v.version), tuple(client.get_model_version(v.name, v.version).aliases))
@@ -130,6 +135,7 @@ def read_study(client: MlflowClient, study: str) -> StudyRecord:
         spec=spec,
         trials=tuple(sorted((_trial_run(client, fold) for fold in folds), key=lambda t: (t.configuration, t.fold))),
         registered=tuple(sorted(registered, key=lambda v: (v.name, v.version))),
+        search=search,
     )
 
 

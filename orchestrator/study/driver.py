@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,18 +19,31 @@ from ray.tune.utils import flatten_dict
 from msx.models.data.cohort import Cohort
 from msx.models.data.folds import resolve_folds
 
-from ..cluster.jobs import free_local_port
+from ..cluster import local_ray
+from ..cluster.capacity import check_cluster_hosts_a_trial, concurrent_trials
 from ..results import Selection, best_per_backbone, outcome_from_result, results_table, select_best, summarise_configurations
 from ..spec import ExperimentSpec
 from ..tracking.callback import TrialRunsCallback
 from ..tracking.provenance import Provenance
 from ..tracking.registry import Registration, register_selection
-from ..tracking.store import CODE_VERSION_TAG, DATA_FINGERPRINT_TAG, STUDY_TAG, ensure_experiment, log_study_start
+from ..tracking.store import (
+    CODE_VERSION_TAG,
+    CONFIGURATION_TAG,
+    DATA_FINGERPRINT_TAG,
+    STUDY_TAG,
+    child_runs,
+    ensure_experiment,
+    log_study_start,
+)
+from ..tracking.summaries import log_search_record
 from ..trial import TrialConfig
 from ..trials.trainable import TRIAL_RESOURCES, run_trial
+from . import interruption
+from .configuration_search import ConfigurationScheduler, ConfigurationSearch
 from .progress import ProgressView, progress_path
-from .search import MODE, OPTIMISED_METRIC, LosoGridSearcher, build_scheduler
-from .state import FAILED, FINISHED, StudyState, write_state
+from .search import MODE, OPTIMISED_METRIC
+from .search_record import SearchSummary, read_summary, search_path
+from .state import FAILED, FINISHED, INTERRUPTED, StudyState, write_state
 
 
 @dataclass(frozen=True)
@@ -39,70 +55,44 @@ class StudyOutcome:
     experiment_id: str
     trials_total: int
     trials_finished: int
+    study: str = ""
+    search: SearchSummary | None = None
+    # Stopped by a signal (its number) or otherwise before the search finished: nothing was selected.
+    interrupted: bool = False
+    signal: int | None = None
 
 
 def start_ray(address: str | None, echo: Callable[[str], None]) -> str | None:
-    """Connect to a cluster, or start a local one bound to 127.0.0.1; returns the dashboard URL.
+    """Connect to a cluster, or to this machine's local Ray (started if none runs); returns the dashboard URL.
 
-    With no address and a Ray instance already running on this machine, msx joins it: Ray Train's
-    placement-group cleaner finds "the" local instance by process scan and fails when there are two.
+    Without an address, the study takes a lease on the local Ray that every study on this machine shares
+    (`local_ray`); `stop_ray` gives it back, and the last study to end stops that Ray.
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
         return None
-    if not address:
-        # Private, but it is the scan Ray itself uses to find local instances.
-        from ray._private.services import find_gcs_addresses
-
-        running = sorted(find_gcs_addresses())
-        if len(running) > 1:
-            raise RuntimeError(f"several Ray instances run on this machine ({', '.join(running)}); choose one with --address")
-        if running:
-            address = running[0]
-            echo(f"joining the Ray instance already running at {address}")
     if address:
-        context = ray.init(address=address, log_to_driver=False)
-    else:
-        port = free_local_port()
-        # Ray Train's placement-group cleaner, in a worker, finds the cluster's state API through this
-        # variable, else through /tmp/ray/ray_current_cluster, which a `ray start --head` that was not
-        # stopped cleanly leaves pointing at a dead cluster: the cleaner then fails, and every trial that
-        # Tune stops (ASHA, or its last report) leaks its workers' CPUs until the study deadlocks. Workers
-        # inherit the environment of the node processes ray.init starts, so the variable is set for that call
-        # only: left in this process, it would point a later Ray of the same process at this one's address.
-        previous = os.environ.get("RAY_API_SERVER_ADDRESS")
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        try:
-            context = ray.init(
-                address="local",
-                include_dashboard=True,
-                dashboard_host="127.0.0.1",
-                dashboard_port=port,
-                log_to_driver=False,
-            )
-        finally:
-            if previous is None:
-                os.environ.pop("RAY_API_SERVER_ADDRESS")
-            else:
-                os.environ["RAY_API_SERVER_ADDRESS"] = previous
-    url = context.dashboard_url
-    if url:
-        url = url if url.startswith("http") else f"http://{url}"
-        echo(f"Ray dashboard: {url}")
-    return url
+        context = ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        url = context.dashboard_url
+        if url:
+            url = url if url.startswith("http") else f"http://{url}"
+            echo(f"Ray dashboard: {url}")
+        return url
+    local = local_ray.acquire(echo)
+    local_ray.use_token_authentication()
+    try:
+        # Its "connecting" lines would only repeat what msx says.
+        ray.init(address=local.gcs_address, log_to_driver=False, logging_level=logging.WARNING)
+    except BaseException:
+        local_ray.release()
+        raise
+    return local.dashboard_url
 
 
-def concurrent_trials(spec: ExperimentSpec) -> int:
-    """As many trials at once as the cluster has workers' resources for (at least one)."""
-    if spec.resources.max_concurrent_trials:
-        return spec.resources.max_concurrent_trials
-    available = ray.cluster_resources()
-    resources = spec.resources
-    by_cpu = available.get("CPU", 0) // (resources.cpus_per_worker * resources.workers_per_trial)
-    if resources.use_gpu:
-        by_gpu = available.get("GPU", 0) // (resources.gpus_per_worker * resources.workers_per_trial)
-        return max(1, int(min(by_cpu, by_gpu)))
-    return max(1, int(by_cpu))
+def stop_ray() -> None:
+    """Disconnect, and give back this driver's lease on the local Ray (the last one stops it)."""
+    ray.shutdown()
+    local_ray.release()
 
 
 def run_study(
@@ -116,12 +106,18 @@ def run_study(
 ) -> StudyOutcome:
     """Run a new study, or with ``resume`` take over an unfinished one: trials that finished are kept,
     interrupted ones continue from their last checkpoint, the search continues from its saved state, and
-    MLflow's runs are reused rather than made again."""
+    MLflow's runs are reused rather than made again.
+
+    Refuses (ClusterTooSmallError) before recording anything when the cluster cannot host a trial's workers.
+    A stop signal (Ctrl-C, SIGTERM) ends it as interrupted: nothing is selected or registered, and
+    `msx launch --resume` continues it.
+    """
     storage = storage.resolve()
     experiment_folder = storage / spec.name
     spec_dict = spec.to_dict()
     folds = resolve_folds(spec.data.folds, cohort.patients)
     total = len(spec.model.backbones) * spec.search.configurations_per_backbone * len(folds)
+    check_cluster_hosts_a_trial(spec, echo)
     client = MlflowClient(tracking_uri)
 
     if resume is None:
@@ -132,7 +128,7 @@ def run_study(
     write_state(storage, state)
     echo(f"MLflow: experiment {spec.name!r}, study run {state.study} ({tracking_uri})")
 
-    # Validation Dice arrives every `validate_every` epochs, not with every report; ASHA and the searcher
+    # Validation Dice arrives every `validate_every` epochs, not with every report; the search
     # read the results that carry it.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     trainable = tune.with_resources(
@@ -147,24 +143,24 @@ def run_study(
         TRIAL_RESOURCES,
     )
     tune_path = state.tune_path(storage)
+    search_file = search_path(storage, spec.name, state.study)
     if resume is not None and tune.Tuner.can_restore(str(tune_path)):
         echo(f"resuming {state.study} from {tune_path}")
-        # Callbacks, searcher and scheduler come back with Tune's own saved state.
+        # Callbacks, searcher and scheduler come back with Tune's own saved state: the search's decisions too.
         tuner = tune.Tuner.restore(str(tune_path), trainable, resume_unfinished=True, resume_errored=True)
     else:
         max_concurrent = concurrent_trials(spec)
-        echo(f"{total} trials ({len(spec.model.backbones)} backbones x {spec.search.configurations_per_backbone} "
+        echo(f"{total} trials at most ({len(spec.model.backbones)} backbones x {spec.search.configurations_per_backbone} "
              f"configurations x {len(folds)} folds), up to {max_concurrent} at a time")
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
                 metric=OPTIMISED_METRIC,
                 mode=MODE,
-                search_alg=LosoGridSearcher(spec, folds),
-                scheduler=build_scheduler(spec),
+                # The searcher bounds the trials that hold workers; Tune's own bound would count paused ones.
+                search_alg=ConfigurationSearch(spec, folds, max_concurrent, search_file, echo),
+                scheduler=ConfigurationScheduler(),
                 num_samples=total,
-                max_concurrent_trials=max_concurrent,
-                time_budget_s=spec.search.time_budget_s,
             ),
             run_config=tune.RunConfig(
                 name=state.study,
@@ -175,11 +171,30 @@ def run_study(
                 callbacks=[
                     TrialRunsCallback(tracking_uri, spec.name, state.parent_run_id, spec.inference.strategies, len(folds)),
                     ProgressView(total, echo, progress_path(storage, spec.name, state.study)),
+                    interruption.StopSignals(),
                 ],
                 verbose=0,
             ),
         )
-    grid = tuner.fit()
+    interruption.reset()
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        grid = tuner.fit()
+    except (KeyboardInterrupt, SystemExit) as stop:  # a second Ctrl-C or SIGTERM: Tune's last saved state stands
+        grid = None
+        interruption.note(signal.SIGTERM if isinstance(stop, SystemExit) else signal.SIGINT)
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for number, handler in handlers.items():
+                signal.signal(number, handler)
+    search = read_summary(search_file)
+    if grid is None or interruption.INTERRUPTED.is_set() or search is None or not search.finished:
+        client.set_terminated(state.parent_run_id, "KILLED")
+        write_state(storage, state.ended_as(INTERRUPTED))
+        return StudyOutcome(
+            "", None, None, state.parent_run_id, state.experiment_id, total, 0,
+            study=state.study, search=search, interrupted=True, signal=interruption.received_signal(),
+        )
 
     outcomes = [o for o in (outcome_from_result(TrialConfig.from_tune(r.config), flatten_dict(r.metrics or {})) for r in grid) if o]
     configurations = summarise_configurations(outcomes, spec.inference.strategies, len(folds))
@@ -189,6 +204,12 @@ def run_study(
     parent_run_id = state.parent_run_id
     client.log_text(parent_run_id, table, "results_table.txt")
     client.log_metric(parent_run_id, "trials_finished", len(outcomes))
+    configuration_runs = {
+        run.data.tags[CONFIGURATION_TAG]: run.info.run_id
+        for run in child_runs(client, state.experiment_id, parent_run_id)
+        if CONFIGURATION_TAG in run.data.tags
+    }
+    log_search_record(client, parent_run_id, configuration_runs, search)
 
     registration = None
     if selection is not None:
@@ -202,7 +223,9 @@ def run_study(
     status = FINISHED if selection is not None else FAILED
     client.set_terminated(parent_run_id, status.upper())
     write_state(storage, state.ended_as(status))
-    return StudyOutcome(table, selection, registration, parent_run_id, state.experiment_id, total, len(outcomes))
+    return StudyOutcome(
+        table, selection, registration, parent_run_id, state.experiment_id, total, len(outcomes), study=state.study, search=search
+    )
 
 
 def _start_study(

@@ -18,7 +18,7 @@ from ..spec import ExperimentSpec, load_spec, spec_from_dict
 from ..tracking.provenance import Provenance, study_provenance
 from ..tracking.store import check_tracking_server, default_tracking_uri
 from .cohort import prepare_cohort
-from .state import RUNNING, StudyState, find_study, unfinished_study
+from .state import RESUMABLE, StudyState, find_study, unfinished_study
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def plan_launch(
 
 def resumable(state: StudyState) -> StudyState:
     """The study named by --resume, if it can be taken over."""
-    if state.status != RUNNING:
+    if state.status not in RESUMABLE:
         raise ValueError(f"study {state.study} already ended ({state.status}); there is nothing to resume (msx status {state.study})")
     if state.driver_alive():
         raise ValueError(f"study {state.study} is still running (driver pid {state.driver_pid}); watch it with `msx status {state.study}`")

@@ -21,6 +21,10 @@ from typing import Any
 STUDIES_FOLDER = "studies"
 STATE_SUFFIX = ".study.json"
 RUNNING, FINISHED, FAILED = "running", "finished", "failed"
+# Stopped by Ctrl-C or SIGTERM: its trials at their last checkpoints, nothing registered; `--resume` continues it.
+INTERRUPTED = "interrupted"
+# A study that may be taken over: interrupted, or running with its driver gone.
+RESUMABLE = (RUNNING, INTERRUPTED)
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,6 @@ def find_study(storage: Path, name: str | None) -> StudyState:
 
 
 def unfinished_study(storage: Path, experiment: str) -> StudyState | None:
-    """The experiment's latest study if it never ended (its driver died or still runs)."""
+    """The experiment's latest study if it never ended (interrupted, its driver died, or it still runs)."""
     studies = studies_of(storage, experiment)
-    return studies[-1] if studies and studies[-1].status == RUNNING else None
+    return studies[-1] if studies and studies[-1].status in RESUMABLE else None

@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 from .progress import progress_path, read_progress
-from .state import RUNNING, find_study
+from .search_record import read_summary, search_path
+from .state import INTERRUPTED, RUNNING, find_study
 
 
 def status_lines(storage: Path, name: str | None, now: float | None = None) -> list[str]:
@@ -20,6 +21,8 @@ def status_lines(storage: Path, name: str | None, now: float | None = None) -> l
     if state.status != RUNNING:
         ended = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(state.ended)) if state.ended else "?"
         condition = f"{state.status} at {ended}"
+        if state.status == INTERRUPTED:
+            condition += f"; `msx launch --resume {state.study}` continues it"
     elif state.driver_alive():
         condition = f"running (driver pid {state.driver_pid} on {state.driver_host})"
     else:
@@ -41,6 +44,9 @@ def status_lines(storage: Path, name: str | None, now: float | None = None) -> l
         lines += [f"  running  {trial}" for trial in progress.running]
         lines += [f"  failed   {trial}" for trial in progress.failed]
         lines.append(f"last update {now - progress.updated:.0f} s ago")
+    search = read_summary(search_path(storage, state.experiment, state.study))
+    if search is not None:
+        lines += search.lines()
     lines.append(f"MLflow: launch run {state.parent_run_id} in {state.tracking_uri}")
     lines.append(f"files: {state.tune_path(storage)}")
     return lines

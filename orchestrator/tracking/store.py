@@ -49,6 +49,14 @@ SCAN_METRICS_ARTIFACT = "scan_metrics.csv"
 SPEC_ARTIFACT = "spec.json"
 # A configuration run's metric `val/mean/dsc` is the mean over folds; this suffix marks the std.
 FOLD_STD_SUFFIX = "_std"
+# The search's record (tracking/summaries.py::log_search_record): its summary on the launch run, whether the time
+# budget cut it short; on each configuration run its status (complete, pruned, ...), the rung that pruned it and
+# its folds' mean validation Dice at each rung.
+SEARCH_ARTIFACT = "search_summary.json"
+CUT_SHORT_TAG = "msx.cut_short"
+CONFIGURATION_STATUS_TAG = "msx.configuration_status"
+PRUNED_AT_TAG = "msx.pruned_at_epoch"
+RUNG_METRIC = "rung/val_dice"
 
 
 @contextmanager

@@ -7,6 +7,8 @@ and `TuneReportCallback` forwards rank 0's reports to Tune. The trial itself hol
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 import ray.train
@@ -14,20 +16,26 @@ import ray.tune
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from ..cluster.capacity import check_cluster_hosts_a_trial, trial_request, worker_resources
 from ..spec import ExperimentSpec, spec_from_dict
 from ..trial import TrialConfig
 from .worker import train_loop_per_worker
 
 TRIAL_RESOURCES = {"cpu": 0, "memory": 1_000_000}
+# Ray Train's bound on one wait for the workers' placement group (it propagates the variable to its controller).
+WORKER_START_TIMEOUT_VARIABLE = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+log = logging.getLogger("msx.trial")
+
+
+class WorkersDidNotStartError(RuntimeError):
+    """The trial's training workers could not start within resources.worker_start_timeout_s."""
 
 
 def scaling_config(spec: ExperimentSpec) -> ray.train.ScalingConfig:
     resources = spec.resources
-    per_worker: dict[str, float] = {"CPU": resources.cpus_per_worker}
-    if resources.use_gpu:
-        per_worker["GPU"] = resources.gpus_per_worker
     return ray.train.ScalingConfig(
-        num_workers=resources.workers_per_trial, use_gpu=resources.use_gpu, resources_per_worker=per_worker
+        num_workers=resources.workers_per_trial, use_gpu=resources.use_gpu, resources_per_worker=worker_resources(spec)
     )
 
 
@@ -40,6 +48,11 @@ def run_trial(
     """
     experiment = spec_from_dict(spec)
     trial_id = ray.tune.get_context().get_trial_id()
+    # A cluster that lost the nodes this trial needs fails the trial now, with the reason, rather than wait.
+    check_cluster_hosts_a_trial(experiment, log.info)
+    timeout = experiment.resources.worker_start_timeout_s
+    if timeout:
+        os.environ[WORKER_START_TIMEOUT_VARIABLE] = str(timeout)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -51,8 +64,20 @@ def run_trial(
             name=f"train-{trial_id}",
             storage_path=storage_path,
             callbacks=[TuneReportCallback()],
-            failure_config=ray.train.FailureConfig(max_failures=experiment.resources.max_failures),
+            # With a timeout, the first wait that ends without workers fails the trial (Ray Train would
+            # otherwise try again, without end).
+            failure_config=ray.train.FailureConfig(
+                max_failures=experiment.resources.max_failures, controller_failure_limit=0 if timeout else -1
+            ),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except ray.train.ControllerError as error:
+        if timeout and "startup timed out" in str(error.controller_failure):
+            raise WorkersDidNotStartError(
+                f"the training workers ({trial_request(experiment).describe()}) did not start within "
+                f"resources.worker_start_timeout_s = {timeout:g} s: the cluster had no room for them"
+            ) from error
+        raise

@@ -16,7 +16,7 @@ import yaml
 from msx.models.data.synth import write_synthetic_cohort
 from msx.orchestrator.cluster.jobs import CLUSTER_STORAGE, SubmissionError, check_cluster_config, fixed_node_count, launch_entrypoint
 from msx.orchestrator.spec import load_spec, spec_from_dict
-from msx.orchestrator.study.state import FINISHED, StudyState, write_state
+from msx.orchestrator.study.state import FINISHED, INTERRUPTED, StudyState, write_state
 from tests.helpers import REPOSITORY, free_port
 
 from .test_cli import assert_one_line_error, msx
@@ -61,11 +61,13 @@ def test_plain_launch_will_not_take_over_an_unfinished_study_of_another_spec(tmp
     assert_one_line_error(result, "unfinished study smoke-20261127-100000 with another spec or data", "--fresh")
 
 
-def test_resume_refuses_data_that_changed(tmp_path):
+@pytest.mark.parametrize("status", ["running", INTERRUPTED])
+def test_resume_refuses_data_that_changed(tmp_path, status):
+    # Either way the study is taken over (its driver is gone, or Ctrl-C stopped it), so the data is checked.
     storage, cohort = tmp_path / "runs", tmp_path / "cohort"
     write_synthetic_cohort(cohort, patients=3, shape=(32, 36, 32), seed=0)
     spec = load_spec("smoke").with_overrides({"data.folds": "loso"}).to_dict()
-    record(storage, spec, str(cohort))
+    record(storage, spec, str(cohort), status=status)
     result = msx("launch", "--resume", "smoke", "--storage", str(storage), cwd=tmp_path)
     assert_one_line_error(result, f"{cohort}: the data changed since study smoke-20261127-100000 started")
 

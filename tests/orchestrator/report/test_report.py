@@ -17,15 +17,20 @@ from msx.models.fold import MODEL_DIR, SCAN_METRICS_FILE
 from msx.models.metrics import VOLUME_NAMES, split_metrics
 from msx.orchestrator.cli import main
 from msx.orchestrator.spec import load_spec
+from msx.orchestrator.study.search_record import ConfigurationSummary, SearchSummary
 from msx.orchestrator.tracking.callback import TrialRunsCallback
 from msx.orchestrator.tracking.store import (
+    CONFIGURATION_STATUS_TAG,
+    RUNG_METRIC,
     SCAN_METRICS_ARTIFACT,
     STUDY_TAG,
     TRIAL_ID_TAG,
+    child_runs,
     ensure_experiment,
     log_study_start,
     tracking_uri_scope,
 )
+from msx.orchestrator.tracking.summaries import log_search_record
 
 BACKBONES = ("unet", "segresnet")
 STRATEGIES = ("mean", "staple")
@@ -320,3 +325,43 @@ def test_study_without_finished_trials_fails_clearly(store):
     result = msx_report("empty", "--tracking-uri", store[1], "--out", str(store[0] / "unused"))
     assert result.exit_code == 1
     assert "0 of 1 trials finished; not finished: 1 failed; nothing to report" in result.output
+
+
+def test_report_shows_pruned_configurations_and_what_early_stopping_saved(tmp_path):
+    storage = tmp_path / "runs"
+    storage.mkdir()
+    tracking_uri = f"sqlite:///{storage / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri)
+    rng = np.random.default_rng(5)
+    launch_id = write_launch(
+        client, tracking_uri, storage, "pruned", LATEST_START_MS,
+        [("unet", "unet-c1", f, scan_rows(rng), "FINISHED") for f in FOLDS]
+        + [("unet", "unet-c2", f, None, "FINISHED") for f in FOLDS],
+    )
+    configuration = dict(searched={"training.lr": 0.002}, folds_waiting=0, last_report=None, decided_at=1.0, protected=False)
+    summary = SearchSummary(
+        folds=len(FOLDS), epochs=EPOCHS, rungs=(VALIDATE_EVERY,), concurrency=2,
+        configurations=(
+            ConfigurationSummary("unet-c1", "unet", status="complete", rung_means={2: 0.6}, final_score=0.7,
+                                 epochs_trained=len(FOLDS) * EPOCHS, **configuration),
+            ConfigurationSummary("unet-c2", "unet", status="pruned", rung_means={2: 0.1}, final_score=None,
+                                 epochs_trained=len(FOLDS) * VALIDATE_EVERY, **configuration),
+        ),
+        finished=True, cut_short=False, time_budget_s=None, elapsed_s=100.0, pauses=4, paused_fold_s=40.0,
+        median_start_s=30.0, median_resume_s=25.0, median_epoch_s=2.0, resumes=2, idle_slot_s=10.0,
+        idle_while_waiting_slot_s=5.0,
+    )
+    experiment_id = client.get_run(launch_id).info.experiment_id
+    runs = {run.data.tags["msx.configuration"]: run.info.run_id for run in child_runs(client, experiment_id, launch_id)}
+    log_search_record(client, launch_id, runs, summary)
+    assert client.get_run(runs["unet-c2"]).data.tags[CONFIGURATION_STATUS_TAG] == "pruned"
+    assert [(m.step, m.value) for m in client.get_metric_history(runs["unet-c2"], RUNG_METRIC)] == [(2, 0.1)]
+
+    result = msx_report("pruned", "--tracking-uri", tracking_uri, "--out", str(tmp_path / "report"))
+    assert result.exit_code == 0, result.output
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "## Search and early stopping" in markdown
+    assert "18 of 24 fold-epochs were trained, 6 (25%) fewer than training every configuration" in markdown
+    assert "| unet-c2 | training.lr=0.002 | pruned | 2 | 0.100 | - | 6 |" in markdown
+    assert "| unet-c1 | training.lr=0.002 | complete | 2 | 0.600 | 0.700 | 12 |" in markdown
+    assert "| unet-c2-fold1 | pruned at epoch 2, mean validation Dice 0.1000 |" in markdown

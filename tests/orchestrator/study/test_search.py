@@ -1,9 +1,7 @@
-import math
-
 from ray.tune.search import Searcher
 
 from msx.models.data.folds import resolve_folds
-from msx.orchestrator.study.search import LosoGridSearcher
+from msx.orchestrator.study.configuration_search import ConfigurationSearch
 from msx.orchestrator.spec import load_spec, spec_from_dict
 
 
@@ -14,15 +12,18 @@ def make_spec(configurations=2, parameters=True):
     return spec_from_dict({"name": "t", "model": {"backbones": ["unet", "segresnet"]}, "search": search})
 
 
-def test_every_configuration_is_expanded_over_all_folds_and_backbones():
-    folds = resolve_folds("paper", range(1, 6))
-    searcher = LosoGridSearcher(make_spec(), folds)
+def suggest_all(searcher: ConfigurationSearch) -> list[dict]:
     configs = []
     while True:
         config = searcher.suggest(f"t{len(configs)}")
         if config == Searcher.FINISHED:
-            break
+            return configs
         configs.append(config)
+
+
+def test_every_configuration_is_expanded_over_all_folds_and_backbones():
+    folds = resolve_folds("paper", range(1, 6))
+    configs = suggest_all(ConfigurationSearch(make_spec(), folds, concurrency=100, echo=lambda _: None))
     assert len(configs) == 2 * 2 * len(folds)
     by_configuration = {}
     for config in configs:
@@ -37,24 +38,8 @@ def test_every_configuration_is_expanded_over_all_folds_and_backbones():
     assert configs[0]["training.lr"] == 1e-3
 
 
-def test_study_is_told_the_mean_validation_score_once_all_folds_finish():
-    folds = resolve_folds("paper", range(1, 6))
-    searcher = LosoGridSearcher(make_spec(configurations=1), folds)
-    trials = {}
-    for index in range(len(folds)):
-        trials[f"t{index}"] = searcher.suggest(f"t{index}")
-    assert all(c["backbone"] == "unet" for c in trials.values())
-    study = searcher._studies["unet"]._ot_study
-    scores = [0.2, 0.4, 0.6, 0.8, float("nan")]  # a failed fold is left out of the mean
-    for (trial_id, config), score in zip(trials.items(), scores):
-        assert not [t for t in study.trials if t.state.name == "COMPLETE"]
-        searcher.on_trial_complete(trial_id, {"val_dice": score} if not math.isnan(score) else None)
-    (completed,) = [t for t in study.trials if t.state.name == "COMPLETE"]
-    assert math.isclose(completed.value, 0.5)
-
-
 def test_without_searched_parameters_the_grid_still_runs():
-    searcher = LosoGridSearcher(make_spec(configurations=1, parameters=False), resolve_folds("paper", range(1, 6)))
+    searcher = ConfigurationSearch(make_spec(configurations=1, parameters=False), resolve_folds("paper", range(1, 6)), 10)
     config = searcher.suggest("t0")
     assert set(config) == {"backbone", "fold", "configuration"}
 
@@ -62,7 +47,7 @@ def test_without_searched_parameters_the_grid_still_runs():
 def test_the_hpo_space_suggests_valid_specs_within_its_ranges():
     spec = load_spec("hpo")
     folds = resolve_folds(spec.data.folds, range(1, 6))
-    searcher = LosoGridSearcher(spec, folds)
+    searcher = ConfigurationSearch(spec, folds, concurrency=100, echo=lambda _: None)
     parameters = {p.name: p for p in spec.search.parameters}
     configs = [searcher.suggest(f"t{index}") for index in range(3 * len(folds))]
     # Each configuration's folds come together; the backbone's first configuration is the spec's initial point.

@@ -1,9 +1,13 @@
-"""Real Tune runs on a local Ray: the LOSO grid searcher and ASHA with a cheap trainable, and the MLflow
-record that real trials (Ray Train workers on a tiny synthetic cohort) leave through the tracking callback."""
+"""Real Tune runs on a local Ray: the configuration search and its scheduler with a cheap trainable, and the
+MLflow record that real trials (Ray Train workers on a tiny synthetic cohort) leave through the tracking callback."""
 
 import csv
+import json
 import math
 import statistics
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -18,7 +22,8 @@ from msx.models.fold import MODEL_DIR, OVERLAY_DIR
 from msx.models.metrics import METRIC_NAMES, VOLUME_NAMES, mean_isbi_score
 from msx.orchestrator.report.document import write_report
 from msx.orchestrator.spec import spec_from_dict
-from msx.orchestrator.study.search import MODE, OPTIMISED_METRIC, LosoGridSearcher, build_scheduler
+from msx.orchestrator.study.configuration_search import ConfigurationScheduler, ConfigurationSearch
+from msx.orchestrator.study.search import MODE, OPTIMISED_METRIC
 from msx.orchestrator.tracking.callback import TrialRunsCallback
 from msx.orchestrator.tracking.store import (
     CHECKPOINT_TAG,
@@ -38,52 +43,86 @@ from tests.helpers import tiny_spec
 pytestmark = pytest.mark.integration
 
 EPOCHS = 4
-# A "strong" and a "weak" backbone: ASHA must stop the weak one's trials at its first rung.
+# A "strong" and a "weak" backbone: the weak one's configurations are pruned at their first rung.
 QUALITY = {"unet": 0.8, "segresnet": 0.2}
 
 
 def fake_training(config):
-    for epoch in range(1, EPOCHS + 1):
-        tune.report({"epoch": epoch, OPTIMISED_METRIC: QUALITY[config["backbone"]] + 0.01 * epoch * config["training.lr"]})
+    """Reports every epoch; resumes after a pause from the epoch its last checkpoint holds."""
+    start = 0
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            start = json.loads((Path(folder) / "epoch.json").read_text())
+    for epoch in range(start + 1, EPOCHS + 1):
+        score = QUALITY[config["backbone"]] + 0.01 * epoch * config["training.lr"] + 0.01 * config["fold"]
+        with tempfile.TemporaryDirectory() as folder:
+            (Path(folder) / "epoch.json").write_text(json.dumps(epoch))
+            metrics = {"epoch": epoch, OPTIMISED_METRIC: score, "fold_epoch": f"{config['fold']}:{epoch}"}
+            if epoch == EPOCHS:
+                metrics["final"] = 1
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
-@pytest.mark.timeout(300)
-def test_grid_of_folds_with_optuna_and_asha(local_ray, tmp_path):
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_configurations_wait_at_rungs_and_are_pruned_whole(local_ray, tmp_path):
     spec = spec_from_dict(
         {
             "name": "tune-test",
             "model": {"backbones": ["unet", "segresnet"]},
-            "training": {"epochs": EPOCHS},
+            "training": {"epochs": EPOCHS, "validate_every": 1},
             "search": {
-                "configurations_per_backbone": 1,
-                "parameters": [{"name": "training.lr", "low": 0.5, "high": 2.0}],
+                "configurations_per_backbone": 2,
+                "parameters": [{"name": "training.lr", "low": 0.5, "high": 2.0, "initial": 1.0}],
                 "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
             },
         }
     )
-    folds = resolve_folds("paper", range(1, 6))
+    folds = resolve_folds("loso", range(1, 4))
+    search = ConfigurationSearch(spec, folds, concurrency=2, snapshot=tmp_path / "search.json", echo=print)
     tuner = tune.Tuner(
-        tune.with_resources(fake_training, {"cpu": 1}),
+        tune.with_resources(fake_training, TRIAL_RESOURCES),
         tune_config=tune.TuneConfig(
-            metric=OPTIMISED_METRIC,
-            mode=MODE,
-            search_alg=LosoGridSearcher(spec, folds),
-            scheduler=build_scheduler(spec),
-            num_samples=2 * len(folds),
-            max_concurrent_trials=1,
+            metric=OPTIMISED_METRIC, mode=MODE, search_alg=search, scheduler=ConfigurationScheduler(), num_samples=4 * len(folds)
         ),
         run_config=tune.RunConfig(name="grid", storage_path=str(tmp_path), verbose=0),
     )
     grid = tuner.fit()
     assert not grid.errors
-    epochs_reached = {(r.config["backbone"], r.config["fold"]): r.metrics["epoch"] for r in grid}
-    assert sorted(epochs_reached) == sorted((b, f.index) for b in QUALITY for f in folds)
-    assert all(epochs_reached[("unet", f.index)] == EPOCHS for f in folds)
-    stopped = [f.index for f in folds if epochs_reached[("segresnet", f.index)] < EPOCHS]
-    assert len(stopped) >= 4, epochs_reached  # early stopping acted on the weak configuration
-    # Every fold of one configuration shares its searched values.
-    assert len({r.config["training.lr"] for r in grid if r.config["backbone"] == "unet"}) == 1
-    assert (tmp_path / "grid").is_dir()
+    summary = search.summary()
+    assert summary.finished
+    status = {c.name: c.status for c in summary.configurations}
+    assert status["unet-c1"] == "complete" and status["segresnet-c1"] == "complete"  # first at their rungs
+    # Each backbone is its own Optuna study: the weaker backbone is judged against itself only.
+    for backbone in ("unet", "segresnet"):
+        trials = search.studies[backbone].trials
+        assert [t.state.name for t in trials].count("COMPLETE") >= 1
+        for trial in trials:
+            if trial.state.name == "COMPLETE":
+                configuration = f"{backbone}-c{trial.number + 1}"
+                finals = [r.metrics[OPTIMISED_METRIC] for r in grid if r.config["configuration"] == configuration]
+                assert trial.value == pytest.approx(statistics.fmean(finals)) and len(finals) == len(folds)
+    # Every fold of a configuration saw the same epochs; a pruned configuration's folds stopped at its rung,
+    # and a paused fold resumed from its checkpoint (no epoch reported twice).
+    for configuration in status:
+        results = [r for r in grid if r.config["configuration"] == configuration]
+        epochs = {r.metrics["epoch"] for r in results}
+        assert len(epochs) == 1, (configuration, epochs)
+        histories = [r.metrics_dataframe["epoch"].tolist() for r in results]
+        assert all(h == list(range(1, len(h) + 1)) for h in histories), histories
+        if status[configuration] == "pruned":
+            (rung,) = {c.last_rung for c in summary.configurations if c.name == configuration}
+            assert epochs == {rung}
+    # The second configuration of a backbone is judged against its first, on the mean over folds: the search's
+    # fake score grows with the learning rate, so a smaller one is pruned at the first rung and a larger one is not.
+    for backbone in ("unet", "segresnet"):
+        second = next(c for c in summary.configurations if c.name == f"{backbone}-c2")
+        expected = "pruned" if second.searched["training.lr"] < 1.0 else "complete"
+        assert second.status == expected, second
+        if expected == "pruned":
+            assert second.last_rung == 1 and search.studies[backbone].trials[1].state.name == "PRUNED"
+    assert summary.pauses > 0 and summary.resumes > 0
 
 
 # Two configurations of one backbone x two folds of three synthetic patients; every size as small as runs.
@@ -100,6 +139,73 @@ TRACKED_SPEC = tiny_spec(
         "scheduler": {"name": "fifo"},
     },
 )
+
+
+def slow_fake_training(config):
+    time.sleep(1.0)  # per epoch: the time budget ends while configurations train
+    fake_training(config)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_spent_time_budget_stops_the_search_but_lets_one_configuration_finish(local_ray, tmp_path):
+    spec = spec_from_dict(
+        {
+            "name": "budget",
+            "model": {"backbones": ["unet"]},
+            "training": {"epochs": EPOCHS, "validate_every": 1},
+            "search": {
+                "configurations_per_backbone": 6,
+                "parameters": [{"name": "training.lr", "low": 0.5, "high": 2.0, "initial": 1.0}],
+                "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
+                "time_budget_s": 5,
+            },
+        }
+    )
+    folds = resolve_folds("loso", range(1, 4))
+    search = ConfigurationSearch(spec, folds, concurrency=2, echo=print)
+    grid = tune.Tuner(
+        tune.with_resources(slow_fake_training, TRIAL_RESOURCES),
+        tune_config=tune.TuneConfig(
+            metric=OPTIMISED_METRIC, mode=MODE, search_alg=search, scheduler=ConfigurationScheduler(), num_samples=6 * len(folds)
+        ),
+        run_config=tune.RunConfig(name="budget", storage_path=str(tmp_path), verbose=0),
+    ).fit()
+    assert not grid.errors
+    summary = search.summary()
+    assert summary.cut_short and summary.finished
+    (complete,) = [c for c in summary.configurations if c.status == "complete"]
+    assert {c.status for c in summary.configurations} <= {"complete", "pruned", "cut short"}
+    assert len(summary.configurations) < 6  # no configuration opened after the budget
+    finished = [r for r in grid if r.config["configuration"] == complete.name]
+    assert len(finished) == len(folds) and all(r.metrics.get("final") for r in finished)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_trial_whose_workers_cannot_start_in_time_fails_saying_so(local_ray, tmp_path):
+    write_synthetic_cohort(tmp_path / "cohort", patients=3, shape=(32, 36, 32))
+    spec = spec_from_dict({**TRACKED_SPEC, "name": "no-room", "resources": {"worker_start_timeout_s": 5, "max_failures": 0}})
+    folds = resolve_folds(spec.data.folds, (1, 2, 3))
+    # Something else holds both CPUs: the cluster could host the trial's worker, but has no room now.
+    holder = local_ray.util.placement_group([{"CPU": 2}])
+    local_ray.get(holder.ready(), timeout=60)
+    try:
+        trainable = tune.with_parameters(
+            run_trial, spec=spec.to_dict(), data_root=str(tmp_path / "cohort"), storage_path=str(tmp_path / "train")
+        )
+        grid = tune.Tuner(
+            tune.with_resources(trainable, TRIAL_RESOURCES),
+            tune_config=tune.TuneConfig(
+                metric=OPTIMISED_METRIC, mode=MODE, search_alg=ConfigurationSearch(spec, folds[:1], concurrency=1),
+                scheduler=ConfigurationScheduler(), num_samples=1,
+            ),
+            run_config=tune.RunConfig(name="no-room", storage_path=str(tmp_path / "tune"), verbose=0),
+        ).fit()
+    finally:
+        local_ray.util.remove_placement_group(holder)
+    (error,) = grid.errors
+    assert "did not start within resources.worker_start_timeout_s = 5 s" in str(error)
 
 
 @pytest.fixture(scope="module")
@@ -123,10 +229,9 @@ def tracked_launch(local_ray, tmp_path_factory):
         tune_config=tune.TuneConfig(
             metric=OPTIMISED_METRIC,
             mode=MODE,
-            search_alg=LosoGridSearcher(spec, folds),
-            scheduler=build_scheduler(spec),
+            search_alg=ConfigurationSearch(spec, folds, concurrency=2),
+            scheduler=ConfigurationScheduler(),
             num_samples=2 * len(folds),
-            max_concurrent_trials=2,
         ),
         run_config=tune.RunConfig(
             name="tracked",

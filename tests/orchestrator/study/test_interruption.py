@@ -1,0 +1,42 @@
+"""Ctrl-C and SIGTERM during a Tune run reach Tune's own stop handler and mark the run interrupted; real
+signals sent to this process. (A real `msx launch` stopped by SIGINT and resumed: test_study_lifecycle_e2e.py.)"""
+
+import os
+import signal
+
+import pytest
+
+from msx.orchestrator.study import interruption
+
+
+@pytest.fixture
+def tune_handlers():
+    """Stand-ins for what Tune installs before its callbacks' setup: its stop handler on SIGUSR1 (and SIGINT)."""
+    saved = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    calls: list[int] = []
+
+    def tune_stop(signum, frame):
+        calls.append(signum)
+        signal.signal(signal.SIGINT, saved[signal.SIGINT])  # as Tune does after the first signal
+
+    signal.signal(signal.SIGUSR1, tune_stop)
+    signal.signal(signal.SIGINT, tune_stop)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    interruption.reset()
+    yield calls
+    for number, handler in saved.items():
+        signal.signal(number, handler)
+    interruption.reset()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_the_first_stop_signal_ends_the_tune_run_and_marks_it_interrupted(tune_handlers, signum, capsys):
+    interruption.StopSignals().setup()
+    os.kill(os.getpid(), signum)
+    assert tune_handlers == [signum]  # Tune's handler ran: it ends its loop and saves the experiment
+    assert interruption.INTERRUPTED.is_set() and interruption.received_signal() == signum
+    assert f"{signal.Signals(signum).name} received: the trials stop at their last checkpoints" in capsys.readouterr().out
+    # Next time: SIGTERM's previous handler (here the default), and Python's KeyboardInterrupt on Ctrl-C.
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
