@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -20,6 +21,7 @@ from .options import INPUT_ERRORS, fail_cleanly
 @click.option("--cluster", "cluster_file", type=click.Path(path_type=Path), default=None, help="A Ray cluster launcher YAML (cluster/a100.yaml): brings the cluster up, submits the study as a Ray job through a tunnel to its dashboard, and streams its logs.")
 @click.option("--resume", "resume_name", default=None, metavar="NAME", help="Continue the unfinished study NAME (a study, or an experiment's latest): finished trials are kept, interrupted ones continue from their last checkpoint.")
 @click.option("--fresh", is_flag=True, help="Start a new study even when the experiment has an unfinished one (which stays as it is).")
+@click.option("--verbose", is_flag=True, help="Show Ray's, Tune's and MLflow's messages here too (default: in a log file under --storage, named at the start).")
 @click.pass_context
 def launch(
     context: click.Context,
@@ -31,6 +33,7 @@ def launch(
     cluster_file: Path | None,
     resume_name: str | None,
     fresh: bool,
+    verbose: bool,
 ) -> None:
     """Run a whole leave-one-subject-out study and register the best model.
 
@@ -41,69 +44,83 @@ def launch(
     if cluster_file or (address and address.startswith(("http://", "https://"))):
         _submit_launch(context, cluster_file, address)
         return
-    _launch_here(space, data, storage.resolve(), tracking_uri, address, resume_name, fresh)
+    storage = storage.resolve()
+    if verbose:
+        _launch_here(space, data, storage, tracking_uri, address, resume_name, fresh, click.echo, None)
+        return
+    from .console import QuietConsole, launch_log_path
+
+    console = QuietConsole(launch_log_path(storage))
+    with console as echo:
+        _launch_here(space, data, storage, tracking_uri, address, resume_name, fresh, echo, console.log_path)
 
 
 def _launch_here(
     space: str | None, data: Path | None, storage: Path, tracking_uri: str | None, address: str | None,
-    resume_name: str | None, fresh: bool,
+    resume_name: str | None, fresh: bool, echo: Callable[[str], None], log_path: Path | None,
 ) -> None:
     """The driver in this process: checks, then Ray, then the study (msx.orchestrator.study)."""
     from ..study.launch import plan_launch
 
     started = time.monotonic()
     try:
-        plan = plan_launch(space, data, storage, tracking_uri, resume_name, fresh, click.echo)
+        plan = plan_launch(space, data, storage, tracking_uri, resume_name, fresh, echo)
     except (*INPUT_ERRORS, ConnectionError) as error:  # CohortError is a ValueError
         raise fail_cleanly(error) from None
     spec, cohort, provenance, tracking_uri = plan.spec, plan.cohort, plan.provenance, plan.tracking_uri
-    click.echo(f"study {spec.name!r}: {len(cohort.patients)} patients, {len(cohort.scans)} scans from {cohort.root}")
-    click.echo(f"data fingerprint {provenance.data_fingerprint}, code {provenance.code_version}")
+    echo(f"study {spec.name!r}: {len(cohort.patients)} patients, {len(cohort.scans)} scans from {cohort.root}")
+    echo(f"data fingerprint {provenance.data_fingerprint}, code {provenance.code_version}")
 
     from ..study.driver import run_study, start_ray
     from ..tracking.pending import PendingWritesError
 
+    if log_path is not None:
+        echo(f"Ray, Tune and MLflow messages: {log_path} (--verbose shows them here)")
     try:
-        dashboard = start_ray(address, click.echo)
+        dashboard = start_ray(address, echo)
     except (RuntimeError, ConnectionError) as error:
         raise fail_cleanly(error) from None
+    from ..cluster.jobs import token_instructions
+
+    if dashboard and (instructions := token_instructions()):
+        echo(f"               {instructions}")
     try:
-        outcome = run_study(spec, cohort, storage, tracking_uri, provenance, echo=click.echo, resume=plan.resume)
+        outcome = run_study(spec, cohort, storage, tracking_uri, provenance, echo=echo, resume=plan.resume)
     except PendingWritesError as error:
         raise fail_cleanly(error) from None
 
-    click.echo("")
-    click.echo(
+    echo("")
+    echo(
         "Test patients (one per fold), mean ± std over the folds; lesions are "
         f"{spec.inference.connectivity}-connected components; * = best:"
     )
-    click.echo(outcome.table)
-    click.echo("")
+    echo(outcome.table)
+    echo("")
     if outcome.selection is None:
         raise click.ClickException(
             f"no configuration finished all its folds ({outcome.trials_finished}/{outcome.trials_total} trials); nothing was registered"
         )
     selection = outcome.selection
     searched = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in selection.configuration.searched.items())
-    click.echo(
+    echo(
         f"selected on validation patients: {selection.configuration.backbone} ({selection.configuration.configuration}"
         f"{', ' + searched if searched else ''}), strategy {selection.strategy}, "
         f"mean validation {selection.metric.upper()} {selection.validation_score:.4f}"
     )
-    click.echo(f"registered model: {outcome.registration.summary}")
-    click.echo(f"finished {outcome.trials_finished}/{outcome.trials_total} trials in {time.monotonic() - started:.0f} s")
-    click.echo("")
+    echo(f"registered model: {outcome.registration.summary}")
+    echo(f"finished {outcome.trials_finished}/{outcome.trials_total} trials in {time.monotonic() - started:.0f} s")
+    echo("")
     if tracking_uri.startswith("sqlite:"):
         storage_option = "" if storage == Path("msx_runs").resolve() else f" --storage {storage}"
-        click.echo(f"MLflow UI:      msx ui{storage_option}   (serves {tracking_uri} on 127.0.0.1:5000)")
-        click.echo(f"                then open http://127.0.0.1:5000/#/models/{spec.registry.model_name}")
+        echo(f"MLflow UI:      msx ui{storage_option}   (serves {tracking_uri} on 127.0.0.1:5000)")
+        echo(f"                then open http://127.0.0.1:5000/#/models/{spec.registry.model_name}")
     else:
-        click.echo(f"MLflow UI:      {tracking_uri}/#/models/{spec.registry.model_name}")
+        echo(f"MLflow UI:      {tracking_uri}/#/models/{spec.registry.model_name}")
     if address:
-        click.echo(f"Ray dashboard:  {dashboard or 'on the cluster head (ray dashboard CLUSTER.yaml tunnels it to 127.0.0.1:8265)'}")
+        echo(f"Ray dashboard:  {dashboard or 'on the cluster head (ray dashboard CLUSTER.yaml tunnels it to 127.0.0.1:8265)'}")
     else:
-        click.echo(f"Ray dashboard:  {dashboard} while the study ran (the local Ray stops with msx); for one that stays up:")
-        click.echo("                ray start --head --dashboard-host 127.0.0.1 && msx launch --address 127.0.0.1:6379")
+        echo(f"Ray dashboard:  {dashboard} while the study ran (the local Ray stops with msx); for one that stays up:")
+        echo("                ray start --head --dashboard-host 127.0.0.1 && msx launch --address 127.0.0.1:6379")
 
 
 def _submit_launch(context: click.Context, cluster_file: Path | None, address: str | None) -> None:

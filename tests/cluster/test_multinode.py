@@ -29,6 +29,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from ray._common.utils import get_ray_address_file
 
+from msx.orchestrator.trials.trainable import trial_id_of_train_run
 from tests.helpers import free_port, tiny_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -149,10 +150,10 @@ def registered_epoch(storage: Path, trial_id: str) -> int:
     A checkpoint folder appears before the trainer registers it; a worker killed in between restarts
     from the checkpoint before.
     """
-    snapshot = storage / "tiny" / "train" / f"train-{trial_id}" / "checkpoint_manager_snapshot.json"
+    runs = [run for run in (storage / "tiny" / "train").glob("*-*") if trial_id_of_train_run(run.name) == trial_id]
     try:
-        results = json.loads(snapshot.read_text())["checkpoint_results"]
-    except (OSError, ValueError, KeyError):
+        results = json.loads((runs[0] / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"]
+    except (IndexError, OSError, ValueError, KeyError):
         return 0
     return max((int(result["metrics"]["epoch"]) for result in results), default=0)
 
@@ -162,8 +163,8 @@ def train_workers() -> list[psutil.Process]:
 
 
 def trial_of(worker: psutil.Process) -> str:
-    """The Tune trial id a training worker serves: Train runs it in a folder named after its run, train-<trial id>."""
-    return Path(worker.cwd()).name.removeprefix("train-")
+    """The Tune trial id a training worker serves: Train runs it in a folder named after its run (train_run_name)."""
+    return trial_id_of_train_run(Path(worker.cwd()).name)
 
 
 def workers_mid_trial(storage: Path, epochs_before: dict[str, int]) -> list[tuple[psutil.Process, str]]:
@@ -281,7 +282,7 @@ def resumed_study(cluster, tmp_path_factory):
         [BIN / "msx", "status", "--storage", str(storage)], env=cluster.environment, capture_output=True, text=True, check=True,
     ).stdout
 
-    trials = [folder.name.removeprefix("train-") for folder in (storage / "tiny" / "train").glob("train-*")]
+    trials = [trial_id_of_train_run(folder.name) for folder in (storage / "tiny" / "train").glob("*-*") if folder.is_dir()]
     epochs_before = {trial: registered_epoch(storage, trial) for trial in trials}
     second = cluster.msx("launch", "--resume", "tiny", "--address", cluster.gcs, "--storage", str(storage), cwd=workdir)
     # A trial that checkpointed under the new driver: its next start must come from that checkpoint.
