@@ -14,6 +14,7 @@ deleted; each carries a tag saying whether it became champion, and why not.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import math
 import time
@@ -23,9 +24,11 @@ from typing import Any
 
 import mlflow
 import mlflow.pyfunc
-import torch
+import numpy as np
 from mlflow.entities.model_registry import ModelVersion, RegisteredModel
+from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
+from mlflow.types.schema import Schema, TensorSpec
 
 from msx.models.fold import MODEL_DIR
 from msx.models.metrics import HIGHER_IS_BETTER
@@ -33,7 +36,7 @@ from msx.models.metrics import HIGHER_IS_BETTER
 from ..results import Selection
 from ..spec import ExperimentSpec
 from .provenance import Provenance
-from .segmenter import FoldEnsembleSegmenter
+from . import segmenter as segmenter_module
 from .store import tracking_uri_scope
 
 CHAMPION = "champion"
@@ -87,6 +90,49 @@ class ModelSummary:
     champion_score: str | None
 
 
+# Run by MLflow to build the model when it is loaded ("models from code"): nothing is unpickled.
+MODEL_CODE = Path(segmenter_module.__file__).with_name("segmenter_code.py")
+# The input example: a scan this small keeps the example's JSON (and MLflow's check of it at logging) small.
+EXAMPLE_SHAPE = (8, 8, 8)
+
+
+def model_signature(channels: int) -> ModelSignature:
+    """The image in as a float32 tensor (channels, X, Y, Z) in the order of the spec's modalities, any size; the
+    lesion mask (X, Y, Z) out, uint8 in {0, 1}."""
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (channels, -1, -1, -1))]),
+        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]),
+    )
+
+
+def input_example(channels: int) -> np.ndarray:
+    """A tiny scan: zero background around a box of brain-like positive intensities (inference crops to it)."""
+    image = np.zeros((channels, *EXAMPLE_SHAPE), dtype=np.float32)
+    image[:, 2:6, 2:6, 2:6] = np.random.default_rng(0).uniform(0.5, 1.5, size=(channels, 4, 4, 4)).round(2)
+    return image
+
+
+def msx_requirement() -> str:
+    """How msx itself was installed, as a pip requirement: the checkout or VCS commit it came from (PEP 610's
+    direct_url.json), else its version from an index."""
+    distributions = list(importlib.metadata.distributions(name="msx"))
+    for distribution in distributions:  # a build's msx.egg-info in the working folder may shadow the installed one
+        raw = distribution.read_text("direct_url.json")
+        if not raw:
+            continue
+        direct = json.loads(raw)
+        if "vcs_info" in direct:
+            return f"msx @ {direct['vcs_info']['vcs']}+{direct['url']}@{direct['vcs_info']['commit_id']}"
+        return f"msx @ {direct['url']}"
+    return f"msx=={distributions[0].version}" if distributions else "msx"
+
+
+def model_requirements() -> list[str]:
+    """msx as installed here, and the versions of what it runs the model with."""
+    pinned = [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in ("torch", "monai", "nibabel", "mlflow")]
+    return [msx_requirement(), *pinned]
+
+
 def register_selection(
     selection: Selection,
     spec: ExperimentSpec,
@@ -123,15 +169,18 @@ def register_selection(
     for fold in configuration.folds:
         artifacts[f"fold{fold.trial.fold}"] = str(Path(fold.checkpoint_path) / MODEL_DIR)
 
+    channels = len(spec.data.modalities)
     # The version's source is the logged model's models:/m-... URI, resolved through the fluent tracking URI.
     with tracking_uri_scope(tracking_uri):
         with mlflow.start_run(run_id=parent_run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
-                python_model=FoldEnsembleSegmenter(),
+                python_model=str(MODEL_CODE),
                 artifacts=artifacts,
+                signature=model_signature(channels),
+                input_example=input_example(channels),
                 # Explicit requirements: inferring them would import-scan the environment for minutes.
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "monai", "nibabel", "msx"],
+                pip_requirements=model_requirements(),
             )
         client = MlflowClient(tracking_uri)
         try:
