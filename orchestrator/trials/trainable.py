@@ -33,10 +33,11 @@ def scaling_config(spec: ExperimentSpec) -> ray.train.ScalingConfig:
     )
 
 
-def train_run_name(label: str, trial_id: str) -> str:
-    """The Ray Train run of a trial (and its folder under the experiment's train/): the label names it in the
-    dashboard; the Tune trial id (no hyphen in it) keeps it apart from the same fold of an earlier study."""
-    return f"{label}-{trial_id}"
+def train_run_name(trial: TrialConfig, trial_id: str) -> str:
+    """The Ray Train run of a trial (and its folder under the experiment's train/), like ``unet-c1-fold3-1a2b3_00004``:
+    configuration and fold name it in the dashboard; the Tune trial id (no hyphen in it) keeps it apart from the
+    same fold of an earlier study."""
+    return f"{trial.configuration}-fold{trial.fold}-{trial_id}"
 
 
 def trial_id_of_train_run(name: str) -> str:
@@ -63,7 +64,7 @@ def run_trial(
         scaling_config=scaling_config(experiment),
         run_config=ray.train.RunConfig(
             # A stable name per trial: a restarted trial finds its own Train run and checkpoints again.
-            name=train_run_name(trial.label, trial_id),
+            name=train_run_name(trial, trial_id),
             storage_path=storage_path,
             callbacks=[TuneReportCallback()],
             failure_config=ray.train.FailureConfig(max_failures=experiment.resources.max_failures),
