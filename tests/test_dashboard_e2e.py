@@ -18,14 +18,12 @@ import time
 import urllib.request
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
-from ray._common.utils import get_ray_address_file
 
 from msx.orchestrator.trial import TrialConfig
 from msx.orchestrator.trials.trainable import train_run_name, trial_id_of_train_run
-from tests.helpers import REPOSITORY, free_port, tiny_spec
+from tests.helpers import REPOSITORY, free_port, ray_head_session, stop_ray_session, tiny_spec
 
 pytestmark = pytest.mark.slow
 
@@ -64,11 +62,7 @@ def study(tmp_path_factory):
          f"--metrics-export-port={free_port()}", "--disable-usage-stats"],
         env=environment, check=True, capture_output=True, timeout=180,
     )
-    head = next(
-        p for p in psutil.process_iter(["name", "cmdline"])
-        if p.info["name"] == "gcs_server" and f"--gcs_server_port={gcs_port}" in " ".join(p.info["cmdline"] or [])
-    )
-    session = next(arg for arg in head.cmdline() if arg.startswith("--log_dir=")).split("=", 1)[1].rsplit("/logs", 1)[0]
+    session = ray_head_session(gcs_port)
     try:
         (folder / "dash.yaml").write_text(yaml.safe_dump(SPEC))
         launch = subprocess.run(
@@ -79,13 +73,7 @@ def study(tmp_path_factory):
         assert launch.returncode == 0, launch.stderr[-3000:]
         yield launch.stdout, f"http://127.0.0.1:{dashboard_port}", token, token_file
     finally:
-        # Only this head's processes: every one of them names its session folder.
-        for process in psutil.process_iter(["cmdline"]):
-            if session in " ".join(process.info["cmdline"] or []):
-                process.kill()
-        current = Path(get_ray_address_file(None))
-        if current.is_file() and current.read_text().strip().endswith(f":{gcs_port}"):
-            current.unlink()
+        stop_ray_session(session, gcs_port)
 
 
 def test_msx_says_where_the_token_is_and_never_prints_it(study):

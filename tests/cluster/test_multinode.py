@@ -27,10 +27,9 @@ import psutil
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from ray._common.utils import get_ray_address_file
 
 from msx.orchestrator.trials.trainable import trial_id_of_train_run
-from tests.helpers import free_port, tiny_spec
+from tests.helpers import free_port, ray_head_session, stop_ray_session, tiny_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -112,24 +111,12 @@ def cluster(tmp_path_factory):
          f"--dashboard-port={dashboard_port}", *node_ports(), "--disable-usage-stats"],
         env=environment, check=True, capture_output=True, timeout=120,
     )
-    head = next(
-        p for p in psutil.process_iter(["name", "cmdline"])
-        if p.info["name"] == "gcs_server" and f"--gcs_server_port={gcs_port}" in " ".join(p.info["cmdline"] or [])
-    )
-    session = next(arg for arg in head.cmdline() if arg.startswith("--log_dir=")).split("=", 1)[1].rsplit("/logs", 1)[0]
+    session = ray_head_session(gcs_port)
     cluster = Cluster(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}", environment, tmp_path_factory.mktemp("logs"))
     cluster.start_worker_node("node_a")
     cluster.start_worker_node("node_b")
     yield cluster
-    # Only this cluster's processes: every one of them names its session folder.
-    for process in psutil.process_iter(["cmdline"]):
-        if session in " ".join(process.info["cmdline"] or []):
-            process.kill()
-    # What `ray stop` would also do: forget this head as "the current cluster", or later drivers on this machine
-    # (and Ray Train's placement-group cleaner in their workers) would look for it.
-    current = Path(get_ray_address_file(None))
-    if current.is_file() and current.read_text().strip().endswith(f":{gcs_port}"):
-        current.unlink()
+    stop_ray_session(session, gcs_port)
 
 
 def wait_for(condition, what: str, timeout_s: float = 300, process: subprocess.Popen | None = None):
