@@ -135,3 +135,16 @@ def test_status_command_errors_in_one_line(tmp_path):
     result = run_msx("status", "nope", "--storage", tmp_path, cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"Error: no study or experiment named 'nope' under {tmp_path} (no studies here yet)"]
+
+
+def test_a_failed_trials_error_is_its_traceback_last_line():
+    from msx.orchestrator.study.progress import error_line
+
+    trace = (
+        "ray::_Inner.train() (pid=123, ip=127.0.0.1)\n"
+        "  File \"worker.py\", line 10, in train_loop_per_worker\n"
+        "    load_scan(scan)\n"
+        "msx.models.data.cohort.CohortError: /data/training02_01_flair_pp.nii.gz contains NaN or infinite voxels\n\n"
+    )
+    assert error_line(trace) == "msx.models.data.cohort.CohortError: /data/training02_01_flair_pp.nii.gz contains NaN or infinite voxels"
+    assert error_line("") == "no error text was saved"
