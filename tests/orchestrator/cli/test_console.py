@@ -53,9 +53,7 @@ def test_only_msx_lines_reach_the_console_and_the_rest_is_logged(tmp_path):
 
 
 def test_an_error_is_one_line_naming_the_log_with_the_trace_in_it(tmp_path):
-    import click
-
-    # click.ClickException is what `msx` prints as "Error: ..." on stderr; run it as the command would.
+    # The console turns the error into a click.ClickException, which `msx` prints as "Error: ..." on stderr.
     script = tmp_path / "command.py"
     script.write_text(
         "import sys, click, runpy\n"
@@ -74,4 +72,3 @@ def test_an_error_is_one_line_naming_the_log_with_the_trace_in_it(tmp_path):
     assert result.stderr.strip().splitlines() == [f"Error: RuntimeError: the GCS died (full trace in {log})"]
     logged = log.read_text()
     assert "Traceback (most recent call last)" in logged and "second line of the message" in logged
-    assert click  # the exception type the console raises
