@@ -113,9 +113,10 @@ def token_instructions() -> str | None:
     token itself; None when this process runs Ray without token authentication."""
     import os
 
-    from ray._private.authentication.authentication_token_setup import AUTH_MODE_ENV_VAR, _get_default_token_path
+    from ray._private.authentication.authentication_token_setup import _get_default_token_path
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
 
-    if os.environ.get(AUTH_MODE_ENV_VAR, "").lower() != "token":
+    if not is_token_auth_enabled():
         return None
     if os.environ.get("RAY_AUTH_TOKEN"):
         where = "the RAY_AUTH_TOKEN variable of the shell that ran msx"
