@@ -114,6 +114,7 @@ class Browser:
 
     async def screenshot(self, path: Path) -> None:
         await self.call("Emulation.setDeviceMetricsOverride", width=1400, height=900, deviceScaleFactor=1, mobile=False)
+        await asyncio.sleep(2)  # the page lays itself out again at the new size
         path.write_bytes(base64.b64decode((await self.call("Page.captureScreenshot", format="png"))["data"]))
 
 
