@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from ..results import ConfigurationResult, Selection, best_per_backbone, select_best, summarise_configurations
@@ -75,5 +76,14 @@ def compared_rows(client: MlflowClient, record: StudyRecord, summary: StudySumma
         if selection is None:
             continue
         runs = {trial.fold: trial.run_id for trial in record.trials if trial.configuration == row.configuration and trial.outcome}
-        compared.append(ComparedRow(row.backbone, selection.strategy, {fold: read_scan_rows(client, run) for fold, run in runs.items()}))
+        compared.append(ComparedRow(row.backbone, selection.strategy, {fold: _scan_rows_or_none(client, run) for fold, run in runs.items()}))
     return compared
+
+
+def _scan_rows_or_none(client: MlflowClient, run_id: str) -> list:
+    # A driver that could not read the checkpoint's folder (storage only the cluster sees) logged no table: that
+    # fold's patients then pair with nothing, and the comparisons' n says so.
+    try:
+        return read_scan_rows(client, run_id)
+    except (OSError, MlflowException):
+        return []
