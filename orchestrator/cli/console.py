@@ -10,6 +10,7 @@ with its traceback and reaches the console as one line naming the log.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -39,8 +40,10 @@ class QuietConsole:
         self._console: TextIO | None = None
         self._streams: tuple[TextIO, TextIO] | None = None
         self._handlers: list[tuple[logging.StreamHandler, TextIO]] = []
+        self._made: list[Path] = []
 
     def __enter__(self) -> Callable[[str], None]:
+        self._made = [folder for folder in (self.log_path.parent, *self.log_path.parent.parents) if not folder.exists()]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = self._log = open(self.log_path, "a", buffering=1, encoding="utf-8")
         self._streams = (sys.stdout, sys.stderr)
@@ -83,6 +86,11 @@ class QuietConsole:
             log.write("".join(traceback.format_exception(kind, error, trace)))
         # Left open: handlers made meanwhile (Ray's, Tune's) keep writing here until the process ends.
         log.flush()
+        if log.tell() == 0:  # a launch refused before anything spoke (bad input): no log left behind
+            self.log_path.unlink()
+            for folder in self._made:  # the folders made for it, deepest first, unless something else is in them now
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
         if unexpected:
             first = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise click.ClickException(

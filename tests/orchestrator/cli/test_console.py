@@ -72,3 +72,12 @@ def test_an_error_is_one_line_naming_the_log_with_the_trace_in_it(tmp_path):
     assert result.stderr.strip().splitlines() == [f"Error: RuntimeError: the GCS died (full trace in {log})"]
     logged = log.read_text()
     assert "Traceback (most recent call last)" in logged and "second line of the message" in logged
+
+
+def test_a_launch_that_said_nothing_leaves_no_log(tmp_path):
+    from msx.orchestrator.cli.console import QuietConsole
+
+    log = tmp_path / "runs" / "logs" / "launch.log"
+    with QuietConsole(log):
+        pass
+    assert list(tmp_path.iterdir()) == []  # nor the storage folder made for it
