@@ -30,6 +30,21 @@ def launch_log_path(storage: Path) -> Path:
     return storage / LOGS_FOLDER / f"launch-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
 
 
+# (console, log) while a QuietConsole is open. Module state rather than a closure: Tune pickles the callbacks that
+# hold `echo` with its experiment state, and open files do not pickle.
+_active: tuple[TextIO, TextIO] | None = None
+
+
+def echo(line: str) -> None:
+    """msx's own line: to the console and into the log while a QuietConsole is open, else as click.echo."""
+    if _active is None:
+        click.echo(line)
+        return
+    console, log = _active
+    click.echo(line, file=console)
+    log.write(f"[msx] {line}\n")
+
+
 class QuietConsole:
     """``with QuietConsole(path) as echo:`` echo writes msx's lines to the console; everything else goes to ``path``."""
 
@@ -60,14 +75,13 @@ class QuietConsole:
                 self._handlers.append((handler, handler.stream))
                 handler.setStream(log)
         sys.stdout = sys.stderr = log
-
-        def echo(line: str) -> None:
-            click.echo(line, file=console)
-            log.write(f"[msx] {line}\n")
-
+        global _active
+        _active = (console, log)
         return echo
 
     def __exit__(self, kind, error, trace) -> None:
+        global _active
+        _active = None
         log = self._log
         assert log is not None and self._streams is not None
         for handler, stream in self._handlers:

@@ -81,3 +81,15 @@ def test_a_launch_that_said_nothing_leaves_no_log(tmp_path):
     with QuietConsole(log):
         pass
     assert list(tmp_path.iterdir()) == []  # nor the storage folder made for it
+
+
+def test_echo_pickles_as_tune_saves_it(tmp_path):
+    """Tune pickles its callbacks (the progress view holds echo) with the experiment's state."""
+    import pickle
+
+    from msx.orchestrator.cli.console import QuietConsole
+
+    with QuietConsole(tmp_path / "launch.log") as echo:
+        assert pickle.loads(pickle.dumps(echo)) is echo
+        echo("msx: a line")
+    assert (tmp_path / "launch.log").read_text() == "[msx] msx: a line\n"

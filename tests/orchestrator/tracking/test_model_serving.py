@@ -45,19 +45,22 @@ def served_model(tmp_path):
         server = subprocess.Popen(
             [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local",
              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            stdout=output, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri},
+            stdout=output, stderr=subprocess.STDOUT,
+            # As in an activated venv (the README's way): MLflow runs the venv's uvicorn by name.
+            env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
             start_new_session=True,  # its workers in one group, stopped together below
         )
     try:
         wait_until_healthy(server, f"http://127.0.0.1:{port}", log, timeout_s=300)
         yield uri, tracking_uri, f"http://127.0.0.1:{port}"
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
 
 
 @pytest.mark.timeout(900)
