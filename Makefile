@@ -19,13 +19,13 @@ $(VENV)/.installed: pyproject.toml
 launch: install
 	$(BIN)/msx launch
 
-# The UI test renders MLflow's model page in headless Chromium (Debian's package; PyPI has none that works
-# offline). Installed only when missing and only where apt-get can run; otherwise that one test is skipped.
+# The UI tests render MLflow's model page and the Ray dashboard in headless Chromium (Debian's package; PyPI has
+# none that works offline). Installed only when missing and only where apt-get can run; otherwise those tests are skipped.
 browser:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } ; } || \
-	  echo "Chromium could not be installed: the MLflow UI browser test will be skipped"
+	  echo "Chromium could not be installed: the MLflow UI and Ray dashboard browser tests will be skipped"
 
 # The cluster test (tests/cluster/test_ray_up.py) runs `ray up` over SSH against its own SSH servers on
 # 127.0.0.1 and 127.0.0.2: Debian's openssh-server, rsync (Ray's file mounts) and netcat (Ray's way to an SSH

@@ -17,9 +17,14 @@ _AFFINE_ATOL = 1e-3
 def _read(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
     try:
         image = nib.load(str(path))
-        return image, np.asarray(image.dataobj)
+        array = np.asarray(image.dataobj)
     except Exception as error:  # nibabel raises many types for unreadable files
         raise ValueError(f"{path}: not a readable NIfTI file ({error})") from None
+    # NaN > 0 is False: a NaN voxel would silently score as background (an all-NaN prediction as an empty mask).
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        bad = int((~np.isfinite(array)).sum())
+        raise ValueError(f"{path}: {bad} of {array.size} voxels are NaN or infinite; a mask holds 0 and nonzero values only")
+    return image, array
 
 
 def evaluate_mask_files(

@@ -18,6 +18,32 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 MODALITIES = ("flair", "mprage", "t2")
 
 
+def ray_head_session(gcs_port: int) -> str:
+    """The session folder of the Ray head a test started with `ray start --head --port=gcs_port`."""
+    import psutil
+
+    head = next(
+        p for p in psutil.process_iter(["name", "cmdline"])
+        if p.info["name"] == "gcs_server" and f"--gcs_server_port={gcs_port}" in " ".join(p.info["cmdline"] or [])
+    )
+    return next(arg for arg in head.cmdline() if arg.startswith("--log_dir=")).split("=", 1)[1].rsplit("/logs", 1)[0]
+
+
+def stop_ray_session(session: str, gcs_port: int) -> None:
+    """Kill only that Ray's processes (every one names its session folder), and, as `ray stop` would, forget it as
+    "the current cluster", or later drivers on this machine (and Ray Train's placement-group cleaner in their
+    workers) would look for it."""
+    import psutil
+    from ray._common.utils import get_ray_address_file
+
+    for process in psutil.process_iter(["cmdline"]):
+        if session in " ".join(process.info["cmdline"] or []):
+            process.kill()
+    current = Path(get_ray_address_file(None))
+    if current.is_file() and current.read_text().strip().endswith(f":{gcs_port}"):
+        current.unlink()
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on (once the probe closes)."""
     with socket.socket() as probe:

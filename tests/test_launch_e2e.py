@@ -14,6 +14,12 @@ from msx.orchestrator.spec import load_spec
 
 pytestmark = pytest.mark.slow
 
+# What Ray, Tune and MLflow say that a researcher's console should not show (they go to the launch's log file).
+CHATTER = (
+    "Started a local Ray instance", "Token authentication is", "process_trial_result", "Configuration for experiment",
+    "TensorBoard", "(raylet)", "Creating initial MLflow database tables",
+)
+
 
 def user_environment() -> dict[str, str]:
     """The environment a user's shell would have: no tracking URI or Ray address left by other tests."""
@@ -34,6 +40,7 @@ def smoke_study(tmp_path_factory):
     print(result.stdout[-6000:])
     print(result.stderr[-6000:], file=sys.stderr)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert [line for line in CHATTER if line in result.stderr] == [], result.stderr[-3000:]
     return workdir, result.stdout
 
 
@@ -50,6 +57,17 @@ def test_prints_progress_table_selection_and_where_to_look(smoke_study):
     assert "selected on validation patients:" in stdout
     assert "http://127.0.0.1:5000" in stdout
     assert "Ray dashboard:  http://127.0.0.1:" in stdout
+    assert "the dashboard asks for Ray's token: paste the output of `ray get-auth-token`" in stdout
+
+
+def test_the_console_shows_msx_and_the_rest_is_in_the_launch_log(smoke_study):
+    workdir, stdout = smoke_study
+    assert [line for line in CHATTER if line in stdout] == []
+    (log,) = (workdir / "runs" / "logs").glob("launch-*.log")
+    assert f"Ray, Tune and MLflow messages: {log} (--verbose shows them here)" in stdout
+    logged = log.read_text()
+    # A fresh store: MLflow said so, into the log; msx's own lines are there too, for context.
+    assert "Creating initial MLflow database tables" in logged and "[msx] study 'smoke'" in logged
 
 
 def test_mlflow_has_a_launch_run_with_a_run_per_configuration_and_a_run_per_trial(smoke_study):

@@ -143,12 +143,34 @@ def find_isbi_cohort(
             images={name: files[name] for name in MODALITIES if name in files},
             masks={r: files[r] for r in RATERS if r in files},
         )
-        missing = [name for name in chosen if name not in scan.images]
-        missing += [f"mask{rater}"] if rater is not None and rater not in scan.masks else []
-        if missing:
-            raise CohortError(f"scan {scan.scan_id} under {root} lacks {', '.join(missing)}")
+        if problem := missing_files_problem(scan, chosen, rater, root):
+            raise CohortError(problem)
         scans.append(scan)
     return Cohort(root=root, modalities=chosen, rater=rater, scans=tuple(scans))
+
+
+def missing_files_problem(scan: Scan, modalities: Sequence[str], rater: int | None, root: Path) -> str | None:
+    """What ``scan`` lacks of ``modalities`` and the ``rater``'s mask, in one line, or None if nothing.
+
+    Under a folder, files are found by name, so the line names the files looked for and the folder holding
+    the scan's other files: a misspelt name is then plain to see.
+    """
+    missing = [name for name in modalities if name not in scan.images]
+    missing += [f"mask{rater}"] if rater is not None and rater not in scan.masks else []
+    if not missing:
+        return None
+    problem = f"scan {scan.scan_id} under {root} lacks {', '.join(missing)}"
+    if not Path(root).is_dir():
+        return problem  # a manifest: its own checks name the row and the column
+    looked_for = []
+    for name in missing:
+        is_mask = name.startswith("mask")
+        # ISBI copies keep images and masks in different folders (preprocessed/, masks/): name the one of its kind.
+        kin = scan.masks if is_mask else scan.images
+        folders = sorted({str(path.parent) for path in (kin or {**scan.images, **scan.masks}).values()})
+        file_name = f"{scan.scan_id}_{name}{'' if is_mask else '_pp'}.nii[.gz]"
+        looked_for.append(f"{file_name} in {' or '.join(folders)} or anywhere else" if folders else f"{file_name} anywhere")
+    return f"{problem}: no {'; no '.join(looked_for)} under {root}"
 
 
 def load_scan(scan: Scan, modalities: Sequence[str] = DEFAULT_MODALITIES, rater: int = 1) -> LoadedScan:

@@ -31,6 +31,7 @@ from .cohort import (
     Scan,
     _read_volume,
     check_choices,
+    missing_files_problem,
     parse_isbi_name,
 )
 from .folds import FoldSplits, check_folds, resolve_folds
@@ -213,10 +214,8 @@ def summarise_cohort(cohort: Cohort) -> list[ScanSummary]:
 def _check_scan(
     scan: Scan, modalities: Sequence[str], rater: int, root: Path, errors: list[str], warnings: list[str]
 ) -> None:
-    missing = [name for name in modalities if name not in scan.images]
-    missing += [f"mask{rater}"] if rater not in scan.masks else []
-    if missing:
-        errors.append(f"scan {scan.scan_id} under {root} lacks {', '.join(missing)}")
+    if problem := missing_files_problem(scan, modalities, rater, root):
+        errors.append(problem)
 
     images = [scan.images[name] for name in modalities if name in scan.images]
     mask_path = scan.masks.get(rater)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -21,6 +22,7 @@ from .options import INPUT_ERRORS, fail_cleanly
 @click.option("--cluster", "cluster_file", type=click.Path(path_type=Path), default=None, help="A Ray cluster launcher YAML (cluster/a100.yaml): brings the cluster up, submits the study as a Ray job through a tunnel to its dashboard, and streams its logs.")
 @click.option("--resume", "resume_name", default=None, metavar="NAME", help="Continue the unfinished study NAME (a study, or an experiment's latest): finished trials are kept, interrupted ones continue from their last checkpoint.")
 @click.option("--fresh", is_flag=True, help="Start a new study even when the experiment has an unfinished one (which stays as it is).")
+@click.option("--verbose", is_flag=True, help="Show Ray's, Tune's and MLflow's messages here too (default: in a log file under --storage, named at the start).")
 @click.pass_context
 def launch(
     context: click.Context,
@@ -32,6 +34,7 @@ def launch(
     cluster_file: Path | None,
     resume_name: str | None,
     fresh: bool,
+    verbose: bool,
 ) -> None:
     """Run a whole leave-one-subject-out study and register the best model.
 
@@ -42,34 +45,48 @@ def launch(
     if cluster_file or (address and address.startswith(("http://", "https://"))):
         _submit_launch(context, cluster_file, address)
         return
-    _launch_here(space, data, storage.resolve(), tracking_uri, address, resume_name, fresh)
+    storage = storage.resolve()
+    if verbose:
+        _launch_here(space, data, storage, tracking_uri, address, resume_name, fresh, click.echo, None)
+        return
+    from .console import QuietConsole, launch_log_path
+
+    console = QuietConsole(launch_log_path(storage))
+    with console as echo:
+        _launch_here(space, data, storage, tracking_uri, address, resume_name, fresh, echo, console.log_path)
 
 
 def _launch_here(
     space: str | None, data: Path | None, storage: Path, tracking_uri: str | None, address: str | None,
-    resume_name: str | None, fresh: bool,
+    resume_name: str | None, fresh: bool, echo: Callable[[str], None], log_path: Path | None,
 ) -> None:
     """The driver in this process: checks, then Ray, then the study (msx.orchestrator.study)."""
     from ..study.launch import plan_launch
 
     started = time.monotonic()
     try:
-        plan = plan_launch(space, data, storage, tracking_uri, resume_name, fresh, click.echo)
+        plan = plan_launch(space, data, storage, tracking_uri, resume_name, fresh, echo)
     except (*INPUT_ERRORS, ConnectionError) as error:  # CohortError is a ValueError
         raise fail_cleanly(error) from None
     spec, cohort, provenance, tracking_uri = plan.spec, plan.cohort, plan.provenance, plan.tracking_uri
-    click.echo(f"study {spec.name!r}: {len(cohort.patients)} patients, {len(cohort.scans)} scans from {cohort.root}")
-    click.echo(f"data fingerprint {provenance.data_fingerprint}, code {provenance.code_version}")
+    echo(f"study {spec.name!r}: {len(cohort.patients)} patients, {len(cohort.scans)} scans from {cohort.root}")
+    echo(f"data fingerprint {provenance.data_fingerprint}, code {provenance.code_version}")
 
     from ..cluster.capacity import ClusterTooSmallError
     from ..study.driver import run_study, start_ray, stop_ray
+
+    if log_path is not None:
+        echo(f"Ray, Tune and MLflow messages: {log_path} (--verbose shows them here)")
+    from ..cluster.jobs import token_instructions
 
     # SIGTERM (a batch scheduler's stop) ends the launch as Ctrl-C does: cleanly, the local Ray given back.
     # During the trials, the study's own handler makes it an interruption that can be resumed.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        dashboard = start_ray(address, click.echo)
-        outcome = run_study(spec, cohort, storage, tracking_uri, provenance, echo=click.echo, resume=plan.resume)
+        dashboard = start_ray(address, echo)
+        if dashboard and (instructions := token_instructions()):
+            echo(f"               {instructions}")
+        outcome = run_study(spec, cohort, storage, tracking_uri, provenance, echo=echo, resume=plan.resume)
     except (RuntimeError, ConnectionError, ClusterTooSmallError) as error:  # PendingWritesError is a ConnectionError
         raise fail_cleanly(error) from None
     finally:
@@ -78,48 +95,48 @@ def _launch_here(
     if outcome.interrupted:
         storage_option = "" if storage == Path("msx_runs").resolve() else f" --storage {storage}"
         how = signal.Signals(outcome.signal).name if outcome.signal else "stopped before the search finished"
-        click.echo("")
-        click.echo(
+        echo("")
+        echo(
             f"study {outcome.study} interrupted ({how}): its trials stopped at their last checkpoints and nothing was "
             f"registered; `msx launch --resume {outcome.study}{storage_option}` continues it"
         )
         raise SystemExit(128 + (outcome.signal or signal.SIGINT))
 
-    click.echo("")
-    click.echo(
+    echo("")
+    echo(
         "Test patients (one per fold), mean ± std over the folds; lesions are "
         f"{spec.inference.connectivity}-connected components; * = best:"
     )
-    click.echo(outcome.table)
-    click.echo("")
+    echo(outcome.table)
+    echo("")
     for line in outcome.search.lines() if outcome.search else ():
-        click.echo(line)
+        echo(line)
     if outcome.selection is None:
         raise click.ClickException(
             f"no configuration finished all its folds ({outcome.trials_finished}/{outcome.trials_total} trials); nothing was registered"
         )
     selection = outcome.selection
     searched = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in selection.configuration.searched.items())
-    click.echo(
+    echo(
         f"selected on validation patients: {selection.configuration.backbone} ({selection.configuration.configuration}"
         f"{', ' + searched if searched else ''}), strategy {selection.strategy}, "
         f"mean validation {selection.metric.upper()} {selection.validation_score:.4f}"
     )
-    click.echo(f"registered model: {outcome.registration.summary}")
+    echo(f"registered model: {outcome.registration.summary}")
     pruned = outcome.search.count("pruned") * outcome.search.folds if outcome.search else 0
     stopped = f" ({pruned} stopped with their pruned configurations)" if pruned else ""
-    click.echo(f"finished {outcome.trials_finished}/{outcome.trials_total} trials{stopped} in {time.monotonic() - started:.0f} s")
-    click.echo("")
+    echo(f"finished {outcome.trials_finished}/{outcome.trials_total} trials{stopped} in {time.monotonic() - started:.0f} s")
+    echo("")
     if tracking_uri.startswith("sqlite:"):
         storage_option = "" if storage == Path("msx_runs").resolve() else f" --storage {storage}"
-        click.echo(f"MLflow UI:      msx ui{storage_option}   (serves {tracking_uri} on 127.0.0.1:5000)")
-        click.echo(f"                then open http://127.0.0.1:5000/#/models/{spec.registry.model_name}")
+        echo(f"MLflow UI:      msx ui{storage_option}   (serves {tracking_uri} on 127.0.0.1:5000)")
+        echo(f"                then open http://127.0.0.1:5000/#/models/{spec.registry.model_name}")
     else:
-        click.echo(f"MLflow UI:      {tracking_uri}/#/models/{spec.registry.model_name}")
+        echo(f"MLflow UI:      {tracking_uri}/#/models/{spec.registry.model_name}")
     if address:
-        click.echo(f"Ray dashboard:  {dashboard or 'on the cluster head (ray dashboard CLUSTER.yaml tunnels it to 127.0.0.1:8265)'}")
+        echo(f"Ray dashboard:  {dashboard or 'on the cluster head (ray dashboard CLUSTER.yaml tunnels it to 127.0.0.1:8265)'}")
     else:
-        click.echo(f"Ray dashboard:  {dashboard} while a study runs on this machine (the last study to end stops the local Ray)")
+        echo(f"Ray dashboard:  {dashboard} while a study runs on this machine (the last study to end stops the local Ray)")
 
 
 def _exit_on_sigterm(signum: int, frame) -> None:

@@ -6,15 +6,19 @@ from pathlib import Path
 
 import click
 
+from msx.models.data.cohort import MODALITIES
 from msx.models.registry import UnknownNameError
 
 from ..predict.segment import (
     OVERLAY_RATER,
     PredictError,
+    check_given_modalities,
     find_input_scans,
     input_modalities,
+    load_input,
     model_segmenter,
     predict_scans,
+    single_input_scan,
 )
 
 
@@ -39,33 +43,54 @@ def _parse_modalities(text: str | None) -> tuple[str, ...] | None:
         raise click.ClickException(str(error)) from None
 
 
+def _modality_file_options(command):
+    """--flair, --mprage, ... : one scan given by its files, one option per modality of the data vocabulary."""
+    for name in reversed(MODALITIES):
+        command = click.option(
+            f"--{name}", f"{name}_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+            help=f"One scan's {name.upper()} image (NIfTI), instead of --input.",
+        )(command)
+    return command
+
+
 @click.command("predict")
 @click.option("--model", "model_ref", required=True, help="An msx checkpoint folder, or models:/NAME@ALIAS (also NAME/VERSION).")
-@click.option("--input", "input_path", type=click.Path(path_type=Path), required=True, help="Folder with ISBI-named scans (one scan or a cohort), or a cohort manifest (.csv, .yaml); masks optional.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for <scan>_mask.nii.gz and <scan>_overlay.png.")
+@click.option("--input", "input_path", type=click.Path(path_type=Path), default=None, help="Folder with ISBI-named scans (one scan or a cohort), or a cohort manifest (.csv, .yaml); masks optional.")
+@_modality_file_options
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for <scan>_mask.nii.gz and <scan>_overlay.png, or, for one scan, the mask file (.nii.gz) to write, the others beside it.")
 @click.option("--maps", is_flag=True, help="Also write <scan>_probability.nii.gz and <scan>_uncertainty.nii.gz (float32, entropy in bits).")
 @click.option("--strategy", default=None, help="Inference strategy (default: the registered model's, or the checkpoint spec's validation strategy).")
 @click.option("--modalities", default=None, help="Comma-separated input channels in the model's order (default: the training spec's).")
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, help="MLflow tracking URI (default: SQLite file in --storage).")
 @click.option("--storage", envvar="MSX_STORAGE", type=click.Path(path_type=Path), default=Path("msx_runs"), show_default=True)
 def predict(
-    model_ref: str, input_path: Path, out: Path, maps: bool, strategy: str | None, modalities: str | None,
-    tracking_uri: str | None, storage: Path,
+    model_ref: str, input_path: Path | None, out: Path, maps: bool, strategy: str | None, modalities: str | None,
+    tracking_uri: str | None, storage: Path, **modality_files: Path | None,
 ) -> None:
-    """Segment every scan under --input with a checkpoint or a registered model; write masks, overlays (and maps)."""
+    """Segment every scan under --input, or the one scan given by --flair, --mprage, ..., with a checkpoint or a
+    registered model; write masks, overlays (and maps)."""
     # Cheap checks first: a typo must not wait for a model to load.
     _strategy_check(strategy)
     chosen_modalities = _parse_modalities(modalities)
-    if not input_path.exists():
+    files = {name: modality_files[f"{name}_file"] for name in MODALITIES if modality_files[f"{name}_file"] is not None}
+    if (input_path is None) == (not files):
+        raise click.UsageError("give either --input (a folder or a manifest) or one scan's files (--flair, --mprage, ...)")
+    if input_path is not None and not input_path.exists():
         raise click.ClickException(f"input {input_path} does not exist")
     from ..tracking.store import default_tracking_uri
 
     try:
+        single = single_input_scan(files) if files else None
+        if single is not None:
+            load_input(single, tuple(files))  # readable, one grid, finite: checked before the model loads
         segment, model_modalities, used_strategy, channels = model_segmenter(
             model_ref, strategy, tracking_uri or default_tracking_uri(storage.resolve()), maps
         )
         use = input_modalities(chosen_modalities, model_modalities, channels)
-        for done in predict_scans(segment, find_input_scans(input_path, use), use, out, used_strategy):
+        if single is not None:
+            check_given_modalities(tuple(files), use)
+        scans = [single] if single is not None else find_input_scans(input_path, use)
+        for done in predict_scans(segment, scans, use, out, used_strategy):
             line = (
                 f"{done.scan_id}: {done.voxels} lesion voxels ({done.volume_mm3:.1f} mm^3), strategy {used_strategy}, "
                 f"slice z={done.overlay_slice}"

@@ -108,6 +108,23 @@ def token_header() -> dict[str, str]:
     return AuthenticationTokenLoader.instance().get_token_for_http_header(ignore_auth_mode=True)
 
 
+def token_instructions() -> str | None:
+    """How to give the dashboard its token (asked for once per browser), naming where the token is and never the
+    token itself; None when this process runs Ray without token authentication."""
+    import os
+
+    from ray._private.authentication.authentication_token_setup import _get_default_token_path
+    from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+    if not is_token_auth_enabled():
+        return None
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        where = "the RAY_AUTH_TOKEN variable of the shell that ran msx"
+    else:
+        where = f"the file {os.environ.get('RAY_AUTH_TOKEN_PATH') or _get_default_token_path()}"
+    return f"the dashboard asks for Ray's token: paste the output of `ray get-auth-token` ({where})"
+
+
 def token_refused(address: str, error: Exception) -> SubmissionError:
     return SubmissionError(
         f"{address}: the cluster refused this machine's Ray token ({str(error).splitlines()[0]}); it must be the "

@@ -5,9 +5,11 @@ experiment spec the training run used: its inference settings, diffusion schedul
 drive the segmentation) or a registry URI ``models:/NAME@ALIAS`` (the MLflow pyfunc fold ensemble).
 
 The input is a folder holding ISBI-named images (``trainingPP_TT_<modality>_pp.nii[.gz]``) anywhere
-below it (one scan or a whole cohort), or a cohort manifest (.csv, .yaml; see
-``msx.models.data.manifest``). Masks are optional; a rater-1 mask, when present, is drawn in the
-overlay and its Dice printed. For each scan the command writes
+below it (one scan or a whole cohort), a cohort manifest (.csv, .yaml; see
+``msx.models.data.manifest``), or one scan given by its modality files as it comes (:func:`single_input_scan`).
+Masks are optional; a rater-1 mask, when present, is drawn in the
+overlay and its Dice printed. For each scan the command writes (into the output folder, or, when the output
+names a ``.nii[.gz]`` file, that mask with the other files beside it: :func:`output_paths`)
 
 - ``<scan_id>_mask.nii.gz``: uint8 {0, 1} on the input's voxel grid, with the input FLAIR's affine;
 - ``<scan_id>_overlay.png``: the axial slice with the most predicted lesion voxels (the truth's, when
@@ -40,6 +42,7 @@ PROBABILITY_SUFFIX = "_probability.nii.gz"
 UNCERTAINTY_SUFFIX = "_uncertainty.nii.gz"
 OVERLAY_SUFFIX = "_overlay.png"
 OVERLAY_RATER = 1
+_SUFFIXES = (MASK_SUFFIX, OVERLAY_SUFFIX, PROBABILITY_SUFFIX, UNCERTAINTY_SUFFIX)  # OutputPaths' order
 
 _AFFINE_ATOL = 1e-3
 
@@ -78,6 +81,51 @@ def find_input_scans(root: Path, modalities: tuple[str, ...]) -> list[InputScan]
         InputScan(scan.scan_id, images={name: scan.images[name] for name in modalities}, masks=dict(scan.masks))
         for scan in cohort.scans
     ]
+
+
+def single_input_scan(files: dict[str, Path]) -> InputScan:
+    """One scan given by its modality files (modality -> path), named after its first file (``flair.nii.gz`` ->
+    ``flair``); :func:`load_input` checks it as a cohort's scans are checked."""
+    if not files:
+        raise PredictError("no input: give a folder or manifest with --input, or one scan's files (--flair, ...)")
+    first = next(iter(files.values()))
+    return InputScan(_nifti_stem(first), images=dict(files), masks={})
+
+
+def check_given_modalities(given: tuple[str, ...], wanted: tuple[str, ...]) -> None:
+    """One scan's modality files must be exactly the model's inputs: a file it would not read is a mistake too."""
+    missing = [name for name in wanted if name not in given]
+    unused = [name for name in given if name not in wanted]
+    if missing or unused:
+        problems = [f"lacks {', '.join(f'--{name}' for name in missing)}"] if missing else []
+        problems += [f"does not take {', '.join(f'--{name}' for name in unused)}"] if unused else []
+        raise PredictError(f"the model reads {', '.join(wanted)}; this scan {' and '.join(problems)}")
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    mask: Path
+    overlay: Path
+    probability: Path
+    uncertainty: Path
+
+
+def names_a_mask_file(out: Path) -> bool:
+    return out.name.endswith((".nii", ".nii.gz"))
+
+
+def output_paths(out: Path, scan_id: str) -> OutputPaths:
+    """Where one scan's files go: ``out/<scan_id>_mask.nii.gz`` and its siblings, or, when ``out`` names a
+    ``.nii[.gz]`` file, that mask with the others beside it (``p7_mask.nii.gz`` -> ``p7_overlay.png``)."""
+    if not names_a_mask_file(out):
+        return OutputPaths(*(out / f"{scan_id}{suffix}" for suffix in _SUFFIXES))
+    stem = _nifti_stem(out)
+    stem = stem[: -len("_mask")] if stem.endswith("_mask") and stem != "_mask" else stem
+    return OutputPaths(out, *(out.parent / f"{stem}{suffix}" for suffix in _SUFFIXES[1:]))
+
+
+def _nifti_stem(path: Path) -> str:
+    return path.name.removesuffix(".gz").removesuffix(".nii")
 
 
 def load_input(scan: InputScan, modalities: tuple[str, ...]) -> LoadedInput:
@@ -255,8 +303,10 @@ class ScanPrediction:
 def predict_scans(
     segment: Segmenter, scans: list[InputScan], modalities: tuple[str, ...], out: Path, strategy: str
 ) -> Iterator[ScanPrediction]:
-    """Segment each scan and write its files to `out` (module docstring); one ScanPrediction per scan, as it is done."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Segment each scan and write its files to `out` (:func:`output_paths`); one ScanPrediction per scan, as it is done."""
+    if names_a_mask_file(out) and len(scans) > 1:
+        raise PredictError(f"--out {out} names one mask file but the input holds {len(scans)} scans; give a folder")
+    (out.parent if names_a_mask_file(out) else out).mkdir(parents=True, exist_ok=True)
     for scan in scans:
         loaded = load_input(scan, modalities)
         if not (loaded.image > 0).any():
@@ -265,18 +315,17 @@ def predict_scans(
         mask = np.asarray(prediction).astype(bool)
         if mask.shape != loaded.flair.shape:
             raise PredictError(f"scan {scan.scan_id}: the model returned shape {mask.shape}, expected {loaded.flair.shape}")
-        mask_path = out / f"{scan.scan_id}{MASK_SUFFIX}"
-        overlay_path = out / f"{scan.scan_id}{OVERLAY_SUFFIX}"
-        write_on_input_grid(mask_path, mask, np.uint8, loaded)
+        paths = output_paths(out, scan.scan_id)
+        write_on_input_grid(paths.mask, mask, np.uint8, loaded)
         if lesion_maps is not None:
-            write_on_input_grid(out / f"{scan.scan_id}{PROBABILITY_SUFFIX}", lesion_maps.probability, np.float32, loaded)
-            write_on_input_grid(out / f"{scan.scan_id}{UNCERTAINTY_SUFFIX}", lesion_maps.uncertainty, np.float32, loaded)
+            write_on_input_grid(paths.probability, lesion_maps.probability, np.float32, loaded)
+            write_on_input_grid(paths.uncertainty, lesion_maps.uncertainty, np.float32, loaded)
         z = write_overlay(
-            overlay_path, loaded.flair, mask, loaded.truth, f"{scan.scan_id} [{strategy}]", f"rater {OVERLAY_RATER}"
+            paths.overlay, loaded.flair, mask, loaded.truth, f"{scan.scan_id} [{strategy}]", f"rater {OVERLAY_RATER}"
         )
         voxels = int(mask.sum())
         dice = None
         if loaded.truth is not None:
             total = voxels + int(loaded.truth.sum())
             dice = 2 * int((mask & loaded.truth).sum()) / total if total else 1.0
-        yield ScanPrediction(scan.scan_id, voxels, voxels * float(np.prod(loaded.spacing)), z, dice, mask_path)
+        yield ScanPrediction(scan.scan_id, voxels, voxels * float(np.prod(loaded.spacing)), z, dice, paths.mask)

@@ -20,10 +20,11 @@ from msx.models.protocols import PROTOCOLS
 from ..results import ConfigurationResult, format_cell, summary_rows
 from ..study.search_record import SearchSummary
 from ..tracking.store import DATA_ROOT_TAG
+from .comparisons import ALPHA, CONFIDENCE, PairedComparison, study_comparisons
 from .figures import example_overlays, study_figures
 from .record import StudyRecord, read_study
 from .render import Block, Heading, Picture, Table, Text, render_html, render_markdown
-from .summary import ProtocolScores, StudySummary, describe_configuration, summarise_study, trials_line, unfinished_label
+from .summary import ProtocolScores, StudySummary, compared_rows, describe_configuration, summarise_study, trials_line, unfinished_label
 
 REPORT_ARTIFACT_PATH = "report"
 SPLIT_NAMES = {"test": "test", "val": "validation"}
@@ -75,7 +76,8 @@ def _mean(value: float) -> str:
 
 
 def report_blocks(
-    record: StudyRecord, summary: StudySummary, pictures: list[Picture], overlays: list[Picture]
+    record: StudyRecord, summary: StudySummary, pictures: list[Picture], overlays: list[Picture],
+    comparisons: list[PairedComparison],
 ) -> list[Block]:
     spec = record.spec
     connectivity = spec["inference"]["connectivity"]
@@ -120,6 +122,7 @@ def report_blocks(
             "= 90) is not applied, and a split of fewer than two scans has none (n/a)."
         )
     )
+    blocks += comparison_blocks(comparisons)
     blocks.append(Heading("Figures"))
     blocks += pictures
     if overlays:
@@ -231,6 +234,67 @@ def _search_blocks(search: SearchSummary) -> list[Block]:
     ]
 
 
+def comparison_blocks(comparisons: list[PairedComparison]) -> list[Block]:
+    """Per split, the paired comparisons (comparisons.py) as one table, with what was paired and what n allows."""
+    if not comparisons:
+        return []
+    blocks: list[Block] = [
+        Heading("Paired comparisons"),
+        Text(
+            "Are the differences in the tables real? Within each backbone (its configuration chosen on validation), "
+            "every strategy is compared with the strategy chosen on validation; the backbones are compared with "
+            "each other, each at its chosen strategy. Paired by patient: each patient's mean over its scans of the "
+            "split (a patient's time points are not independent, so the patient is the unit), the same patients "
+            f"under both arms. A - B: mean paired difference with its {CONFIDENCE:.0%} percentile bootstrap interval; "
+            "p: two-sided Wilcoxon signed-rank test (exact; zero differences dropped); Holm: p corrected within "
+            f"each family (one backbone's strategies, or the backbones) per split and metric. Supported: Holm "
+            f"p < {ALPHA:g}. With m non-zero differences the exact p cannot go below 2/2^m."
+        ),
+    ]
+    for split in dict.fromkeys(c.split for c in comparisons):
+        rows = [c for c in comparisons if c.split == split]
+        blocks.append(Heading(f"{SPLIT_NAMES[split].capitalize()} patients: paired differences", 3))
+        ns = sorted({c.n for c in rows})
+        too_few = [c for c in rows if c.too_few]
+        note = f"n = {', '.join(map(str, ns))} patients per comparison."
+        if too_few:
+            smallest = min(c.nonzero for c in too_few)
+            note += (
+                f" n too small: with {smallest} non-zero paired differences the smallest possible p is "
+                f"2/2^{smallest} = {2 / 2**smallest:.4f} >= {ALPHA:g}, so {len(too_few)} of these {len(rows)} "
+                "comparisons could not be supported whatever the data; their intervals show sizes, not evidence."
+            )
+        if split == "val":
+            note += " The validation patients also chose the strategies and configurations compared here, which favours the chosen ones."
+        blocks.append(Text(note))
+        blocks.append(
+            Table(
+                ("family", "metric", "A", "B", "n", f"A - B [{CONFIDENCE:.0%} CI]", "p", "Holm p", "verdict"),
+                tuple(
+                    (
+                        c.family, c.metric.upper(), c.first, c.second, str(c.n),
+                        f"{c.mean_difference:+.3f} [{c.ci_low:+.3f}, {c.ci_high:+.3f}]" if c.n else "n/a",
+                        _p(c.p), _p(c.p_holm), _verdict(c),
+                    )
+                    for c in rows
+                ),
+            )
+        )
+    return blocks
+
+
+def _p(p: float) -> str:
+    return "n/a" if p != p else f"{p:.4f}"
+
+
+def _verdict(comparison: PairedComparison) -> str:
+    if comparison.supported:
+        return "supported"
+    if comparison.too_few:
+        return "n too small"
+    return "not supported"
+
+
 def _duration(delta: timedelta) -> str:
     minutes, seconds = divmod(int(delta.total_seconds()), 60)
     hours, minutes = divmod(minutes, 60)
@@ -253,7 +317,8 @@ def write_report(tracking_uri: str, study: str, out: Path) -> ReportFiles:
     overlays = example_overlays(client, record, summary, out)
     pictures = [picture for picture, _ in figures] + overlays
     images = {picture.file: (out / picture.file).read_bytes() for picture in pictures}
-    blocks = report_blocks(record, summary, [picture for picture, _ in figures], overlays)
+    comparisons = study_comparisons(compared_rows(client, record, summary), summary.strategies, ("test", "val"))
+    blocks = report_blocks(record, summary, [picture for picture, _ in figures], overlays, comparisons)
     markdown, page = out / "report.md", out / "report.html"
     markdown.write_text(render_markdown(blocks), encoding="utf-8")
     page.write_text(render_html(blocks, images, f"msx report: {study} ({record.launch})"), encoding="utf-8")

@@ -7,6 +7,7 @@ runs under its configuration runs (tracking/store.py).
 
 from __future__ import annotations
 
+import csv
 import json
 import tempfile
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from ..results import TrialOutcome
 from ..study.search_record import SearchSummary, read_summary
 from ..trial import TRAIN_LOSS, VALIDATION_DICE, TrialConfig
-from ..tracking.store import SEARCH_ARTIFACT, SPEC_ARTIFACT, STUDY_TAG, child_runs, fold_run_outcome
+from ..tracking.store import SCAN_METRICS_ARTIFACT, SEARCH_ARTIFACT, SPEC_ARTIFACT, STUDY_TAG, child_runs, fold_run_outcome
 
 LOSS_CURVE = TRAIN_LOSS
 # The Dice of that epoch's weights; the running best is a staircase that hides the training.
@@ -137,6 +138,15 @@ def read_study(client: MlflowClient, study: str) -> StudyRecord:
         registered=tuple(sorted(registered, key=lambda v: (v.name, v.version))),
         search=search,
     )
+
+
+def read_scan_rows(client: MlflowClient, run_id: str) -> list[dict[str, Any]]:
+    """A fold run's per-scan table (tracking/artifacts.py): split, scan and strategy as text, the rest as numbers."""
+    with tempfile.TemporaryDirectory() as folder:
+        with open(client.download_artifacts(run_id, SCAN_METRICS_ARTIFACT, folder), newline="") as file:
+            rows = list(csv.DictReader(file))
+    text = ("split", "scan", "strategy")
+    return [{key: value if key in text else float(value) for key, value in row.items()} for row in rows]
 
 
 def _trial_run(client: MlflowClient, run: Run) -> TrialRun:

@@ -6,10 +6,14 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
 from msx.models.engine import InferenceConfig
 
 from ..results import ConfigurationResult, Selection, best_per_backbone, select_best, summarise_configurations
-from .record import ReportError, StudyRecord, TrialRun
+from .comparisons import ComparedRow
+from .record import ReportError, StudyRecord, TrialRun, read_scan_rows
 
 
 @dataclass(frozen=True)
@@ -83,3 +87,25 @@ def trials_line(trials: tuple[TrialRun, ...]) -> str:
 def describe_configuration(configuration: ConfigurationResult) -> str:
     searched = ", ".join(f"{key}={value}" for key, value in sorted(configuration.searched.items()))
     return f"{configuration.configuration} ({searched})" if searched else configuration.configuration
+
+
+def compared_rows(client: MlflowClient, record: StudyRecord, summary: StudySummary) -> list[ComparedRow]:
+    """Each backbone's chosen configuration with its strategy chosen on validation and its folds' per-scan rows."""
+    metric = record.spec["registry"]["selection_metric"]
+    compared = []
+    for row in summary.rows:
+        selection = select_best([row], summary.strategies, metric)
+        if selection is None:
+            continue
+        runs = {trial.fold: trial.run_id for trial in record.trials if trial.configuration == row.configuration and trial.outcome}
+        compared.append(ComparedRow(row.backbone, selection.strategy, {fold: _scan_rows_or_none(client, run) for fold, run in runs.items()}))
+    return compared
+
+
+def _scan_rows_or_none(client: MlflowClient, run_id: str) -> list:
+    # A driver that could not read the checkpoint's folder (storage only the cluster sees) logged no table: that
+    # fold's patients then pair with nothing, and the comparisons' n says so.
+    try:
+        return read_scan_rows(client, run_id)
+    except (OSError, MlflowException):
+        return []

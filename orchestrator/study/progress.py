@@ -107,7 +107,9 @@ class ProgressView(Callback):
             self._scores[trial.trial_id] = max(float(score), self._scores.get(trial.trial_id, float(score)))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._echo(f"trial {_label(trial)} failed; its error is in {trial.local_path}")
+        error = trial.get_error()
+        where = trial.error_file or trial.local_path
+        self._echo(f"trial {_label(trial)} failed: {error_line(str(error) if error else '')} (full trace: {where})")
 
     def on_step_end(self, iteration, trials, **info) -> None:
         self._show(trials)
@@ -128,6 +130,12 @@ class ProgressView(Callback):
             partial = self._snapshot.with_suffix(f".{os.getpid()}.tmp")
             partial.write_text(json.dumps(asdict(progress)))
             os.replace(partial, self._snapshot)
+
+
+def error_line(trace: str) -> str:
+    """The line of a (Ray-wrapped) traceback that says what went wrong: its last, ``ValueError: ...``."""
+    lines = [line.strip() for line in trace.splitlines() if line.strip()]
+    return lines[-1] if lines else "no error text was saved"
 
 
 def _label(trial: Trial) -> str:

@@ -14,6 +14,7 @@ deleted; each carries a tag saying whether it became champion, and why not.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import math
 import time
@@ -24,20 +25,18 @@ from typing import Any
 import mlflow
 import mlflow.pyfunc
 import numpy as np
-import torch
 from mlflow.entities.model_registry import ModelVersion, RegisteredModel
+from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
+from mlflow.types.schema import Schema, TensorSpec
 
-from msx.models.checkpoint import load_checkpoint
-from msx.models.diffusion import DiffusionConfig
-from msx.models.engine import InferenceConfig, segment_scan, segment_scan_with_maps
 from msx.models.fold import MODEL_DIR
-from msx.models.lesion_maps import LesionMaps, binary_entropy_bits
 from msx.models.metrics import HIGHER_IS_BETTER
 
 from ..results import Selection
 from ..spec import ExperimentSpec
 from .provenance import Provenance
+from . import segmenter as segmenter_module
 from .store import tracking_uri_scope
 
 CHAMPION = "champion"
@@ -91,69 +90,47 @@ class ModelSummary:
     champion_score: str | None
 
 
-class FoldEnsembleSegmenter(mlflow.pyfunc.PythonModel):
-    """predict(image (C,X,Y,Z) float32) -> lesion mask (X,Y,Z) uint8 on the input grid.
-
-    Each fold's model segments the scan with the chosen strategy; a voxel is lesion when more than half
-    of the fold models say so. ``predict_with_maps`` adds the probability and uncertainty maps.
-    """
-
-    def load_context(self, context) -> None:
-        selection = json.loads(Path(context.artifacts["selection"]).read_text())
-        self.strategy = selection["strategy"]
-        self.inference = InferenceConfig(**{**selection["inference"], "strategies": (self.strategy,)})
-        self.diffusion = DiffusionConfig(**selection["diffusion"])
-        self.seed = selection.get("seed", 0)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.nets = [
-            load_checkpoint(context.artifacts[name], map_location=self.device)[0].to(self.device)
-            for name in sorted(context.artifacts)
-            if name.startswith("fold")
-        ]
-
-    def _seeded_generator(self) -> torch.Generator:
-        """Every fold model samples from the same seed, so a prediction does not depend on the fold order."""
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(self.seed)
-        return generator
-
-    def predict(self, context, model_input: np.ndarray, params: dict[str, Any] | None = None) -> np.ndarray:
-        image = _checked_image(model_input)
-        fold_masks = [
-            segment_scan(net, image, self.inference, self.device, self.diffusion, self._seeded_generator())[self.strategy]
-            for net in self.nets
-        ]
-        return _majority_vote(fold_masks)
-
-    # A method of the unwrapped model rather than a predict param: MLflow drops params that the logged
-    # signature does not declare (versions registered so far have none), and a params switch would make
-    # predict's return shape depend on its arguments. predict stays the plain mask for any pyfunc caller.
-    def predict_with_maps(self, model_input: np.ndarray) -> tuple[np.ndarray, LesionMaps[np.ndarray]]:
-        """``predict``'s mask and the fold models' mean lesion probability with its entropy (float32 maps).
-
-        The uncertainty is the binary entropy of the averaged probability, not an average of the folds'
-        entropies, so that the folds' disagreement counts as uncertainty too.
-        """
-        image = _checked_image(model_input)
-        folds = [
-            segment_scan_with_maps(net, image, self.inference, self.device, self.diffusion, self._seeded_generator())
-            for net in self.nets
-        ]
-        probability = np.mean([fold.maps.probability for fold in folds], axis=0, dtype=np.float32)
-        uncertainty = binary_entropy_bits(torch.from_numpy(probability)).numpy()
-        return _majority_vote([fold.masks[self.strategy] for fold in folds]), LesionMaps(probability, uncertainty)
+# Run by MLflow to build the model when it is loaded ("models from code"): nothing is unpickled.
+MODEL_CODE = Path(segmenter_module.__file__).with_name("segmenter_code.py")
+# The input example: a scan this small keeps the example's JSON (and MLflow's check of it at logging) small.
+EXAMPLE_SHAPE = (8, 8, 8)
 
 
-def _majority_vote(fold_masks: list[np.ndarray]) -> np.ndarray:
-    """uint8 mask of the voxels that more than half of the fold masks call lesion."""
-    return (2 * np.sum(fold_masks, axis=0) > len(fold_masks)).astype(np.uint8)
+def model_signature(channels: int) -> ModelSignature:
+    """The image in as a float32 tensor (channels, X, Y, Z) in the order of the spec's modalities, any size; the
+    lesion mask (X, Y, Z) out, uint8 in {0, 1}."""
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (channels, -1, -1, -1))]),
+        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1))]),
+    )
 
 
-def _checked_image(model_input: np.ndarray) -> np.ndarray:
-    image = np.asarray(model_input, dtype=np.float32)
-    if image.ndim != 4:
-        raise ValueError(f"expected an image of shape (channels, X, Y, Z), got {image.shape}")
+def input_example(channels: int) -> np.ndarray:
+    """A tiny scan: zero background around a box of brain-like positive intensities (inference crops to it)."""
+    image = np.zeros((channels, *EXAMPLE_SHAPE), dtype=np.float32)
+    image[:, 2:6, 2:6, 2:6] = np.random.default_rng(0).uniform(0.5, 1.5, size=(channels, 4, 4, 4)).round(2)
     return image
+
+
+def msx_requirement() -> str:
+    """How msx itself was installed, as a pip requirement: the checkout or VCS commit it came from (PEP 610's
+    direct_url.json), else its version from an index."""
+    distributions = list(importlib.metadata.distributions(name="msx"))
+    for distribution in distributions:  # a build's msx.egg-info in the working folder may shadow the installed one
+        raw = distribution.read_text("direct_url.json")
+        if not raw:
+            continue
+        direct = json.loads(raw)
+        if "vcs_info" in direct:
+            return f"msx @ {direct['vcs_info']['vcs']}+{direct['url']}@{direct['vcs_info']['commit_id']}"
+        return f"msx @ {direct['url']}"
+    return f"msx=={distributions[0].version}" if distributions else "msx"
+
+
+def model_requirements() -> list[str]:
+    """msx as installed here, and the versions of what it runs the model with."""
+    pinned = [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in ("torch", "monai", "nibabel", "mlflow")]
+    return [msx_requirement(), *pinned]
 
 
 def register_selection(
@@ -192,15 +169,18 @@ def register_selection(
     for fold in configuration.folds:
         artifacts[f"fold{fold.trial.fold}"] = str(Path(fold.checkpoint_path) / MODEL_DIR)
 
+    channels = len(spec.data.modalities)
     # The version's source is the logged model's models:/m-... URI, resolved through the fluent tracking URI.
     with tracking_uri_scope(tracking_uri):
         with mlflow.start_run(run_id=parent_run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
-                python_model=FoldEnsembleSegmenter(),
+                python_model=str(MODEL_CODE),
                 artifacts=artifacts,
+                signature=model_signature(channels),
+                input_example=input_example(channels),
                 # Explicit requirements: inferring them would import-scan the environment for minutes.
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "monai", "nibabel", "msx"],
+                pip_requirements=model_requirements(),
             )
         client = MlflowClient(tracking_uri)
         try:

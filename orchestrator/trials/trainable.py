@@ -13,6 +13,7 @@ from typing import Any
 
 import ray.train
 import ray.tune
+from ray.train.constants import RAY_TRAIN_ENABLE_STATE_TRACKING
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -39,6 +40,17 @@ def scaling_config(spec: ExperimentSpec) -> ray.train.ScalingConfig:
     )
 
 
+def train_run_name(trial: TrialConfig, trial_id: str) -> str:
+    """The Ray Train run of a trial (and its folder under the experiment's train/), like ``unet-c1-fold3-1a2b3_00004``:
+    configuration and fold name it in the dashboard; the Tune trial id (no hyphen in it) keeps it apart from the
+    same fold of an earlier study."""
+    return f"{trial.configuration}-fold{trial.fold}-{trial_id}"
+
+
+def trial_id_of_train_run(name: str) -> str:
+    return name.rsplit("-", 1)[-1]
+
+
 def run_trial(
     config: dict[str, Any], *, spec: dict[str, Any], data_root: str, storage_path: str, scan_cache: str | None = None
 ) -> None:
@@ -48,6 +60,9 @@ def run_trial(
     """
     experiment = spec_from_dict(spec)
     trial_id = ray.tune.get_context().get_trial_id()
+    trial = TrialConfig.from_tune(config)
+    # Read by the trainer made here: its state reaches the dashboard's Train view (Ray keeps it off by default).
+    os.environ.setdefault(RAY_TRAIN_ENABLE_STATE_TRACKING, "1")
     # A cluster that lost the nodes this trial needs fails the trial now, with the reason, rather than wait.
     check_cluster_hosts_a_trial(experiment, log.info)
     timeout = experiment.resources.worker_start_timeout_s
@@ -56,12 +71,12 @@ def run_trial(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "spec": spec, "trial": TrialConfig.from_tune(config), "data_root": data_root, "scan_cache": scan_cache
+            "spec": spec, "trial": trial, "data_root": data_root, "scan_cache": scan_cache
         },
         scaling_config=scaling_config(experiment),
         run_config=ray.train.RunConfig(
             # A stable name per trial: a restarted trial finds its own Train run and checkpoints again.
-            name=f"train-{trial_id}",
+            name=train_run_name(trial, trial_id),
             storage_path=storage_path,
             callbacks=[TuneReportCallback()],
             # With a timeout, the first wait that ends without workers fails the trial (Ray Train would

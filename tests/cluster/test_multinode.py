@@ -27,9 +27,9 @@ import psutil
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from ray._common.utils import get_ray_address_file
 
-from tests.helpers import free_port, tiny_spec
+from msx.orchestrator.trials.trainable import trial_id_of_train_run
+from tests.helpers import free_port, ray_head_session, stop_ray_session, tiny_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -111,24 +111,12 @@ def cluster(tmp_path_factory):
          f"--dashboard-port={dashboard_port}", *node_ports(), "--disable-usage-stats"],
         env=environment, check=True, capture_output=True, timeout=120,
     )
-    head = next(
-        p for p in psutil.process_iter(["name", "cmdline"])
-        if p.info["name"] == "gcs_server" and f"--gcs_server_port={gcs_port}" in " ".join(p.info["cmdline"] or [])
-    )
-    session = next(arg for arg in head.cmdline() if arg.startswith("--log_dir=")).split("=", 1)[1].rsplit("/logs", 1)[0]
+    session = ray_head_session(gcs_port)
     cluster = Cluster(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}", environment, tmp_path_factory.mktemp("logs"))
     cluster.start_worker_node("node_a")
     cluster.start_worker_node("node_b")
     yield cluster
-    # Only this cluster's processes: every one of them names its session folder.
-    for process in psutil.process_iter(["cmdline"]):
-        if session in " ".join(process.info["cmdline"] or []):
-            process.kill()
-    # What `ray stop` would also do: forget this head as "the current cluster", or later drivers on this machine
-    # (and Ray Train's placement-group cleaner in their workers) would look for it.
-    current = Path(get_ray_address_file(None))
-    if current.is_file() and current.read_text().strip().endswith(f":{gcs_port}"):
-        current.unlink()
+    stop_ray_session(session, gcs_port)
 
 
 def wait_for(condition, what: str, timeout_s: float = 300, process: subprocess.Popen | None = None):
@@ -149,10 +137,10 @@ def registered_epoch(storage: Path, trial_id: str) -> int:
     A checkpoint folder appears before the trainer registers it; a worker killed in between restarts
     from the checkpoint before.
     """
-    snapshot = storage / "tiny" / "train" / f"train-{trial_id}" / "checkpoint_manager_snapshot.json"
+    runs = [run for run in (storage / "tiny" / "train").glob("*-*") if trial_id_of_train_run(run.name) == trial_id]
     try:
-        results = json.loads(snapshot.read_text())["checkpoint_results"]
-    except (OSError, ValueError, KeyError):
+        results = json.loads((runs[0] / "checkpoint_manager_snapshot.json").read_text())["checkpoint_results"]
+    except (IndexError, OSError, ValueError, KeyError):
         return 0
     return max((int(result["metrics"]["epoch"]) for result in results), default=0)
 
@@ -162,8 +150,8 @@ def train_workers() -> list[psutil.Process]:
 
 
 def trial_of(worker: psutil.Process) -> str:
-    """The Tune trial id a training worker serves: Train runs it in a folder named after its run, train-<trial id>."""
-    return Path(worker.cwd()).name.removeprefix("train-")
+    """The Tune trial id a training worker serves: Train runs it in a folder named after its run (train_run_name)."""
+    return trial_id_of_train_run(Path(worker.cwd()).name)
 
 
 def workers_mid_trial(storage: Path, epochs_before: dict[str, int]) -> list[tuple[psutil.Process, str]]:
@@ -281,7 +269,7 @@ def resumed_study(cluster, tmp_path_factory):
         [BIN / "msx", "status", "--storage", str(storage)], env=cluster.environment, capture_output=True, text=True, check=True,
     ).stdout
 
-    trials = [folder.name.removeprefix("train-") for folder in (storage / "tiny" / "train").glob("train-*")]
+    trials = [trial_id_of_train_run(folder.name) for folder in (storage / "tiny" / "train").glob("*-*") if folder.is_dir()]
     epochs_before = {trial: registered_epoch(storage, trial) for trial in trials}
     second = cluster.msx("launch", "--resume", "tiny", "--address", cluster.gcs, "--storage", str(storage), cwd=workdir)
     # A trial that checkpointed under the new driver: its next start must come from that checkpoint.

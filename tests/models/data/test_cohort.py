@@ -129,6 +129,7 @@ def test_scan_missing_a_chosen_modality_is_named(tmp_path):
     with pytest.raises(CohortError, match="training02_03.*lacks t2") as error:
         find_isbi_cohort(tmp_path)
     assert "\n" not in str(error.value)
+    assert f"no training02_03_t2_pp.nii[.gz] in {tmp_path}" in str(error.value)
     # Not choosing T2 makes the same folder valid.
     assert len(find_isbi_cohort(tmp_path, modalities=("flair", "mprage")).scans) == 2
 

@@ -106,13 +106,25 @@ def test_missing_modality_and_rater_mask_are_errors(tmp_path):
     _file(root, 3, 1, "mask1").unlink()
     _file(root, 4, 1, "mask2").unlink()  # rater 2 is not the chosen rater: fine
     report = check_cohort_root(root)
+    # The file looked for and the folder it was expected in, so that a misspelt name is plain to see.
     assert report.errors == (
-        f"scan training02_02 under {root} lacks t2",
-        f"scan training03_01 under {root} lacks mask1",
+        f"scan training02_02 under {root} lacks t2: no training02_02_t2_pp.nii[.gz] in {root / 'training02'} "
+        f"or anywhere else under {root}",
+        f"scan training03_01 under {root} lacks mask1: no training03_01_mask1.nii[.gz] in {root / 'training03'} "
+        f"or anywhere else under {root}",
     )
     assert check_cohort_root(root, modalities=("flair", "mprage"), rater=2).errors == (
-        f"scan training04_01 under {root} lacks mask2",
+        f"scan training04_01 under {root} lacks mask2: no training04_01_mask2.nii[.gz] in {root / 'training04'} "
+        f"or anywhere else under {root}",
     )
+
+
+def test_a_misspelt_file_is_named_with_the_name_looked_for(tmp_path):
+    root = write_cohort(tmp_path)
+    typo = _file(root, 2, 3 - 1, "t2_pp")
+    typo.rename(typo.with_name("training02_02_T2_pp.nii.gz"))
+    error = _only_error(check_cohort_root(root))
+    assert "lacks t2: no training02_02_t2_pp.nii[.gz] in " + str(root / "training02") in error
 
 
 def test_duplicate_time_point_as_nii_and_nii_gz_is_an_error(tmp_path):

@@ -153,6 +153,21 @@ def test_evaluate_refuses_masks_on_different_grids(tmp_path):
     assert_one_line_error(result, "pred.nii.gz", "shape")
 
 
+def test_evaluate_refuses_a_mask_holding_nan(tmp_path):
+    gt = np.zeros((8, 8, 8), np.float32)
+    gt[2:4, 2:4, 2:4] = 1
+    write_mask(tmp_path / "gt.nii.gz", gt)
+    # All NaN: NaN > 0 is False, so this prediction used to score as an empty mask (DSC 0).
+    save_nifti(tmp_path / "pred.nii.gz", np.full((8, 8, 8), np.nan, np.float32))
+    result = msx("evaluate", "--pred", "pred.nii.gz", "--gt", "gt.nii.gz", cwd=tmp_path)
+    assert_one_line_error(result, "pred.nii.gz", "512 of 512 voxels are NaN or infinite")
+    one_nan = gt.copy()
+    one_nan[0, 0, 0] = np.nan
+    save_nifti(tmp_path / "gt_nan.nii.gz", one_nan)
+    result = msx("evaluate", "--pred", "gt.nii.gz", "--gt", "gt_nan.nii.gz", cwd=tmp_path)
+    assert_one_line_error(result, "gt_nan.nii.gz", "1 of 512 voxels are NaN")
+
+
 def test_unreachable_tracking_server_fails_before_ray(tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"
     runs = tmp_path / "runs"

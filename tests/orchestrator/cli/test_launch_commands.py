@@ -142,3 +142,24 @@ def test_job_entrypoint_carries_the_spec_and_the_users_choices(tmp_path):
     assert resumed == "msx launch --storage /mnt/runs --address auto --resume smoke"
     with pytest.raises(SubmissionError, match="--storage runs: give an absolute path"):
         launch_entrypoint(spec, {"storage": "runs"})
+
+
+@pytest.mark.parametrize(
+    "environment, expected",
+    [
+        ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": "/srv/ray/token"}, "(the file /srv/ray/token)"),
+        ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0123456789abcdef" * 4}, "(the RAY_AUTH_TOKEN variable of the shell that ran msx)"),
+        ({"RAY_AUTH_MODE": "disabled"}, "None"),
+    ],
+)
+def test_the_dashboard_token_is_named_never_printed(environment, expected):
+    """Ray reads its authentication mode once per process: each case in a process of its own."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    said = subprocess.run(
+        [sys.executable, "-c", "from msx.orchestrator.cluster.jobs import token_instructions; print(token_instructions())"],
+        env={**clean, **environment}, capture_output=True, text=True, timeout=120, check=True,
+    ).stdout.strip()
+    assert said.endswith(expected)
+    if expected != "None":
+        assert said.startswith("the dashboard asks for Ray's token: paste the output of `ray get-auth-token`")
+    assert "0123456789abcdef" not in said

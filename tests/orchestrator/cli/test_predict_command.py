@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from msx.models.data.synth import write_synthetic_cohort
 from msx.models.fold import MODEL_DIR
 from msx.orchestrator.cli.predict import predict
-from msx.orchestrator.predict.segment import PredictError, find_input_scans
+from msx.orchestrator.predict.segment import PredictError, find_input_scans, output_paths
 from msx.orchestrator.spec import spec_from_dict
 from tests.helpers import save_tiny_checkpoint, tiny_spec
 
@@ -192,3 +192,94 @@ def test_input_may_be_a_manifest_without_masks(tmp_path):
     manifest.write_text(f"- {{patient: 7, timepoint: 1, flair: {flair[0]}, mprage: {mprage[0]}}}\n")
     with pytest.raises(PredictError, match=r"new\.yaml: item 1 \(line 1\): t2: missing or empty"):
         find_input_scans(manifest, ("flair", "mprage", "t2"))
+
+
+def _scan_files(cohort, scan_id="training01_01", modalities=("flair", "mprage", "t2")) -> list[str]:
+    args = []
+    for name in modalities:
+        args += [f"--{name}", str(next(cohort.rglob(f"{scan_id}_{name}_pp.nii.gz")))]
+    return args
+
+
+@pytest.mark.timeout(300)
+def test_one_scan_given_by_its_files_gets_the_folder_forms_mask(setup, tmp_path):
+    checkpoint, cohort, folder_out, _ = setup
+    out = tmp_path / "new" / "p7_mask.nii.gz"
+    result = CliRunner().invoke(
+        cli(), ["predict", "--model", str(checkpoint), *_scan_files(cohort), "--out", str(out), "--strategy", "mean"]
+    )
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert result.output.strip().endswith(f"-> {out}") and "DSC" not in result.output  # no mask given
+    assert sorted(p.name for p in out.parent.iterdir()) == ["p7_mask.nii.gz", "p7_overlay.png"]
+    flair = nib.load(next(cohort.rglob("training01_01_flair_pp.nii.gz")))
+    written = nib.load(out)
+    assert written.shape == flair.shape and np.allclose(written.affine, flair.affine)
+    # The same seeded sampling of the same voxels as the folder form gave.
+    np.testing.assert_array_equal(
+        np.asarray(written.dataobj), np.asarray(nib.load(folder_out / "training01_01_mask.nii.gz").dataobj)
+    )
+
+
+def test_one_scan_on_two_grids_is_refused_before_the_model_loads(setup, tmp_path):
+    _, cohort, _, _ = setup
+    t2 = nib.load(next(cohort.rglob("training01_01_t2_pp.nii.gz")))
+    cropped = tmp_path / "t2.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(t2.dataobj)[:-1], t2.affine), cropped)
+    files = _scan_files(cohort, modalities=("flair", "mprage")) + ["--t2", str(cropped)]
+    # A model that does not exist: the scan's problem is found first.
+    result = CliRunner().invoke(cli(), ["predict", "--model", str(tmp_path / "no-model"), *files, "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    assert f"{cropped} has shape (39, 48, 40)" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_one_scan_with_nan_voxels_is_refused(setup, tmp_path):
+    _, cohort, _, _ = setup
+    flair = nib.load(next(cohort.rglob("training01_01_flair_pp.nii.gz")))
+    voxels = np.asarray(flair.dataobj, dtype=np.float32).copy()
+    voxels[3, 3, 3] = np.nan
+    broken = tmp_path / "flair.nii.gz"
+    nib.save(nib.Nifti1Image(voxels, flair.affine), broken)
+    files = ["--flair", str(broken)] + _scan_files(cohort, modalities=("mprage", "t2"))
+    result = CliRunner().invoke(cli(), ["predict", "--model", str(tmp_path / "no-model"), *files, "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    assert f"{broken} contains NaN or infinite voxels" in result.output
+
+
+def test_one_scan_must_give_exactly_the_models_modalities(setup, tmp_path):
+    checkpoint, cohort, _, _ = setup
+    pd = nib.load(next(cohort.rglob("training01_01_pd_pp.nii.gz")))
+    assert pd.shape == (40, 48, 40)
+    two = _scan_files(cohort, modalities=("flair", "mprage"))
+    result = CliRunner().invoke(cli(), ["predict", "--model", str(checkpoint), *two, "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "the model reads flair, mprage, t2; this scan lacks --t2" in result.output
+    four = _scan_files(cohort, modalities=("flair", "mprage", "t2", "pd"))
+    result = CliRunner().invoke(cli(), ["predict", "--model", str(checkpoint), *four, "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "this scan does not take --pd" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_input_and_files_are_either_or(setup, tmp_path):
+    checkpoint, cohort, _, _ = setup
+    for args in (["--input", str(cohort), *_scan_files(cohort)], []):
+        result = CliRunner().invoke(cli(), ["predict", "--model", str(checkpoint), *args, "--out", str(tmp_path / "o")])
+        assert result.exit_code == 2 and "give either --input" in result.output
+
+
+def test_a_mask_file_as_output_takes_one_scan_only(setup, tmp_path):
+    checkpoint, cohort, _, _ = setup
+    out = tmp_path / "mask.nii.gz"
+    result = CliRunner().invoke(cli(), ["predict", "--model", str(checkpoint), "--input", str(cohort), "--out", str(out)])
+    assert result.exit_code == 1 and "names one mask file but the input holds 2 scans" in result.output
+    assert not out.exists()
+
+
+def test_output_paths_in_a_folder_or_beside_a_mask_file(tmp_path):
+    in_folder = output_paths(tmp_path, "training01_01")
+    assert in_folder.mask == tmp_path / "training01_01_mask.nii.gz"
+    assert in_folder.overlay == tmp_path / "training01_01_overlay.png"
+    beside = output_paths(tmp_path / "p7_mask.nii", "ignored")
+    assert beside.mask == tmp_path / "p7_mask.nii"
+    assert beside.probability == tmp_path / "p7_probability.nii.gz"
+    assert beside.uncertainty == tmp_path / "p7_uncertainty.nii.gz"
+    assert output_paths(tmp_path / "seg.nii.gz", "x").overlay == tmp_path / "seg_overlay.png"

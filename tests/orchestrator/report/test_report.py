@@ -365,3 +365,40 @@ def test_report_shows_pruned_configurations_and_what_early_stopping_saved(tmp_pa
     assert "| unet-c2 | training.lr=0.002 | pruned | 2 | 0.100 | - | 6 |" in markdown
     assert "| unet-c1 | training.lr=0.002 | complete | 2 | 0.600 | 0.700 | 12 |" in markdown
     assert "| unet-c2-fold1 | pruned at epoch 2, mean validation Dice 0.1000 |" in markdown
+
+
+def comparison_rows(markdown: str, split_heading: str) -> dict[tuple[str, str, str, str], list[str]]:
+    """(family, metric, A, B) -> the other cells of the paired-differences table under `split_heading`."""
+    section = markdown.split(f"### {split_heading}: paired differences\n", 1)[1].split("\n#", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if len(cells) == 9 and cells[0] != "family" and not cells[0].startswith("---"):
+            rows[tuple(cells[:4])] = cells[4:]
+    return rows
+
+
+def test_paired_comparisons_by_patient_with_exact_p_and_an_honest_n(store, smoke_report):
+    from scipy.stats import wilcoxon
+
+    finished = store[3]
+    markdown = (smoke_report[0] / "report.md").read_text()
+    assert "## Paired comparisons\n" in markdown and "Paired by patient" in markdown
+    val_dsc = {(b, s): expected_cell(finished, "val", b, s, "dsc")[0] for b in BACKBONES for s in STRATEGIES}
+    chosen = {b: max(STRATEGIES, key=lambda s: val_dsc[(b, s)]) for b in BACKBONES}
+    for split, heading in (("test", "Test patients"), ("val", "Validation patients")):
+        rows = comparison_rows(markdown, heading)
+        # One family per backbone (the other strategy against the chosen one) and the backbones, for DSC and ISBI.
+        assert len(rows) == 2 * (len(BACKBONES) * (len(STRATEGIES) - 1) + 1)
+        ordered = sorted(BACKBONES)  # the report's row order
+        first, second = (f"{b} ({chosen[b]})" for b in ordered)
+        for metric in ("dsc", "isbi"):
+            # Each fold's test (or validation) patient is one unit: its mean over its scans, by hand from the CSVs.
+            a = [fold_value(finished[(ordered[0], f)], split, chosen[ordered[0]], metric) for f in FOLDS]
+            b = [fold_value(finished[(ordered[1], f)], split, chosen[ordered[1]], metric) for f in FOLDS]
+            n, difference, p, holm_p, verdict = rows[("backbones", metric.upper(), first, second)]
+            assert n == "3"
+            assert difference.startswith(f"{statistics.fmean(x - y for x, y in zip(a, b)):+.3f} [")
+            assert p == f"{wilcoxon(a, b).pvalue:.4f}" == holm_p  # a family of one
+            assert verdict == "n too small"  # three patients: p >= 2/2^3
+        assert "smallest possible p is 2/2^3 = 0.2500" in markdown.split(f"### {heading}: paired differences", 1)[1]

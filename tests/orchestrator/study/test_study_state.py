@@ -163,3 +163,16 @@ def test_a_study_stopped_by_ctrl_c_is_unfinished_and_its_status_lists_its_config
     assert any(line.startswith("  unet-c2  pruned at epoch 8, mean validation Dice 0.1000") for line in lines), lines
     assert any(line.startswith("  unet-c1  running, passed epoch 8, mean validation Dice 0.6000; 2 fold(s) paused") for line in lines)
     assert "early stopping: 48 of 144 fold-epochs trained, 96 saved (67%)" in " ".join(lines)
+
+
+def test_a_failed_trials_error_is_its_traceback_last_line():
+    from msx.orchestrator.study.progress import error_line
+
+    trace = (
+        "ray::_Inner.train() (pid=123, ip=127.0.0.1)\n"
+        "  File \"worker.py\", line 10, in train_loop_per_worker\n"
+        "    load_scan(scan)\n"
+        "msx.models.data.cohort.CohortError: /data/training02_01_flair_pp.nii.gz contains NaN or infinite voxels\n\n"
+    )
+    assert error_line(trace) == "msx.models.data.cohort.CohortError: /data/training02_01_flair_pp.nii.gz contains NaN or infinite voxels"
+    assert error_line("") == "no error text was saved"

@@ -9,6 +9,7 @@ import mlflow.pyfunc
 import numpy as np
 import pytest
 import torch
+from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
 from msx.models.fold import MODEL_DIR
@@ -16,7 +17,7 @@ from msx.models.lesion_maps import binary_entropy_bits
 from msx.orchestrator.results import TrialOutcome, select_best, summarise_configurations
 from msx.orchestrator.spec import spec_from_dict
 from msx.orchestrator.tracking.provenance import Provenance
-from msx.orchestrator.tracking.registry import describe_model, register_selection
+from msx.orchestrator.tracking.registry import describe_model, msx_requirement, register_selection
 from msx.orchestrator.tracking.store import ensure_experiment, tracking_uri_scope
 from msx.orchestrator.trial import TrialConfig
 from tests.helpers import save_tiny_checkpoint, tiny_spec
@@ -66,8 +67,22 @@ def test_register_lookup_by_alias_load_and_predict(tmp_path):
     assert describe_model("msx-test", tracking_uri)["version"] == 1
 
     with tracking_uri_scope(tracking_uri):
+        local = Path(mlflow.artifacts.download_artifacts(uri))
         model = mlflow.pyfunc.load_model(uri)
         bundled = json.loads(Path(mlflow.artifacts.download_artifacts(f"{uri}/artifacts/selection.json")).read_text())
+    # Models from code: MLflow runs msx's file to build the model; nothing in the model is a pickle.
+    logged = Model.load(str(local))
+    flavor = logged.flavors["python_function"]
+    assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model" and (local / "segmenter_code.py").is_file()
+    assert not [path for path in local.rglob("*") if path.suffix in (".pkl", ".pickle")]
+    assert logged.signature.inputs.to_dict() == [{"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": (3, -1, -1, -1)}}]
+    assert logged.signature.outputs.to_dict() == [{"type": "tensor", "tensor-spec": {"dtype": "uint8", "shape": (-1, -1, -1)}}]
+    example = np.asarray(json.loads((local / "input_example.json").read_text()), dtype=np.float32)
+    assert example.shape == (3, 8, 8, 8) and example.max() > 0
+    requirements = (local / "requirements.txt").read_text().splitlines()
+    # How msx itself is installed here (this checkout, editable), then the pinned libraries it runs with.
+    assert requirements[0] == msx_requirement() and requirements[0].startswith("msx @ file://")
+    assert f"torch=={torch.__version__.split('+')[0]}" in requirements
     assert (bundled["data_fingerprint"], bundled["code_version"]) == ("f" * 64, "msx test")
     assert os.environ.get("MLFLOW_TRACKING_URI") != tracking_uri  # nothing leaks to later commands
     image = np.zeros((3, 20, 24, 18), dtype=np.float32)
