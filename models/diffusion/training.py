@@ -8,7 +8,6 @@ from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceLoss
 
 from .schedule import DiffusionConfig, add_noise
 
@@ -28,9 +27,8 @@ class EncodingDenoiser(Protocol):
         self, image: torch.Tensor, noisy_mask: torch.Tensor, timesteps: torch.Tensor, stage_features: list[torch.Tensor]
     ) -> torch.Tensor: ...
 
-# The reference's settings (Diff-UNet's DiceLoss(sigmoid=True)): Dice per batch element, then averaged, smoothing
-# 1e-5. It holds no state, so one instance serves every call.
-_DICE = DiceLoss(sigmoid=True)
+# The reference's Dice smoothing (Diff-UNet's MONAI DiceLoss(sigmoid=True), added to numerator and denominator).
+DICE_SMOOTHING = 1e-5
 
 
 @dataclass(frozen=True)
@@ -42,13 +40,26 @@ class LossWeights:
     mse: float = 1.0
 
 
+def sigmoid_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MONAI's DiceLoss(sigmoid=True), the reference's: 1 - soft Dice per sample and channel, then the mean.
+
+    Written out because MONAI's DiceLoss reads its reduction axes back from a tensor (`.tolist()`), which
+    `torch.compile` cannot trace: the training step would break into several graphs there.
+    """
+    probabilities = torch.sigmoid(logits)
+    spatial = tuple(range(2, logits.ndim))
+    overlap = (probabilities * target).sum(spatial)
+    total = probabilities.sum(spatial) + target.sum(spatial)
+    return (1.0 - (2.0 * overlap + DICE_SMOOTHING) / (total + DICE_SMOOTHING)).mean()
+
+
 def x0_loss(logits: torch.Tensor, mask: torch.Tensor, weights: LossWeights = LossWeights()) -> torch.Tensor:
     """Dice(sigmoid) + BCE-with-logits + MSE(sigmoid(logits), mask), weighted; ``mask`` in {0, 1}, like ``logits``."""
     # The terms are computed in float32 whatever autocast produced: sigmoid and the Dice ratio are fragile in bf16.
     logits = logits.float()
     target = mask.to(logits.dtype)
     return (
-        weights.dice * _DICE(logits, target)
+        weights.dice * sigmoid_dice_loss(logits, target)
         + weights.bce * F.binary_cross_entropy_with_logits(logits, target)
         + weights.mse * F.mse_loss(torch.sigmoid(logits), target)
     )

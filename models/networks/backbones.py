@@ -1,8 +1,9 @@
 """Backbone registry: how msx builds each MONAI network family and where its down path is.
 
-A backbone entry never changes the MONAI network; it only names the submodules that form the down path.
-The encoder keeps those submodules (the decoder is dropped, so DistributedDataParallel sees no unused
-parameters) and the denoiser, a complete network, is conditioned at the outputs of the same submodules.
+A backbone entry never changes the MONAI network; it names the submodules that form the down path and the
+forward that runs the network with conditioning added at their outputs (`conditioning.py`). The encoder keeps
+those submodules (the decoder is dropped, so DistributedDataParallel sees no unused parameters) and the
+denoiser, a complete network, is conditioned at the outputs of the same submodules.
 
 Registered: "unet" (the paper's MSSegDiff U-Net, `mssegdiff_unet.py`), "multiencoder" (the same denoiser with
 one shared single-modality encoder), "basic-unet" (MONAI's BasicUNet as it is: a lighter U-Net that is not the
@@ -10,15 +11,17 @@ paper's), "segresnet" (SegResNet), "attention-unet" (AttentionUnet), "swinunetr"
 built for one input size). The encoders of the last two and of "multiencoder" are not plain chains; see
 `encoders.py`.
 
-Two ways of conditioning the denoiser: the paper's U-Net takes the encoder's stage features and the time step
-as forward arguments (`conditioning = "arguments"`, `build_denoiser`); the MONAI networks used as they are get
-them added at their stage outputs by forward hooks (`conditioning = "hooks"`, `network.py`).
+Two ways of conditioning the denoiser, both through arguments, so that `torch.compile` traces either as one
+graph: the paper's U-Net takes the encoder's stage features and the time step in its forward
+(`conditioning = "arguments"`, `build_denoiser`); a MONAI network used as it is runs through its family's
+`conditioned_forward`, which adds one tensor per stage to the stage's output (`conditioning = "additions"`,
+`network.py` computes them).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import torch
@@ -26,6 +29,13 @@ from monai.networks.nets import UNETR, AttentionUnet, BasicUNet, SegResNet, Swin
 from torch import nn
 
 from ..registry import Registry
+from .conditioning import (
+    attention_unet_forward,
+    basic_unet_forward,
+    segresnet_forward,
+    swin_unetr_forward,
+    unetr_forward,
+)
 from .encoders import ModalitySumEncoder, SwinUNETREncoder, UNETREncoder
 from .mssegdiff_unet import SPATIAL_MULTIPLE as MSSEGDIFF_UNET_SPATIAL_MULTIPLE
 from .mssegdiff_unet import MSSegDiffUNetDenoiser
@@ -77,9 +87,12 @@ class Backbone(ABC):
     # True for a network built for exactly one input size (UNETR's position embedding): it then needs the
     # `patch_size` argument of `build` and `build_encoder`, and takes inputs of that size only.
     fixed_input_size: ClassVar[bool] = False
-    # "hooks": the denoiser is `build`'s network, its stage outputs conditioned by DiffusionSegmentationNet's
-    # forward hooks. "arguments": `build_denoiser` gives a network taking the conditioning as arguments.
-    conditioning: ClassVar[str] = "hooks"
+    # "additions": the denoiser is `build`'s network, run by `conditioned_forward` with one tensor added to each
+    # stage's output. "arguments": `build_denoiser` gives a network taking the time step and stage features.
+    conditioning: ClassVar[str] = "additions"
+    # For "additions": (`build`'s network, x, stage additions) -> the network's output on x with
+    # stage_additions[i] added to the output of stage i (a staticmethod from `conditioning.py`).
+    conditioned_forward: ClassVar[Callable[[nn.Module, torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]]
     # True for a family that can also be built from explicit feature sizes (NetworkConfig.features) instead of
     # width: it then has `encoder_with_features` and `denoiser_with_features`.
     takes_features: ClassVar[bool] = False
@@ -107,7 +120,7 @@ class Backbone(ABC):
     @classmethod
     def build_denoiser(cls, in_channels: int, width: float, patch_size: Sequence[int] | None = None) -> nn.Module:
         """For `conditioning = "arguments"`: forward(concat(image, x_t), t, stage features) -> x0 logits."""
-        raise NotImplementedError(f"{cls.__name__} is conditioned through hooks; it has no build_denoiser")
+        raise NotImplementedError(f"{cls.__name__} is conditioned by stage additions; it has no build_denoiser")
 
     @classmethod
     def conditioned_modules(cls) -> tuple[str, ...]:
@@ -129,6 +142,7 @@ class BasicUNetBackbone(Backbone):
     reference_features: ClassVar[tuple[int, ...]] = (64, 64, 128, 256, 512, 64)
     stages = (("conv_0",), ("down_1",), ("down_2",), ("down_3",), ("down_4",))
     spatial_multiple = 16  # four 2x max-poolings
+    conditioned_forward = staticmethod(basic_unet_forward)
 
     @classmethod
     def features(cls, width: float) -> tuple[int, ...]:
@@ -164,6 +178,7 @@ class SegResNetBackbone(Backbone):
     # The initial convolution is not a stage of its own: its output only feeds the first residual stage.
     stages = (("convInit", "down_layers.0"), ("down_layers.1",), ("down_layers.2",), ("down_layers.3",))
     spatial_multiple = 8  # three stride-2 convolutions, and the decoder adds upsampled maps to skips
+    conditioned_forward = staticmethod(segresnet_forward)
 
     @classmethod
     def init_filters(cls, width: float) -> int:
@@ -213,6 +228,7 @@ class AttentionUNetBackbone(Backbone):
         ("model.1.submodule.1.submodule.1.submodule.1.submodule",),
     )
     spatial_multiple = 16  # four stride-2 convolutions
+    conditioned_forward = staticmethod(attention_unet_forward)
 
     @classmethod
     def channels(cls, width: float) -> tuple[int, ...]:
@@ -258,6 +274,7 @@ class SwinUNETRBackbone(Backbone):
     # Patch embedding and four merges: 2**5. Training also needs sides of at least 64, so that the
     # instance norm of encoder10 sees more than one voxel.
     spatial_multiple = 32
+    conditioned_forward = staticmethod(swin_unetr_forward)
 
     @classmethod
     def feature_size(cls, width: float) -> int:
@@ -307,6 +324,7 @@ class UNETRBackbone(Backbone):
     stages = (("encoder1",), ("encoder2",), ("encoder3",), ("encoder4",))
     spatial_multiple = 16  # 16^3 ViT patches
     fixed_input_size = True
+    conditioned_forward = staticmethod(unetr_forward)
 
     @classmethod
     def feature_size(cls, width: float) -> int:

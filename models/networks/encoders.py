@@ -11,6 +11,8 @@ import torch
 from monai.networks.nets import UNETR, SwinUNETR
 from torch import nn
 
+from .conditioning import UNETR_SKIP_LAYERS
+
 
 class SwinUNETREncoder(nn.Module):
     """SwinUNETR's down path: the Swin transformer and the five encoder blocks that read the image or it.
@@ -49,15 +51,13 @@ class UNETREncoder(nn.Module):
     feed only UNETR's decoder and are dropped.
     """
 
-    skip_layers = (3, 6, 9)  # the hidden states UNETR.forward hands to encoder2, encoder3 and encoder4
-
     def __init__(self, network: UNETR) -> None:
         super().__init__()
         vit = network.vit
         if hasattr(vit, "cls_token"):
             raise ValueError("UNETR's ViT has a class token; the encoder expects patch tokens only")
         self.patch_embedding = vit.patch_embedding
-        self.blocks = nn.ModuleList(list(vit.blocks)[: self.skip_layers[-1] + 1])
+        self.blocks = nn.ModuleList(list(vit.blocks)[: UNETR_SKIP_LAYERS[-1] + 1])
         self.encoder1 = network.encoder1
         self.encoder2 = network.encoder2
         self.encoder3 = network.encoder3
@@ -72,7 +72,7 @@ class UNETREncoder(nn.Module):
         for block in self.blocks:
             x = block(x)
             hidden.append(x)
-        skips = [UNETR.proj_feat(self, hidden[i]) for i in self.skip_layers]
+        skips = [UNETR.proj_feat(self, hidden[i]) for i in UNETR_SKIP_LAYERS]
         return [self.encoder1(image), self.encoder2(skips[0]), self.encoder3(skips[1]), self.encoder4(skips[2])]
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .backbones import BACKBONES, scale_channels
-from .conditioning import TimestepEmbedding, add_stage_conditioning, stage_conditioning
+from .conditioning import TimestepEmbedding
 
 REFERENCE_TIME_EMBEDDING_DIM = 512
 
@@ -76,10 +76,11 @@ class DiffusionSegmentationNet(nn.Module):
 
     The encoder runs the backbone's down path on the image; the denoiser, a network of the same family, takes
     concat(image, x_t), the time step and the encoder's stage features. A backbone conditioned by "arguments"
-    (the paper's U-Net) builds a denoiser that takes them in its forward. For one conditioned by "hooks" (a
-    MONAI network used as it is) the denoiser is the complete network, and at every down-path stage its
-    feature map gets the encoder's feature map of that stage plus a per-stage projection of the time
-    embedding added to it, by forward hooks.
+    (the paper's U-Net) builds a denoiser that takes them in its forward. For one conditioned by "additions" (a
+    MONAI network used as it is) the denoiser is the complete network, run by the family's
+    `conditioned_forward`: at every down-path stage its feature map gets the encoder's feature map of that
+    stage plus a per-stage projection of the time embedding added to it. Either way every input reaches the
+    networks as an argument, so `torch.compile` traces the whole forward as one graph.
     """
 
     def __init__(self, config: NetworkConfig) -> None:
@@ -101,11 +102,7 @@ class DiffusionSegmentationNet(nn.Module):
         time_dim = scale_channels(REFERENCE_TIME_EMBEDDING_DIM, config.width)
         self.time_embedding = TimestepEmbedding(time_dim)
         self.time_projections = nn.ModuleList(nn.Linear(time_dim, c) for c in backbone.stage_channels(config.width))
-        # Names, not module references: a DataParallel replica copies this attribute as is, and must look up
-        # its own copies of the modules.
-        self.conditioned_module_names = backbone.conditioned_modules()
-        for name in self.conditioned_module_names:
-            self.denoiser.get_submodule(name).register_forward_hook(add_stage_conditioning)
+        self.conditioned_forward = backbone.conditioned_forward
 
     def forward(self, image: torch.Tensor, noisy_mask: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """image (B, C, X, Y, Z), noisy_mask (B, 1, X, Y, Z), timesteps (B,) -> x0 logits (B, 1, X, Y, Z)."""
@@ -144,12 +141,11 @@ class DiffusionSegmentationNet(nn.Module):
         if self.conditioned_by_arguments:
             return self.denoiser(torch.cat([image, noisy_mask], dim=1), timesteps, stage_features)
         time = self.time_embedding(timesteps)
-        additions = {
-            self.denoiser.get_submodule(name): feature + project(time)[:, :, None, None, None]
-            for name, feature, project in zip(self.conditioned_module_names, stage_features, self.time_projections)
-        }
-        with stage_conditioning(additions):
-            return self.denoiser(torch.cat([image, noisy_mask], dim=1))
+        additions = [
+            feature + project(time)[:, :, None, None, None]
+            for feature, project in zip(stage_features, self.time_projections)
+        ]
+        return self.conditioned_forward(self.denoiser, torch.cat([image, noisy_mask], dim=1), additions)
 
     def _check_inputs(self, image: torch.Tensor, noisy_mask: torch.Tensor, timesteps: torch.Tensor) -> None:
         self._check_image(image)

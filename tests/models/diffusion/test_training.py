@@ -4,7 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from monai.losses import DiceLoss
+
 from msx.models.diffusion import DiffusionConfig, LossWeights, diffusion_loss, x0_loss
+from msx.models.diffusion.training import sigmoid_dice_loss
 
 from .stand_ins import OracleNet, RecordingNet, TinyConvNet, image_with_mask, oracle_logits
 
@@ -28,6 +31,15 @@ def test_loss_of_a_constant_prediction_by_hand() -> None:
     bce = np.mean(-(m * np.log(p) + (1 - m) * np.log(1 - p)))
     mse = np.mean((p - m) ** 2)
     assert loss.item() == pytest.approx(2.0 * dice + 0.5 * bce + 3.0 * mse, rel=1e-5)
+
+
+def test_dice_term_is_monais_dice_loss_with_sigmoid() -> None:
+    generator = torch.Generator().manual_seed(3)
+    logits = 3 * torch.randn((3, 1, 8, 8, 8), generator=generator)
+    mask = random_mask((3, 1, 8, 8, 8), generator)
+    mask[1] = 0.0  # an empty mask too: the smoothing decides its score
+    expected = DiceLoss(sigmoid=True)(logits, mask)
+    torch.testing.assert_close(sigmoid_dice_loss(logits, mask), expected, rtol=1e-6, atol=1e-7)
 
 
 def test_oracle_has_almost_no_loss_and_its_opposite_a_large_one() -> None:

@@ -1,11 +1,11 @@
 import math
-import threading
 
 import pytest
 import torch
 from torch import nn
 
-from msx.models.networks.conditioning import TimestepEmbedding, add_stage_conditioning, stage_conditioning
+from msx.models.networks import BACKBONES
+from msx.models.networks.conditioning import TimestepEmbedding
 
 
 def sinusoid(t: int, dim: int) -> list[float]:
@@ -25,50 +25,74 @@ def test_time_embedding_is_an_mlp_of_the_sinusoidal_encoding():
     assert not torch.allclose(embedding(t)[1], embedding(t)[2])
 
 
-def hooked_linear() -> nn.Linear:
-    layer = nn.Linear(2, 2)
-    layer.register_forward_hook(add_stage_conditioning)
-    return layer
+# The MONAI families conditioned by stage additions: (width, input size), tiny (test_more_backbones.py).
+ADDITIONS_CASES = {
+    "attention-unet": (0.125, (32, 32, 32)),
+    "basic-unet": (0.125, (32, 32, 32)),
+    "segresnet": (0.125, (32, 32, 32)),
+    "swinunetr": (0.25, (64, 32, 32)),
+    "unetr": (0.05, (32, 32, 32)),
+}
 
 
-def test_hook_adds_the_conditioning_set_for_its_module_only_while_active():
-    layer, x = hooked_linear(), torch.randn(3, 2)
-    plain = layer.forward(x)  # .forward bypasses hooks
-    with stage_conditioning({layer: torch.full((3, 2), 5.0)}):
-        torch.testing.assert_close(layer(x), plain + 5)
-    with pytest.raises(RuntimeError, match="no stage conditioning"):
-        layer(x)
-    with stage_conditioning({hooked_linear(): torch.ones(3, 2)}), pytest.raises(RuntimeError):
-        layer(x)  # conditioning for another module is not this one's
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny networks on one intra-op thread: faster on a shared CPU (see test_more_backbones.py)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
-def test_nested_conditioning_restores_the_outer_values():
-    layer, x = hooked_linear(), torch.zeros(1, 2)
-    plain = layer.forward(x)
-    with stage_conditioning({layer: torch.ones(1, 2)}):
-        with stage_conditioning({layer: torch.full((1, 2), 7.0)}):
-            torch.testing.assert_close(layer(x), plain + 7)
-        torch.testing.assert_close(layer(x), plain + 1)
+def test_every_family_conditioned_by_additions_is_covered():
+    assert set(ADDITIONS_CASES) == {n for n in BACKBONES.names() if BACKBONES.get(n).conditioning == "additions"}
 
 
-def test_threads_do_not_see_each_others_conditioning():
-    layer, x = hooked_linear(), torch.zeros(1, 2)
-    plain = layer.forward(x)
-    inside, release = threading.Event(), threading.Event()
-    seen_by_other_thread = []
+def monai_forward_with_hooks(network: nn.Module, names, x: torch.Tensor, additions) -> torch.Tensor:
+    """MONAI's own forward, the additions added to the named modules' outputs by forward hooks."""
+    handles = [
+        network.get_submodule(name).register_forward_hook(lambda module, args, out, a=a: out + a)
+        for name, a in zip(names, additions)
+    ]
+    try:
+        return network(x)
+    finally:
+        for handle in handles:
+            handle.remove()
 
-    def other():
-        with stage_conditioning({layer: torch.full((1, 2), 3.0)}):
-            inside.set()
-            release.wait(5)
-            seen_by_other_thread.append(layer(x))
 
-    thread = threading.Thread(target=other)
-    thread.start()
-    inside.wait(5)
-    with stage_conditioning({layer: torch.full((1, 2), 2.0)}):
-        release.set()
-        mine = layer(x)
-    thread.join(5)
-    torch.testing.assert_close(mine, plain + 2)
-    torch.testing.assert_close(seen_by_other_thread[0], plain + 3)
+def stage_shapes(network: nn.Module, names, x: torch.Tensor) -> list[torch.Size]:
+    seen = {}
+    handles = [
+        network.get_submodule(name).register_forward_hook(lambda m, a, out, n=name: seen.__setitem__(n, out.shape))
+        for name in names
+    ]
+    try:
+        network(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [seen[name] for name in names]
+
+
+@pytest.mark.parametrize("backbone", sorted(ADDITIONS_CASES))
+def test_conditioned_forward_is_monais_forward_with_the_additions_at_the_stage_outputs(backbone):
+    # Pins the MONAI version these forwards were written against: a MONAI whose forward runs its modules
+    # differently fails here.
+    width, size = ADDITIONS_CASES[backbone]
+    family = BACKBONES.get(backbone)
+    torch.manual_seed(0)
+    network = family.build(2, 1, width, size).eval()
+    x = torch.randn(1, 2, *size)
+    names = family.conditioned_modules()
+    with torch.no_grad():
+        shapes = stage_shapes(network, names, x)
+        zeros = [torch.zeros(shape) for shape in shapes]
+        torch.testing.assert_close(family.conditioned_forward(network, x, zeros), network(x), rtol=0, atol=0)
+        additions = [torch.randn(shape) for shape in shapes]
+        torch.testing.assert_close(
+            family.conditioned_forward(network, x, additions),
+            monai_forward_with_hooks(network, names, x, additions),
+            rtol=0,
+            atol=0,
+        )

@@ -70,7 +70,8 @@ def reference(net):
         return lambda module, module_args, out: seen.__setitem__(key, out)
 
     handles = [net.encoder.register_forward_hook(record("encoder"))]
-    handles += [net.denoiser.get_submodule(n).register_forward_hook(record(n)) for n in net.conditioned_module_names]
+    conditioned = BACKBONES.get(net.config.backbone).conditioned_modules()
+    handles += [net.denoiser.get_submodule(n).register_forward_hook(record(n)) for n in conditioned]
     try:
         with torch.no_grad():
             output = net(*args)
@@ -92,8 +93,8 @@ def test_output_shape_and_dependence_on_image_and_time(net, reference):
 def test_encoder_features_have_the_shapes_of_the_conditioned_denoiser_outputs(net, reference):
     _, _, seen = reference
     features = seen["encoder"]
-    assert [f.shape for f in features] == [seen[name].shape for name in net.conditioned_module_names]
     backbone = BACKBONES.get(net.config.backbone)
+    assert [f.shape for f in features] == [seen[name].shape for name in backbone.conditioned_modules()]
     assert [f.shape[1] for f in features] == list(backbone.stage_channels(net.config.width))
 
 

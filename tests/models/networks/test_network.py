@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from msx.models.networks import DiffusionSegmentationNet, NetworkConfig, build_network
+from msx.models.networks import BACKBONES, DiffusionSegmentationNet, NetworkConfig, build_network
 
 SIDE = 32  # the smallest cube the U-Net takes in training mode (instance norm needs 2^3 voxels at the bottom)
 
 
-# The families conditioned through forward hooks; the paper's U-Net, conditioned by arguments, is
-# test_mssegdiff_unet.py's.
+# Two families conditioned by stage additions; the paper's U-Net, conditioned by arguments, is
+# test_mssegdiff_unet.py's, and test_conditioning.py checks every family's conditioned forward against MONAI's.
 @pytest.fixture(scope="module", params=["basic-unet", "segresnet"])
 def net(request) -> DiffusionSegmentationNet:
     torch.manual_seed(0)
@@ -33,7 +33,7 @@ def sinusoid(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def straightforward_forward(net: DiffusionSegmentationNet, image, noisy_mask, t) -> torch.Tensor:
-    """The method written out by hand on the same modules; `.forward` calls bypass msx's hooks."""
+    """The method written out by hand on the same modules."""
     time = net.time_embedding.mlp(sinusoid(t, 128))
     additions, x = [], image
     for stage, project in zip(net.encoder.stages, net.time_projections):
@@ -110,7 +110,7 @@ def test_pickle_and_deepcopy_keep_the_function(net):
         for clone in (pickle.loads(pickle.dumps(net)), copy.deepcopy(net)):
             assert clone.config == net.config
             torch.testing.assert_close(clone(*args), expected)
-            # The clone's hooks act on the clone's modules: changing the clone leaves the original alone.
+            # The clone conditions with its own modules: changing the clone leaves the original alone.
             nn.init.zeros_(clone.time_projections[0].weight)
             nn.init.zeros_(clone.time_projections[0].bias)
             assert not torch.allclose(clone(*args), expected)
@@ -129,7 +129,8 @@ def test_a_forward_nested_inside_another_does_not_disturb_it(net):
                 handle.remove()
                 inner_results.append(net(*other))
 
-        handle = net.denoiser.get_submodule(net.conditioned_module_names[0]).register_forward_hook(run_another_forward)
+        first_stage = BACKBONES.get(net.config.backbone).conditioned_modules()[0]
+        handle = net.denoiser.get_submodule(first_stage).register_forward_hook(run_another_forward)
         try:
             nested = net(image, noisy_mask, t)
         finally:
