@@ -141,11 +141,12 @@ def read_study(client: MlflowClient, study: str) -> StudyRecord:
 
 
 def read_scan_rows(client: MlflowClient, run_id: str) -> list[dict[str, Any]]:
-    """A fold run's per-scan table (tracking/artifacts.py): split, scan and strategy as text, the rest as numbers."""
+    """A fold run's per-scan table (tracking/artifacts.py): protocol, split, scan and strategy as text, the rest as
+    numbers."""
     with tempfile.TemporaryDirectory() as folder:
         with open(client.download_artifacts(run_id, SCAN_METRICS_ARTIFACT, folder), newline="") as file:
             rows = list(csv.DictReader(file))
-    text = ("split", "scan", "strategy")
+    text = ("protocol", "split", "scan", "strategy")
     return [{key: value if key in text else float(value) for key, value in row.items()} for row in rows]
 
 

@@ -90,7 +90,8 @@ def describe_configuration(configuration: ConfigurationResult) -> str:
 
 
 def compared_rows(client: MlflowClient, record: StudyRecord, summary: StudySummary) -> list[ComparedRow]:
-    """Each backbone's chosen configuration with its strategy chosen on validation and its folds' per-scan rows."""
+    """Each backbone's chosen configuration with its strategy chosen on validation and its folds' per-scan rows under
+    the study's own protocol (a compared protocol's rows are scored on the same scans and would pair twice)."""
     metric = record.spec["registry"]["selection_metric"]
     compared = []
     for row in summary.rows:
@@ -98,14 +99,17 @@ def compared_rows(client: MlflowClient, record: StudyRecord, summary: StudySumma
         if selection is None:
             continue
         runs = {trial.fold: trial.run_id for trial in record.trials if trial.configuration == row.configuration and trial.outcome}
-        compared.append(ComparedRow(row.backbone, selection.strategy, {fold: _scan_rows_or_none(client, run) for fold, run in runs.items()}))
+        scan_rows = {fold: _scan_rows_or_none(client, run, summary.protocol) for fold, run in runs.items()}
+        compared.append(ComparedRow(row.backbone, selection.strategy, scan_rows))
     return compared
 
 
-def _scan_rows_or_none(client: MlflowClient, run_id: str) -> list:
+def _scan_rows_or_none(client: MlflowClient, run_id: str, protocol: str) -> list:
     # A driver that could not read the checkpoint's folder (storage only the cluster sees) logged no table: that
     # fold's patients then pair with nothing, and the comparisons' n says so.
     try:
-        return read_scan_rows(client, run_id)
+        rows = read_scan_rows(client, run_id)
     except (OSError, MlflowException):
         return []
+    # Launches from before protocols existed logged rows without one, all of the study's protocol.
+    return [row for row in rows if row.get("protocol", protocol) == protocol]
