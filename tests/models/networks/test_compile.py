@@ -67,7 +67,7 @@ def assert_one_graph(explanation) -> None:
 
 # Tracing and compiling cost seconds to minutes per family on a shared 2-core CPU. The unit tier checks the
 # cheaper families; the slow tier (CI) runs every check for every family.
-FAST_TRACE_CHECKS = {"attention-unet", "basic-unet", "multiencoder", "segresnet", "unet"}
+FAST_TRACE_CHECKS = {"basic-unet", "multiencoder", "segresnet", "unet"}
 FAST_COMPILE_CHECKS = {"basic-unet"}
 
 
