@@ -9,15 +9,23 @@ import pytest
 from msx.orchestrator.study import interruption
 
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
+
+
 @pytest.fixture
 def tune_handlers():
-    """Stand-ins for what Tune installs before its callbacks' setup: its stop handler on SIGUSR1 (and SIGINT)."""
-    saved = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    """Stand-ins for what Tune installs before its callbacks' setup: its stop handler on SIGUSR1 (and SIGINT).
+
+    The process starts as `msx launch` does, whatever earlier tests in this process left: Python's own Ctrl-C
+    handler (the one Tune puts back after the first signal) and the stop signals not blocked.
+    """
+    saved = {number: signal.getsignal(number) for number in STOP_SIGNALS}
+    saved_mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     calls: list[int] = []
 
     def tune_stop(signum, frame):
         calls.append(signum)
-        signal.signal(signal.SIGINT, saved[signal.SIGINT])  # as Tune does after the first signal
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as Tune does after the first signal
 
     signal.signal(signal.SIGUSR1, tune_stop)
     signal.signal(signal.SIGINT, tune_stop)
@@ -26,6 +34,7 @@ def tune_handlers():
     yield calls
     for number, handler in saved.items():
         signal.signal(number, handler)
+    signal.pthread_sigmask(signal.SIG_SETMASK, saved_mask)
     interruption.reset()
 
 
