@@ -166,7 +166,8 @@ def test_the_dashboard_shows_the_study_to_a_browser_with_the_token(study, tmp_pa
     runs = json.loads(seen["train runs"])["train_runs"]
     # One Train run per trial, named after it (label and Tune trial id), as the study's MLflow runs are.
     names = sorted(run["name"] for run in runs)
-    assert names == [train_run_name(TrialConfig("unet", fold, "unet-c1"), trial_id_of_train_run(name))
+    (backbone,) = SPEC["model"]["backbones"]
+    assert names == [train_run_name(TrialConfig(backbone, fold, f"{backbone}-c1"), trial_id_of_train_run(name))
                      for fold, name in zip((1, 2, 3), names)], names
     assert {run["status"] for run in runs} == {"FINISHED"}, runs
     # The Jobs view lists the study's driver, `msx launch ...`.

@@ -38,7 +38,7 @@ pytestmark = pytest.mark.slow
 MSX = [sys.executable, "-m", "msx.orchestrator.cli"]
 
 TINY = {
-    "model": {"backbones": ["unet"], "width": 0.125},
+    "model": {"backbones": ["basic-unet"], "width": 0.125},
     "training": {
         "epochs": 6, "batch_size": 2, "patch_size": [32, 32, 32], "lr": 3.0e-3, "validate_every": 2,
         "validation_ddim_steps": 2, "validation_strategy": "mean",
@@ -216,7 +216,7 @@ def test_a_gpu_study_on_a_machine_without_gpus_is_refused_in_one_line(tmp_path, 
 
 def cpu_sized_hpo() -> dict:
     """The bundled `hpo` space with its search unchanged (its 8 parameters, Optuna, successive halving with
-    reduction factor 3, the paper's 5 folds) and every size cut to a CPU's: U-Net only, widths and epochs
+    reduction factor 3, the paper's 5 folds) and every size cut to a CPU's: MONAI's basic U-Net only, widths and epochs
     scaled by 1/8 and 1/100, 32^3 patches, few DDIM steps."""
     hpo = load_spec("hpo").to_dict()
     parameters = []
