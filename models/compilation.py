@@ -2,19 +2,19 @@
 
 What is compiled, and why there:
 
-- Training: the loss *function* (`diffusion_loss`: forward, noise drawn, x0 loss) with `fullgraph=True`, the
-  network passed to it as an argument; AOTAutograd derives the backward graph from the same trace. The network
-  object is never replaced by a compiled wrapper, so its state dict keeps its plain keys (no ``_orig_mod.``)
-  and checkpoints are the same with compilation on or off. Under DDP the function is given the
-  `DistributedDataParallel` wrapper (compile *after* wrapping, as PyTorch's DDP + compile guide asks): dynamo
-  traces through DDP's forward into the module, and its DDP optimiser splits the graph at the gradient buckets
-  so that the all-reduces still overlap the backward. Compiling the bare module instead would hide the buckets
-  from dynamo and reduce every gradient only after the whole compiled backward.
+- Training: the network's forward, in place (`torch.nn.Module.compile`, ``fullgraph=True``): the module object
+  stays the same, so its state dict keeps its plain keys (no ``_orig_mod.``) and checkpoints are the same with
+  compilation on or off. Under DDP (Ray Train's `prepare_model`) the bare module is compiled after wrapping and
+  DDP's own forward stays eager: DDP's forward calls into its logger, which dynamo cannot trace
+  (``fullgraph=True`` then fails, whether the loss function or the DDP wrapper is compiled), while the module it
+  calls compiles into one graph and sets up no hooks of its own, so DDP's gradient reduction runs as it does
+  eagerly (dynamo sees the active DDP module and may split the graph at its gradient buckets). The loss around
+  the forward (noise, x0 loss: a few element-wise operations on one channel) stays eager.
 - Sampling: the bare network's ``encode`` and ``denoise`` (or its forward), bound methods compiled with
   ``dynamic=False``. Sliding-window inference hands the sampler ``sw_batch_size`` windows at a time except for a
   smaller last batch; `sample_scan_fused(pad_windows=True)` pads that batch, so every call has one shape and no
-  validation recompiles. Validation (one chain) and the final evaluation (its number of chains) are two shapes:
-  two compilations per fold, none per validation.
+  validation recompiles. Validation and the final evaluation sample the same windows when they draw the same
+  number of chains; otherwise the final evaluation compiles once more.
 
 Compilation is wanted where it pays: ``"auto"`` compiles on a CUDA device (on an H200 the reference U-Net's bf16
 step goes from 0.107 s to 0.077 s compiled) and not on the CPU, where Inductor takes minutes per backbone to
@@ -23,12 +23,10 @@ compile for no measured gain at the sizes trained there (docs/BENCHMARKS.md).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .diffusion import diffusion_loss
 from .diffusion.training import EncodingDenoiser
 
 COMPILE_AUTO = "auto"
@@ -60,9 +58,9 @@ def compile_seconds_so_far() -> float:
     return float(calculate_time_spent().get("total_wall_time", 0.0))
 
 
-def compiled_loss(backend: str = DEFAULT_BACKEND) -> Callable[..., torch.Tensor]:
-    """`diffusion_loss` compiled into one graph (the network is its first argument)."""
-    return torch.compile(diffusion_loss, fullgraph=True, dynamic=False, backend=backend)
+def compile_for_training(net: torch.nn.Module, backend: str = DEFAULT_BACKEND) -> None:
+    """Compile the bare network ``net``'s forward in place, one graph (training patches have one shape)."""
+    net.compile(fullgraph=True, dynamic=False, backend=backend)
 
 
 class CompiledDenoiser:

@@ -6,7 +6,7 @@ The orchestrator's Ray Train workers call these; so can a notebook or a test.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -80,15 +80,13 @@ def train_step(
     diffusion: DiffusionConfig = DiffusionConfig(),
     loss_weights: LossWeights = LossWeights(),
     autocast_dtype: torch.dtype | None = None,
-    loss_function: Callable[..., torch.Tensor] = diffusion_loss,
 ) -> torch.Tensor:
     """One optimisation step on a batch already on the net's device; returns the detached loss, unread.
 
-    Nothing here waits for the device, so the host can queue the next step while this one runs. ``loss_function``:
-    `diffusion_loss` or its compiled version (`compilation.compiled_loss`).
+    Nothing here waits for the device, so the host can queue the next step while this one runs.
     """
     with torch.autocast(image.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        loss = loss_function(net, image, mask, diffusion, weights=loss_weights)
+        loss = diffusion_loss(net, image, mask, diffusion, weights=loss_weights)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -104,7 +102,6 @@ def train_epoch(
     diffusion: DiffusionConfig = DiffusionConfig(),
     loss_weights: LossWeights = LossWeights(),
     autocast_dtype: torch.dtype | None = None,
-    loss_function: Callable[..., torch.Tensor] = diffusion_loss,
 ) -> torch.Tensor:
     """One pass over the loader; returns the mean loss as a device tensor (read it once per epoch)."""
     net.train()
@@ -113,7 +110,7 @@ def train_epoch(
     for batch in loader:
         image = batch["image"].to(device, non_blocking=True)
         mask = batch["label"].to(device, non_blocking=True)
-        total += train_step(net, image, mask, optimizer, diffusion, loss_weights, autocast_dtype, loss_function)
+        total += train_step(net, image, mask, optimizer, diffusion, loss_weights, autocast_dtype)
         lr_schedule.step()
         batches += 1
     return total / max(batches, 1)

@@ -41,15 +41,15 @@ from .compilation import (
     DEFAULT_BACKEND,
     CompiledDenoiser,
     check_compile_setting,
+    compile_for_training,
     compile_seconds_so_far,
     compile_wanted,
     compiled_denoiser,
-    compiled_loss,
 )
 from .data.cache import PreparedScan, cached_training_scan
 from .data.cohort import Cohort, LoadedScan, Scan, load_scan
 from .data.folds import Fold
-from .diffusion import DiffusionConfig, LossWeights, diffusion_loss
+from .diffusion import DiffusionConfig, LossWeights
 from .engine import (
     InferenceConfig,
     ScanEvaluation,
@@ -283,9 +283,10 @@ def run_fold(
     )
     net = parallel.prepare_model(build_network(config.network).to(device))
     bare_net = net.module if hasattr(net, "module") else net
-    # Compiled: the loss function, given the (DDP-wrapped) net; the bare net's sampling calls (`compilation`).
+    # Compiled in place: the bare net's forward, inside DDP's eager one; its sampling calls (`compilation`).
     compiling = compile_wanted(training.compile, device)
-    loss_function = compiled_loss(compile_backend) if compiling else diffusion_loss
+    if compiling:
+        compile_for_training(bare_net, compile_backend)
     sampler: torch.nn.Module | CompiledDenoiser = compiled_denoiser(bare_net, compile_backend) if compiling else bare_net
     compiled_before = compile_seconds_so_far()
 
@@ -337,7 +338,7 @@ def run_fold(
                 loss = float(
                     train_epoch(
                         net, loader, optimizer, lr_schedule, device, config.diffusion, training.loss_weights,
-                        autocast_dtype, loss_function,
+                        autocast_dtype,
                     )
                 )
         else:
