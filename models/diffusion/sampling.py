@@ -145,6 +145,9 @@ def sample_scan(
     Memory beyond the windows in flight: the float32 output and one scan-sized overlap count.
     """
 
+    if image.ndim != 4:
+        raise ValueError(f"image must be (C,X,Y,Z), got shape {tuple(image.shape)}")
+
     def all_steps(trajectories: torch.Tensor) -> torch.Tensor:
         return trajectories.flatten(1, 2)  # (windows, num_steps * num_samples, *roi): channel = step * s + sample
 
