@@ -103,7 +103,7 @@ class TrainingConfig:
     seed: int = 0
     # Probability that a training patch is centred on a lesion voxel (else on the brain); 0: uniform crops.
     lesion_patch_fraction: float = 0.0
-    # torch.compile for the training loss and the sampler (`compilation`): "auto" (on a CUDA device only), True, False.
+    # torch.compile of the network for training and sampling (`compilation`): "auto" (on a CUDA device only), True, False.
     compile: bool | str = COMPILE_AUTO
 
     def __post_init__(self) -> None:
@@ -260,8 +260,8 @@ def run_fold(
 
     ``resume``: a training state (`load_training_state`) to continue from. ``model_metadata`` is saved with the best
     weights (the orchestrator records the trial's spec there). Seeds follow `TrainingConfig.seed` and the rank, so a
-    run is repeatable for the same data and device. With `TrainingConfig.compile` on, the loss and the sampler are
-    compiled once for the fold by ``compile_backend`` (tests use "aot_eager").
+    run is repeatable for the same data and device. With `TrainingConfig.compile` on, the network is compiled once
+    for the fold's training and once for its sampling, by ``compile_backend`` (tests use "aot_eager").
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     training = config.training
