@@ -57,7 +57,7 @@ else
     inference=()
     # The sampler uncompiled: its compilation would take most of this run's limit (training measures compile).
     validation=(--width 1.0 --roi 96 --shape 160 192 160 --scans 3 --repeats 1)
-    limit=(90 150 150 90)
+    limit=(80 140 140 120)  # 8 minutes at most
 fi
 
 date -u
