@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# The GPU benchmarks in one go (at most 9 minutes of runs), for a machine that has torch, numpy and scipy
+# The GPU benchmarks in one go (at most 8 minutes of runs), for a machine that has torch, numpy and scipy
 # but neither Ray nor MLflow nor msx installed. Run it from the repository root:
 #
 #   bash benchmarks/gpu.sh                     # results under $OUT, or ./benchmark-results when OUT is unset
-#   MSX_BENCH_QUICK=1 bash benchmarks/gpu.sh   # tiny sizes on the CPU: checks this script end to end
+#   bash benchmarks/gpu.sh --smoke             # tiny sizes on the CPU: checks this script end to end
+#                                              # (MSX_BENCH_QUICK=1 does the same)
+#
+# Per paper backbone: the training step fp32 (the reference-style step), bf16 (msx's step) and bf16 compiled;
+# all six strategies on a whole scan against the reference doing them in turn; one fold's validation the old
+# way against the new.
 #
 # Where monai, nibabel or PyYAML (msx.models reads manifests) is missing, put their wheels (and einops) in
 # ./.whl: they are installed into a temporary folder, nothing outside it is touched.
 set -uo pipefail
+[ "${1:-}" = "--smoke" ] && MSX_BENCH_QUICK=1
 
 repo=$(pwd)
 results=${OUT:-$repo/benchmark-results}
@@ -36,18 +42,22 @@ export PYTHONUNBUFFERED=1
 # "unet" is the paper's MSSegDiff U-Net (85.7 M parameters at width 1.0, the reference's network): its
 # reference-style fp32 step at 96^3, batch 2 is the figure to set beside the reference code's own, 0.152-0.157 s
 # per step on an H200 (docs/BENCHMARKS.md). "basic-unet" is the lighter MONAI BasicUNet, for scale.
+paper=(unet segresnet multiencoder swinunetr)
 if [ -n "${MSX_BENCH_QUICK:-}" ]; then
     device=cpu
-    train=(--backbones unet basic-unet segresnet --width 0.125 --patch 32 --warmup 1 --steps 2)
+    train=(--backbones unet segresnet --width 0.125 --patch 32 --warmup 1 --steps 2)
     compiled=(--backbones unet --width 0.125 --patch 32 --warmup 1 --steps 1)
     inference=(--width 0.125 --shape 32 40 32 --roi 32 --steps 2)
-    limit=(600 600 900)
+    validation=(--scans 2 --steps 1 --shape 40 44 40 --repeats 1)
+    limit=(600 600 900 600)
 else
     device=cuda
-    train=(--backbones unet multiencoder basic-unet segresnet swinunetr attention-unet unetr)
-    compiled=(--backbones unet segresnet)
+    train=(--backbones "${paper[@]}")
+    compiled=(--backbones "${paper[@]}")  # Inductor compiles each for about a minute: the last may not fit
     inference=()
-    limit=(150 240 150)
+    # The sampler uncompiled: its compilation would take most of this run's limit (training measures compile).
+    validation=(--width 1.0 --roi 96 --shape 160 192 160 --scans 3 --repeats 1)
+    limit=(80 140 140 120)  # 8 minutes at most
 fi
 
 date -u
@@ -70,4 +80,6 @@ run "${limit[1]}" "all-strategy inference" benchmarks/inference.py --device $dev
     --json "$results/inference.json"
 run "${limit[2]}" "training step, torch.compile" benchmarks/train_step.py --device $device --compile "${compiled[@]}" \
     --json "$results/train_step_compiled.json"
+run "${limit[3]}" "validation, old against new" benchmarks/validation.py --device $device "${validation[@]}" \
+    --json "$results/validation.json"
 date -u

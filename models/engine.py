@@ -15,7 +15,8 @@ from monai.data import CacheDataset
 from .data.cache import PreparedScan, prepare_loaded_scan
 from .data.cohort import LoadedScan
 from .data.transforms import GridRestore, augmentation_transforms, prepare_scan_for_inference
-from .diffusion import DiffusionConfig, LossWeights, diffusion_loss, sample_scan, sample_scan_fused
+from .compilation import CompiledDenoiser
+from .diffusion import DiffusionConfig, LossWeights, diffusion_loss, sample_scan_fused
 from .lesion_maps import LesionMaps, binary_entropy_bits, lesion_probability
 from .metrics import lesion_volumes, segmentation_metrics
 from .protocols import PROTOCOLS
@@ -123,32 +124,34 @@ class ScanSegmentation:
     maps: LesionMaps[np.ndarray]  # float32 (X, Y, Z), zero outside the foreground crop
 
 
-def _scan_scores(
-    net: torch.nn.Module,
-    image: np.ndarray,
+def _batch_scores(
+    net: torch.nn.Module | CompiledDenoiser,
+    images: torch.Tensor,
     config: InferenceConfig,
-    device: torch.device,
     diffusion: DiffusionConfig,
     generator: torch.Generator | None,
     autocast_dtype: torch.dtype | None,
     with_probability: bool,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, GridRestore]:
-    """Each strategy's score (lesion where > 0) and, if asked, the lesion probability, on the preprocessed scan's
-    grid, from ONE sampling pass under the config's protocol; and the map back to the input grid."""
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """Each strategy's score (lesion where > 0) for each of the prepared scans ``images`` (B,C,X,Y,Z, on the
+    net's device, one shape), and if asked the lesion probability: (B,X,Y,Z) each, from ONE sampling pass under
+    the config's protocol, the windows of all scans batched together."""
     protocol = PROTOCOLS.get(config.protocol)
     for name in config.strategies:
         protocol.strategy(name)  # a typo fails here, with the valid names, before any sampling
     net.eval()
-    prepared, grid = prepare_scan_for_inference(image, config.roi_size)
     sampling = dict(
         num_steps=config.ddim_steps, num_samples=config.samples, roi_size=config.roi_size, overlap=config.overlap,
         sw_batch_size=config.sw_batch_size, config=diffusion, generator=generator, autocast_dtype=autocast_dtype,
-        x0=protocol.x0,
+        x0=protocol.x0, pad_windows=isinstance(net, CompiledDenoiser),  # one shape per call: no recompilation
     )
     if not protocol.fuse_per_window:
-        step_logits = sample_scan(net, prepared.to(device), **sampling)
-        probability = lesion_probability(step_logits) if with_probability else None
-        return protocol.scores(step_logits, config.strategies), probability, grid
+        # (B, steps * samples, *spatial): every step of every chain stitched, the strategies fused afterwards.
+        stitched = sample_scan_fused(net, images, fuse=lambda trajectories: trajectories.flatten(1, 2), **sampling)
+        per_scan = [step_logits.view(config.ddim_steps, config.samples, *images.shape[2:]) for step_logits in stitched]
+        scores = [protocol.scores(step_logits, config.strategies) for step_logits in per_scan]
+        probability = torch.stack([lesion_probability(s) for s in per_scan]) if with_probability else None
+        return {name: torch.stack([scan[name] for scan in scores]) for name in config.strategies}, probability
 
     def fuse(windows: torch.Tensor) -> torch.Tensor:
         """(windows, steps, samples, *roi) -> (windows, strategies [+ probability], *roi), stitched afterwards."""
@@ -160,9 +163,27 @@ def _scan_scores(
             fused.append(torch.stack([m.float() for m in maps]))
         return torch.stack(fused)
 
-    stitched = sample_scan_fused(net, prepared.to(device), fuse=fuse, **sampling)
-    scores = dict(zip(config.strategies, stitched))
-    return scores, stitched[len(config.strategies)] if with_probability else None, grid
+    stitched = sample_scan_fused(net, images, fuse=fuse, **sampling)
+    scores = {name: stitched[:, index] for index, name in enumerate(config.strategies)}
+    return scores, stitched[:, len(config.strategies)] if with_probability else None
+
+
+def _scan_scores(
+    net: torch.nn.Module | CompiledDenoiser,
+    image: np.ndarray,
+    config: InferenceConfig,
+    device: torch.device,
+    diffusion: DiffusionConfig,
+    generator: torch.Generator | None,
+    autocast_dtype: torch.dtype | None,
+    with_probability: bool,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, GridRestore]:
+    """`_batch_scores` of one scan given on its own grid, on the preprocessed grid; and the map back."""
+    prepared, grid = prepare_scan_for_inference(image, config.roi_size)
+    scores, probability = _batch_scores(
+        net, prepared[None].to(device), config, diffusion, generator, autocast_dtype, with_probability
+    )
+    return {name: score[0] for name, score in scores.items()}, None if probability is None else probability[0], grid
 
 
 def _restored_masks(scores: dict[str, torch.Tensor], grid: GridRestore) -> dict[str, np.ndarray]:
@@ -237,3 +258,114 @@ def evaluate_scan(
         },
         masks=masks,
     )
+
+
+def inference_autocast_dtype(protocol: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast for sampling on a GPU, unless the protocol keeps the reference code's float32 numerics."""
+    return None if PROTOCOLS.get(protocol).reference_numerics else training_autocast_dtype(device)
+
+
+@dataclass(frozen=True)
+class ValidationGroup:
+    """Validation scans sampled in one pass, on the device: their preprocessed images on one grid, their masks
+    on it (False outside each scan's own voxels), where each scan's own voxels are, and its lesion voxels."""
+
+    indices: tuple[int, ...]  # the scans' positions in the fold's validation list
+    images: torch.Tensor  # (B, C, X, Y, Z) float32
+    truth: torch.Tensor  # (B, X, Y, Z) bool
+    inside: torch.Tensor  # (B, X, Y, Z) bool: the scan's crop (not the padding around it)
+    # (B,) lesion voxels of each whole mask, on its input grid: lesion outside the foreground crop, which no
+    # prediction reaches, counts as missed.
+    truth_voxels: torch.Tensor
+    grids: tuple[GridRestore, ...]
+
+
+def prepare_validation(
+    scans: Sequence[LoadedScan], indices: Sequence[int], config: InferenceConfig, device: torch.device
+) -> list[ValidationGroup]:
+    """The scans ``indices`` of ``scans`` preprocessed once per fold, on the device, for `validation_dice`.
+
+    Under a protocol with `reference_numerics` each scan is its own group, sampled on its own grid as the
+    reference code does. Otherwise all of them form one group, each scan padded at the far end of every axis to
+    the largest preprocessed shape among them, so that MONAI's sliding window batches the windows of all scans
+    together (full batches instead of one short batch per scan; fewer, larger network calls). The cost: windows
+    over padding (`benchmarks/validation.py` counts them), and windows placed on the padded grid rather than the
+    scan's own, so validation's numbers differ from the per-scan final evaluation's by where windows overlap.
+    """
+    prepared = [prepare_scan_for_inference(scans[index].image, config.roi_size) for index in indices]
+    if PROTOCOLS.get(config.protocol).reference_numerics:
+        groups = [[position] for position in range(len(prepared))]
+    else:
+        groups = [list(range(len(prepared)))] if prepared else []
+    result = []
+    for group in groups:
+        shape = tuple(max(prepared[p][1].prepared_shape[axis] for p in group) for axis in range(3))
+        images, truth, inside, truth_voxels = [], [], [], []
+        for position in group:
+            image, grid = prepared[position]
+            mask = scans[indices[position]].mask.astype(bool)
+            own = tuple(slice(0, side) for side in grid.prepared_shape)
+            padded = torch.zeros((image.shape[0], *shape), dtype=torch.float32)
+            padded[(slice(None), *own)] = image
+            images.append(padded)
+            box = tuple(slice(s, e) for s, e in zip(grid.crop_start, grid.crop_end))
+            placed = tuple(slice(p, p + e - s) for p, s, e in zip(grid.pad_before, grid.crop_start, grid.crop_end))
+            on_grid = torch.zeros(shape, dtype=torch.bool)
+            on_grid[placed] = torch.from_numpy(mask[box])
+            truth.append(on_grid)
+            crop = torch.zeros(shape, dtype=torch.bool)
+            crop[placed] = True
+            inside.append(crop)
+            truth_voxels.append(int(mask.sum()))
+        result.append(
+            ValidationGroup(
+                indices=tuple(indices[p] for p in group),
+                images=torch.stack(images).to(device),
+                truth=torch.stack(truth).to(device),
+                inside=torch.stack(inside).to(device),
+                truth_voxels=torch.tensor(truth_voxels, device=device),
+                grids=tuple(prepared[p][1] for p in group),
+            )
+        )
+    return result
+
+
+def group_scores(
+    net: torch.nn.Module | CompiledDenoiser,
+    group: ValidationGroup,
+    config: InferenceConfig,
+    diffusion: DiffusionConfig,
+    generator: torch.Generator | None,
+    autocast_dtype: torch.dtype | None,
+) -> dict[str, torch.Tensor]:
+    """Each strategy's score over the group's grid, (B, X, Y, Z): what `validation_dice` thresholds."""
+    return _batch_scores(net, group.images, config, diffusion, generator, autocast_dtype, False)[0]
+
+
+def validation_dice(
+    net: torch.nn.Module | CompiledDenoiser,
+    groups: Sequence[ValidationGroup],
+    config: InferenceConfig,
+    diffusion: DiffusionConfig,
+    seed: int,
+    autocast_dtype: torch.dtype | None,
+) -> dict[int, float]:
+    """The Dice of ``config``'s first strategy on each validation scan, by its index: computed on the device on
+    the preprocessed grid, only the numbers copied to the host.
+
+    It equals `segmentation_metrics`' dsc of the mask restored to the scan's grid (the same voxels: the crop's,
+    the lesion outside it counted as missed; 1 when both are empty). Each group's generator is seeded with
+    ``seed`` plus its first scan's index (a group of one scan: as `evaluate_scan` is seeded per scan).
+    """
+    strategy = config.strategies[0]
+    device = groups[0].images.device if groups else torch.device("cpu")
+    generator = torch.Generator(device=device)
+    dice = []
+    for group in groups:
+        generator.manual_seed(seed + group.indices[0])
+        predicted = (group_scores(net, group, config, diffusion, generator, autocast_dtype)[strategy] > 0) & group.inside
+        overlap = (predicted & group.truth).sum(dim=(1, 2, 3))
+        volumes = predicted.sum(dim=(1, 2, 3)) + group.truth_voxels
+        dice.append(torch.where(volumes > 0, 2 * overlap.double() / volumes.clamp(min=1).double(), 1.0))
+    values = torch.cat(dice).tolist() if dice else []
+    return dict(zip((index for group in groups for index in group.indices), values))

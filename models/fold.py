@@ -36,6 +36,16 @@ from monai.data import list_data_collate
 from monai.optimizers import WarmupCosineSchedule
 
 from .checkpoint import save_checkpoint
+from .compilation import (
+    COMPILE_AUTO,
+    DEFAULT_BACKEND,
+    CompiledDenoiser,
+    check_compile_setting,
+    compile_for_training,
+    compile_seconds_so_far,
+    compile_wanted,
+    compiled_denoiser,
+)
 from .data.cache import PreparedScan, cached_training_scan
 from .data.cohort import Cohort, LoadedScan, Scan, load_scan
 from .data.folds import Fold
@@ -43,11 +53,15 @@ from .diffusion import DiffusionConfig, LossWeights
 from .engine import (
     InferenceConfig,
     ScanEvaluation,
+    ValidationGroup,
     evaluate_scan,
+    inference_autocast_dtype,
+    prepare_validation,
     train_epoch,
     training_autocast_dtype,
     training_dataset,
     training_optimizer,
+    validation_dice,
 )
 from .metrics import protocol_prefix, split_metrics
 from .networks import NetworkConfig, build_network
@@ -89,6 +103,11 @@ class TrainingConfig:
     seed: int = 0
     # Probability that a training patch is centred on a lesion voxel (else on the brain); 0: uniform crops.
     lesion_patch_fraction: float = 0.0
+    # torch.compile of the network for training and sampling (`compilation`): "auto" (on a CUDA device only), True, False.
+    compile: bool | str = COMPILE_AUTO
+
+    def __post_init__(self) -> None:
+        check_compile_setting(self.compile, "training.compile")
 
 
 @dataclass(frozen=True)
@@ -173,6 +192,9 @@ class EpochReport:
     best_validation_dice: float | None = None
     # The last epoch: the best weights' scores on every split (`split_metrics`).
     final_metrics: Mapping[str, float] | None = None
+    # Seconds spent compiling (torch.compile) since the previous report: the first epoch's training step and the
+    # first validation's sampler, then the final evaluation's; None when nothing was compiled.
+    compile_seconds: float | None = None
 
 
 # Called with each epoch's report and, on rank 0 at a validation, the checkpoint folder, which is deleted after the
@@ -232,12 +254,14 @@ def run_fold(
     observer: TrainingObserver | None = None,
     model_metadata: Mapping[str, Any] | None = None,
     label: str | None = None,
+    compile_backend: str = DEFAULT_BACKEND,
 ) -> FoldResult:
     """Train, validate every `validate_every` epochs and at the end, keep the best weights, evaluate them.
 
     ``resume``: a training state (`load_training_state`) to continue from. ``model_metadata`` is saved with the best
     weights (the orchestrator records the trial's spec there). Seeds follow `TrainingConfig.seed` and the rank, so a
-    run is repeatable for the same data and device.
+    run is repeatable for the same data and device. With `TrainingConfig.compile` on, the network is compiled once
+    for the fold's training and once for its sampling, by ``compile_backend`` (tests use "aot_eager").
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     training = config.training
@@ -259,6 +283,29 @@ def run_fold(
     )
     net = parallel.prepare_model(build_network(config.network).to(device))
     bare_net = net.module if hasattr(net, "module") else net
+    # Compiled in place: the bare net's forward, inside DDP's eager one; its sampling calls (`compilation`).
+    compiling = compile_wanted(training.compile, device)
+    if compiling:
+        compile_for_training(bare_net, compile_backend)
+    sampler: torch.nn.Module | CompiledDenoiser = compiled_denoiser(bare_net, compile_backend) if compiling else bare_net
+    compiled_before = compile_seconds_so_far()
+
+    def compile_seconds() -> float | None:
+        """Seconds compiled since the last call (None when compilation is off or nothing was compiled)."""
+        nonlocal compiled_before
+        if not compiling:
+            return None
+        now = compile_seconds_so_far()
+        seconds, compiled_before = now - compiled_before, now
+        if seconds > 0:
+            log.info("%s: compiled in %.1f s", label, seconds)
+        return seconds or None
+
+    # This worker's share of the validation scans, preprocessed once for every validation.
+    rank_count = dist.get_world_size() if dist.is_initialized() else 1
+    validation_groups = prepare_validation(
+        data.validation, range(rank, len(data.validation), rank_count), config.validation, device
+    )
     optimizer = training_optimizer(net.parameters(), training.lr, training.weight_decay, device)
     total_steps = training.epochs * len(loader)
     lr_schedule = WarmupCosineSchedule(
@@ -290,7 +337,8 @@ def run_fold(
             with observer.training_epoch(epoch, steps=len(loader), samples=samples):
                 loss = float(
                     train_epoch(
-                        net, loader, optimizer, lr_schedule, device, config.diffusion, training.loss_weights, autocast_dtype
+                        net, loader, optimizer, lr_schedule, device, config.diffusion, training.loss_weights,
+                        autocast_dtype,
                     )
                 )
         else:
@@ -299,13 +347,11 @@ def run_fold(
         if epoch % training.validate_every and epoch != training.epochs:
             log.info("%s: epoch %d/%d loss %.4f", label, epoch, training.epochs, loss)
             if report is not None:
-                report(EpochReport(epoch, loss, lr, start_epoch), None)
+                report(EpochReport(epoch, loss, lr, start_epoch, compile_seconds=compile_seconds()), None)
             continue
-        per_scan = evaluate_distributed(
-            bare_net, data.validation, config.validation, device, config.diffusion, autocast_dtype,
-            seed=training.seed + epoch,
-        )
-        score = float(np.nanmean([scan[training.validation_strategy]["dsc"] for scan in per_scan]))
+        score = float(np.nanmean(
+            validate_distributed(sampler, validation_groups, len(data.validation), config, device, training.seed + epoch)
+        ))
         observer.record_validation(score)
         if score > best_score or best_state is None:
             best_score = score
@@ -322,7 +368,7 @@ def run_fold(
             if last:
                 bare_net.load_state_dict(best_state)
                 final_metrics, final_rows = final_evaluation(
-                    bare_net, config, data, device, autocast_dtype, overlay_folder=folder / OVERLAY_DIR if rank == 0 else None
+                    sampler, config, data, device, overlay_folder=folder / OVERLAY_DIR if rank == 0 else None
                 )
                 log.info("%s: done, best validation Dice %.4f", label, best_score)
             if rank == 0:
@@ -342,18 +388,20 @@ def run_fold(
                     (folder / SCAN_METRICS_FILE).write_text(json.dumps(final_rows, indent=1))
             if report is not None:
                 report(
-                    EpochReport(epoch, loss, lr, start_epoch, score, best_score, final_metrics if last else None),
+                    EpochReport(
+                        epoch, loss, lr, start_epoch, score, best_score, final_metrics if last else None,
+                        compile_seconds=compile_seconds(),
+                    ),
                     folder if rank == 0 else None,
                 )
     return FoldResult(bare_net, best_score, final_metrics, final_rows)
 
 
 def final_evaluation(
-    net: torch.nn.Module,
+    net: torch.nn.Module | CompiledDenoiser,
     config: FoldConfig,
     data: FoldData,
     device: torch.device,
-    autocast_dtype: torch.dtype | None,
     overlay_folder: Path | None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Every strategy on the validation and the test scans under the fold's protocol, and on the test scans under
@@ -382,8 +430,8 @@ def final_evaluation(
                     write_example_overlay, overlay_folder, data.cohort, split, records[0], split_scans[0], overlay_strategy
                 )
             per_scan = evaluate_distributed(
-                net, split_scans, evaluation, device, config.diffusion, autocast_dtype, seed=config.training.seed + 10_000,
-                on_first_scan=draw_example,
+                net, split_scans, evaluation, device, config.diffusion, inference_autocast_dtype(evaluation.protocol, device),
+                seed=config.training.seed + 10_000, on_first_scan=draw_example,
             )
             protocol_rows.extend(
                 {"protocol": evaluation.protocol, "split": split, "scan": record.scan_id, "strategy": strategy, **values}
@@ -410,8 +458,29 @@ def write_example_overlay(
     )
 
 
+def validate_distributed(
+    net: torch.nn.Module | CompiledDenoiser,
+    groups: Sequence[ValidationGroup],
+    scan_count: int,
+    config: FoldConfig,
+    device: torch.device,
+    seed: int,
+) -> list[float]:
+    """Each validation scan's Dice (`engine.validation_dice`; each worker samples its own groups), gathered back
+    in scan order; only the numbers travel."""
+    validation = config.validation
+    mine = validation_dice(
+        net, groups, validation, config.diffusion, seed, inference_autocast_dtype(validation.protocol, device)
+    )
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered: list[dict] = [None] * dist.get_world_size()  # type: ignore[list-item]
+        dist.all_gather_object(gathered, mine)
+        mine = {index: value for part in gathered for index, value in part.items()}
+    return [mine[index] for index in range(scan_count)]
+
+
 def evaluate_distributed(
-    net: torch.nn.Module,
+    net: torch.nn.Module | CompiledDenoiser,
     scans: Sequence[LoadedScan],
     config: InferenceConfig,
     device: torch.device,

@@ -48,6 +48,9 @@ class InferenceProtocol:
     one_chain_strategies: frozenset[str] = frozenset()
     # This protocol's own implementation of a strategy, instead of STRATEGIES' with its x0.
     own_strategies: Mapping[str, Strategy] = field(default_factory=dict)
+    # Sample as the reference code does: float32 (no bf16 autocast on a GPU) and each validation scan on its own
+    # grid (not batched with the others on a padded one).
+    reference_numerics: bool = False
 
     def strategy(self, name: str) -> Strategy:
         """The function (N, s, *spatial) step logits -> signed score this protocol computes for `name`."""
@@ -99,6 +102,7 @@ REFERENCE = InferenceProtocol(
     defaults=ProtocolSettings(validation_ddim_steps=50, validation_strategy="last", validation_overlap=0.25, overlap=0.6),
     one_chain_strategies=frozenset({"last", "mean", "mean-var", "staple", "majority"}),
     own_strategies={"staple": reference_staple},
+    reference_numerics=True,
 )
 MSX = InferenceProtocol(
     name="msx",

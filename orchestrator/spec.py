@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from msx.models.compilation import check_compile_setting
 from msx.models.data.cohort import DEFAULT_MODALITIES, MODALITIES
 from msx.models.data.folds import FOLD_PLANS
 from msx.models.diffusion import DiffusionConfig, LossWeights
@@ -94,6 +95,8 @@ class TrainingSpec:
     seed: int = TrainingConfig.seed
     # Probability that a training patch is centred on a lesion voxel (else on the brain); 0: uniform crops.
     lesion_patch_fraction: float = TrainingConfig.lesion_patch_fraction
+    # torch.compile for training and sampling: "auto" (on a CUDA device, off on the CPU), true or false.
+    compile: bool | str = TrainingConfig.compile
 
 
 @dataclass(frozen=True)
@@ -242,6 +245,7 @@ class ExperimentSpec:
             validation_overlap=training.validation_overlap,
             seed=training.seed,
             lesion_patch_fraction=training.lesion_patch_fraction,
+            compile=training.compile,
         )
 
     def fold_config(self, backbone: str) -> FoldConfig:
@@ -390,6 +394,10 @@ def validate_spec(spec: ExperimentSpec, source: str = "spec") -> None:
     for key, overlap in (("inference.overlap", spec.inference.overlap), ("training.validation_overlap", spec.training.validation_overlap)):
         if not 0 <= overlap < 1:
             fail(key, f"must be in [0, 1), got {overlap}")
+    try:
+        check_compile_setting(spec.training.compile, "training.compile")
+    except ValueError as error:
+        raise SpecError(f"{source}: {error}") from None
     if not 0 <= spec.training.lesion_patch_fraction <= 1:
         fail("training.lesion_patch_fraction", f"must be in [0, 1], got {spec.training.lesion_patch_fraction}")
     if any(side < 8 for side in spec.training.patch_size):
@@ -482,6 +490,8 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             if isinstance(value, str):
                 return value
             (structured,) = [o for o in others if o is not str]
+            if structured is bool:  # a name or a switch (training.compile: "auto", true, false)
+                return _coerce(value, bool, key, source)
             if not isinstance(value, (list, tuple, dict)):
                 fail("a name or a list")
             return _coerce(value, structured, key, source)

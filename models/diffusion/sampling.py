@@ -135,6 +135,7 @@ def sample_scan(
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
     x0: X0Map = x0_from_logits,
+    pad_windows: bool = False,
 ) -> torch.Tensor:
     """Every step's predicted-x0 logits for a whole scan ``image`` (C,X,Y,Z): (num_steps, num_samples, X, Y, Z).
 
@@ -144,12 +145,15 @@ def sample_scan(
     Memory beyond the windows in flight: the float32 output and one scan-sized overlap count.
     """
 
+    if image.ndim != 4:
+        raise ValueError(f"image must be (C,X,Y,Z), got shape {tuple(image.shape)}")
+
     def all_steps(trajectories: torch.Tensor) -> torch.Tensor:
         return trajectories.flatten(1, 2)  # (windows, num_steps * num_samples, *roi): channel = step * s + sample
 
     stitched = sample_scan_fused(
         net, image, num_steps, num_samples, roi_size, all_steps, overlap, sw_batch_size, config, generator,
-        autocast_dtype, x0,
+        autocast_dtype, x0, pad_windows,
     )
     return stitched.view(num_steps, num_samples, *image.shape[1:])
 
@@ -168,18 +172,39 @@ def sample_scan_fused(
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
     x0: X0Map = x0_from_logits,
+    pad_windows: bool = False,
 ) -> torch.Tensor:
     """``sample_scan`` with each window's trajectories reduced by ``fuse`` before stitching: (channels, X, Y, Z).
 
     The reference protocol fuses its strategies window by window and stitches the fused maps; this does that
     from the same single sampling pass per window.
+
+    ``image`` may also be a batch (B,C,X,Y,Z) of scans of one shape: MONAI then batches the windows of all of them
+    together, and the result is (B, channels, X, Y, Z). ``pad_windows``: the last, smaller batch of windows is padded
+    to ``sw_batch_size`` with blank windows (their noise zeros, their outputs dropped), so that every network call
+    has the same shape and a compiled network (`compilation.compiled_denoiser`) is not recompiled for it. The real
+    windows draw the same noise from ``generator`` as unpadded, and a network in eval mode treats every row on its
+    own, so the result is the same.
     """
-    if image.ndim != 4:
-        raise ValueError(f"image must be (C,X,Y,Z), got shape {tuple(image.shape)}")
+    if image.ndim not in (4, 5):
+        raise ValueError(f"image must be (C,X,Y,Z) or (B,C,X,Y,Z), got shape {tuple(image.shape)}")
 
     def predict_windows(windows: torch.Tensor) -> torch.Tensor:
-        return fuse(ddim_trajectory(net, windows, num_steps, num_samples, config, generator, autocast_dtype, x0))
+        count = windows.shape[0]
+        if not pad_windows or count == sw_batch_size:
+            return fuse(ddim_trajectory(net, windows, num_steps, num_samples, config, generator, autocast_dtype, x0))
+        blank = sw_batch_size - count
+        noise = torch.randn(
+            (count * num_samples, 1, *windows.shape[2:]), dtype=torch.float32, device=windows.device, generator=generator
+        )
+        windows = torch.cat([windows, windows.new_zeros((blank, *windows.shape[1:]))])
+        noise = torch.cat([noise, noise.new_zeros((blank * num_samples, *noise.shape[1:]))])
+        trajectory = ddim_trajectory(net, windows, num_steps, num_samples, config, None, autocast_dtype, x0, noise)
+        return fuse(trajectory[:count])
 
     # MONAI stitches in the input's dtype and would carry a MetaTensor's metadata through: give it plain float32.
-    scan = convert_to_tensor(image, dtype=torch.float32, track_meta=False)[None]
-    return sliding_window_inference(scan, roi_size, sw_batch_size, predict_windows, overlap=overlap)[0]
+    scans = convert_to_tensor(image, dtype=torch.float32, track_meta=False)
+    if image.ndim == 4:
+        scans = scans[None]
+    stitched = sliding_window_inference(scans, roi_size, sw_batch_size, predict_windows, overlap=overlap)
+    return stitched[0] if image.ndim == 4 else stitched

@@ -40,6 +40,7 @@ def tune_metrics(report: EpochReport) -> dict[str, Any]:
         metrics.update({VALIDATION_DICE: report.validation_dice, BEST_VALIDATION_DICE: report.best_validation_dice})
     if report.final_metrics is not None:
         metrics.update({FINAL_REPORT: 1, **report.final_metrics})
+    metrics.update({"compile_seconds": report.compile_seconds} if report.compile_seconds is not None else {})
     return metrics
 
 

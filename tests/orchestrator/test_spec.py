@@ -219,3 +219,17 @@ def test_engine_configs_carry_the_specs_values():
     assert config.compared == (
         dataclasses.replace(config.evaluation, overlap=PROTOCOLS.get("reference").defaults.overlap, protocol="reference"),
     )
+
+
+@pytest.mark.parametrize("value, expected", [("auto", "auto"), ("true", True), ("false", False)])
+def test_training_compile_is_auto_or_a_switch(tmp_path, value, expected):
+    spec = load_spec(write(tmp_path, f"name: x\ntraining: {{compile: {value}}}\n"))
+    assert spec.training_config().compile == expected
+
+
+@pytest.mark.parametrize(
+    "value, problem", [("always", r"'always' is not a compile setting; valid: \"auto\", true, false"), ("2", "expected true or false")]
+)
+def test_training_compile_rejects_other_values_naming_the_field(tmp_path, value, problem):
+    with pytest.raises(SpecError, match=r"space\.yaml: training\.compile: " + problem):
+        load_spec(write(tmp_path, f"name: x\ntraining: {{compile: {value}}}\n"))

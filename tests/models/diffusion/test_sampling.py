@@ -136,3 +136,40 @@ def test_one_window_scan_keeps_the_step_and_sample_order_of_the_trajectory() -> 
 def test_scan_rejects_a_batched_image() -> None:
     with pytest.raises(ValueError):
         sample_scan(OracleNet(), torch.zeros((1, 2, 8, 8, 8)), 2, 1, roi_size=8)
+
+
+def test_padding_the_last_window_batch_changes_nothing_but_the_batch_shape() -> None:
+    """pad_windows (for a compiled network: one shape per call) gives the same trajectories from the same seed."""
+    image = torch.rand((1, 13, 11, 9), generator=torch.Generator().manual_seed(12))
+    shapes = []
+
+    class ShapeRecordingNet(TinyConvNet):
+        def forward(self, image, noisy, t):
+            shapes.append(image.shape[0])
+            return super().forward(image, noisy, t)
+
+    torch.manual_seed(0)
+    net = ShapeRecordingNet(image_channels=1).eval()
+    outputs = {}
+    for pad in (False, True):
+        shapes.clear()
+        outputs[pad] = sample_scan(
+            net, image, 2, 2, roi_size=(8, 8, 8), overlap=0.25, sw_batch_size=3,
+            generator=torch.Generator().manual_seed(13), pad_windows=pad,
+        )
+        if pad:
+            assert set(shapes) == {3 * 2}  # every call: 3 windows x 2 samples
+        else:
+            assert len(set(shapes)) == 2  # 8 windows: two full batches and a short one
+    torch.testing.assert_close(outputs[True], outputs[False], rtol=0, atol=0)
+
+
+def test_a_batch_of_scans_is_stitched_as_each_scan_alone() -> None:
+    """Windows of several scans of one shape batched together give each scan's own result (per-row network)."""
+    from msx.models.diffusion import sample_scan_fused
+
+    images = torch.rand((2, 2, 13, 11, 9), generator=torch.Generator().manual_seed(14))
+    together = sample_scan_fused(OracleNet(), images, 2, 1, (8, 8, 8), fuse=lambda t: t.flatten(1, 2), sw_batch_size=3)
+    for row in range(2):
+        alone = sample_scan_fused(OracleNet(), images[row], 2, 1, (8, 8, 8), fuse=lambda t: t.flatten(1, 2), sw_batch_size=3)
+        torch.testing.assert_close(together[row], alone, rtol=1e-6, atol=1e-6)
