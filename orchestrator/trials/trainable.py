@@ -20,6 +20,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ..cluster.capacity import check_cluster_hosts_a_trial, trial_request, worker_resources
 from ..spec import ExperimentSpec, spec_from_dict
 from ..trial import TrialConfig
+from .startup import StartupClock
 from .worker import train_loop_per_worker
 
 TRIAL_RESOURCES = {"cpu": 0, "memory": 1_000_000}
@@ -52,12 +53,26 @@ def trial_id_of_train_run(name: str) -> str:
 
 
 def run_trial(
-    config: dict[str, Any], *, spec: dict[str, Any], data_root: str, storage_path: str, scan_cache: str | None = None
+    config: dict[str, Any],
+    *,
+    spec: dict[str, Any],
+    data_root: str,
+    storage_path: str,
+    scan_cache: str | None = None,
+    live_epochs: str | None = None,
 ) -> None:
     """Train and evaluate one (backbone, hyperparameters, fold); results flow back through reports.
 
     ``scan_cache``: folder of preprocessed training scans shared by the trials; None loads them afresh.
+    ``live_epochs``: the name of the study's live-epoch actor (live_epochs.py), which the workers tell their epoch.
     """
+    # Ray ships psutil (ray/thirdparty_files, on sys.path once ray is imported) whatever else is installed.
+    import psutil
+
+    # Tune starts each trial in a process of its own: the start-up is counted from that process's start.
+    started_at = psutil.Process().create_time()
+    startup = StartupClock(started_at)
+    startup.mark("trainable")
     experiment = spec_from_dict(spec)
     trial_id = ray.tune.get_context().get_trial_id()
     trial = TrialConfig.from_tune(config)
@@ -71,7 +86,8 @@ def run_trial(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "spec": spec, "trial": trial, "data_root": data_root, "scan_cache": scan_cache
+            "spec": spec, "trial": trial, "data_root": data_root, "scan_cache": scan_cache, "trial_id": trial_id,
+            "live_epochs": live_epochs, "trial_started_at": started_at, "startup_marked": startup.seconds,
         },
         scaling_config=scaling_config(experiment),
         run_config=ray.train.RunConfig(
