@@ -21,6 +21,9 @@ LEARNING_RATE = "lr"
 # The epochs since the previous report, which were not reported themselves: a list of (epoch, train_loss, lr), logged to
 # MLflow at their own epochs (a report's own epoch's loss and rate are under TRAIN_LOSS and LEARNING_RATE).
 EARLIER_EPOCHS = "earlier_epochs"
+# Seconds the reporting worker spent blocked in its earlier reports to Tune (Ray Train synchronises the ranks and
+# waits for its controller to take the previous result): what reporting costs a trial.
+REPORT_WAIT = "report_wait_s"
 # The first report of a worker group's run: seconds from the trial's process start to each phase of the start-up,
 # under this prefix (`startup/first_epoch_s`); trials/startup.py names the phases.
 STARTUP_PREFIX = "startup/"

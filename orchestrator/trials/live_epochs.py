@@ -42,8 +42,8 @@ class LiveEpochs:
 
 
 def start_live_epochs(name: str) -> ActorHandle:
-    """The driver's actor (the same one if this driver started it already); keep the handle while the study runs."""
-    return LiveEpochs.options(name=name, namespace=NAMESPACE, get_if_exists=True).remote()
+    """The driver's actor; keep the handle while the study runs."""
+    return LiveEpochs.options(name=name, namespace=NAMESPACE).remote()
 
 
 def read_live_epochs(name: str | None) -> dict[str, int]:

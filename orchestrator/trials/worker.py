@@ -28,7 +28,8 @@ from msx.models.fold import EpochReport, Parallelism, load_fold_data, load_train
 
 from ..spec import spec_from_dict
 from ..trial import (
-    BEST_VALIDATION_DICE, EARLIER_EPOCHS, EPOCH, FINAL_REPORT, LEARNING_RATE, TRAIN_LOSS, VALIDATION_DICE, TrialConfig,
+    BEST_VALIDATION_DICE, EARLIER_EPOCHS, EPOCH, FINAL_REPORT, LEARNING_RATE, REPORT_WAIT, TRAIN_LOSS, VALIDATION_DICE,
+    TrialConfig,
 )
 from .live_epochs import EpochNotifier
 from .startup import StartupClock
@@ -106,10 +107,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if notify_epoch is not None:
         notify_epoch(0)
 
-    startup_reported = False
+    startup_reported, report_wait_s = False, 0.0
 
     def report(epoch: EpochReport, folder: Path | None) -> None:
-        nonlocal startup_reported
+        nonlocal startup_reported, report_wait_s
         if notify_epoch is not None:
             notify_epoch(epoch.epoch)
         if (reported := tune_reports.metrics_to_report(epoch)) is None:
@@ -117,10 +118,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if not startup_reported:
             reported.update(startup.metrics())
             startup_reported = True
+        reported[REPORT_WAIT] = report_wait_s
         checkpoint = ray.train.Checkpoint.from_directory(folder) if folder is not None else None
         began = time.perf_counter()
         ray.train.report(reported, checkpoint=checkpoint)
         seconds = time.perf_counter() - began
+        report_wait_s += seconds
         metrics.record_report(seconds)
         log.info("epoch %d reported to Tune in %.2f s", epoch.epoch, seconds)
 
