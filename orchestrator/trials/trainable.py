@@ -11,6 +11,7 @@ import logging
 import os
 from typing import Any
 
+import ray
 import ray.train
 import ray.tune
 from ray.train.constants import RAY_TRAIN_ENABLE_STATE_TRACKING
@@ -32,6 +33,10 @@ WORKER_START_TIMEOUT_VARIABLE = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 # call per worker.
 POLL_INTERVAL_VARIABLE = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 POLL_INTERVAL_S = 0.5
+# Ray Train's preemption watcher (an actor per worker group, polling for nodes being drained) does nothing for a
+# one-node cluster, where a drained node ends the trial with everything else; there its process start would only
+# take CPU from the workers' own start.
+PREEMPTION_WATCHER_VARIABLE = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 log = logging.getLogger("msx.trial")
 
@@ -85,6 +90,8 @@ def run_trial(
     # Read by the trainer made here: its state reaches the dashboard's Train view (Ray keeps it off by default).
     os.environ.setdefault(RAY_TRAIN_ENABLE_STATE_TRACKING, "1")
     os.environ.setdefault(POLL_INTERVAL_VARIABLE, str(POLL_INTERVAL_S))
+    if sum(1 for node in ray.nodes() if node["Alive"]) == 1:
+        os.environ.setdefault(PREEMPTION_WATCHER_VARIABLE, "0")
     # A cluster that lost the nodes this trial needs fails the trial now, with the reason, rather than wait.
     check_cluster_hosts_a_trial(experiment, log.info)
     timeout = experiment.resources.worker_start_timeout_s
