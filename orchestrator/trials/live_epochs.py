@@ -42,8 +42,11 @@ class LiveEpochs:
 
 
 def start_live_epochs(name: str) -> ActorHandle:
-    """The driver's actor; keep the handle while the study runs."""
-    return LiveEpochs.options(name=name, namespace=NAMESPACE).remote()
+    """The driver's actor; keep the handle while the study runs (the actor ends when no handle is left)."""
+    try:
+        return LiveEpochs.options(name=name, namespace=NAMESPACE).remote()
+    except ValueError:  # the name is still held by this process's previous actor, not yet collected
+        return ray.get_actor(name, namespace=NAMESPACE)
 
 
 def read_live_epochs(name: str | None) -> dict[str, int]:

@@ -81,11 +81,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     trial: TrialConfig = config["trial"]
     context = ray.train.get_context()
     rank = context.get_world_rank()
-    metrics = WorkerMetrics(trial_tags(trial, context.get_experiment_name(), rank), ray.train.torch.get_device())
+    device = ray.train.torch.get_device()
+    metrics = WorkerMetrics(trial_tags(trial, context.get_experiment_name(), rank), device)
     startup = StartupClock(config.get("trial_started_at", time.time()), metrics, config.get("startup_marked"))
     startup.mark("worker_loop")
     spec = trial.spec_of(spec_from_dict(config["spec"]))
-    device = ray.train.torch.get_device()
 
     cohort = open_cohort(config["data_root"], spec.data.modalities, spec.data.rater)
     fold = next(f for f in resolve_folds(spec.data.folds, cohort.patients) if f.index == trial.fold)
