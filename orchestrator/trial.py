@@ -13,10 +13,20 @@ from typing import Any
 
 from .spec import ExperimentSpec
 
-# The keys of a trial's reports (trials/worker.py makes them from the fold loop's EpochReport). Tune's scheduler and
-# the searcher optimise BEST_VALIDATION_DICE; a report carries validation keys only at validation epochs.
+# The keys of a trial's reports (trials/worker.py makes them from the fold loop's EpochReport). A trial reports at
+# its validation epochs only, the last epoch included; Tune's scheduler and the searcher optimise BEST_VALIDATION_DICE.
 EPOCH = "epoch"
 TRAIN_LOSS = "train_loss"
+LEARNING_RATE = "lr"
+# The epochs since the previous report, which were not reported themselves: a list of (epoch, train_loss, lr), logged to
+# MLflow at their own epochs (a report's own epoch's loss and rate are under TRAIN_LOSS and LEARNING_RATE).
+EARLIER_EPOCHS = "earlier_epochs"
+# Seconds the reporting worker spent blocked in its earlier reports to Tune (Ray Train synchronises the ranks and
+# waits for its controller to take the previous result): what reporting costs a trial.
+REPORT_WAIT = "report_wait_s"
+# The first report of a worker group's run: seconds from the trial's process start to each phase of the start-up,
+# under this prefix (`startup/first_epoch_s`); trials/startup.py names the phases.
+STARTUP_PREFIX = "startup/"
 VALIDATION_DICE = "val_dice_now"  # this epoch's weights
 BEST_VALIDATION_DICE = "val_dice"  # the best so far, whose weights the trial keeps
 # Marks the last report, which carries the final evaluation's split scores (`val/mean/dsc`, ...).

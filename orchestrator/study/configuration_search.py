@@ -238,8 +238,9 @@ class ConfigurationSearch(Searcher):
             # From Tune's start of the trial (or its resume) to the first report: what a (re)start costs.
             (self._resume_s if fold.resumed else self._start_s).append(now - fold.handed_at)
             fold.handed_at = None
-        elif result.get("time_this_iter_s") is not None:
-            self._epoch_s.append(float(result["time_this_iter_s"]))
+        elif result.get("time_this_iter_s") is not None and (epochs := int(result.get(EPOCH, fold.epoch)) - fold.epoch) > 0:
+            # A trial reports at its validations: the time since its last report covers that many epochs.
+            self._epoch_s.append(float(result["time_this_iter_s"]) / epochs)
         fold.last_report = now
         if configuration.status != RUNNING:
             return TrialScheduler.STOP

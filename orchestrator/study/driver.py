@@ -37,6 +37,7 @@ from ..tracking.store import (
 )
 from ..tracking.summaries import log_search_record
 from ..trial import TrialConfig
+from ..trials.live_epochs import actor_name, start_live_epochs
 from ..trials.trainable import TRIAL_RESOURCES, run_trial
 from . import interruption
 from .configuration_search import ConfigurationScheduler, ConfigurationSearch
@@ -128,9 +129,12 @@ def run_study(
     write_state(storage, state)
     echo(f"MLflow: experiment {spec.name!r}, study run {state.study} ({tracking_uri})")
 
-    # Validation Dice arrives every `validate_every` epochs, not with every report; the search
-    # read the results that carry it.
+    # Trials report at their validations, with validation Dice; Tune's strict check would fail the whole study on a
+    # result without it, which the search (reading the results that carry it) does not need.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    # Held while the study runs (it ends with this driver): each running trial's epoch for the progress lines.
+    live_epochs = actor_name(state.study)
+    live_epochs_actor = start_live_epochs(live_epochs)  # noqa: F841
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial,
@@ -139,6 +143,7 @@ def run_study(
             storage_path=str(experiment_folder / "train"),
             # Under the experiment's storage, never in the user's data folder.
             scan_cache=str(experiment_folder / "scan_cache"),
+            live_epochs=live_epochs,
         ),
         TRIAL_RESOURCES,
     )
@@ -170,7 +175,7 @@ def run_study(
                 failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
                 callbacks=[
                     TrialRunsCallback(tracking_uri, spec.name, state.parent_run_id, spec.inference.strategies, len(folds)),
-                    ProgressView(total, echo, progress_path(storage, spec.name, state.study)),
+                    ProgressView(total, echo, progress_path(storage, spec.name, state.study), live_epochs=live_epochs),
                     interruption.StopSignals(),
                 ],
                 verbose=0,

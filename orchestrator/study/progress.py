@@ -3,7 +3,9 @@
 
 The view is computed from Tune's own trial list at every step of its loop, so a driver that resumed a
 study counts the trials an earlier driver finished. Each printed line is also written as a small JSON
-snapshot next to the study's record, which `msx status` reads without connecting to Ray.
+snapshot next to the study's record, which `msx status` reads without connecting to Ray. A running trial's
+epoch comes from the study's live-epoch actor (trials/live_epochs.py), asked only when a line is printed:
+Tune's last result has the epoch of the trial's last validation only.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 
 from ..trial import BEST_VALIDATION_DICE, EPOCH, TrialConfig
+from ..trials.live_epochs import read_live_epochs
 from .state import STUDIES_FOLDER
 
 PROGRESS_SUFFIX = ".progress.json"
@@ -56,9 +59,16 @@ def read_progress(path: Path) -> Progress | None:
     return Progress(**{**raw, "running": tuple(raw["running"]), "failed": tuple(raw["failed"])})
 
 
-def progress_of(trials: list[Trial], total: int, elapsed_s: float, scores: dict[str, float] | None = None) -> Progress:
+def progress_of(
+    trials: list[Trial],
+    total: int,
+    elapsed_s: float,
+    scores: dict[str, float] | None = None,
+    live_epochs: dict[str, int] | None = None,
+) -> Progress:
     """`scores`: the best validation Dice seen per trial id; a trial's last result carries one only when
-    that epoch validated."""
+    that epoch validated. `live_epochs`: the last epoch each running trial finished, by trial id, where known
+    (else its last result's epoch is shown)."""
     best: tuple[float, str] | None = None
     running, failed, done = [], [], 0
     for trial in trials:
@@ -72,7 +82,7 @@ def progress_of(trials: list[Trial], total: int, elapsed_s: float, scores: dict[
         elif trial.status == Trial.ERROR:
             failed.append(_label(trial))
         elif trial.status == Trial.RUNNING:
-            epoch = result.get(EPOCH)
+            epoch = (live_epochs or {}).get(trial.trial_id) or result.get(EPOCH)
             running.append(f"{_label(trial)}: {'epoch ' + str(epoch) if epoch else 'starting'}")
     return Progress(
         total=total,
@@ -88,10 +98,21 @@ def progress_of(trials: list[Trial], total: int, elapsed_s: float, scores: dict[
 
 
 class ProgressView(Callback):
-    """Prints a line when a trial starts, ends or fails, and at most every `every_s` seconds otherwise."""
+    """Prints a line when a trial starts, ends or fails, and at most every `every_s` seconds otherwise.
 
-    def __init__(self, total_trials: int, echo: Callable[[str], None] = print, snapshot: Path | None = None, every_s: float = 15.0) -> None:
+    `live_epochs`: the name of the study's live-epoch actor (kept by name: Tune saves this object with the study,
+    and a resumed driver starts a new actor under the same name)."""
+
+    def __init__(
+        self,
+        total_trials: int,
+        echo: Callable[[str], None] = print,
+        snapshot: Path | None = None,
+        every_s: float = 15.0,
+        live_epochs: str | None = None,
+    ) -> None:
         self._total = total_trials
+        self._live_epochs = live_epochs
         self._echo = echo
         self._snapshot = snapshot
         self._every_s = every_s
@@ -124,6 +145,10 @@ class ProgressView(Callback):
         if not force and counts == self._last_counts and now - self._last_print < self._every_s:
             return
         self._last_print, self._last_counts = now, counts
+        if any(trial.status == Trial.RUNNING for trial in trials):
+            # A view saved by a study from before live epochs has no actor name.
+            live = read_live_epochs(getattr(self, "_live_epochs", None))
+            progress = progress_of(trials, self._total, progress.elapsed_s, self._scores, live)
         self._echo(progress.line())
         if self._snapshot is not None:
             self._snapshot.parent.mkdir(parents=True, exist_ok=True)

@@ -72,7 +72,7 @@ class SearchSummary:
     paused_fold_s: float
     median_start_s: float | None  # from Tune starting a trial to its first report
     median_resume_s: float | None  # the same after a pause
-    median_epoch_s: float | None  # between two reports of a running trial
+    median_epoch_s: float | None  # per epoch, from the time between two reports of a running trial
     resumes: int
     idle_slot_s: float  # slot-seconds no trial held
     idle_while_waiting_slot_s: float  # of those, while a fold waited at a rung

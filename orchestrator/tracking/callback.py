@@ -19,7 +19,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from ray.tune.logger import LoggerCallback
 from ray.tune.utils import flatten_dict
 
-from ..trial import EPOCH, FINAL_REPORT, TrialConfig
+from ..trial import EARLIER_EPOCHS, EPOCH, FINAL_REPORT, LEARNING_RATE, TRAIN_LOSS, TrialConfig
 from .artifacts import log_final_checkpoint
 from .pending import REQUEST_TIMEOUT_S, UPLOAD_TIMEOUT_S, PendingWrites
 from .runs import RunTree
@@ -86,6 +86,21 @@ class CloseTrialRun:
 TrackingWrite = OpenTrialRun | LogTrialMetrics | LogFinalCheckpoint | CloseTrialRun
 
 
+def earlier_epoch_metrics(result: dict, timestamp_ms: int) -> tuple[Metric, ...]:
+    """The loss and learning rate of the epochs a report carries besides its own (`EARLIER_EPOCHS`), each at its
+    own epoch as the step: MLflow's curves keep a point per epoch though the worker reports at validations only."""
+    return tuple(
+        Metric(key, float(value), timestamp_ms, int(epoch))
+        for epoch, train_loss, lr in result.get(EARLIER_EPOCHS, ())
+        for key, value in ((TRAIN_LOSS, train_loss), (LEARNING_RATE, lr))
+        if _is_number(value)
+    )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+
 class TrialRunsCallback(LoggerCallback):
     """Tune's events as the launch's tree in MLflow: configuration runs under the launch's run, a fold run per
     trial under its configuration's run.
@@ -135,10 +150,8 @@ class TrialRunsCallback(LoggerCallback):
             for key, value in flatten_dict(result).items()
             if key not in UNTRACKED_RESULT_KEYS
             and not key.startswith("config/")
-            and isinstance(value, (int, float))
-            and not isinstance(value, bool)
-            and not math.isnan(value)
-        )
+            and _is_number(value)
+        ) + earlier_epoch_metrics(result, now)
         run_name = TrialConfig.from_tune(trial.config).run_name
         self._writes.add(LogTrialMetrics(trial.trial_id, run_name, step, metrics), self._apply)
         if result.get(FINAL_REPORT) and result.get(CHECKPOINT_PATH_KEY):

@@ -11,6 +11,7 @@ import logging
 import os
 from typing import Any
 
+import ray
 import ray.train
 import ray.tune
 from ray.train.constants import RAY_TRAIN_ENABLE_STATE_TRACKING
@@ -20,11 +21,22 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ..cluster.capacity import check_cluster_hosts_a_trial, trial_request, worker_resources
 from ..spec import ExperimentSpec, spec_from_dict
 from ..trial import TrialConfig
+from .startup import StartupClock
 from .worker import train_loop_per_worker
 
 TRIAL_RESOURCES = {"cpu": 0, "memory": 1_000_000}
 # Ray Train's bound on one wait for the workers' placement group (it propagates the variable to its controller).
 WORKER_START_TIMEOUT_VARIABLE = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+# How often Ray Train's controller polls its workers (2 s by default; propagated likewise). A poll is what takes a
+# worker's report off its one-place queue (a second report waits for it) and what sees the workers finish, so the
+# default adds up to 2 s to a trial's end and to a report that follows another closely. A poll is one small actor
+# call per worker.
+POLL_INTERVAL_VARIABLE = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+POLL_INTERVAL_S = 0.5
+# Ray Train's preemption watcher (an actor per worker group, polling for nodes being drained) does nothing for a
+# one-node cluster, where a drained node ends the trial with everything else; there its process start would only
+# take CPU from the workers' own start.
+PREEMPTION_WATCHER_VARIABLE = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 log = logging.getLogger("msx.trial")
 
@@ -52,17 +64,34 @@ def trial_id_of_train_run(name: str) -> str:
 
 
 def run_trial(
-    config: dict[str, Any], *, spec: dict[str, Any], data_root: str, storage_path: str, scan_cache: str | None = None
+    config: dict[str, Any],
+    *,
+    spec: dict[str, Any],
+    data_root: str,
+    storage_path: str,
+    scan_cache: str | None = None,
+    live_epochs: str | None = None,
 ) -> None:
     """Train and evaluate one (backbone, hyperparameters, fold); results flow back through reports.
 
     ``scan_cache``: folder of preprocessed training scans shared by the trials; None loads them afresh.
+    ``live_epochs``: the name of the study's live-epoch actor (live_epochs.py), which the workers tell their epoch.
     """
+    # Ray ships psutil (ray/thirdparty_files, on sys.path once ray is imported) whatever else is installed.
+    import psutil
+
+    # Tune starts each trial in a process of its own: the start-up is counted from that process's start.
+    started_at = psutil.Process().create_time()
+    startup = StartupClock(started_at)
+    startup.mark("trainable")
     experiment = spec_from_dict(spec)
     trial_id = ray.tune.get_context().get_trial_id()
     trial = TrialConfig.from_tune(config)
     # Read by the trainer made here: its state reaches the dashboard's Train view (Ray keeps it off by default).
     os.environ.setdefault(RAY_TRAIN_ENABLE_STATE_TRACKING, "1")
+    os.environ.setdefault(POLL_INTERVAL_VARIABLE, str(POLL_INTERVAL_S))
+    if sum(1 for node in ray.nodes() if node["Alive"]) == 1:
+        os.environ.setdefault(PREEMPTION_WATCHER_VARIABLE, "0")
     # A cluster that lost the nodes this trial needs fails the trial now, with the reason, rather than wait.
     check_cluster_hosts_a_trial(experiment, log.info)
     timeout = experiment.resources.worker_start_timeout_s
@@ -71,7 +100,8 @@ def run_trial(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "spec": spec, "trial": trial, "data_root": data_root, "scan_cache": scan_cache
+            "spec": spec, "trial": trial, "data_root": data_root, "scan_cache": scan_cache, "trial_id": trial_id,
+            "live_epochs": live_epochs, "trial_started_at": started_at, "startup_marked": startup.seconds,
         },
         scaling_config=scaling_config(experiment),
         run_config=ray.train.RunConfig(

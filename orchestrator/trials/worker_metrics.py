@@ -69,6 +69,8 @@ class WorkerMetrics:
         self._steps = counter("msx_train_steps", "Training steps taken by the worker.")
         # Against wall time, the share of the trial spent training rather than validating, reporting or starting.
         self._training_seconds = counter("msx_train_seconds", "Seconds the worker spent in training epochs.")
+        self._reports = counter("msx_reports", "Reports the worker made to Tune.")
+        self._report_seconds = counter("msx_report_seconds", "Seconds the worker spent blocked in its reports to Tune.")
 
     @contextmanager
     def training_epoch(self, epoch: int, steps: int, samples: int) -> Iterator[None]:
@@ -95,3 +97,7 @@ class WorkerMetrics:
 
     def record_validation(self, dice: float) -> None:
         self._validation_dice.set(dice)
+
+    def record_report(self, seconds: float) -> None:
+        self._reports.inc()
+        self._report_seconds.inc(seconds)

@@ -37,6 +37,8 @@ from msx.orchestrator.tracking.store import (
     log_study_start,
     tracking_uri_scope,
 )
+from msx.orchestrator.trial import LEARNING_RATE, STARTUP_PREFIX, TRAIN_LOSS
+from msx.orchestrator.trials.startup import PHASES
 from msx.orchestrator.trials.trainable import TRIAL_RESOURCES, run_trial
 from tests.helpers import tiny_spec
 
@@ -125,9 +127,12 @@ def test_configurations_wait_at_rungs_and_are_pruned_whole(local_ray, tmp_path):
     assert summary.pauses > 0 and summary.resumes > 0
 
 
-# Two configurations of one backbone x two folds of three synthetic patients; every size as small as runs.
+# Two configurations of one backbone x two folds of three synthetic patients; every size as small as runs, but for
+# three epochs validated at 2 and 3: the worker reports at those only, and epoch 1 rides with epoch 2's report.
+TRACKED_EPOCHS = 3
 TRACKED_SPEC = tiny_spec(
     "tracked",
+    training={"epochs": TRACKED_EPOCHS, "validate_every": 2},
     data={
         "modalities": ["flair", "t2"],
         "folds": [{"train": [1], "validation": [2], "test": [3]}, {"train": [2], "validation": [3], "test": [1]}],
@@ -270,6 +275,13 @@ def test_launch_run_holds_configuration_runs_that_hold_one_fold_run_per_trial(tr
         for fold_run in fold_runs:
             assert fold_run.info.status == "FINISHED"
             assert fold_run.data.params["training.lr"] == configuration.data.params["training.lr"]
+            # A point per epoch in MLflow's curves, each at its own epoch, though only validations were reported.
+            for curve in (TRAIN_LOSS, LEARNING_RATE):
+                history = client.get_metric_history(fold_run.info.run_id, curve)
+                assert sorted(point.step for point in history) == list(range(1, TRACKED_EPOCHS + 1)), curve
+            # The first report carried the trial's start-up, phase by phase, in order.
+            startup = [fold_run.data.metrics[f"{STARTUP_PREFIX}{phase}_s"] for phase in PHASES]
+            assert 0 < startup[0] and startup == sorted(startup)
         # The summary: mean and (population) std over the folds of every split metric that has a value.
         for split in ("val", "test"):
             for strategy in TRACKED_SPEC["inference"]["strategies"]:

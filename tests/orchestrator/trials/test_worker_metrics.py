@@ -99,6 +99,10 @@ def test_worker_exports_its_figures_to_prometheus(metrics_url, tmp_path):
     assert 0 < values["msx_train_seconds_total"] < time.time() - launched
     assert values["msx_train_samples_per_second"] == pytest.approx(samples / steps * values["msx_train_steps_per_second"])
     assert 0 <= values["msx_validation_dice"] <= 1
+    # The tiny spec validates every epoch: each epoch is reported, and the time blocked in the reports is counted
+    # (the last report's count may not be exported before its worker exits).
+    assert 1 <= values["msx_reports_total"] <= EPOCHS
+    assert 0 < values["msx_report_seconds_total"] < time.time() - launched
     assert launched <= values["msx_training_start_time_seconds"] <= time.time()
     assert "msx_gpu_memory_peak_bytes" not in values  # a CPU run measures no GPU memory
     labels = seen[f"{PROMETHEUS_PREFIX}msx_epoch"][0]
