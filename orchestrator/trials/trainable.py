@@ -11,6 +11,7 @@ import logging
 import os
 from typing import Any
 
+import psutil
 import ray
 import ray.train
 import ray.tune
@@ -77,9 +78,6 @@ def run_trial(
     ``scan_cache``: folder of preprocessed training scans shared by the trials; None loads them afresh.
     ``live_epochs``: the name of the study's live-epoch actor (live_epochs.py), which the workers tell their epoch.
     """
-    # Ray ships psutil (ray/thirdparty_files, on sys.path once ray is imported) whatever else is installed.
-    import psutil
-
     # Tune starts each trial in a process of its own: the start-up is counted from that process's start.
     started_at = psutil.Process().create_time()
     startup = StartupClock(started_at)
