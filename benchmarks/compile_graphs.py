@@ -121,9 +121,7 @@ def parse_arguments() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_arguments()
-    device = pick_device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads)
+    device = pick_device(args.device, cpu_threads=args.threads)
     settings = {key: value for key, value in vars(args).items() if key != "json"}
     results = []
     for backbone in args.backbones:

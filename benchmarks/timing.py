@@ -16,10 +16,13 @@ from typing import Any
 import torch
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, cpu_threads: int | None = None) -> torch.device:
+    """The device named; on the CPU, with ``cpu_threads`` torch threads when given."""
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for, but torch sees no GPU")
+    if device.type == "cpu" and cpu_threads is not None:
+        torch.set_num_threads(cpu_threads)
     return device
 
 

@@ -92,9 +92,7 @@ def parse_arguments() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_arguments()
-    device = pick_device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads)
+    device = pick_device(args.device, cpu_threads=args.threads)
     defaults = PROTOCOLS.get(args.protocol).defaults
     roi = (args.roi,) * 3
     config = InferenceConfig(

@@ -121,6 +121,21 @@ def tiny_spec(name: str, **sections: Mapping[str, Any]) -> dict[str, Any]:
     return {"name": name, **spec}
 
 
+def tiny_fold_data(root: Path, shape: tuple[int, int, int], patch: tuple[int, int, int]):
+    """Fold 1 (train patient 1, validate 2, test 3) of a synthetic 3-patient cohort written under `root`, FLAIR and
+    T2 only, two time points per patient: enough for a volume correlation (the ISBI score), few enough to be quick."""
+    from msx.models.data.folds import Fold
+    from msx.models.data.manifest import open_cohort
+    from msx.models.data.synth import write_synthetic_cohort
+    from msx.models.fold import load_fold_data
+
+    write_synthetic_cohort(root, patients=3, shape=shape)
+    for path in root.rglob("training0?_0[3-9]_*"):
+        path.unlink()
+    fold = Fold(index=1, train=(1,), validation=(2,), test=(3,))
+    return load_fold_data(open_cohort(root, ("flair", "t2"), 1), fold, patch)
+
+
 def tiny_network(backbone: str = TINY_U_NET, image_channels: int = 3):
     """An untrained network of TINY_SPEC's width."""
     from msx.models.networks import NetworkConfig, build_network

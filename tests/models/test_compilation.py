@@ -11,12 +11,10 @@ import pytest
 import torch
 
 from msx.models.compilation import compile_wanted
-from msx.models.data.folds import Fold
-from msx.models.data.manifest import open_cohort
-from msx.models.data.synth import write_synthetic_cohort
 from msx.models.engine import InferenceConfig
-from msx.models.fold import FoldConfig, TrainingConfig, load_fold_data, run_fold
+from msx.models.fold import FoldConfig, TrainingConfig, run_fold
 from msx.models.networks import NetworkConfig
+from tests.helpers import tiny_fold_data
 
 PATCH = (32, 32, 32)
 EPOCHS = 4
@@ -38,11 +36,7 @@ def fold_config(compile_setting) -> FoldConfig:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cohort")
-    write_synthetic_cohort(root, patients=3, shape=(36, 40, 36))
-    for path in root.rglob("training0?_0[3-9]_*"):
-        path.unlink()
-    return load_fold_data(open_cohort(root, ("flair", "t2"), 1), Fold(index=1, train=(1,), validation=(2,), test=(3,)), PATCH)
+    return tiny_fold_data(tmp_path_factory.mktemp("cohort"), (36, 40, 36), PATCH)
 
 
 def run(data, compile_setting):

@@ -9,9 +9,6 @@ import pytest
 import torch
 
 from msx.models.checkpoint import load_checkpoint
-from msx.models.data.folds import Fold
-from msx.models.data.manifest import open_cohort
-from msx.models.data.synth import write_synthetic_cohort
 from msx.models.engine import InferenceConfig
 from msx.models.fold import (
     MODEL_DIR,
@@ -20,12 +17,12 @@ from msx.models.fold import (
     STATE_FILE,
     FoldConfig,
     TrainingConfig,
-    load_fold_data,
     load_training_state,
     run_fold,
 )
 from msx.models.metrics import SPLIT_METRIC_NAMES
 from msx.models.networks import NetworkConfig
+from tests.helpers import tiny_fold_data
 
 PATCH = (32, 32, 32)
 EPOCHS = 2
@@ -39,17 +36,11 @@ CONFIG = FoldConfig(
     evaluation=EVALUATION,
     compared=(replace(EVALUATION, protocol="reference"),),
 )
-FOLD = Fold(index=1, train=(1,), validation=(2,), test=(3,))
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cohort")
-    write_synthetic_cohort(root, patients=3, shape=(32, 36, 32))
-    # Two time points per patient: enough for a volume correlation (the ISBI score), few enough to be quick.
-    for path in root.rglob("training0?_0[3-9]_*"):
-        path.unlink()
-    return load_fold_data(open_cohort(root, ("flair", "t2"), 1), FOLD, PATCH)
+    return tiny_fold_data(tmp_path_factory.mktemp("cohort"), (32, 36, 32), PATCH)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +54,7 @@ def run(data, tmp_path_factory):
         if checkpoint is not None:
             shutil.copytree(checkpoint, kept / str(epoch_report.epoch))
 
-    result = run_fold(CONFIG, data, torch.device("cpu"), report=report, model_metadata={"fold": FOLD.index})
+    result = run_fold(CONFIG, data, torch.device("cpu"), report=report, model_metadata={"fold": data.fold.index})
     return result, reports, kept
 
 
@@ -93,7 +84,7 @@ def test_checkpoint_folders_hold_the_state_and_at_the_end_the_model_rows_and_ove
     assert sorted(path.name for path in final.iterdir()) == sorted([STATE_FILE, MODEL_DIR, SCAN_METRICS_FILE, OVERLAY_DIR])
     assert json.loads((final / SCAN_METRICS_FILE).read_text()) == json.loads(json.dumps(result.rows))
     net, metadata = load_checkpoint(final / MODEL_DIR)
-    assert metadata == {"fold": FOLD.index} and net.config == CONFIG.network
+    assert metadata == {"fold": data.fold.index} and net.config == CONFIG.network
     for name, tensor in net.state_dict().items():
         assert torch.equal(tensor, result.net.state_dict()[name]), name
     assert sorted(path.name for path in (final / OVERLAY_DIR).iterdir()) == [
