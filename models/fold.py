@@ -195,6 +195,10 @@ class EpochReport:
     # Seconds spent compiling (torch.compile) since the previous report: the first epoch's training step and the
     # first validation's sampler, then the final evaluation's; None when nothing was compiled.
     compile_seconds: float | None = None
+    # The report of the checkpoint a run resumed from, made again before training on: whoever decides on reports
+    # (a scheduler pausing folds at rungs) may never have received it, when the run that made it was stopped while
+    # the report was on its way. Its checkpoint folder is the one resumed from (None is passed).
+    replayed: bool = False
 
 
 # Called with each epoch's report and, on rank 0 at a validation, the checkpoint folder, which is deleted after the
@@ -321,6 +325,14 @@ def run_fold(
         log.info("%s: resumed at epoch %d (best validation Dice %.4f)", label, start_epoch, best_score)
 
     epochs = range(start_epoch + 1, training.epochs + 1)
+    if epochs and resume is not None and report is not None and "validation_dice" in resume:
+        report(
+            EpochReport(
+                start_epoch, resume["train_loss"], lr_schedule.get_last_lr()[0], start_epoch,
+                resume["validation_dice"], best_score, replayed=True,
+            ),
+            None,
+        )
     if not epochs:
         # Resumed from the final checkpoint, whose report never arrived (its driver died first): the last validation
         # and the final evaluation are made and reported again, without training.
@@ -380,6 +392,9 @@ def run_fold(
                         "lr_schedule": lr_schedule.state_dict(),
                         "epoch": epoch,
                         "best_score": best_score,
+                        # This epoch's own report, which a run resuming from here makes again (`replayed`).
+                        "validation_dice": score,
+                        "train_loss": loss,
                     },
                     folder / STATE_FILE,
                 )

@@ -31,6 +31,9 @@ VALIDATION_DICE = "val_dice_now"  # this epoch's weights
 BEST_VALIDATION_DICE = "val_dice"  # the best so far, whose weights the trial keeps
 # Marks the last report, which carries the final evaluation's split scores (`val/mean/dsc`, ...).
 FINAL_REPORT = "final"
+# Marks the report of the checkpoint a run resumed from, made again (models.fold.EpochReport.replayed): its scheduler
+# decides on it as on any report; MLflow keeps it once.
+REPLAYED_REPORT = "replayed"
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,15 @@
 on the shared local Ray, with real trials on tiny synthetic cohorts.
 
 - early stopping by configuration: a 3-patient leave-one-subject-out search of 3 configurations, stopped by
-  SIGINT after a configuration was pruned, resumed, and ending with a champion finished on every fold;
-  Optuna's trials PRUNED or COMPLETE with the full-fold mean; no pruned fold trained past its rung;
+  SIGINT exactly while a fold's rung report is on its way (its worker held there by a test hook), after a
+  configuration was pruned; resumed, and ending with a champion finished on every fold; Optuna's trials PRUNED or
+  COMPLETE with the full-fold mean; no pruned fold trained past its rung; every fold's epochs in MLflow once each,
+  the held one's rung included; every rung judged on its folds' scores at that rung;
+- the search that used to hang (the paper U-Net, pauses slower than an epoch): a champion;
 - a GPU asked of this GPU-less machine: refused in one line before any trial;
 - two studies at once on the machine's one local Ray (one of them a CPU-sized copy of the bundled `hpo`
-  space, checked against the same rules): both champions, and the Ray stops when the last one ends.
+  space, checked against the same rules; the other trains the paper U-Net): both champions, and the Ray stops
+  when the last one ends.
 
 The whole module runs inside one hold of the Ray lock on shared machines (its two studies run at once).
 """
@@ -27,11 +31,13 @@ from mlflow.tracking import MlflowClient
 
 from msx.models.data.folds import resolve_folds
 from msx.orchestrator.cluster import local_ray
-from msx.orchestrator.study.configuration_search import ConfigurationSearch
+from msx.orchestrator.study.configuration_search import PAUSE_DELAY_VARIABLE, ConfigurationSearch
 from msx.orchestrator.study.search_record import read_summary
 from msx.orchestrator.spec import load_spec, spec_from_dict
 from msx.orchestrator.study.state import studies_of
 from msx.orchestrator.tracking.store import CONFIGURATION_TAG, child_runs
+from msx.orchestrator.trial import BEST_VALIDATION_DICE, EPOCH
+from msx.orchestrator.trials.rung_gate import HOLD_AT_RUNGS_VARIABLE
 
 pytestmark = pytest.mark.slow
 
@@ -61,6 +67,28 @@ PRUNED_SEARCH = {
         "scheduler": {"name": "asha", "grace_period": 2, "reduction_factor": 2},
     },
     "registry": {"model_name": "msx-prune3"},
+}
+
+# The search that hung (issue 23): the paper U-Net on a 3-patient cohort, 3 configurations, successive halving with
+# grace 2 and reduction factor 2 over 6 epochs. On a loaded machine a pause took longer than an epoch: a fold went on
+# past its rung before its pause, unreported, and its configuration's other folds waited for it for ever. The test
+# makes every pause that slow (PAUSE_DELAY_VARIABLE).
+SLOW_PAUSE_SEARCH = {
+    "name": "hang",
+    "data": {"modalities": ["flair", "mprage", "t2"], "rater": 1, "folds": "loso",
+             "synthetic": {"patients": 3, "shape": [40, 48, 40], "seed": 4}},
+    "model": {"backbones": ["unet"], "width": 0.125},
+    "training": {"epochs": 6, "batch_size": 2, "patch_size": [32, 32, 32], "lr": 2.0e-3, "validate_every": 2,
+                 "validation_ddim_steps": 2},
+    "inference": {"strategies": ["mean"], "ddim_steps": 2, "samples": 1, "overlap": 0.25},
+    "resources": {"workers_per_trial": 1, "use_gpu": False, "cpus_per_worker": 1},
+    "search": {
+        "searcher": "optuna",
+        "configurations_per_backbone": 3,
+        "parameters": [{"name": "training.lr", "distribution": "loguniform", "low": 1.0e-4, "high": 1.0e-2}],
+        "scheduler": {"name": "asha", "grace_period": 2, "reduction_factor": 2},
+    },
+    "registry": {"model_name": "msx-hang"},
 }
 
 
@@ -130,8 +158,17 @@ def check_search_invariants(storage: Path, spec, patients: tuple[int, ...], fold
         folds_of = runs[configuration.name]
         assert len(folds_of) == folds
         epochs_logged = [
-            [m.step for m in client.get_metric_history(run.info.run_id, "epoch")] for run in folds_of
+            [m.step for m in client.get_metric_history(run.info.run_id, EPOCH)] for run in folds_of
         ]
+        # Each epoch reached MLflow once, replayed reports (of runs resumed at a checkpoint) included.
+        assert all(len(epochs) == len(set(epochs)) for epochs in epochs_logged), epochs_logged
+        # Each rung was judged on its folds' scores at that rung: the checkpoint, the report and the rung agree.
+        for rung, mean in configuration.rung_means.items():
+            scores = [
+                next(m.value for m in client.get_metric_history(run.info.run_id, BEST_VALIDATION_DICE) if m.step == rung)
+                for run in folds_of
+            ]
+            assert mean == pytest.approx(statistics.fmean(scores)), (configuration.name, rung, scores)
         if configuration.status == "complete":
             finals = [client.get_run(run.info.run_id).data.metrics["val_dice"] for run in folds_of]
             assert trial.state.name == "COMPLETE"
@@ -152,24 +189,31 @@ def check_search_invariants(storage: Path, spec, patients: tuple[int, ...], fold
 
 
 @pytest.mark.timeout(1800)
-def test_a_pruning_search_interrupted_by_sigint_resumes_to_a_champion(tmp_path, environment):
+def test_a_pruning_search_interrupted_while_a_rung_report_is_on_its_way_resumes_to_a_champion(tmp_path, environment):
     space = write_space(tmp_path, PRUNED_SEARCH)
     storage = tmp_path / "runs"
     spec = load_spec(space)
-    first = launch(tmp_path, environment, "--space", str(space), "--storage", "runs")
-    # Interrupt once a configuration was pruned and the search is not over (others still train or wait).
+    holds = tmp_path / "holds"
+    holds.mkdir()
+    first = launch(tmp_path, {**environment, HOLD_AT_RUNGS_VARIABLE: str(holds)}, "--space", str(space), "--storage", "runs")
+    # Every fold's worker stops right after its rung report until the test lets it go on. Once a configuration was
+    # pruned and the search is not over, the next held one is interrupted instead: SIGINT while its report is on its
+    # way (reported, not yet decided on, its worker not past the rung).
     deadline = time.monotonic() + 1200
-    summary = None
-    while time.monotonic() < deadline and first.poll() is None:
+    held = None
+    while time.monotonic() < deadline and first.poll() is None and held is None:
         search_files = list((storage / "prune3" / "studies").glob("*.search.json"))
         summary = read_summary(search_files[0]) if search_files else None
-        if summary and summary.count("pruned") and not summary.finished:
-            break
-        time.sleep(2)
-    assert first.poll() is None, output_of(tmp_path, 0)
-    assert summary is not None and summary.count("pruned"), output_of(tmp_path, 0)
+        for marker in sorted(holds.glob("*.held")):
+            if summary and summary.count("pruned") and not summary.finished:
+                held = marker
+                break
+            marker.rename(marker.with_suffix(".released"))
+        time.sleep(0.2)
+    assert first.poll() is None and held is not None, output_of(tmp_path, 0)
     first.send_signal(signal.SIGINT)
     first.wait(timeout=600)
+    held.rename(held.with_suffix(".released"))
     text = output_of(tmp_path, 0)
     assert first.returncode == 128 + signal.SIGINT
     (state,) = studies_of(storage, "prune3")
@@ -195,7 +239,26 @@ def test_a_pruning_search_interrupted_by_sigint_resumes_to_a_champion(tmp_path, 
     assert {c.name: c.rung_means for c in after.configurations if c.name in pruned_before} == pruned_before
     assert all(c.status == "pruned" for c in after.configurations if c.name in pruned_before)
     assert len(after.configurations) == 3 and after.epochs_trained < after.epochs_full_grid
+    # The report that was on its way reached MLflow, once (the invariants check every fold's epochs).
+    run_name, rung = held.stem.rsplit("-epoch", 1)
+    configuration, fold = run_name.rsplit("-fold", 1)
+    (held_run,) = [
+        run for run in fold_runs(client, state.experiment_id, state.parent_run_id)[configuration]
+        if run.data.tags["mlflow.runName"] == run_name
+    ]
+    assert int(rung) in [m.step for m in client.get_metric_history(held_run.info.run_id, EPOCH)], (run_name, fold)
     check_search_invariants(storage, spec, (1, 2, 3), folds=3)
+
+
+@pytest.mark.timeout(1800)
+def test_the_search_that_hung_on_slow_pauses_registers_a_champion_with_the_paper_unet(tmp_path, environment):
+    space = write_space(tmp_path, SLOW_PAUSE_SEARCH)
+    study = launch(tmp_path, {**environment, PAUSE_DELAY_VARIABLE: "5"}, "--space", str(space), "--storage", "runs")
+    study.wait(timeout=1500)
+    text = output_of(tmp_path, 0)
+    assert study.returncode == 0 and "STALLED" not in text
+    assert "registered model: models:/msx-hang@champion" in text
+    check_search_invariants(tmp_path / "runs", load_spec(space), (1, 2, 3), folds=3)
 
 
 def test_a_gpu_study_on_a_machine_without_gpus_is_refused_in_one_line(tmp_path, environment):
@@ -243,7 +306,8 @@ def test_two_studies_at_once_share_the_local_ray_and_both_register_a_champion(tm
     hpo = write_space(tmp_path, cpu_sized_hpo())
     small = write_space(
         tmp_path,
-        {**PRUNED_SEARCH, "name": "small", "training": {**TINY["training"], "epochs": 2},
+        {**PRUNED_SEARCH, "name": "small", "model": {"backbones": ["unet"], "width": 0.125},
+         "training": {**TINY["training"], "epochs": 2},
          "search": {"configurations_per_backbone": 1, "scheduler": {"name": "fifo"}}, "registry": {"model_name": "msx-small"}},
     )
     first = launch(tmp_path, environment, "--space", str(hpo), "--storage", "hpo-runs")

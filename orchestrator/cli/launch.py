@@ -94,13 +94,16 @@ def _launch_here(
 
     if outcome.interrupted:
         storage_option = "" if storage == Path("msx_runs").resolve() else f" --storage {storage}"
-        how = signal.Signals(outcome.signal).name if outcome.signal else "stopped before the search finished"
+        if outcome.signal:
+            how = signal.Signals(outcome.signal).name
+        else:
+            how = outcome.stop_reason or "stopped before the search finished"
         echo("")
         echo(
             f"study {outcome.study} interrupted ({how}): its trials stopped at their last checkpoints and nothing was "
             f"registered; `msx launch --resume {outcome.study}{storage_option}` continues it"
         )
-        raise SystemExit(128 + (outcome.signal or signal.SIGINT))
+        raise SystemExit(128 + outcome.signal if outcome.signal else 1)
 
     echo("")
     echo(

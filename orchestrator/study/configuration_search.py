@@ -30,6 +30,7 @@ search (`search_record.SearchSummary`) for `msx status`, the launch's output and
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import statistics
 import time
@@ -47,6 +48,8 @@ from msx.models.data.folds import Fold
 
 from ..spec import ExperimentSpec
 from ..trial import EPOCH, FINAL_REPORT, TrialConfig
+from ..trials.rung_gate import GateOpener
+from . import interruption
 from .search import MODE, OPTIMISED_METRIC, PRUNERS, SAMPLERS, optuna_distribution, rung_epochs
 from .search_record import ConfigurationSummary, SearchSummary, write_summary
 
@@ -58,6 +61,14 @@ DONE, STOPPED, FAILED = "done", "stopped", "failed"
 
 # A configuration's status.
 RUNNING, COMPLETE, PRUNED, CUT_SHORT = "running", "complete", "pruned", "cut short"
+
+# Tests only: seconds the scheduler takes before it returns a PAUSE, as a driver on a loaded machine may, while the
+# paused trial's workers go on (tests/test_study_lifecycle_e2e.py).
+PAUSE_DELAY_VARIABLE = "MSX_TEST_PAUSE_DELAY_S"
+
+# How long Tune may hold paused folds with nothing running, nothing ready and nothing left to start before the
+# search calls the study stalled: longer than the moment between one trial's end and the next one's start.
+STALL_GRACE_S = 10.0
 
 
 @dataclass
@@ -344,6 +355,39 @@ class ConfigurationSearch(Searcher):
             for f in c.folds.values() if f.trial_id is not None and f.phase == STOPPED
         }
 
+    def stall(self) -> str | None:
+        """Why the search can no longer go on, or None: a configuration whose folds wait at a rung for a fold that
+        ended without a score there. Rung gates keep a fold from passing a rung unreported (trials/rung_gate.py):
+        this names what went wrong if that ever fails, rather than wait for a score that cannot come."""
+        for configuration in self._configurations.values():
+            if configuration.status != RUNNING or configuration.next_rung >= len(self._rungs):
+                continue
+            rung = self._rungs[configuration.next_rung]
+            waiting = [f.fold for f in configuration.folds.values() if f.phase == WAITING]
+            lost = [
+                f"{f.fold} ({f.phase} at epoch {f.epoch})" for f in configuration.folds.values()
+                if f.phase in (DONE, STOPPED, FAILED) and rung not in f.rung_scores
+            ]
+            if waiting and lost:
+                return (
+                    f"{configuration.name}: fold(s) {', '.join(map(str, waiting))} wait at the epoch-{rung} rung for "
+                    f"fold(s) {', '.join(lost)}, which ended without a score there"
+                )
+        return None
+
+    def echo(self, line: str) -> None:
+        self._echo(line)
+
+    def waiting_folds(self) -> list[str]:
+        """The folds paused at a rung, as `configuration fold N`."""
+        return [
+            f"{c.name} fold {f.fold}" for c in self._configurations.values() for f in c.folds.values() if f.phase == WAITING
+        ]
+
+    def can_start_more(self) -> bool:
+        """Whether a fold trial is left to hand to Tune: one not yet suggested, or a configuration not yet opened."""
+        return self._unsuggested_fold() is not None or not self._nothing_left_to_open()
+
     # ---- the time budget
 
     def elapsed_s(self) -> float:
@@ -478,9 +522,13 @@ class ConfigurationScheduler(TrialScheduler):
     # One result at a time: a fold must pause at its rung, not after the results buffered behind it.
     _supports_buffered_results = False
 
-    def __init__(self) -> None:
+    def __init__(self, rung_gate: str | None = None) -> None:
+        """``rung_gate``: the name of the study's rung gate (trials/rung_gate.py), opened for each trial let go on."""
         super().__init__()
         self._metric, self._mode = OPTIMISED_METRIC, MODE
+        self._open_gate = GateOpener(rung_gate)
+        # Since when Tune has held paused folds with nothing else to run (the study stalls past STALL_GRACE_S).
+        self._idle_since: float | None = None
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec) -> bool:
         return True
@@ -496,6 +544,10 @@ class ConfigurationScheduler(TrialScheduler):
         decision = search.on_report(trial.trial_id, result)
         if decision == TrialScheduler.STOP:
             self._stop_ended(tune_controller, search, besides=trial)
+        elif decision == TrialScheduler.CONTINUE and EPOCH in result:
+            self._open_gate(trial.trial_id, int(result[EPOCH]))
+        elif decision == TrialScheduler.PAUSE and (delay := os.environ.get(PAUSE_DELAY_VARIABLE)):
+            time.sleep(float(delay))
         return decision
 
     def on_trial_complete(self, tune_controller, trial: Trial, result: dict) -> None:
@@ -522,7 +574,26 @@ class ConfigurationScheduler(TrialScheduler):
                 if trial.status == Trial.PAUSED and trial.trial_id in ready:
                     search.resumed(trial.trial_id)
                     return trial
+        self._stop_if_stalled(search, trials)
         return None
+
+    def _stop_if_stalled(self, search: ConfigurationSearch, trials: list[Trial]) -> None:
+        """End the study, resumable, rather than wait for ever: folds wait at a rung for a score that cannot come,
+        or Tune holds paused folds with nothing running, pending or left to start."""
+        reason = search.stall()
+        idle = (
+            not any(trial.status in (Trial.RUNNING, Trial.PENDING) for trial in trials)
+            and any(trial.status == Trial.PAUSED for trial in trials)
+            and not search.can_start_more()
+        )
+        now = time.monotonic()
+        self._idle_since = (self._idle_since or now) if idle else None
+        if reason is None and self._idle_since is not None and now - self._idle_since >= STALL_GRACE_S:
+            reason = f"paused folds ({', '.join(search.waiting_folds()) or 'none waiting at a rung'}) and nothing to run"
+        if reason is None or interruption.INTERRUPTED.is_set():
+            return
+        search.echo(f"STALLED: {reason}. The study stops here, every result kept, to be resumed")
+        interruption.stop_run(f"stalled: {reason}")
 
     def debug_string(self) -> str:
         return "Using ConfigurationScheduler: successive halving by configuration over folds."

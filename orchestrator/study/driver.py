@@ -38,11 +38,12 @@ from ..tracking.store import (
 from ..tracking.summaries import log_search_record
 from ..trial import TrialConfig
 from ..trials.live_epochs import actor_name, start_live_epochs
+from ..trials.rung_gate import gate_name, start_rung_gate
 from ..trials.trainable import TRIAL_RESOURCES, run_trial
 from . import interruption
 from .configuration_search import ConfigurationScheduler, ConfigurationSearch
 from .progress import ProgressView, progress_path
-from .search import MODE, OPTIMISED_METRIC
+from .search import MODE, OPTIMISED_METRIC, rung_epochs
 from .search_record import SearchSummary, read_summary, search_path
 from .state import FAILED, FINISHED, INTERRUPTED, StudyState, write_state
 
@@ -61,6 +62,8 @@ class StudyOutcome:
     # Stopped by a signal (its number) or otherwise before the search finished: nothing was selected.
     interrupted: bool = False
     signal: int | None = None
+    # Why the search itself stopped the study (interruption.stop_run), if it did.
+    stop_reason: str | None = None
 
 
 def start_ray(address: str | None, echo: Callable[[str], None]) -> str | None:
@@ -135,6 +138,10 @@ def run_study(
     # Held while the study runs (it ends with this driver): each running trial's epoch for the progress lines.
     live_epochs = actor_name(state.study)
     live_epochs_actor = start_live_epochs(live_epochs)  # noqa: F841
+    # Likewise: the folds' go-ahead at the search's rungs, where they wait for the search's decision.
+    rungs = rung_epochs(spec)
+    rung_gate = gate_name(state.study) if rungs else None
+    rung_gate_actor = start_rung_gate(rung_gate) if rung_gate else None  # noqa: F841
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial,
@@ -144,6 +151,8 @@ def run_study(
             # Under the experiment's storage, never in the user's data folder.
             scan_cache=str(experiment_folder / "scan_cache"),
             live_epochs=live_epochs,
+            rung_gate=rung_gate,
+            rung_epochs=rungs,
         ),
         TRIAL_RESOURCES,
     )
@@ -164,7 +173,7 @@ def run_study(
                 mode=MODE,
                 # The searcher bounds the trials that hold workers; Tune's own bound would count paused ones.
                 search_alg=ConfigurationSearch(spec, folds, max_concurrent, search_file, echo),
-                scheduler=ConfigurationScheduler(),
+                scheduler=ConfigurationScheduler(rung_gate),
                 num_samples=total,
             ),
             run_config=tune.RunConfig(
@@ -199,6 +208,7 @@ def run_study(
         return StudyOutcome(
             "", None, None, state.parent_run_id, state.experiment_id, total, 0,
             study=state.study, search=search, interrupted=True, signal=interruption.received_signal(),
+            stop_reason=interruption.stop_reason(),
         )
 
     outcomes = [o for o in (outcome_from_result(TrialConfig.from_tune(r.config), flatten_dict(r.metrics or {})) for r in grid) if o]

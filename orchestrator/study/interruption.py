@@ -4,33 +4,54 @@ Tune already ends a run well on its stop signal: it leaves its loop, saves the e
 unfinished trial as it stood, then stops the trials; `Tuner.restore` continues from that state. msx adds:
 SIGTERM, what a batch scheduler sends, acts like that first Ctrl-C; the driver learns that the run was
 interrupted (Tune returns as if it had ended) so that it records the study as interrupted and registers
-nothing; a second Ctrl-C stops at once (Tune puts the previous SIGINT handler back after the first).
+nothing; a second Ctrl-C stops at once (Tune puts the previous SIGINT handler back after the first). The
+search ends a run the same way, with its reason, when it finds it can no longer go on (`stop_run`).
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+from typing import Callable
 
 from ray.tune import Callback
 
-# Process-wide, as signals are: set by the first stop signal of a Tune run.
+# Process-wide, as signals are: set by the first stop signal of a Tune run, or by `stop_run`.
 INTERRUPTED = threading.Event()
 _received: list[int] = []
+_reasons: list[str] = []
+# Tune's own stop handler of the current run, kept by StopSignals.setup.
+_tune_stop: list[Callable] = []
 
 
 def received_signal() -> int | None:
     return _received[-1] if _received else None
 
 
+def stop_reason() -> str | None:
+    """Why the search ended the run (`stop_run`), if it did."""
+    return _reasons[-1] if _reasons else None
+
+
 def reset() -> None:
     INTERRUPTED.clear()
     _received.clear()
+    _reasons.clear()
+    _tune_stop.clear()
 
 
 def note(signum: int) -> None:
     _received.append(signum)
     INTERRUPTED.set()
+
+
+def stop_run(reason: str) -> None:
+    """End the current Tune run as a first Ctrl-C does: its state saved, its trials at their last checkpoints, the
+    study resumable. Called from Tune's loop (the driver's main thread)."""
+    _reasons.append(reason)
+    INTERRUPTED.set()
+    if _tune_stop and callable(_tune_stop[-1]):
+        _tune_stop[-1](signal.SIGUSR1, None)
 
 
 class StopSignals(Callback):
@@ -44,6 +65,7 @@ class StopSignals(Callback):
             return
         # Tune's handler is always on SIGUSR1; on SIGINT only unless TUNE_DISABLE_SIGINT_HANDLER is set.
         tune_stop = signal.getsignal(signal.SIGUSR1)
+        _tune_stop.append(tune_stop)
         previous_term = signal.getsignal(signal.SIGTERM)
 
         def on_signal(signum: int, frame) -> None:

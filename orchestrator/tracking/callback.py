@@ -19,7 +19,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from ray.tune.logger import LoggerCallback
 from ray.tune.utils import flatten_dict
 
-from ..trial import EARLIER_EPOCHS, EPOCH, FINAL_REPORT, LEARNING_RATE, TRAIN_LOSS, TrialConfig
+from ..trial import EARLIER_EPOCHS, EPOCH, FINAL_REPORT, LEARNING_RATE, REPLAYED_REPORT, TRAIN_LOSS, TrialConfig
 from .artifacts import log_final_checkpoint
 from .pending import REQUEST_TIMEOUT_S, UPLOAD_TIMEOUT_S, PendingWrites
 from .runs import RunTree
@@ -28,7 +28,7 @@ from .summaries import end_configuration_when_all_folds_ended
 # Tune's bookkeeping numbers that say nothing about the model, and the marker of the final report.
 UNTRACKED_RESULT_KEYS = {
     "timestamp", "time_this_iter_s", "time_total_s", "pid", "training_iteration", "time_since_restore",
-    "iterations_since_restore", "done", FINAL_REPORT,
+    "iterations_since_restore", "done", FINAL_REPORT, REPLAYED_REPORT,
 }
 
 
@@ -52,6 +52,9 @@ class LogTrialMetrics:
     step: int
     # Timestamps fixed when Tune reported them: a replayed batch that had reached the store adds nothing.
     metrics: tuple[Metric, ...]
+    # A resumed run's report of the checkpoint it resumed from (REPLAYED_REPORT): logged only if its epoch is not
+    # in the run yet (its first delivery was lost to an interruption), so that no epoch is logged twice.
+    replayed: bool = False
 
     def describe(self) -> str:
         return f"{self.run_name}: metrics of step {self.step}"
@@ -153,7 +156,8 @@ class TrialRunsCallback(LoggerCallback):
             and _is_number(value)
         ) + earlier_epoch_metrics(result, now)
         run_name = TrialConfig.from_tune(trial.config).run_name
-        self._writes.add(LogTrialMetrics(trial.trial_id, run_name, step, metrics), self._apply)
+        replayed = bool(result.get(REPLAYED_REPORT))
+        self._writes.add(LogTrialMetrics(trial.trial_id, run_name, step, metrics, replayed), self._apply)
         if result.get(FINAL_REPORT) and result.get(CHECKPOINT_PATH_KEY):
             self._writes.add(LogFinalCheckpoint(trial.trial_id, run_name, result[CHECKPOINT_PATH_KEY]), self._apply)
 
@@ -185,7 +189,10 @@ class TrialRunsCallback(LoggerCallback):
             case OpenTrialRun():
                 runs.open_trial_run(client, write.trial_id, write.trial)
             case LogTrialMetrics():
-                client.log_batch(runs.trial_run(client, write.trial_id), metrics=list(write.metrics))
+                run_id = runs.trial_run(client, write.trial_id)
+                if write.replayed and any(m.step == write.step for m in client.get_metric_history(run_id, EPOCH)):
+                    return
+                client.log_batch(run_id, metrics=list(write.metrics))
             case LogFinalCheckpoint():
                 log_final_checkpoint(client, runs.trial_run(client, write.trial_id), write.checkpoint_path)
             case CloseTrialRun():

@@ -72,11 +72,14 @@ def run_trial(
     storage_path: str,
     scan_cache: str | None = None,
     live_epochs: str | None = None,
+    rung_gate: str | None = None,
+    rung_epochs: tuple[int, ...] = (),
 ) -> None:
     """Train and evaluate one (backbone, hyperparameters, fold); results flow back through reports.
 
     ``scan_cache``: folder of preprocessed training scans shared by the trials; None loads them afresh.
     ``live_epochs``: the name of the study's live-epoch actor (live_epochs.py), which the workers tell their epoch.
+    ``rung_gate``, ``rung_epochs``: the study's rung gate and the epochs at which the workers wait for it (rung_gate.py).
     """
     # Tune starts each trial in a process of its own: the start-up is counted from that process's start.
     started_at = psutil.Process().create_time()
@@ -99,7 +102,8 @@ def run_trial(
         train_loop_per_worker,
         train_loop_config={
             "spec": spec, "trial": trial, "data_root": data_root, "scan_cache": scan_cache, "trial_id": trial_id,
-            "live_epochs": live_epochs, "trial_started_at": started_at, "startup_marked": startup.seconds,
+            "live_epochs": live_epochs, "rung_gate": rung_gate, "rung_epochs": list(rung_epochs),
+            "trial_started_at": started_at, "startup_marked": startup.seconds,
         },
         scaling_config=scaling_config(experiment),
         run_config=ray.train.RunConfig(

@@ -28,10 +28,11 @@ from msx.models.fold import EpochReport, Parallelism, load_fold_data, load_train
 
 from ..spec import spec_from_dict
 from ..trial import (
-    BEST_VALIDATION_DICE, EARLIER_EPOCHS, EPOCH, FINAL_REPORT, LEARNING_RATE, REPORT_WAIT, TRAIN_LOSS, VALIDATION_DICE,
-    TrialConfig,
+    BEST_VALIDATION_DICE, EARLIER_EPOCHS, EPOCH, FINAL_REPORT, LEARNING_RATE, REPLAYED_REPORT, REPORT_WAIT, TRAIN_LOSS,
+    VALIDATION_DICE, TrialConfig,
 )
 from .live_epochs import EpochNotifier
+from .rung_gate import RungWaiter
 from .startup import StartupClock
 from .worker_metrics import WorkerMetrics, trial_tags
 
@@ -49,6 +50,8 @@ def tune_metrics(report: EpochReport) -> dict[str, Any]:
         metrics.update({VALIDATION_DICE: report.validation_dice, BEST_VALIDATION_DICE: report.best_validation_dice})
     if report.final_metrics is not None:
         metrics.update({FINAL_REPORT: 1, **report.final_metrics})
+    if report.replayed:
+        metrics[REPLAYED_REPORT] = 1
     metrics.update({"compile_seconds": report.compile_seconds} if report.compile_seconds is not None else {})
     return metrics
 
@@ -74,9 +77,9 @@ class TuneReports:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """`config`: the experiment's spec (as a dict), the trial (a TrialConfig), the cohort's root (a folder or a
-    manifest), the experiment's scan cache folder (None: no cache); optional: the Tune trial's id and the name of the
-    study's live-epoch actor (live_epochs.py), the Unix time the trial's process started and the start-up phases its
-    trainable marked (startup.py)."""
+    manifest), the experiment's scan cache folder (None: no cache); optional: the Tune trial's id, the name of the
+    study's live-epoch actor (live_epochs.py), the name of its rung gate and the rung epochs (rung_gate.py), the Unix
+    time the trial's process started and the start-up phases its trainable marked (startup.py)."""
     # Per-epoch lines go to the worker's log (Ray dashboard -> Train/Jobs -> logs).
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     trial: TrialConfig = config["trial"]
@@ -105,6 +108,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     tune_reports = TuneReports()
     notify_epoch = EpochNotifier(config.get("live_epochs"), config.get("trial_id", "")) if rank == 0 else None
+    # Every worker waits at the rungs: the group goes on together, or ends together when the driver pauses it there.
+    rung_waiter = RungWaiter(
+        config.get("rung_gate"), config.get("trial_id", ""), tuple(config.get("rung_epochs", ())), trial.run_name
+    )
     if notify_epoch is not None:
         notify_epoch(0)
 
@@ -116,7 +123,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             notify_epoch(epoch.epoch)
         if (reported := tune_reports.metrics_to_report(epoch)) is None:
             return
-        if not startup_reported:
+        # With the first report of this run's own epochs: a replayed report may be dropped as already recorded.
+        if not startup_reported and not epoch.replayed:
             reported.update(startup.metrics())
             startup_reported = True
         reported[REPORT_WAIT] = report_wait_s
@@ -127,6 +135,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         report_wait_s += seconds
         metrics.record_report(seconds)
         log.info("epoch %d reported to Tune in %.2f s", epoch.epoch, seconds)
+        rung_waiter.after_report(epoch.epoch)
 
     run_fold(
         spec.fold_config(trial.backbone),

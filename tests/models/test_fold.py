@@ -117,3 +117,30 @@ def test_a_protocol_is_evaluated_once_and_validation_takes_its_own_overlap():
     assert CONFIG.validation.overlap == EVALUATION.overlap  # unset: the final evaluation's
     validated = FoldConfig(CONFIG.network, replace(CONFIG.training, validation_overlap=0.25), evaluation=EVALUATION)
     assert (validated.validation.overlap, validated.validation.samples, validated.validation.strategies) == (0.25, 1, ("mean",))
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resumed_mid_training_it_first_replays_the_report_of_the_checkpoint_it_resumed_from(run, data):
+    _, reports, kept = run
+    state = load_training_state(kept / str(EPOCHS), torch.device("cpu"))
+    checkpointed = reports[-1]
+    # The final checkpoint's state, presented as the state of an earlier validation epoch.
+    state["epoch"] = EPOCHS - 1
+    replays = []
+
+    def report(epoch_report, folder):
+        replays.append((epoch_report, folder))
+        raise _Stop  # the replay must come before any training: nothing after it is needed here
+
+    with pytest.raises(_Stop):
+        run_fold(CONFIG, data, torch.device("cpu"), report=report, resume=state)
+    ((replayed, folder),) = replays
+    assert replayed.replayed and folder is None
+    assert (replayed.epoch, replayed.resumed_from_epoch) == (EPOCHS - 1, EPOCHS - 1)
+    assert replayed.validation_dice == checkpointed.validation_dice
+    assert replayed.best_validation_dice == checkpointed.best_validation_dice
+    assert replayed.train_loss == checkpointed.train_loss
+    assert not any(r.replayed for r in reports)

@@ -204,3 +204,40 @@ def test_the_summary_counts_the_epochs_saved_against_the_full_grid():
     assert math.isclose(summary.configurations[0].final_score, 0.8)
     assert summary.configurations[1].describe() == "pruned at epoch 2, mean validation Dice 0.1000"
     assert summary.configurations[1].decided_at <= time.time()
+
+
+def test_a_resumed_fold_replays_its_rung_report_and_is_judged_at_that_rung_once():
+    search = ConfigurationSearch(make_spec(), FOLDS, concurrency=3, echo=lambda _: None)
+    tune = Driver(search)
+    c1 = [tune.suggest() for _ in FOLDS]
+    assert [tune.report(t, 2, s) for t, s in zip(c1, (0.5, 0.6, 0.7))] == [PAUSE, PAUSE, CONTINUE]
+    search.resumed(c1[0])
+    # The resumed fold's run starts from its epoch-2 checkpoint and reports that epoch again first.
+    assert search.on_report(c1[0], {"epoch": 2, "val_dice": 0.5, "replayed": 1}) == CONTINUE
+    assert search.summary().configurations[0].rung_means == {2: pytest.approx(0.6)}
+    # A fold whose rung report never arrived (the study was interrupted while it was on its way) is judged on the
+    # replay, at the rung: it pauses there until the others get there.
+    fresh = ConfigurationSearch(make_spec(), FOLDS, concurrency=3, echo=lambda _: None)
+    again = Driver(fresh)
+    c1 = [again.suggest() for _ in FOLDS]
+    assert fresh.on_report(c1[0], {"epoch": 2, "val_dice": 0.5, "replayed": 1}) == PAUSE
+    assert fresh.phase_of(c1[0]) == "waiting"
+
+
+def test_folds_waiting_for_a_fold_that_ended_without_its_rung_score_are_a_stall_named_in_full():
+    search = ConfigurationSearch(make_spec(), FOLDS, concurrency=3, echo=lambda _: None)
+    tune = Driver(search)
+    c1 = [tune.suggest() for _ in FOLDS]
+    for trial_id in c1:
+        tune.report(trial_id, 2, 0.5)
+    for trial_id in c1[1:]:
+        search.resumed(trial_id) if search.phase_of(trial_id) == "ready" else None
+    search.resumed(c1[0])
+    assert tune.report(c1[1], 4, 0.6) == PAUSE and tune.report(c1[2], 4, 0.6) == PAUSE
+    assert search.stall() is None  # fold 1 is still on its way to epoch 4
+    # Fold 1 ends without a score at epoch 4 (what a fold that trained past its rung unreported looked like).
+    search.on_trial_complete(c1[0], {"epoch": 6, "val_dice": 0.7, "final": 1})
+    assert search.stall() == (
+        "unet-c1: fold(s) 2, 3 wait at the epoch-4 rung for fold(s) 1 (done at epoch 6), which ended without a score there"
+    )
+    assert search.waiting_folds() == ["unet-c1 fold 2", "unet-c1 fold 3"]

@@ -10,7 +10,9 @@ from ray.tune.experiment import Trial
 
 from msx.orchestrator.tracking.callback import TrialRunsCallback
 from msx.orchestrator.tracking.store import TRIAL_ID_TAG, ensure_experiment
-from msx.orchestrator.trial import BEST_VALIDATION_DICE, EARLIER_EPOCHS, EPOCH, LEARNING_RATE, STARTUP_PREFIX, TRAIN_LOSS
+from msx.orchestrator.trial import (
+    BEST_VALIDATION_DICE, EARLIER_EPOCHS, EPOCH, LEARNING_RATE, REPLAYED_REPORT, STARTUP_PREFIX, TRAIN_LOSS,
+)
 
 EXPERIMENT = "batched"
 
@@ -45,3 +47,25 @@ def test_epochs_carried_by_a_report_are_logged_at_their_own_epochs(tmp_path):
     assert [(p.step, p.value) for p in client.get_metric_history(run_id, BEST_VALIDATION_DICE)] == [(3, 0.4), (6, 0.5)]
     assert [p.step for p in client.get_metric_history(run_id, f"{STARTUP_PREFIX}first_epoch_s")] == [3]
     assert not any(key.startswith(EARLIER_EPOCHS) for key in run.data.metrics)
+
+
+def test_a_replayed_report_is_logged_only_when_its_epoch_is_not_in_the_run_yet(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment_id = ensure_experiment(uri, EXPERIMENT, tmp_path / "artifacts")
+    client = MlflowClient(uri)
+    parent = client.create_run(experiment_id, run_name="launch").info.run_id
+    callback = TrialRunsCallback(uri, EXPERIMENT, parent, ("mean",), fold_count=1)
+    trial = Trial("msx", config={"backbone": "unet", "fold": 1, "configuration": "unet-c1"}, trial_id="t_1", stub=True)
+    callback.log_trial_start(trial)
+
+    callback.log_trial_result(1, trial, {EPOCH: 2, BEST_VALIDATION_DICE: 0.4, TRAIN_LOSS: 0.3})
+    # The same epoch again, from a run resumed at its checkpoint: already recorded.
+    callback.log_trial_result(2, trial, {EPOCH: 2, BEST_VALIDATION_DICE: 0.4, TRAIN_LOSS: 0.3, REPLAYED_REPORT: 1})
+    # An epoch whose first delivery was lost (the study was interrupted while it was on its way): recorded now.
+    callback.log_trial_result(3, trial, {EPOCH: 4, BEST_VALIDATION_DICE: 0.5, TRAIN_LOSS: 0.2, REPLAYED_REPORT: 1})
+    assert not callback.pending
+
+    (run,) = client.search_runs([experiment_id], filter_string=f"tags.`{TRIAL_ID_TAG}` = 't_1'")
+    history = [(p.step, p.value) for p in client.get_metric_history(run.info.run_id, BEST_VALIDATION_DICE)]
+    assert sorted(history) == [(2, 0.4), (4, 0.5)]
+    assert REPLAYED_REPORT not in run.data.metrics
