@@ -52,9 +52,14 @@ def check(fixtures: tuple[Path, ...], weights: Path | None, as_json: bool) -> No
 def _print_report(report, tolerance: float) -> None:
     """One line per compared array; a group (a training fixture's grad.denoiser.* ...) as one line naming its
     largest error's array, followed by each of its arrays that fails."""
+    from msx.models.fidelity import EXACT, RELATIVE, SCHEDULE_TOLERANCE
+
+    measures = {c.measure for c in report.comparisons}
+    others = [text for measure, text in ((EXACT, "masks: exact"), (RELATIVE, f"schedules: {SCHEDULE_TOLERANCE:g} relative"))
+              if measure in measures]
     click.echo(
         f"{report.fixture}: {report.kind} fixture, msx {report.backbone}, features {list(report.features)}, "
-        f"tolerance {tolerance:g} (masks: exact; schedules: 1e-09 relative)"
+        f"tolerance {tolerance:g}" + (f" ({'; '.join(others)})" if others else "")
     )
     rows: list[tuple[str, str, object, list]] = []  # (label, shape, representative, failing members)
     for comparison in report.comparisons:
