@@ -133,7 +133,7 @@ def _batch_scores(
     autocast_dtype: torch.dtype | None,
     with_probability: bool,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """Each strategy's score (lesion where > 0) for each of the prepared scans ``images`` (B,C,X,Y,Z, on the
+    """Each strategy's fused map (lesion where the protocol's `mask` says) for each of the prepared scans ``images`` (B,C,X,Y,Z, on the
     net's device, one shape), and if asked the lesion probability: (B,X,Y,Z) each, from ONE sampling pass under
     the config's protocol, the windows of all scans batched together."""
     protocol = PROTOCOLS.get(config.protocol)
@@ -186,9 +186,11 @@ def _scan_scores(
     return {name: score[0] for name, score in scores.items()}, None if probability is None else probability[0], grid
 
 
-def _restored_masks(scores: dict[str, torch.Tensor], grid: GridRestore) -> dict[str, np.ndarray]:
-    # A NaN score (the reference's STAPLE over a window where no step votes lesion) is background.
-    return {name: grid.restore((score > 0).cpu().numpy()) for name, score in scores.items()}
+def _restored_masks(scores: dict[str, torch.Tensor], grid: GridRestore, protocol: str) -> dict[str, np.ndarray]:
+    """Each map's mask by the protocol's rule, on the input grid. A NaN score (the reference's STAPLE over a window
+    where no step votes lesion) is background under both rules."""
+    rule = PROTOCOLS.get(protocol).mask
+    return {name: grid.restore(rule(score).cpu().numpy()) for name, score in scores.items()}
 
 
 def segment_scan(
@@ -202,7 +204,7 @@ def segment_scan(
 ) -> dict[str, np.ndarray]:
     """Masks of every configured strategy, on the input grid, from ONE sampling pass over the scan."""
     scores, _, grid = _scan_scores(net, image, config, device, diffusion, generator, autocast_dtype, False)
-    return _restored_masks(scores, grid)
+    return _restored_masks(scores, grid, config.protocol)
 
 
 def segment_scan_with_maps(
@@ -219,7 +221,7 @@ def segment_scan_with_maps(
     """
     scores, probability, grid = _scan_scores(net, image, config, device, diffusion, generator, autocast_dtype, True)
     return ScanSegmentation(
-        masks=_restored_masks(scores, grid),
+        masks=_restored_masks(scores, grid, config.protocol),
         maps=LesionMaps(
             probability=grid.restore(probability.cpu().numpy()),
             uncertainty=grid.restore(binary_entropy_bits(probability).cpu().numpy()),
@@ -338,7 +340,7 @@ def group_scores(
     generator: torch.Generator | None,
     autocast_dtype: torch.dtype | None,
 ) -> dict[str, torch.Tensor]:
-    """Each strategy's score over the group's grid, (B, X, Y, Z): what `validation_dice` thresholds."""
+    """Each strategy's fused map over the group's grid, (B, X, Y, Z): what `validation_dice` turns into masks."""
     return _batch_scores(net, group.images, config, diffusion, generator, autocast_dtype, False)[0]
 
 
@@ -358,12 +360,13 @@ def validation_dice(
     ``seed`` plus its first scan's index (a group of one scan: as `evaluate_scan` is seeded per scan).
     """
     strategy = config.strategies[0]
+    rule = PROTOCOLS.get(config.protocol).mask
     device = groups[0].images.device if groups else torch.device("cpu")
     generator = torch.Generator(device=device)
     dice = []
     for group in groups:
         generator.manual_seed(seed + group.indices[0])
-        predicted = (group_scores(net, group, config, diffusion, generator, autocast_dtype)[strategy] > 0) & group.inside
+        predicted = rule(group_scores(net, group, config, diffusion, generator, autocast_dtype)[strategy]) & group.inside
         overlap = (predicted & group.truth).sum(dim=(1, 2, 3))
         volumes = predicted.sum(dim=(1, 2, 3)) + group.truth_voxels
         dice.append(torch.where(volumes > 0, 2 * overlap.double() / volumes.clamp(min=1).double(), 1.0))

@@ -53,16 +53,53 @@ def sigmoid_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
     return (1.0 - (2.0 * overlap + DICE_SMOOTHING) / (total + DICE_SMOOTHING)).mean()
 
 
-def x0_loss(logits: torch.Tensor, mask: torch.Tensor, weights: LossWeights = LossWeights()) -> torch.Tensor:
-    """Dice(sigmoid) + BCE-with-logits + MSE(sigmoid(logits), mask), weighted; ``mask`` in {0, 1}, like ``logits``."""
+LOSS_TERMS = ("dice", "bce", "mse")
+
+
+def x0_loss_terms(logits: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The three unweighted terms of the x0 loss (`LOSS_TERMS`): Dice(sigmoid), BCE with logits and
+    MSE(sigmoid(logits), mask); ``mask`` in {0, 1}, like ``logits``."""
     # The terms are computed in float32 whatever autocast produced: sigmoid and the Dice ratio are fragile in bf16.
     logits = logits.float()
     target = mask.to(logits.dtype)
-    return (
-        weights.dice * sigmoid_dice_loss(logits, target)
-        + weights.bce * F.binary_cross_entropy_with_logits(logits, target)
-        + weights.mse * F.mse_loss(torch.sigmoid(logits), target)
-    )
+    return {
+        "dice": sigmoid_dice_loss(logits, target),
+        "bce": F.binary_cross_entropy_with_logits(logits, target),
+        "mse": F.mse_loss(torch.sigmoid(logits), target),
+    }
+
+
+def weighted_loss(terms: dict[str, torch.Tensor], weights: LossWeights = LossWeights()) -> torch.Tensor:
+    """The loss from its terms: Dice, BCE and MSE weighted and summed in that order."""
+    return weights.dice * terms["dice"] + weights.bce * terms["bce"] + weights.mse * terms["mse"]
+
+
+def x0_loss(logits: torch.Tensor, mask: torch.Tensor, weights: LossWeights = LossWeights()) -> torch.Tensor:
+    """Dice(sigmoid) + BCE-with-logits + MSE(sigmoid(logits), mask), weighted; ``mask`` in {0, 1}, like ``logits``."""
+    return weighted_loss(x0_loss_terms(logits, mask), weights)
+
+
+def diffusion_loss_terms(
+    net: Denoiser,
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    config: DiffusionConfig = DiffusionConfig(),
+    generator: torch.Generator | None = None,
+    timesteps: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """`diffusion_loss`'s terms, unweighted (`x0_loss_terms`). ``timesteps`` (B,) and ``noise`` (like ``mask``),
+    when given, are used instead of drawn (the fidelity check replays the reference's draws)."""
+    if mask.ndim != image.ndim or mask.shape[0] != image.shape[0] or mask.shape[1] != 1:
+        raise ValueError(f"mask must be (B,1,...) matching image {tuple(image.shape)}, got {tuple(mask.shape)}")
+    clean = 2.0 * mask.float() - 1.0
+    t = timesteps
+    if t is None:
+        t = torch.randint(0, config.timesteps, (clean.shape[0],), device=clean.device, generator=generator)
+    if noise is None:
+        noise = torch.randn(clean.shape, dtype=clean.dtype, device=clean.device, generator=generator)
+    logits = net(image, add_noise(clean, noise, t, config), t)
+    return x0_loss_terms(logits, mask)
 
 
 def diffusion_loss(
@@ -78,10 +115,4 @@ def diffusion_loss(
     ``image`` (B,C,X,Y,Z), ``mask`` (B,1,X,Y,Z) in {0, 1}. Random numbers are drawn on the mask's device (a given
     ``generator`` must live there), and nothing waits for the device, so the step can run ahead of the host.
     """
-    if mask.ndim != image.ndim or mask.shape[0] != image.shape[0] or mask.shape[1] != 1:
-        raise ValueError(f"mask must be (B,1,...) matching image {tuple(image.shape)}, got {tuple(mask.shape)}")
-    clean = 2.0 * mask.float() - 1.0
-    t = torch.randint(0, config.timesteps, (clean.shape[0],), device=clean.device, generator=generator)
-    noise = torch.randn(clean.shape, dtype=clean.dtype, device=clean.device, generator=generator)
-    logits = net(image, add_noise(clean, noise, t, config), t)
-    return x0_loss(logits, mask, weights)
+    return weighted_loss(diffusion_loss_terms(net, image, mask, config, generator), weights)

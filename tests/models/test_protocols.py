@@ -96,12 +96,21 @@ def test_reference_staple_is_simpleitks_on_int16_cast_steps():
     assert np.isnan(sitk_staple_of_int16_steps(np.full((10, 2, 2, 2), 0.9, np.float32))).all()
 
 
-def test_reference_staple_calls_lesion_any_positive_posterior_and_msx_half():
-    logits = random_logits(6, steps=10, chains=1, shape=(6, 5, 4))
+def test_reference_staple_calls_lesion_where_the_float32_sigmoid_of_the_posterior_exceeds_half_and_msx_half():
+    # Ten steps that agree on a lesion (the first half of the volume) but for 5% of each step's votes flipped.
+    generator = torch.Generator().manual_seed(0)
+    truth = torch.arange(8).view(8, 1, 1).expand(8, 8, 8) < 4
+    votes = truth ^ (torch.rand((10, 1, 8, 8, 8), generator=generator) < 0.05)
+    logits = torch.where(votes, 3.0, -3.0)
     posterior = reference_staple(logits)
-    doubtful = (posterior > 0) & (posterior < 0.5)
-    assert doubtful.any()  # lesion under the reference's rule, background under msx's
-    assert torch.equal(REFERENCE.strategy("staple")(logits) > 0, posterior > 0)
+    lesion = REFERENCE.mask(REFERENCE.strategy("staple")(logits))
+    assert torch.equal(lesion, torch.sigmoid(posterior.float()) > 0.5)
+    doubtful = (posterior > 1e-6) & (posterior < 0.5)
+    assert doubtful.any() and lesion[doubtful].all()  # lesion under the reference's rule, background under msx's
+    # A voxel no step voted for keeps a tiny positive posterior: lesion under "> 0", background under the reference.
+    unvoted = ~votes.any(dim=(0, 1))
+    assert unvoted.any() and (posterior[unvoted] > 0).all() and (posterior[unvoted] < 1e-12).all()
+    assert not lesion[unvoted].any()
     # msx: STAPLE over the steps' x0 > 0 masks, lesion where the posterior is >= 0.5.
     from msx.models.strategies import staple
 
@@ -154,7 +163,7 @@ def test_segment_scan_under_the_reference_fuses_each_window_before_stitching():
         expected[..., :4] = per_window[0][..., :4]
         expected[..., 4:8] = (per_window[0][..., 4:] + per_window[1][..., :4]) / 2
         expected[..., 8:] = per_window[1][..., 4:]
-        np.testing.assert_array_equal(masks[name], (expected > 0).numpy(), err_msg=name)
+        np.testing.assert_array_equal(masks[name], REFERENCE.mask(expected).numpy(), err_msg=name)
         if name == "staple":  # the second window's NaN reaches every voxel it covers
             assert torch.isnan(expected[..., 4:]).all() and not torch.isnan(expected[..., :4]).any()
     assert masks["staple"][..., :4].all() and not masks["staple"][..., 4:].any()
@@ -166,6 +175,14 @@ def test_an_unknown_protocol_fails_before_sampling():
     with pytest.raises(UnknownNameError, match="valid names: msx, reference"):
         segment_scan(net, np.ones((1, 8, 8, 8), np.float32), config, torch.device("cpu"))
     assert net.calls == []
+
+
+def test_the_mask_rules():
+    """The reference thresholds the float32 sigmoid at 0.5 (exactly 0.5 below about 1e-7); msx the sign."""
+    maps = torch.tensor([-1.0, -1e-12, 0.0, 5e-13, 5e-8, 2e-7, 0.3, float("nan")])
+    assert REFERENCE.mask(maps).tolist() == [False, False, False, False, False, True, True, False]
+    assert MSX.mask(maps).tolist() == [False, False, False, True, True, True, True, False]
+    assert REFERENCE.mask(maps.double()).tolist() == REFERENCE.mask(maps).tolist()
 
 
 def test_msx_protocol_is_todays_fusion_on_the_stitched_trajectories():

@@ -18,6 +18,7 @@ from msx.models.engine import (
     validation_dice,
 )
 from msx.models.metrics import segmentation_metrics
+from msx.models.protocols import PROTOCOLS
 from msx.models.networks import NetworkConfig, build_network
 
 PATCH = (32, 32, 32)
@@ -68,7 +69,7 @@ def test_device_dice_is_the_dsc_of_the_restored_mask(scans, net, protocol):
         scores = group_scores(net, group, settings, DiffusionConfig(), generator, None)["mean"]
         for row, (index, grid) in enumerate(zip(group.indices, group.grids)):
             own = scores[(row, *(slice(0, side) for side in grid.prepared_shape))]
-            mask = grid.restore((own > 0).numpy())
+            mask = grid.restore(PROTOCOLS.get(protocol).mask(own).numpy())
             truth = scans[index].mask.astype(bool)
             expected[index] = segmentation_metrics(mask, truth, spacing=scans[index].spacing)["dsc"]
     assert dice == pytest.approx(expected, rel=1e-12, abs=1e-12)

@@ -6,7 +6,16 @@ import torch
 
 from monai.losses import DiceLoss
 
-from msx.models.diffusion import DiffusionConfig, LossWeights, diffusion_loss, x0_loss
+from msx.models.diffusion import (
+    LOSS_TERMS,
+    DiffusionConfig,
+    LossWeights,
+    alphas_cumprod,
+    diffusion_loss,
+    diffusion_loss_terms,
+    weighted_loss,
+    x0_loss,
+)
 from msx.models.diffusion.training import sigmoid_dice_loss
 
 from .stand_ins import OracleNet, RecordingNet, TinyConvNet, image_with_mask, oracle_logits
@@ -113,3 +122,24 @@ def test_x0_loss_accepts_bf16_logits_and_bool_masks() -> None:
 def test_rejects_a_mask_that_is_not_one_channel() -> None:
     with pytest.raises(ValueError):
         diffusion_loss(OracleNet(), torch.zeros((1, 2, 2, 2, 2)), torch.zeros((1, 2, 2, 2, 2)))
+
+
+def test_loss_terms_with_given_steps_and_noise_are_the_loss_of_that_draw() -> None:
+    generator = torch.Generator().manual_seed(6)
+    mask = random_mask((2, 1, 4, 4, 4), generator)
+    net = RecordingNet()
+    diffusion_loss(net, mask, mask, generator=torch.Generator().manual_seed(7))
+    (_, noisy, t, _), = net.calls
+    alpha_bar = alphas_cumprod(DiffusionConfig())[t].view(-1, 1, 1, 1, 1)
+    noise = (noisy - alpha_bar.sqrt() * (2 * mask - 1)) / (1 - alpha_bar).sqrt()  # the draw, recovered
+
+    weights = LossWeights(dice=2.0, bce=0.5, mse=3.0)
+    terms = diffusion_loss_terms(net, mask, mask, timesteps=t, noise=noise)
+    assert set(terms) == set(LOSS_TERMS) == {"dice", "bce", "mse"}
+    torch.testing.assert_close(net.calls[1][1], noisy, rtol=0, atol=1e-6)
+    assert torch.equal(net.calls[1][2], t)
+    logits = net.calls[1][3]
+    torch.testing.assert_close(weighted_loss(terms, weights), x0_loss(logits, mask, weights), rtol=0, atol=0)
+    assert terms["dice"].item() == pytest.approx(sigmoid_dice_loss(logits, mask).item(), rel=1e-7)
+    drawn = diffusion_loss(net, mask, mask, generator=torch.Generator().manual_seed(7), weights=weights)
+    assert weighted_loss(terms, weights).item() == pytest.approx(drawn.item(), rel=1e-5)

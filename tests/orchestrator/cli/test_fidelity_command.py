@@ -39,6 +39,28 @@ def test_a_sampling_fixture_with_its_weights_in_json():
     assert max(gated.values()) <= 1e-4
 
 
+def test_the_sampling_fixture_compares_its_masks_exactly():
+    result = fidelity(FIXTURES / "sampling_reference.npz")
+    assert result.exit_code == 0, result.output + result.stderr
+    for mask in ("last", "mean", "mean_var", "uncertainty", "staple"):
+        line = next(line for line in result.output.splitlines() if line.strip().startswith(f"mask.{mask} "))
+        assert line.endswith("0 of 32768 differ  ok"), line
+    assert "msx's reference strategies and masks on the fixture's steps.logits:" in result.output
+
+
+def test_a_training_fixture_passes_and_groups_its_gradients_and_weights():
+    result = fidelity(FIXTURES / "training_reference.npz")
+    assert result.exit_code == 0, result.output + result.stderr
+    assert "training_reference.npz: training fixture, msx unet, features [8, 8, 16, 16, 32, 8]" in result.output
+    lines = [line.strip() for line in result.output.splitlines()]
+    for label in ("grad.encoder.* (40 arrays)", "grad.denoiser.* (232 arrays)", "final.encoder.* (40 arrays)",
+                  "final.denoiser.* (328 arrays)", "losses", "step3.x_t", "schedule.lr_per_epoch_500"):
+        line = next(line for line in lines if line.startswith(label + " "))
+        assert line.endswith("  ok"), line
+    assert "msx's gradients at step 0:" in result.output and "after 4 sgd steps:" in result.output
+    assert "max relative error" in result.output and "  passed" in result.output
+
+
 def test_a_changed_expected_output_exits_1_naming_the_array(tmp_path):
     with np.load(FIXTURES / "unet_reference.npz") as archive:
         arrays = dict(archive)
@@ -47,7 +69,16 @@ def test_a_changed_expected_output_exits_1_naming_the_array(tmp_path):
     result = fidelity(tmp_path / "changed.npz")
     assert result.exit_code == 1
     assert "output.x0_logits" in result.output and "FAIL" in result.output and "FAILED" in result.output
-    assert "not within 0.0001: changed.npz: output.x0_logits" in result.stderr
+    assert "failed: changed.npz: output.x0_logits (max |error| 0.001, tolerance 0.0001)" in result.stderr
+
+
+def test_an_array_no_check_compares_is_a_one_line_error(tmp_path):
+    with np.load(FIXTURES / "unet_reference.npz") as archive:
+        arrays = dict(archive)
+    np.savez(tmp_path / "extra.npz", **arrays, **{"output.other": np.zeros(2)})
+    result = fidelity(tmp_path / "extra.npz")
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert "extra.npz: array output.other is not one a network fixture's check compares or reads" in result.stderr
 
 
 def test_a_file_that_is_no_fixture_is_a_one_line_error(tmp_path):
