@@ -48,7 +48,7 @@ from msx.models.data.folds import Fold
 
 from ..spec import ExperimentSpec
 from ..trial import EPOCH, FINAL_REPORT, TrialConfig
-from ..trials.rung_gate import GateOpener
+from ..trials.rung_gate import open_gate
 from . import interruption
 from .search import MODE, OPTIMISED_METRIC, PRUNERS, SAMPLERS, optuna_distribution, rung_epochs
 from .search_record import ConfigurationSummary, SearchSummary, write_summary
@@ -521,14 +521,13 @@ class ConfigurationScheduler(TrialScheduler):
 
     # One result at a time: a fold must pause at its rung, not after the results buffered behind it.
     _supports_buffered_results = False
+    # Since when Tune has held paused folds with nothing else to run (the study stalls past STALL_GRACE_S); not
+    # saved: a resumed driver counts afresh.
+    _idle_since: float | None = None
 
-    def __init__(self, rung_gate: str | None = None) -> None:
-        """``rung_gate``: the name of the study's rung gate (trials/rung_gate.py), opened for each trial let go on."""
+    def __init__(self) -> None:
         super().__init__()
         self._metric, self._mode = OPTIMISED_METRIC, MODE
-        self._open_gate = GateOpener(rung_gate)
-        # Since when Tune has held paused folds with nothing else to run (the study stalls past STALL_GRACE_S).
-        self._idle_since: float | None = None
 
     def set_search_properties(self, metric: str | None, mode: str | None, **spec) -> bool:
         return True
@@ -545,7 +544,8 @@ class ConfigurationScheduler(TrialScheduler):
         if decision == TrialScheduler.STOP:
             self._stop_ended(tune_controller, search, besides=trial)
         elif decision == TrialScheduler.CONTINUE and EPOCH in result:
-            self._open_gate(trial.trial_id, int(result[EPOCH]))
+            # The trial's workers wait at a rung until this (trials/rung_gate.py).
+            open_gate(trial.trial_id, int(result[EPOCH]))
         elif decision == TrialScheduler.PAUSE and (delay := os.environ.get(PAUSE_DELAY_VARIABLE)):
             time.sleep(float(delay))
         return decision

@@ -141,7 +141,7 @@ def run_study(
     # Likewise: the folds' go-ahead at the search's rungs, where they wait for the search's decision.
     rungs = rung_epochs(spec)
     rung_gate = gate_name(state.study) if rungs else None
-    rung_gate_actor = start_rung_gate(rung_gate) if rung_gate else None  # noqa: F841
+    rung_gate_actor = start_rung_gate(rung_gate)  # noqa: F841
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial,
@@ -173,7 +173,7 @@ def run_study(
                 mode=MODE,
                 # The searcher bounds the trials that hold workers; Tune's own bound would count paused ones.
                 search_alg=ConfigurationSearch(spec, folds, max_concurrent, search_file, echo),
-                scheduler=ConfigurationScheduler(rung_gate),
+                scheduler=ConfigurationScheduler(),
                 num_samples=total,
             ),
             run_config=tune.RunConfig(

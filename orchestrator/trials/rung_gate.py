@@ -51,31 +51,28 @@ class RungGate:
         return self._passed.get(trial_id, 0)
 
 
-def start_rung_gate(name: str) -> ActorHandle:
-    """The driver's gate; keep the handle while the study runs."""
+# The gate of the study that this process drives, if it started one: the scheduler opens it through `open_gate`.
+# Kept here rather than in the scheduler, which Tune pickles when a study starts and gives back on a resume as it was.
+_driver_gate: list[ActorHandle] = []
+
+
+def start_rung_gate(name: str | None) -> ActorHandle | None:
+    """The driver's gate (None: the study has no rungs); keep the handle while the study runs."""
+    _driver_gate.clear()
+    if name is None:
+        return None
     try:
-        return RungGate.options(name=name, namespace=NAMESPACE).remote()
+        gate = RungGate.options(name=name, namespace=NAMESPACE).remote()
     except ValueError:  # the name is still held by this process's previous gate, not yet collected
-        return ray.get_actor(name, namespace=NAMESPACE)
+        gate = ray.get_actor(name, namespace=NAMESPACE)
+    _driver_gate.append(gate)
+    return gate
 
 
-class GateOpener:
-    """The driver's side: lets a trial go on past `epoch` (not waited on)."""
-
-    def __init__(self, name: str | None) -> None:
-        self._name = name
-        self._actor: ActorHandle | None = None
-
-    def __call__(self, trial_id: str, epoch: int) -> None:
-        if self._name is None:
-            return
-        if self._actor is None:
-            self._actor = ray.get_actor(self._name, namespace=NAMESPACE)
-        self._actor.open.remote(trial_id, epoch)
-
-    def __getstate__(self) -> dict:
-        # Tune saves the scheduler that holds this with the experiment; a restored driver finds its own gate.
-        return {"_name": self._name, "_actor": None}
+def open_gate(trial_id: str, epoch: int) -> None:
+    """The driver's side: let a trial go on past `epoch` (not waited on); nothing without a gate."""
+    if _driver_gate:
+        _driver_gate[0].open.remote(trial_id, epoch)
 
 
 class RungWaiter:

@@ -9,11 +9,13 @@ import time
 
 import pytest
 from optuna.trial import TrialState
+from ray.tune.experiment import Trial
 from ray.tune.schedulers import TrialScheduler
 from ray.tune.search import Searcher
 
 from msx.models.data.folds import resolve_folds
-from msx.orchestrator.study.configuration_search import ConfigurationSearch
+from msx.orchestrator.study import configuration_search, interruption
+from msx.orchestrator.study.configuration_search import ConfigurationScheduler, ConfigurationSearch
 from msx.orchestrator.study.search import rung_epochs
 from msx.orchestrator.study.search_record import read_summary
 from msx.orchestrator.spec import load_spec, spec_from_dict
@@ -241,3 +243,67 @@ def test_folds_waiting_for_a_fold_that_ended_without_its_rung_score_are_a_stall_
         "unet-c1: fold(s) 2, 3 wait at the epoch-4 rung for fold(s) 1 (done at epoch 6), which ended without a score there"
     )
     assert search.waiting_folds() == ["unet-c1 fold 2", "unet-c1 fold 3"]
+
+
+class Controller:
+    """The part of Tune's controller the scheduler uses: its trials, its searcher, stopping a trial."""
+
+    def __init__(self, search: ConfigurationSearch, statuses: dict[str, str]) -> None:
+        self.search_alg = search
+        self.trials = [Trial("msx", config={}, trial_id=trial_id, stub=True) for trial_id in statuses]
+        for trial in self.trials:
+            trial.set_status(statuses[trial.trial_id])
+
+    def get_trials(self):
+        return self.trials
+
+    def stop_trial(self, trial):
+        trial.set_status(Trial.TERMINATED)
+
+
+def test_a_stalled_search_ends_the_study_resumable_naming_its_configuration_and_folds():
+    lines = []
+    search = ConfigurationSearch(make_spec(configurations=1), FOLDS, concurrency=3, echo=lines.append)
+    tune = Driver(search)
+    c1 = [tune.suggest() for _ in FOLDS]
+    for trial_id in c1:
+        tune.report(trial_id, 2, 0.5)
+    for trial_id in c1:
+        search.resumed(trial_id) if search.phase_of(trial_id) == "ready" else None
+    tune.report(c1[1], 4, 0.6), tune.report(c1[2], 4, 0.6)
+    search.on_trial_complete(c1[0], {"epoch": 6, "val_dice": 0.7, "final": 1})
+    controller = Controller(search, {c1[0]: Trial.TERMINATED, c1[1]: Trial.PAUSED, c1[2]: Trial.PAUSED})
+    interruption.reset()
+    try:
+        assert ConfigurationScheduler().choose_trial_to_run(controller) is None
+        assert interruption.INTERRUPTED.is_set()
+        assert interruption.stop_reason().startswith("stalled: unet-c1: fold(s) 2, 3 wait at the epoch-4 rung")
+        assert lines[-1].startswith("STALLED: unet-c1: fold(s) 2, 3 wait at the epoch-4 rung for fold(s) 1 (done")
+    finally:
+        interruption.reset()
+
+
+def test_paused_folds_with_nothing_to_run_are_a_stall_only_after_a_grace_period(monkeypatch):
+    search = ConfigurationSearch(make_spec(configurations=1), FOLDS, concurrency=3, echo=lambda _: None)
+    tune = Driver(search)
+    c1 = [tune.suggest() for _ in FOLDS]
+    tune.report(c1[0], 2, 0.5)
+    # Fold 1 waits; folds 2 and 3 are gone from Tune although the search still counts them (what no code path
+    # should ever leave, and the scheduler must not wait on for ever).
+    controller = Controller(search, {c1[0]: Trial.PAUSED, c1[1]: Trial.TERMINATED, c1[2]: Trial.TERMINATED})
+    search._configurations["unet-c1"].folds[2].phase = "queued"
+    search._configurations["unet-c1"].folds[3].phase = "queued"
+    scheduler = ConfigurationScheduler()
+    clock = [1000.0]
+    monkeypatch.setattr(configuration_search.time, "monotonic", lambda: clock[0])
+    interruption.reset()
+    try:
+        scheduler.choose_trial_to_run(controller)
+        clock[0] += configuration_search.STALL_GRACE_S - 1
+        scheduler.choose_trial_to_run(controller)
+        assert not interruption.INTERRUPTED.is_set()  # trials may be between an end and the next start
+        clock[0] += 2
+        scheduler.choose_trial_to_run(controller)
+        assert interruption.stop_reason() == "stalled: paused folds (unet-c1 fold 1) and nothing to run"
+    finally:
+        interruption.reset()

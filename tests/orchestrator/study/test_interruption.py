@@ -49,3 +49,13 @@ def test_the_first_stop_signal_ends_the_tune_run_and_marks_it_interrupted(tune_h
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     with pytest.raises(KeyboardInterrupt):
         os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_the_search_ends_a_stalled_run_through_tunes_handler_with_its_reason(tune_handlers):
+    interruption.StopSignals().setup()
+    interruption.stop_run("stalled: unet-c1: fold(s) 3 wait at the epoch-4 rung")
+    assert tune_handlers == [signal.SIGUSR1]  # Tune's own stop: it saves the experiment, the study stays resumable
+    assert interruption.INTERRUPTED.is_set() and interruption.received_signal() is None
+    assert interruption.stop_reason() == "stalled: unet-c1: fold(s) 3 wait at the epoch-4 rung"
+    interruption.reset()
+    assert interruption.stop_reason() is None and not interruption.INTERRUPTED.is_set()
