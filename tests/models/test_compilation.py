@@ -157,6 +157,7 @@ def distributed_threads() -> list[str]:
     )
 
 
+@pytest.mark.integration  # starts a process of its own, with a gloo process group: not the unit tier's
 def test_compiled_network_trains_inside_ddp_as_eager():
     """Compiled in place after DDP wrapped it, as run_fold does under Ray Train: one graph (DDP's own forward
     stays eager), and the DDP step's gradients equal the eager one's (one worker, gloo on 127.0.0.1).
