@@ -27,6 +27,15 @@ Empty masks:
 - both empty: dsc 1, tpr 1, ppv 1, ltpr 1, lfpr 0, avd 0, assd 0 (a perfect answer).
 - otherwise a ratio whose denominator is empty is NaN: ground truth empty -> tpr, ltpr, avd NaN;
   prediction empty -> ppv, lfpr NaN; either one empty -> assd NaN; dsc is 0 when exactly one is empty.
+
+The Shifts 2.0 MS-lesion benchmark's measures (Malinin et al. 2022; definitions as in the public code,
+Shifts-Project/shifts, mswml/metrics.py), each for one scan:
+- :func:`ndsc`: normalised Dice (Raina et al. 2023), Dice with the false positives reweighted as if the scan's lesion
+  load were ``r`` (0.1%), so that scans of small and of large lesion loads are scored on one scale.
+- :func:`lesion_f1`: F1 over lesions, a lesion counting as found when its best IoU with a lesion of the other mask
+  reaches 0.25.
+- :func:`ndsc_retention_curve` and :func:`ndsc_r_aac`: how well a voxel-wise uncertainty ranks the errors: nDSC as
+  the most uncertain voxels are handed over to the ground truth, and the area above that curve (lower is better).
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
+from scipy.integrate import trapezoid
 
 METRIC_NAMES = ("dsc", "tpr", "ppv", "ltpr", "lfpr", "avd", "assd")
 # Reported on request only (segmentation_metrics(extra=True)); not one of the paper's seven.
@@ -253,3 +263,170 @@ def summarise(per_scan: Sequence[dict[str, float]], ddof: int = 0) -> dict[str, 
         std = float(values.std(ddof=ddof)) if values.size > ddof else math.nan
         summary[name] = (mean, std)
     return summary
+
+
+# Shifts 2.0 (mswml/metrics.py): nDSC's reference lesion load, the lesion IoU that counts as a match, and the number
+# of retention fractions of the nDSC retention curve.
+NDSC_REFERENCE_LOAD = 0.001
+LESION_IOU_THRESHOLD = 0.25
+RETENTION_POINTS = 200
+
+
+def _ndsc_from_counts(
+    tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, gt_count: int, voxel_count: int, r: float
+) -> np.ndarray:
+    """nDSC from voxel counts (arrays of them: one per retention fraction), as mswml's ``dice_norm_metric``.
+
+    The false positives are scaled by k = (1 - r) / r * |G| / (N - |G|), the ratio of the scan's lesion load odds to the
+    reference load's, so a scan scores as if its lesion load were r; k = 1 when the truth is empty. Both masks empty
+    score 1. (A truth filling every voxel leaves no false positive to scale: mswml's k is infinite there and its
+    0 * inf gives NaN; here the term is 0.)
+    """
+    tp, fp, fn = (np.asarray(count, dtype=np.float64) for count in (tp, fp, fn))
+    if gt_count == 0:
+        k = 1.0
+    elif gt_count == voxel_count:
+        k = 0.0
+    else:
+        k = (1 - r) * gt_count / (r * (voxel_count - gt_count))
+    denominator = k * fp + 2 * tp + fn
+    # The denominator is 0 only when both masks are empty (tp + fn = |G| = 0 and fp = 0).
+    return np.where(denominator > 0, 2 * tp / np.where(denominator > 0, denominator, 1.0), 1.0)
+
+
+def ndsc(pred: npt.ArrayLike, gt: npt.ArrayLike, r: float = NDSC_REFERENCE_LOAD) -> float:
+    """Normalised Dice similarity coefficient (nDSC; Raina et al. 2023, as Shifts 2.0's mswml computes it) of a binary
+    prediction against its ground truth (nonzero = lesion), over all the voxels given.
+
+    nDSC = 2 TP / (k FP + 2 TP + FN) with k = (1 - r) |G| / (r (N - |G|)) (1 when the truth is empty); both masks
+    empty score 1, an empty truth with a nonempty prediction 0.
+    """
+    pred = np.asarray(pred).astype(bool)
+    gt = np.asarray(gt).astype(bool)
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from ground truth shape {gt.shape}")
+    tp = np.count_nonzero(pred & gt)
+    fp = np.count_nonzero(pred) - tp
+    gt_count = np.count_nonzero(gt)
+    return float(_ndsc_from_counts(tp, fp, gt_count - tp, gt_count, gt.size, r))
+
+
+def _best_lesion_ious(pred_labels: np.ndarray, pred_count: int, gt_labels: np.ndarray, gt_count: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each predicted lesion (labels 1..pred_count) and each true lesion: its largest IoU with a lesion of the other
+    mask, 0 when it overlaps none. Element 0 of each array is the background's and unused."""
+    overlap = (pred_labels > 0) & (gt_labels > 0)
+    # One code per overlapping (predicted, true) lesion pair; its count is the pair's intersection in voxels.
+    pair_codes, intersections = np.unique(
+        pred_labels[overlap].astype(np.int64) * (gt_count + 1) + gt_labels[overlap], return_counts=True
+    )
+    pred_of_pair, gt_of_pair = np.divmod(pair_codes, gt_count + 1)
+    pred_sizes = np.bincount(pred_labels.ravel(), minlength=pred_count + 1)
+    gt_sizes = np.bincount(gt_labels.ravel(), minlength=gt_count + 1)
+    ious = intersections / (pred_sizes[pred_of_pair] + gt_sizes[gt_of_pair] - intersections)
+    best_pred_iou = np.zeros(pred_count + 1)
+    best_gt_iou = np.zeros(gt_count + 1)
+    np.maximum.at(best_pred_iou, pred_of_pair, ious)
+    np.maximum.at(best_gt_iou, gt_of_pair, ious)
+    return best_pred_iou[1:], best_gt_iou[1:]
+
+
+def lesion_f1(
+    pred: npt.ArrayLike, gt: npt.ArrayLike, connectivity: int = 6, iou_threshold: float = LESION_IOU_THRESHOLD
+) -> float:
+    """Lesion-scale F1 (Shifts 2.0, mswml's ``lesion_f1_score``) of a binary prediction against its ground truth.
+
+    Lesions are connected components (``connectivity`` 6, 18 or 26; mswml labels with scipy's default, 6). A predicted
+    lesion is a true positive when its largest IoU with a true lesion is at least ``iou_threshold``, else a false
+    positive; a true lesion whose largest IoU with a predicted lesion is below it is a false negative.
+    F1 = TP / (TP + (FP + FN) / 2), and 1 when there is no lesion in either mask.
+    """
+    pred = np.asarray(pred).astype(bool)
+    gt = np.asarray(gt).astype(bool)
+    if pred.shape != gt.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from ground truth shape {gt.shape}")
+    structure = _lesion_structure(connectivity)
+    pred_labels, pred_count = ndimage.label(pred, structure=structure)
+    gt_labels, gt_count = ndimage.label(gt, structure=structure)
+    best_pred_iou, best_gt_iou = _best_lesion_ious(pred_labels, pred_count, gt_labels, gt_count)
+    tp = int(np.count_nonzero(best_pred_iou >= iou_threshold))
+    fp = pred_count - tp
+    fn = int(np.count_nonzero(best_gt_iou < iou_threshold))
+    denominator = tp + (fp + fn) / 2
+    return tp / denominator if denominator else 1.0
+
+
+def retention_fractions(points: int = RETENTION_POINTS) -> np.ndarray:
+    """mswml's retention fractions: log(1..points) / log(points), from 0 to 1 and denser towards 1, where a scan's few
+    lesion voxels make the curve change most."""
+    fractions = np.log(np.arange(1, points + 1))
+    return fractions / fractions[-1]
+
+
+def ndsc_retention_curve(
+    pred: npt.ArrayLike,
+    gt: npt.ArrayLike,
+    uncertainty: npt.ArrayLike,
+    fractions: npt.ArrayLike | None = None,
+    brain_mask: npt.ArrayLike | None = None,
+    r: float = NDSC_REFERENCE_LOAD,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(fractions, nDSC at each): the nDSC retention curve of Shifts 2.0 (mswml's ``ndsc_aac_metric``).
+
+    The voxels (those of ``brain_mask`` when given, else all) are ordered by ``uncertainty``, least uncertain first,
+    ties in index order (a stable sort). At retention fraction f the first int(N f) keep their prediction and the
+    rest are replaced by the ground truth; nDSC is then computed over the N voxels. ``fractions`` defaults to
+    :func:`retention_fractions`.
+
+    The nDSC of every fraction comes from one sort: the replaced voxels are all correct, so only the counts of true
+    positives, false positives and false negatives among the kept prefix change, and each is a count of sorted
+    positions below the cut.
+    """
+    pred = np.asarray(pred).astype(bool)
+    gt = np.asarray(gt).astype(bool)
+    # Kept in its own dtype: a float32 map sorts as it would in float64, and faster.
+    uncertainty = np.asarray(uncertainty)
+    if not pred.shape == gt.shape == uncertainty.shape:
+        raise ValueError(
+            f"prediction {pred.shape}, ground truth {gt.shape} and uncertainty {uncertainty.shape} differ in shape"
+        )
+    if np.issubdtype(uncertainty.dtype, np.floating) and np.isnan(uncertainty).any():
+        raise ValueError("the uncertainty map holds NaN; it cannot order the voxels")
+    fractions = retention_fractions() if fractions is None else np.asarray(fractions, dtype=np.float64)
+    if fractions.ndim != 1 or fractions.size == 0 or fractions.min() < 0 or fractions.max() > 1:
+        raise ValueError("retention fractions must be a nonempty 1-D sequence of values in [0, 1]")
+    if brain_mask is None:
+        pred, gt, uncertainty = pred.ravel(), gt.ravel(), uncertainty.ravel()
+    else:
+        brain_mask = np.asarray(brain_mask).astype(bool)
+        if brain_mask.shape != pred.shape:
+            raise ValueError(f"brain mask shape {brain_mask.shape} differs from prediction shape {pred.shape}")
+        pred, gt, uncertainty = pred[brain_mask], gt[brain_mask], uncertainty[brain_mask]
+
+    order = np.argsort(uncertainty, kind="stable")
+    pred, gt = pred[order], gt[order]
+    voxel_count = gt.size
+    kept = (voxel_count * fractions).astype(np.int64)  # mswml's int(N * f)
+
+    def kept_count(voxels: np.ndarray) -> np.ndarray:
+        return np.searchsorted(np.flatnonzero(voxels), kept)
+
+    kept_fp = kept_count(pred & ~gt)
+    kept_fn = kept_count(~pred & gt)
+    gt_count = int(np.count_nonzero(gt))
+    # Every true voxel that is not a kept false negative is a true positive: kept and hit, or replaced by the truth.
+    tp = gt_count - kept_fn
+    return fractions, _ndsc_from_counts(tp, kept_fp, kept_fn, gt_count, voxel_count, r)
+
+
+def ndsc_r_aac(
+    pred: npt.ArrayLike,
+    gt: npt.ArrayLike,
+    uncertainty: npt.ArrayLike,
+    fractions: npt.ArrayLike | None = None,
+    brain_mask: npt.ArrayLike | None = None,
+    r: float = NDSC_REFERENCE_LOAD,
+) -> float:
+    """nDSC R-AAC (Shifts 2.0): 1 minus the trapezoid area under :func:`ndsc_retention_curve`; lower is better (0 when
+    the prediction is perfect)."""
+    fractions, values = ndsc_retention_curve(pred, gt, uncertainty, fractions=fractions, brain_mask=brain_mask, r=r)
+    return float(1.0 - trapezoid(values, fractions))

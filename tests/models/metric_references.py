@@ -105,3 +105,59 @@ def reference_hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -
     """medpy's HD95: the 95th percentile of both directed distance sets pooled."""
     pooled = np.concatenate([directed_surface_distances(pred, gt, spacing), directed_surface_distances(gt, pred, spacing)])
     return float(np.percentile(pooled, 95))
+
+
+# Shifts 2.0 references, written from the definitions in mswml/metrics.py: nDSC from float sums, the retention curve
+# by rebuilding the prediction at every fraction, and lesion F1 by comparing every pair of lesion masks.
+
+
+def reference_ndsc(pred: np.ndarray, gt: np.ndarray, r: float = 0.001) -> float:
+    seg = pred.astype(np.float64).ravel()
+    truth = gt.astype(np.float64).ravel()
+    if seg.sum() + truth.sum() == 0:
+        return 1.0
+    k = 1.0 if truth.sum() == 0 else (1 - r) * truth.sum() / (r * (truth.size - truth.sum()))
+    tp = seg[truth == 1].sum()
+    fp = seg[truth == 0].sum()
+    fn = truth[seg == 0].sum()
+    return 2 * tp / (k * fp + 2 * tp + fn)
+
+
+def reference_retention_curve(pred: np.ndarray, gt: np.ndarray, uncertainty: np.ndarray, brain_mask=None):
+    """(fractions, nDSC): at each fraction the least uncertain int(N f) voxels keep the prediction, the rest take the
+    truth. Ties keep index order: the voxels are sorted by (uncertainty, index) as a list of tuples."""
+    selected = np.ones(pred.shape, bool) if brain_mask is None else brain_mask.astype(bool)
+    pred, gt, uncertainty = pred[selected], gt[selected], uncertainty[selected]
+    order = [index for _, index in sorted((float(u), index) for index, u in enumerate(uncertainty))]
+    sorted_pred, sorted_gt = pred[order], gt[order]
+    fractions = np.array([np.log(k) / np.log(200) for k in range(1, 201)])
+    values = []
+    for fraction in fractions:
+        kept = int(len(sorted_gt) * fraction)
+        values.append(reference_ndsc(np.concatenate([sorted_pred[:kept], sorted_gt[kept:]]), sorted_gt))
+    return fractions, np.array(values)
+
+
+def reference_r_aac(pred, gt, uncertainty, brain_mask=None) -> float:
+    fractions, values = reference_retention_curve(pred, gt, uncertainty, brain_mask)
+    area = sum((fractions[i + 1] - fractions[i]) * (values[i + 1] + values[i]) / 2 for i in range(len(fractions) - 1))
+    return 1 - area
+
+
+def reference_lesion_f1(pred: np.ndarray, gt: np.ndarray, structure: np.ndarray, threshold: float = 0.25) -> float:
+    pred_labels, pred_count = ndimage.label(pred, structure=structure)
+    gt_labels, gt_count = ndimage.label(gt, structure=structure)
+    pred_lesions = [pred_labels == label for label in range(1, pred_count + 1)]
+    gt_lesions = [gt_labels == label for label in range(1, gt_count + 1)]
+
+    def iou(a: np.ndarray, b: np.ndarray) -> float:
+        return (a & b).sum() / (a | b).sum()
+
+    tp = fp = fn = 0
+    for lesion in pred_lesions:
+        best = max([iou(lesion, other) for other in gt_lesions], default=0.0)
+        tp, fp = (tp + 1, fp) if best >= threshold else (tp, fp + 1)
+    for lesion in gt_lesions:
+        best = max([iou(lesion, other) for other in pred_lesions], default=0.0)
+        fn += best < threshold
+    return 1.0 if tp + (fp + fn) / 2 == 0 else tp / (tp + (fp + fn) / 2)

@@ -4,9 +4,27 @@ import warnings
 import numpy as np
 import pytest
 
-from msx.models.metrics import EXTRA_METRIC_NAMES, METRIC_NAMES, segmentation_metrics, summarise
+from msx.models.metrics import (
+    EXTRA_METRIC_NAMES,
+    METRIC_NAMES,
+    _lesion_structure,
+    lesion_f1,
+    ndsc,
+    ndsc_r_aac,
+    ndsc_retention_curve,
+    retention_fractions,
+    segmentation_metrics,
+    summarise,
+)
 
-from .metric_references import mask_with, random_lesion_pair
+from .metric_references import (
+    mask_with,
+    random_lesion_pair,
+    reference_lesion_f1,
+    reference_ndsc,
+    reference_r_aac,
+    reference_retention_curve,
+)
 
 
 # Ground truth: a face-connected pair, and two voxels touching only at a corner.
@@ -127,3 +145,121 @@ def test_summarise_rejects_mismatched_metrics_and_empty_input():
     with pytest.raises(ValueError, match="same metrics"):
         summarise([{"dsc": 1.0}, {"tpr": 1.0}])
     assert summarise([]) == {}
+
+
+# --- Shifts 2.0 measures (nDSC, lesion F1, nDSC retention curve and R-AAC) against the straightforward references ---
+
+# (shape, lesion load): loads from a realistic 0.3% up to lesion-heavy, on masks small enough for the references.
+SHIFTS_CASES = [((6, 7, 8), 0.003), ((10, 10, 10), 0.02), ((12, 9, 7), 0.15), ((5, 5, 5), 0.4)]
+
+
+def _shifts_case(shape: tuple, load: float, seed: int):
+    """(prediction, truth, uncertainty): the prediction is the truth with about a tenth of the voxels' state flipped
+    on top of the lesion load; the uncertainty is rounded to a few levels so that many voxels tie."""
+    rng = np.random.default_rng(seed)
+    gt = rng.random(shape) < load
+    gt.flat[rng.integers(gt.size)] = True
+    pred = gt ^ (rng.random(shape) < max(load, 0.02))
+    uncertainty = np.round(rng.random(shape) + 0.5 * (pred != gt), 1)
+    return pred, gt, uncertainty
+
+
+@pytest.mark.parametrize("shape, load", SHIFTS_CASES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ndsc_and_lesion_f1_match_the_references(shape, load, seed):
+    pred, gt, _ = _shifts_case(shape, load, seed)
+    assert ndsc(pred, gt) == pytest.approx(reference_ndsc(pred, gt), abs=1e-5)
+    for connectivity in (6, 18, 26):
+        expected = reference_lesion_f1(pred, gt, _lesion_structure(connectivity))
+        assert lesion_f1(pred, gt, connectivity=connectivity) == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("shape, load", SHIFTS_CASES)
+def test_ndsc_retention_curve_and_r_aac_match_the_reference(shape, load):
+    pred, gt, uncertainty = _shifts_case(shape, load, seed=3)
+    fractions, values = ndsc_retention_curve(pred, gt, uncertainty)
+    expected_fractions, expected_values = reference_retention_curve(pred, gt, uncertainty)
+    np.testing.assert_allclose(fractions, expected_fractions, atol=1e-12)
+    np.testing.assert_allclose(values, expected_values, atol=1e-5)
+    assert ndsc_r_aac(pred, gt, uncertainty) == pytest.approx(reference_r_aac(pred, gt, uncertainty), abs=1e-5)
+
+
+def test_retention_fractions_are_mswmls_log_spacing():
+    fractions = retention_fractions()
+    assert fractions.size == 200 and fractions[0] == 0 and fractions[-1] == 1
+    assert fractions[1] == pytest.approx(np.log(2) / np.log(200))
+
+
+def test_ndsc_empty_cases_follow_mswml():
+    empty = np.zeros((4, 4, 4), bool)
+    lesion = mask_with((4, 4, 4), [(1, 1, 1)])
+    assert ndsc(empty, empty) == 1.0
+    assert ndsc(lesion, empty) == 0.0  # an empty truth: k = 1 and no true positive
+    assert ndsc(empty, lesion) == 0.0
+
+
+def test_ndsc_reweights_false_positives_to_the_reference_load():
+    # |G| = 1 of N = 64: k = 0.999 * 1 / (0.001 * 63); one hit and one false positive.
+    gt = mask_with((4, 4, 4), [(1, 1, 1)])
+    pred = mask_with((4, 4, 4), [(1, 1, 1), (3, 3, 3)])
+    k = 0.999 / (0.001 * 63)
+    assert ndsc(pred, gt) == pytest.approx(2 / (k + 2))
+
+
+def test_lesion_f1_empty_cases_follow_mswml():
+    empty = np.zeros((4, 4, 4), bool)
+    lesion = mask_with((4, 4, 4), [(1, 1, 1)])
+    assert lesion_f1(empty, empty) == 1.0
+    assert lesion_f1(lesion, empty) == 0.0
+    assert lesion_f1(empty, lesion) == 0.0
+
+
+def test_lesion_f1_counts_a_match_from_an_iou_of_a_quarter():
+    # A true lesion of 4 voxels; a predicted lesion covering 1 of them (IoU 1/4, a match) and one covering 1 of
+    # another true lesion of 5 (IoU 1/5, a false positive and a false negative).
+    gt = mask_with((9, 9, 9), [(0, 0, z) for z in range(4)] + [(5, 5, z) for z in range(5)])
+    pred = mask_with((9, 9, 9), [(0, 0, 0), (5, 5, 0)])
+    assert lesion_f1(pred, gt) == pytest.approx(1 / (1 + (1 + 1) / 2))
+
+
+def test_retention_orders_ties_stably():
+    # Four voxels of one uncertainty: the cut keeps the first in index order. With one voxel in the prediction wrong
+    # (index 0 or index 3), the curve differs unless ties keep index order.
+    gt = np.zeros((1, 1, 4), bool)
+    gt[0, 0, 1] = True
+    uncertainty = np.zeros((1, 1, 4))
+    fractions = np.array([0.0, 0.25, 0.5, 1.0])
+    wrong_first = gt.copy()
+    wrong_first[0, 0, 0] = True
+    wrong_last = gt.copy()
+    wrong_last[0, 0, 3] = True
+    k = 0.999 * 1 / (0.001 * 3)
+    _, first = ndsc_retention_curve(wrong_first, gt, uncertainty, fractions=fractions)
+    _, last = ndsc_retention_curve(wrong_last, gt, uncertainty, fractions=fractions)
+    np.testing.assert_allclose(first, [1, 2 / (k + 2), 2 / (k + 2), 2 / (k + 2)])
+    np.testing.assert_allclose(last, [1, 1, 1, 2 / (k + 2)])
+
+
+def test_retention_counts_only_the_brain_masks_voxels():
+    pred, gt, uncertainty = _shifts_case((8, 8, 8), 0.05, seed=5)
+    brain = np.zeros((8, 8, 8), bool)
+    brain[1:7, 2:8, 0:6] = True
+    # Outside the brain the prediction is wrong everywhere: it must not count.
+    pred = np.where(brain, pred, ~gt)
+    expected = reference_r_aac(pred, gt, uncertainty, brain_mask=brain)
+    assert ndsc_r_aac(pred, gt, uncertainty, brain_mask=brain) == pytest.approx(expected, abs=1e-5)
+    assert ndsc_r_aac(pred[brain], gt[brain], uncertainty[brain]) == pytest.approx(expected, abs=1e-5)
+
+
+def test_perfect_prediction_has_no_area_above_the_curve():
+    _, gt, uncertainty = _shifts_case((6, 6, 6), 0.1, seed=2)
+    assert ndsc_r_aac(gt, gt, uncertainty) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_retention_refuses_nan_uncertainty_and_mismatched_shapes():
+    pred, gt, uncertainty = _shifts_case((4, 4, 4), 0.1, seed=0)
+    uncertainty[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        ndsc_r_aac(pred, gt, uncertainty)
+    with pytest.raises(ValueError, match="shape"):
+        ndsc_r_aac(pred, gt, np.zeros((4, 4, 5)))
