@@ -84,7 +84,9 @@ def test_evaluate_prints_every_metric_as_json(tmp_path):
     result = msx("evaluate", "--pred", "pred.nii.gz", "--gt", "gt.nii.gz", "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     metrics = json.loads(result.stdout)
-    assert set(metrics) == {"pred", "gt", "connectivity", "dsc", "tpr", "ppv", "ltpr", "lfpr", "avd", "assd", "hd95", "isbi"}
+    assert set(metrics) == {
+        "pred", "gt", "connectivity", "dsc", "tpr", "ppv", "ltpr", "lfpr", "avd", "assd", "hd95", "ndsc", "lesion_f1", "isbi"
+    }
     assert metrics["connectivity"] == 6
     assert metrics["isbi"] is None  # its volume correlation needs two scans or more
     assert metrics["dsc"] == pytest.approx(2 * 18 / (19 + 35))
@@ -93,6 +95,10 @@ def test_evaluate_prints_every_metric_as_json(tmp_path):
     assert metrics["ltpr"] == pytest.approx(0.5)
     assert metrics["lfpr"] == pytest.approx(0.5)
     assert metrics["avd"] == pytest.approx(100 * 16 / 35)
+    k = 0.999 * 35 / (0.001 * (12**3 - 35))
+    assert metrics["ndsc"] == pytest.approx(2 * 18 / (k * 1 + 2 * 18 + 17))
+    # Lesion 1 matched (IoU 18/27), lesion 2 missed, the lone voxel false: F1 = 1 / (1 + (1 + 1) / 2).
+    assert metrics["lesion_f1"] == pytest.approx(0.5)
 
 
 def test_evaluate_several_scans_scores_isbi_with_volume_correlation_in_mm3(tmp_path):
@@ -125,7 +131,9 @@ def test_evaluate_several_scans_scores_isbi_with_volume_correlation_in_mm3(tmp_p
     assert [row["isbi"] for row in rows] == pytest.approx([part + corr / 4 for part in expected_parts])
 
     table = msx("evaluate", *arguments, cwd=tmp_path).stdout.splitlines()
-    assert table[1].split() == ["prediction", "DSC", "TPR", "PPV", "LTPR", "LFPR", "AVD", "ASSD", "HD95", "ISBI"]
+    assert table[1].split() == [
+        "prediction", "DSC", "TPR", "PPV", "LTPR", "LFPR", "AVD", "ASSD", "HD95", "NDSC", "LESION_F1", "ISBI"
+    ]
     assert [line.split()[0] for line in table[2:]] == [f"pred{i}.nii.gz" for i in range(len(scans))]
 
 
@@ -166,6 +174,89 @@ def test_evaluate_refuses_a_mask_holding_nan(tmp_path):
     save_nifti(tmp_path / "gt_nan.nii.gz", one_nan)
     result = msx("evaluate", "--pred", "gt.nii.gz", "--gt", "gt_nan.nii.gz", cwd=tmp_path)
     assert_one_line_error(result, "gt_nan.nii.gz", "1 of 512 voxels are NaN")
+
+
+def uncertainty_scan(folder: Path, index: int, shape=(10, 10, 10)):
+    """A scan's prediction, truth and uncertainty map on disk (the map higher on the prediction's errors), and
+    the arrays."""
+    rng = np.random.default_rng(index)
+    gt = np.zeros(shape, np.uint8)
+    gt[2:5, 2:5, 2:5] = 1
+    pred = gt.copy()
+    pred[2:5, 2:5, 4] = 0
+    pred[8, 8, 8] = 1
+    uncertainty = (rng.random(shape) + (pred != gt)).astype(np.float32)
+    write_mask(folder / f"gt{index}.nii.gz", gt)
+    write_mask(folder / f"pred{index}.nii.gz", pred)
+    save_nifti(folder / f"u{index}.nii.gz", uncertainty, np.eye(4))
+    return pred, gt, uncertainty
+
+
+def test_evaluate_scores_the_ndsc_r_aac_of_an_uncertainty_map_over_a_brain_mask(tmp_path):
+    from msx.models.metrics import ndsc_r_aac
+
+    scans = [uncertainty_scan(tmp_path, index) for index in range(2)]
+    brain = np.zeros((10, 10, 10), np.uint8)
+    brain[1:8, 1:8, 1:8] = 1  # leaves out the false positive at (8, 8, 8)
+    write_mask(tmp_path / "brain.nii.gz", brain)
+    arguments = [
+        part for index in range(2) for part in ("--pred", f"pred{index}.nii.gz", "--gt", f"gt{index}.nii.gz", "--uncertainty", f"u{index}.nii.gz")
+    ]
+
+    one = json.loads(msx("evaluate", *arguments[:6], "--json", cwd=tmp_path).stdout)
+    assert one["uncertainty"] == "u0.nii.gz" and "brain_mask" not in one
+    assert one["ndsc_r_aac"] == pytest.approx(ndsc_r_aac(*scans[0]))
+
+    result = msx("evaluate", *arguments, "--brain-mask", "brain.nii.gz", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(result.stdout)
+    assert [row["brain_mask"] for row in rows] == ["brain.nii.gz", "brain.nii.gz"]
+    expected = [ndsc_r_aac(pred, gt, uncertainty, brain_mask=brain > 0) for pred, gt, uncertainty in scans]
+    assert [row["ndsc_r_aac"] for row in rows] == pytest.approx(expected)
+    assert expected[0] != pytest.approx(one["ndsc_r_aac"])  # the mask changed which voxels count
+
+    table = msx("evaluate", *arguments, "--brain-mask", "brain.nii.gz", "--brain-mask", "brain.nii.gz", cwd=tmp_path).stdout.splitlines()
+    assert table[1].split()[-3:] == ["LESION_F1", "NDSC_R_AAC", "ISBI"]
+
+
+@pytest.mark.parametrize(
+    "bad, fragments",
+    [
+        ("nan", ["u1.nii.gz", "1 of 1000 voxels are NaN"]),
+        ("negative", ["u1.nii.gz", "1 of 1000 voxels are negative"]),
+        ("shape", ["u1.nii.gz", "shape (10, 10, 11)"]),
+        ("affine", ["u1.nii.gz", "affine"]),
+        ("brain grid", ["brain.nii.gz", "affine"]),
+    ],
+)
+def test_evaluate_refuses_a_bad_uncertainty_map_or_brain_mask_before_computing(bad, fragments, tmp_path, monkeypatch):
+    import msx.models.evaluation as evaluation
+
+    for index in range(2):
+        uncertainty_scan(tmp_path, index)
+    uncertainty = np.ones((10, 10, 11) if bad == "shape" else (10, 10, 10), np.float32)
+    uncertainty[0, 0, 0] = {"nan": np.nan, "negative": -0.5}.get(bad, 1.0)
+    save_nifti(tmp_path / "u1.nii.gz", uncertainty, np.diag([2.0, 1, 1, 1]) if bad == "affine" else np.eye(4))
+    write_mask(tmp_path / "brain.nii.gz", np.ones((10, 10, 10)), (1.0, 1.0, 2.0) if bad == "brain grid" else (1.0, 1.0, 1.0))
+    # Scan 0 is good: its metrics must not be computed before scan 1's files are refused.
+    monkeypatch.setattr(evaluation, "segmentation_metrics", lambda *a, **k: pytest.fail("computed before the check"))
+    arguments = ["--pred", "pred0.nii.gz", "--gt", "gt0.nii.gz", "--uncertainty", "u0.nii.gz"]
+    arguments += ["--pred", "pred1.nii.gz", "--gt", "gt1.nii.gz", "--uncertainty", "u1.nii.gz", "--brain-mask", "brain.nii.gz"]
+    result = msx("evaluate", *arguments, "--json", cwd=tmp_path)
+    assert_one_line_error(result, *fragments)
+    assert result.stdout == ""
+
+
+def test_evaluate_needs_one_uncertainty_map_per_prediction_and_one_or_all_brain_masks(tmp_path):
+    uncertainty_scan(tmp_path, 0)
+    scan = ["--pred", "pred0.nii.gz", "--gt", "gt0.nii.gz"]
+    result = msx("evaluate", *scan, *scan, "--uncertainty", "u0.nii.gz", cwd=tmp_path)
+    assert result.returncode == 2 and "got 2 --pred and 1 --uncertainty" in result.stderr
+    result = msx("evaluate", *scan, "--brain-mask", "gt0.nii.gz", cwd=tmp_path)
+    assert result.returncode == 2 and "needs --uncertainty" in result.stderr
+    maps = ["--uncertainty", "u0.nii.gz"] * 3
+    result = msx("evaluate", *scan, *scan, *scan, *maps, "--brain-mask", "gt0.nii.gz", "--brain-mask", "gt0.nii.gz", cwd=tmp_path)
+    assert result.returncode == 2 and "got 3 --pred and 2 --brain-mask" in result.stderr
 
 
 def test_unreachable_tracking_server_fails_before_ray(tmp_path):
