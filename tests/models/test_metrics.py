@@ -174,9 +174,12 @@ def test_ndsc_and_lesion_f1_match_the_references(shape, load, seed):
         assert lesion_f1(pred, gt, connectivity=connectivity) == pytest.approx(expected, abs=1e-5)
 
 
+# float32 maps take the sort of packed keys; float64 values with no exact float32 (0.1, 0.3, ...) the stable argsort.
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape, load", SHIFTS_CASES)
-def test_ndsc_retention_curve_and_r_aac_match_the_reference(shape, load):
+def test_ndsc_retention_curve_and_r_aac_match_the_reference(shape, load, dtype):
     pred, gt, uncertainty = _shifts_case(shape, load, seed=3)
+    uncertainty = uncertainty.astype(dtype)
     fractions, values = ndsc_retention_curve(pred, gt, uncertainty)
     expected_fractions, expected_values = reference_retention_curve(pred, gt, uncertainty)
     np.testing.assert_allclose(fractions, expected_fractions, atol=1e-12)
@@ -263,3 +266,12 @@ def test_retention_refuses_nan_uncertainty_and_mismatched_shapes():
         ndsc_r_aac(pred, gt, uncertainty)
     with pytest.raises(ValueError, match="shape"):
         ndsc_r_aac(pred, gt, np.zeros((4, 4, 5)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int16])
+def test_retention_orders_negative_signed_zero_and_infinite_values(dtype):
+    pred, gt, _ = _shifts_case((6, 6, 6), 0.1, seed=4)
+    levels = np.array([-np.inf, -1.5, -0.0, 0.0, 2.0, np.inf]) if dtype != np.int16 else np.array([-300, -1, 0, 7])
+    uncertainty = np.random.default_rng(4).choice(levels, size=pred.shape).astype(dtype)
+    expected = reference_r_aac(pred, gt, uncertainty)
+    assert ndsc_r_aac(pred, gt, uncertainty) == pytest.approx(expected, abs=1e-5)
