@@ -19,10 +19,21 @@ blocked in `ray.train.report` (each report carries those of the reports before i
 those stands for the last one's), the training epochs against
 the baseline's, and the tear-down (from the trial's last result reaching the driver to `Tuner.fit` returning).
 The study's live-epoch actor runs as in a study, and the cost of one of its fire-and-forget calls is measured
-from a Ray task after the trial. `--runs N` repeats both arms N times and keeps the run of least overhead.
+from a Ray task after the trial. `--runs N` repeats every arm N times and keeps the run of least overhead.
+
+Ray Train's floor (below, labelled): a bare TorchTrainer trial, what any Tune trial that fits a TorchTrainer pays
+before its worker can train: a Tune function trainable (no CPU: msx's `TRIAL_RESOURCES`) that fits a TorchTrainer
+of one 1-CPU worker, Ray Train's defaults otherwise, whose loop imports torch and MONAI (what a training loop
+needs) and reports the seconds since its trial's process was created, read in that process as msx's trial reads
+them (`psutil.Process().create_time()`). Against it, msx's `startup/worker_loop_s` (trials/startup.py): the
+seconds from msx's trial process's creation to its worker entering its loop; their difference is what msx adds
+to the start-up. Each Ray arm runs on a fresh local Ray, as a study's first trial; the floor and msx are each the best of
+`--runs`. `--startup-only` runs msx's trial for one epoch and no plain-Python baseline: the floor comparison in
+a few minutes.
 
     python benchmarks/orchestration_overhead.py                      # smoke spec, U-Net, fold 1, 24 epochs
     python benchmarks/orchestration_overhead.py --runs 2 --json overhead.json
+    python benchmarks/orchestration_overhead.py --startup-only --runs 2
 
 Both arms use the smoke search space (`search_spaces/smoke.yaml`: width 0.125, 32^3 patches, batch 2,
 synthetic 5-patient 48 x 56 x 48 cohort) with one backbone, the paper's fold 1, no searched parameters and
@@ -45,11 +56,15 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import ray
+import ray.train
 import torch
 from mlflow.tracking import MlflowClient
 from prometheus_client.parser import text_string_to_metric_families
 from ray import tune
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
 
 from msx.models.data.folds import resolve_folds
 from msx.models.data.manifest import open_cohort
@@ -63,7 +78,7 @@ from msx.orchestrator.tracking.store import ensure_experiment, log_study_start, 
 from msx.orchestrator.trial import BEST_VALIDATION_DICE, REPORT_WAIT, STARTUP_PREFIX, TrialConfig
 from msx.orchestrator.trials.live_epochs import EpochNotifier, actor_name, start_live_epochs
 from msx.orchestrator.trials.startup import PHASES
-from msx.orchestrator.trials.trainable import TRIAL_RESOURCES, run_trial
+from msx.orchestrator.trials.trainable import TRIAL_RESOURCES, run_trial, start_ray_train_services
 from msx.orchestrator.trials.worker_metrics import PROMETHEUS_PREFIX
 from timing import print_table, write_json
 
@@ -76,6 +91,8 @@ TRAINING_SECONDS_METRIC = PROMETHEUS_PREFIX + "msx_train_seconds_total"
 LIVE_EPOCH_CALLS = 2000
 # Ray's metrics agent serves a value up to its report interval (10 s by default) after the worker records it.
 METRICS_DELAY_S = 30
+# The start-up phases that Ray Train's floor (a bare TorchTrainer trial) has too (trials/startup.py names msx's).
+FLOOR_PHASES = ("trainable", "worker_loop")
 
 
 def benchmark_spec(epochs: int) -> ExperimentSpec:
@@ -214,6 +231,7 @@ def ray_trial(spec: ExperimentSpec, data_root: Path, folder: Path, metrics_url: 
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     live_epochs = actor_name(folder.name)
     live_epochs_actor = start_live_epochs(live_epochs)
+    start_ray_train_services()
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial, spec=spec.to_dict(), data_root=str(data_root), storage_path=str(folder / "train"),
@@ -285,6 +303,56 @@ def ray_trial(spec: ExperimentSpec, data_root: Path, folder: Path, metrics_url: 
     }
 
 
+def bare_worker_loop(config: dict) -> None:
+    """RAY TRAIN'S FLOOR, not msx's path: a worker loop that imports what training needs, then says when it got here."""
+    import monai  # noqa: F401
+    import torch  # noqa: F401
+
+    ray.train.report({
+        "trial_started_at": config["trial_started_at"],
+        f"{STARTUP_PREFIX}trainable_s": config["trainable_s"],
+        f"{STARTUP_PREFIX}worker_loop_s": time.time() - config["trial_started_at"],
+    })
+
+
+def bare_torchtrainer_trial(config: dict) -> None:
+    """RAY TRAIN'S FLOOR, not msx's path: a Tune function trainable that fits a TorchTrainer of one 1-CPU worker, with
+    Ray Train's defaults, and does nothing else. Its process's creation is read here, as msx's run_trial reads it."""
+    started_at = psutil.Process().create_time()
+    TorchTrainer(
+        bare_worker_loop,
+        train_loop_config={"trial_started_at": started_at, "trainable_s": time.time() - started_at},
+        scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+        run_config=ray.train.RunConfig(
+            name=f"floor-{tune.get_context().get_trial_id()}", storage_path=config["storage_path"],
+            callbacks=[TuneReportCallback()],
+        ),
+    ).fit()
+
+
+def floor_trial(folder: Path) -> dict[str, float]:
+    """Ray Train's floor: one bare TorchTrainer trial through `Tuner.fit`; when its phases began, as msx's are timed."""
+    clock = ResultClock()
+    tuner = tune.Tuner(
+        tune.with_resources(bare_torchtrainer_trial, TRIAL_RESOURCES),
+        param_space={"storage_path": str(folder / "train")},
+        tune_config=tune.TuneConfig(num_samples=1),
+        run_config=tune.RunConfig(name="floor", storage_path=str(folder / "tune"), callbacks=[clock], verbose=0),
+    )
+    launched = time.time()
+    grid = tuner.fit()
+    finished = time.time()
+    if grid.errors:
+        raise RuntimeError(f"the floor's trial failed: {grid.errors}")
+    metrics = grid[0].metrics
+    return {
+        "wall_s": finished - launched,
+        "tune_start_s": clock.started_at - launched,
+        "trial_process_s": metrics["trial_started_at"] - launched,
+        **{f"startup_{phase}_s": metrics[f"{STARTUP_PREFIX}{phase}_s"] for phase in FLOOR_PHASES},
+    }
+
+
 def overhead_breakdown(plain: dict[str, float], ray_arm: dict[str, float]) -> list[tuple[str, float]]:
     """The Ray arm's extra seconds over the baseline, by where they went; the rest is what no clock here covers
     (validations and final evaluation in the worker, checkpoint copies, noise between the arms)."""
@@ -299,97 +367,154 @@ def overhead_breakdown(plain: dict[str, float], ray_arm: dict[str, float]) -> li
     return parts + [("the rest", overhead - sum(seconds for _, seconds in parts)), ("overhead", overhead)]
 
 
-def startup_phases(ray_arm: dict[str, float]) -> list[tuple[str, float]]:
-    """The trial's start-up, phase by phase, in seconds since the phase before (the first since Tuner.fit)."""
-    marks = [("Tune starts the trial (driver)", ray_arm["tune_start_s"]),
-             ("trial's process created", ray_arm["trial_process_s"])]
-    marks += [(phase, ray_arm["trial_process_s"] + ray_arm[f"startup_{phase}_s"]) for phase in PHASES]
+def startup_phases(arm: dict[str, float], phases: tuple[str, ...] = PHASES) -> list[tuple[str, float]]:
+    """A Ray arm's trial start-up, phase by phase in the order they came, in seconds since the phase before (the
+    first since Tuner.fit). Tune may tell its callbacks that a trial started after the trial's process started."""
+    marks = [("Tune starts the trial (driver)", arm["tune_start_s"]), ("trial's process created", arm["trial_process_s"])]
+    marks += [(phase, arm["trial_process_s"] + arm[f"startup_{phase}_s"]) for phase in phases]
+    marks.sort(key=lambda mark: mark[1])
     return [(name, at - (marks[i - 1][1] if i else 0.0)) for i, (name, at) in enumerate(marks)]
 
 
-def one_run(spec: ExperimentSpec, trial: TrialConfig, worker_threads: int) -> dict:
+def startup_against_floor(floor: dict[str, float], ray_arm: dict[str, float]) -> list[list]:
+    """Rows of phase, the floor's seconds and msx's (each since the phase before); msx's later phases alone."""
+    floor_seconds = dict(startup_phases(floor, FLOOR_PHASES))
+    return [[name, floor_seconds.get(name, ""), seconds] for name, seconds in startup_phases(ray_arm)]
+
+
+@contextmanager
+def fresh_local_ray(metrics_port: int) -> Iterator[float]:
+    """A local Ray of its own, started as `msx launch` starts one (study.start_ray) plus a known metrics port to read
+    the worker from; yields the seconds `ray.init` took."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    started = time.perf_counter()
+    ray.init(
+        address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
+        _metrics_export_port=metrics_port,
+    )
+    try:
+        yield time.perf_counter() - started
+    finally:
+        ray.shutdown()
+
+
+def one_run(spec: ExperimentSpec, trial: TrialConfig, worker_threads: int, baseline: bool) -> dict:
+    """Ray Train's floor, then msx's trial, each on a fresh local Ray; with `baseline`, the plain-Python fold loop
+    first and the overhead against it."""
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
         synthetic = spec.data.synthetic
         write_synthetic_cohort(scratch / "cohort", synthetic.patients, synthetic.shape, synthetic.seed)
 
-        threads_before = torch.get_num_threads()
-        torch.set_num_threads(worker_threads)
-        (scratch / "plain").mkdir()
-        plain = plain_python_trial(spec, trial, scratch / "cohort", scratch / "plain")
-        torch.set_num_threads(threads_before)
-        print(f"plain Python: {plain['wall_s']:.1f} s", flush=True)
+        if baseline:
+            threads_before = torch.get_num_threads()
+            torch.set_num_threads(worker_threads)
+            (scratch / "plain").mkdir()
+            plain = plain_python_trial(spec, trial, scratch / "cohort", scratch / "plain")
+            torch.set_num_threads(threads_before)
+            print(f"plain Python: {plain['wall_s']:.1f} s", flush=True)
 
+        with fresh_local_ray(free_port()) as floor_ray_init_s:
+            floor = floor_trial(scratch / "floor")
+        print(f"Ray Train's floor: worker loop {floor['startup_worker_loop_s']:.1f} s after its trial's process "
+              f"started (ray.init {floor_ray_init_s:.1f} s before it)", flush=True)
         port = free_port()
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray_started = time.perf_counter()
-        # As `msx launch` starts a local Ray (study.start_ray), plus a known metrics port to read the worker from.
-        ray.init(
-            address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
-            _metrics_export_port=port,
-        )
-        ray_init_s = time.perf_counter() - ray_started
-        try:
+        with fresh_local_ray(port) as ray_init_s:
             ray_arm = ray_trial(spec, scratch / "cohort", scratch, f"http://127.0.0.1:{port}/metrics")
-        finally:
-            ray.shutdown()
-        print(f"Ray trial: {ray_arm['wall_s']:.1f} s (ray.init {ray_init_s:.1f} s before it)", flush=True)
-    overhead_s = ray_arm["wall_s"] - plain["wall_s"]
-    return {
-        "plain": plain,
-        "ray": ray_arm,
-        "ray_init_s": ray_init_s,
-        "overhead_s": overhead_s,
-        "overhead_fraction": overhead_s / ray_arm["wall_s"],
-        "first_step_delay_s": ray_arm["to_first_step_s"] - plain["to_first_step_s"],
+        print(f"Ray trial: {ray_arm['wall_s']:.1f} s, worker loop {ray_arm['startup_worker_loop_s']:.1f} s after its "
+              f"trial's process started (ray.init {ray_init_s:.1f} s before it)", flush=True)
+    run = {
+        "ray": ray_arm, "ray_init_s": ray_init_s, "floor": floor, "floor_ray_init_s": floor_ray_init_s,
         "load_average": os.getloadavg(),
     }
+    if baseline:
+        overhead_s = ray_arm["wall_s"] - plain["wall_s"]
+        first_step_delay_s = ray_arm["to_first_step_s"] - plain["to_first_step_s"]
+        run.update({
+            "plain": plain,
+            "overhead_s": overhead_s,
+            "overhead_fraction": overhead_s / ray_arm["wall_s"],
+            # What Ray's own clocks attribute to the orchestration, over the work it orchestrates: free of the
+            # training epochs' noise between the arms, which a shared CPU makes as large as the overhead.
+            "clocked_overhead_fraction": (first_step_delay_s + ray_arm["report_s"] + ray_arm["teardown_s"]) / plain["wall_s"],
+            "first_step_delay_s": first_step_delay_s,
+        })
+    return run
 
 
 def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=24, help="training epochs (the smoke spec's 24 by default)")
-    parser.add_argument("--runs", type=int, default=1, help="runs of both arms; the one of least overhead is kept")
+    parser.add_argument("--runs", type=int, default=2, help="runs of every arm; the one of least overhead is kept")
+    parser.add_argument(
+        "--startup-only", action="store_true",
+        help="the start-up against Ray Train's floor only: msx's trial for one epoch, no plain-Python baseline",
+    )
     parser.add_argument("--json", help="write the results here")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_arguments()
-    spec = benchmark_spec(args.epochs)
+    epochs = 1 if args.startup_only else args.epochs
+    baseline = not args.startup_only
+    spec = benchmark_spec(epochs)
     trial = TrialConfig(BACKBONE, fold=1, configuration=f"{BACKBONE}-c1")
     worker_threads = int(spec.resources.cpus_per_worker)
     runs = []
     for number in range(1, args.runs + 1):
         print(f"run {number}/{args.runs}, load average {os.getloadavg()[0]:.1f}", flush=True)
-        runs.append(one_run(spec, trial, worker_threads))
-        print(f"run {number}: overhead {100 * runs[-1]['overhead_fraction']:.1f} %", flush=True)
-    best = min(runs, key=lambda run: run["overhead_fraction"])
-    results = {**best, "runs": runs}
-    settings = {"epochs": args.epochs, "runs": args.runs, "backbone": BACKBONE, "fold": 1,
+        runs.append(one_run(spec, trial, worker_threads, baseline))
+        if baseline:
+            print(f"run {number}: overhead {100 * runs[-1]['overhead_fraction']:.1f} %", flush=True)
+    best = min(runs, key=lambda run: run["overhead_fraction"] if baseline else run["ray"]["startup_worker_loop_s"])
+    floor_worker_loop_s = min(run["floor"]["startup_worker_loop_s"] for run in runs)
+    msx_worker_loop_s = min(run["ray"]["startup_worker_loop_s"] for run in runs)
+    results = {
+        **best,
+        "floor_worker_loop_s": floor_worker_loop_s,
+        "msx_worker_loop_s": msx_worker_loop_s,
+        "startup_beyond_floor_s": msx_worker_loop_s - floor_worker_loop_s,
+        "runs": runs,
+    }
+    settings = {"epochs": epochs, "runs": args.runs, "startup_only": args.startup_only, "backbone": BACKBONE, "fold": 1,
                 "worker_threads": worker_threads, "spec": spec.to_dict()}
     write_json(args.json, torch.device("cpu"), settings, results)
 
-    plain, ray_arm = best["plain"], best["ray"]
-    headers = ["arm", "wall s", "to first step s", "in training epochs s", "last epoch steps/s", "best val Dice", "test DSC"]
-    rows = [
-        [name, arm["wall_s"], arm["to_first_step_s"], arm["training_s"], arm["last_epoch_steps_per_s"], arm["val_dice"],
-         arm["test_dsc"]]
-        for name, arm in (("plain Python (baseline)", plain), ("Tune + Ray Train + MLflow", ray_arm))
-    ]
-    print_table(headers, rows)
+    ray_arm = best["ray"]
+    if baseline:
+        plain = best["plain"]
+        headers = ["arm", "wall s", "to first step s", "in training epochs s", "last epoch steps/s", "best val Dice",
+                   "test DSC"]
+        rows = [
+            [name, arm["wall_s"], arm["to_first_step_s"], arm["training_s"], arm["last_epoch_steps_per_s"],
+             arm["val_dice"], arm["test_dsc"]]
+            for name, arm in (("plain Python (baseline)", plain), ("Tune + Ray Train + MLflow", ray_arm))
+        ]
+        print_table(headers, rows)
+        print()
+        print_table(["where the overhead went", "s"], overhead_breakdown(plain, ray_arm))
+        print()
+    print_table(
+        ["start-up phase (since the one before)", "Ray Train's floor s", "msx s"],
+        startup_against_floor(best["floor"], ray_arm),
+    )
     print()
-    print_table(["where the overhead went", "s"], overhead_breakdown(plain, ray_arm))
-    print()
-    print_table(["start-up phase (since the one before)", "s"], startup_phases(ray_arm))
-    print()
-    print(f"{ray_arm['reports']} reports, {ray_arm['per_report_s']:.3f} s each (worker blocked); a live-epoch call "
-          f"costs its caller {1e6 * ray_arm['live_epoch_call_s']:.0f} us; training-only epoch in the baseline "
-          f"{plain['training_only_epoch_s']:.2f} s (median)")
-    fractions = ", ".join(f"{100 * run['overhead_fraction']:.1f} %" for run in runs)
-    print(f"overhead {best['overhead_s']:.1f} s = {100 * best['overhead_fraction']:.1f} % of the Ray trial's wall time "
-          f"(best of {args.runs}: {fractions}); first step "
-          f"{best['first_step_delay_s']:.1f} s later than the baseline's; ray.init {best['ray_init_s']:.1f} s")
+    floor_runs, msx_runs = (
+        ", ".join(f"{run[arm]['startup_worker_loop_s']:.1f}" for run in runs) for arm in ("floor", "ray")
+    )
+    print(f"worker loop after the trial's process started, best of {args.runs}: Ray Train's floor "
+          f"{floor_worker_loop_s:.1f} s ({floor_runs}), msx {msx_worker_loop_s:.1f} s ({msx_runs}): "
+          f"{results['startup_beyond_floor_s']:+.1f} s beyond the floor")
+    if baseline:
+        print(f"{ray_arm['reports']} reports, {ray_arm['per_report_s']:.3f} s each (worker blocked); a live-epoch call "
+              f"costs its caller {1e6 * ray_arm['live_epoch_call_s']:.0f} us; training-only epoch in the baseline "
+              f"{plain['training_only_epoch_s']:.2f} s (median)")
+        fractions = ", ".join(f"{100 * run['overhead_fraction']:.1f} %" for run in runs)
+        print(f"overhead {best['overhead_s']:.1f} s = {100 * best['overhead_fraction']:.1f} % of the Ray trial's wall "
+              f"time (best of {args.runs}: {fractions}); by Ray's clocks (start-up beyond the baseline's, reports, "
+              f"tear-down) {100 * best['clocked_overhead_fraction']:.1f} % of the baseline's; first step "
+              f"{best['first_step_delay_s']:.1f} s later than the baseline's; ray.init {best['ray_init_s']:.1f} s")
 
 
 if __name__ == "__main__":

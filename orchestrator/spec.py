@@ -30,6 +30,8 @@ from msx.models.networks import BACKBONES, NetworkConfig, spatial_multiple
 from msx.models.protocols import PROTOCOLS
 from msx.models.strategies import STRATEGIES
 
+from .resources import ResourcesSpec
+
 
 class SpecError(ValueError):
     """An experiment spec is malformed; the message names the file and the key."""
@@ -113,21 +115,6 @@ class InferenceSpec:
     # Protocols the final evaluation of the test patients is also scored under, from the same weights, each at its
     # own default overlap; their metrics are logged as <protocol>/test/<strategy>/<metric>.
     compare_protocols: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class ResourcesSpec:
-    workers_per_trial: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 1.0
-    max_concurrent_trials: int | None = None
-    max_failures: int = 2
-    # Ray's memory reservation per worker (GiB); None reserves none.
-    memory_per_worker_gb: float | None = None
-    # How long a trial waits for its workers to start (an autoscaler adding nodes, other studies' trials
-    # holding them) before it fails with that reason; None: as long as it takes.
-    worker_start_timeout_s: float | None = None
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .spec import ExperimentSpec
+if TYPE_CHECKING:  # the spec imports msx.models (torch, MONAI), which a trial's own process does without
+    from .spec import ExperimentSpec
 
 # The keys of a trial's reports (trials/worker.py makes them from the fold loop's EpochReport). A trial reports at
 # its validation epochs only, the last epoch included; Tune's scheduler and the searcher optimise BEST_VALIDATION_DICE.

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import ray
 
-from ..spec import ExperimentSpec
+from ..resources import ResourcesSpec
 
 GIB = 1024**3
 
@@ -32,9 +32,8 @@ class TrialRequest:
         return f"{self.workers} worker{'s' if self.workers > 1 else ''} x {{{_resources_text(self.per_worker)}}}"
 
 
-def worker_resources(spec: ExperimentSpec) -> dict[str, float]:
+def worker_resources(resources: ResourcesSpec) -> dict[str, float]:
     """One training worker's Ray resources, as the trial's ScalingConfig asks for them."""
-    resources = spec.resources
     per_worker: dict[str, float] = {"CPU": resources.cpus_per_worker}
     if resources.use_gpu:
         per_worker["GPU"] = resources.gpus_per_worker
@@ -43,8 +42,8 @@ def worker_resources(spec: ExperimentSpec) -> dict[str, float]:
     return per_worker
 
 
-def trial_request(spec: ExperimentSpec) -> TrialRequest:
-    return TrialRequest(spec.resources.workers_per_trial, worker_resources(spec))
+def trial_request(resources: ResourcesSpec) -> TrialRequest:
+    return TrialRequest(resources.workers_per_trial, worker_resources(resources))
 
 
 def workers_fitting(node: dict[str, float], per_worker: dict[str, float]) -> int:
@@ -73,30 +72,30 @@ def autoscaler_node_types() -> list[tuple[dict[str, float], int]]:
     return [(dict(group.resources), int(group.max_count)) for group in config.node_group_configs if group.max_count != 0]
 
 
-def check_cluster_hosts_a_trial(spec: ExperimentSpec, echo: Callable[[str], None]) -> None:
+def check_cluster_hosts_a_trial(resources: ResourcesSpec, echo: Callable[[str], None]) -> None:
     """Return if the cluster can host one trial's workers now; say what the trials wait for if its autoscaler
     can add such nodes; else raise ClusterTooSmallError (one line: what is missing, what to change)."""
-    waiting = hosting_verdict(spec, alive_nodes(), autoscaler_node_types())
+    waiting = hosting_verdict(resources, alive_nodes(), autoscaler_node_types())
     if waiting:
         echo(waiting)
 
 
 def hosting_verdict(
-    spec: ExperimentSpec, nodes: list[dict[str, float]], node_types: list[tuple[dict[str, float], int]]
+    resources: ResourcesSpec, nodes: list[dict[str, float]], node_types: list[tuple[dict[str, float], int]]
 ) -> str | None:
     """None when `nodes` host one trial's workers; what the trials wait for when the autoscaler's `node_types`
     can; ClusterTooSmallError otherwise."""
-    request = trial_request(spec)
+    request = trial_request(resources)
     now = sum(workers_fitting(node, request.per_worker) for node in nodes)
     if now >= request.workers:
         return None
-    addable = [(resources, most) for resources, most in node_types if workers_fitting(resources, request.per_worker) > 0]
+    addable = [(node, most) for node, most in node_types if workers_fitting(node, request.per_worker) > 0]
     later = now + sum(
-        request.workers if most < 0 else most * workers_fitting(resources, request.per_worker) for resources, most in addable
+        request.workers if most < 0 else most * workers_fitting(node, request.per_worker) for node, most in addable
     )
     if addable and later >= request.workers:
-        kinds = "; ".join(f"{{{_resources_text(resources)}}}" for resources, _ in addable)
-        timeout = spec.resources.worker_start_timeout_s
+        kinds = "; ".join(f"{{{_resources_text(node)}}}" for node, _ in addable)
+        timeout = resources.worker_start_timeout_s
         bound = (
             f"up to resources.worker_start_timeout_s = {timeout:g} s per trial" if timeout
             else "with no time limit (set resources.worker_start_timeout_s to bound it)"
@@ -105,11 +104,10 @@ def hosting_verdict(
             f"no node can host a trial's workers yet ({request.describe()}); the cluster's autoscaler can add nodes "
             f"of {kinds}: the trials wait for them, {bound}"
         )
-    raise ClusterTooSmallError(f"the Ray cluster cannot host one trial: {_shortfall(spec, request, nodes)}")
+    raise ClusterTooSmallError(f"the Ray cluster cannot host one trial: {_shortfall(resources, request, nodes)}")
 
 
-def _shortfall(spec: ExperimentSpec, request: TrialRequest, nodes: list[dict[str, float]]) -> str:
-    resources = spec.resources
+def _shortfall(resources: ResourcesSpec, request: TrialRequest, nodes: list[dict[str, float]]) -> str:
     largest = {name: max((node.get(name, 0.0) for node in nodes), default=0.0) for name in ("CPU", "GPU", "memory")}
     missing, changes = [], []
     gpus = request.per_worker.get("GPU", 0)
@@ -135,11 +133,11 @@ def _shortfall(spec: ExperimentSpec, request: TrialRequest, nodes: list[dict[str
     )
 
 
-def concurrent_trials(spec: ExperimentSpec) -> int:
+def concurrent_trials(resources: ResourcesSpec) -> int:
     """As many trials at once as the cluster's nodes hold workers for (at least one), unless the spec caps it."""
-    if spec.resources.max_concurrent_trials:
-        return spec.resources.max_concurrent_trials
-    request = trial_request(spec)
+    if resources.max_concurrent_trials:
+        return resources.max_concurrent_trials
+    request = trial_request(resources)
     workers = sum(workers_fitting(node, request.per_worker) for node in alive_nodes())
     return max(1, workers // request.workers)
 

@@ -39,7 +39,7 @@ from ..tracking.summaries import log_search_record
 from ..trial import TrialConfig
 from ..trials.live_epochs import actor_name, start_live_epochs
 from ..trials.rung_gate import gate_name, start_rung_gate
-from ..trials.trainable import TRIAL_RESOURCES, run_trial
+from ..trials.trainable import TRIAL_RESOURCES, run_trial, start_ray_train_services
 from . import interruption
 from .configuration_search import ConfigurationScheduler, ConfigurationSearch
 from .progress import ProgressView, progress_path
@@ -121,7 +121,7 @@ def run_study(
     spec_dict = spec.to_dict()
     folds = resolve_folds(spec.data.folds, cohort.patients)
     total = len(spec.model.backbones) * spec.search.configurations_per_backbone * len(folds)
-    check_cluster_hosts_a_trial(spec, echo)
+    check_cluster_hosts_a_trial(spec.resources, echo)
     client = MlflowClient(tracking_uri)
 
     if resume is None:
@@ -131,6 +131,7 @@ def run_study(
         client.update_run(state.parent_run_id, status="RUNNING")
     write_state(storage, state)
     echo(f"MLflow: experiment {spec.name!r}, study run {state.study} ({tracking_uri})")
+    start_ray_train_services()  # alongside the first trial's process rather than one by one in its controller
 
     # Trials report at their validations, with validation Dice; Tune's strict check would fail the whole study on a
     # result without it, which the search (reading the results that carry it) does not need.
@@ -163,7 +164,7 @@ def run_study(
         # Callbacks, searcher and scheduler come back with Tune's own saved state: the search's decisions too.
         tuner = tune.Tuner.restore(str(tune_path), trainable, resume_unfinished=True, resume_errored=True)
     else:
-        max_concurrent = concurrent_trials(spec)
+        max_concurrent = concurrent_trials(spec.resources)
         echo(f"{total} trials at most ({len(spec.model.backbones)} backbones x {spec.search.configurations_per_backbone} "
              f"configurations x {len(folds)} folds), up to {max_concurrent} at a time")
         tuner = tune.Tuner(

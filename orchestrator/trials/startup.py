@@ -12,10 +12,12 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-
-from msx.models.fold import TrainingObserver
+from typing import TYPE_CHECKING
 
 from ..trial import STARTUP_PREFIX
+
+if TYPE_CHECKING:  # msx.models imports torch and MONAI, which the trial's process (trainable.py) does without
+    from msx.models.fold import TrainingObserver
 
 # In order: the trial's process ran its imports and entered the trainable; the worker group started (Ray Train's
 # controller, the worker's process and imports, the process group) and the worker entered its loop; the fold's

@@ -76,18 +76,19 @@ class TuneReports:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """`config`: the experiment's spec (as a dict), the trial (a TrialConfig), the cohort's root (a folder or a
-    manifest), the experiment's scan cache folder (None: no cache); optional: the Tune trial's id, the name of the
-    study's live-epoch actor (live_epochs.py), the name of its rung gate and the rung epochs (rung_gate.py), the Unix
-    time the trial's process started and the start-up phases its trainable marked (startup.py)."""
+    """`config`, as `trainable.worker_loop_config` makes it (builtins only): the experiment's spec (as a dict), the
+    trial (its Tune dict, `TrialConfig.to_tune`), the cohort's root (a folder or a manifest), the experiment's scan
+    cache folder (None: no cache); optional: the Tune trial's id, the name of the study's live-epoch actor
+    (live_epochs.py), the name of its rung gate and the rung epochs (rung_gate.py), the Unix time the trial's process
+    started (None: now) and the start-up phases its trainable marked (startup.py)."""
     # Per-epoch lines go to the worker's log (Ray dashboard -> Train/Jobs -> logs).
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    trial: TrialConfig = config["trial"]
+    trial = TrialConfig.from_tune(config["trial"])
     context = ray.train.get_context()
     rank = context.get_world_rank()
     device = ray.train.torch.get_device()
     metrics = WorkerMetrics(trial_tags(trial, context.get_experiment_name(), rank), device)
-    startup = StartupClock(config.get("trial_started_at", time.time()), metrics, config.get("startup_marked"))
+    startup = StartupClock(config.get("trial_started_at") or time.time(), metrics, config.get("startup_marked"))
     startup.mark("worker_loop")
     spec = trial.spec_of(spec_from_dict(config["spec"]))
 

@@ -15,7 +15,7 @@ from msx.models.data.manifest import open_cohort
 from msx.models.data.synth import write_synthetic_cohort
 from msx.orchestrator.spec import spec_from_dict
 from msx.orchestrator.trial import TrialConfig
-from msx.orchestrator.trials.worker import train_loop_per_worker
+from msx.orchestrator.trials.trainable import run_worker_loop, worker_loop_config
 from msx.orchestrator.trials.worker_metrics import PROMETHEUS_PREFIX
 from tests.helpers import free_port, tiny_spec
 
@@ -68,10 +68,8 @@ def test_worker_exports_its_figures_to_prometheus(metrics_url, tmp_path):
     steps = scans // BATCH
     samples = steps * BATCH
     trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "spec": spec_from_dict(SPEC).to_dict(), "trial": TRIAL, "data_root": str(tmp_path / "cohort"), "scan_cache": None,
-        },
+        run_worker_loop,
+        train_loop_config=worker_loop_config(spec_from_dict(SPEC).to_dict(), TRIAL, str(tmp_path / "cohort")),
         scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": 1}),
         run_config=ray.train.RunConfig(name=RUN_NAME, storage_path=str(tmp_path / "train")),
     )
