@@ -143,7 +143,10 @@ class TrialRunsCallback(LoggerCallback):
     # ---- Tune's events
 
     def log_trial_start(self, trial) -> None:
-        self._writes.add(OpenTrialRun(trial.trial_id, TrialConfig.from_tune(trial.config)), self._apply)
+        # Made at the end of Tune's step (`on_step_end`) or with the trial's first result, whichever comes first:
+        # Tune asks the trial's process to start training only after its callbacks heard of the start, and the
+        # store's answer need not hold that up (a trial's start-up, docs/BENCHMARKS.md).
+        self._writes.defer(OpenTrialRun(trial.trial_id, TrialConfig.from_tune(trial.config)))
 
     def log_trial_result(self, iteration: int, trial, result: dict) -> None:
         step = int(result.get(EPOCH, iteration))

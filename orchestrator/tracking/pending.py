@@ -103,6 +103,10 @@ class PendingWrites:
         self.items.append(write)
         self.flush(apply)
 
+    def defer(self, write: Write) -> None:
+        """Keep `write` for the next flush, after the earlier ones, without asking the store now."""
+        self.items.append(write)
+
     def flush(self, apply: Callable[[MlflowClient, Write], None], force: bool = False) -> None:
         """Make the pending writes with `apply`, oldest first, until the store does not answer; a store that did not
         answer is asked again only `retry_interval_s` later, unless `force`."""
