@@ -60,16 +60,41 @@ def training_dataset(
     )
 
 
-def training_autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on a GPU (tensor cores, half the activation traffic); float32 on the CPU."""
+# Training numerics (`TrainingConfig.precision`): "auto" trains in bf16 autocast on a GPU and in float32 elsewhere
+# (msx's fast path); "fp32" never autocasts (the reference's); "bf16" autocasts to bf16 on every device.
+PRECISIONS = ("auto", "fp32", "bf16")
+# The optimizer (`TrainingConfig.optimizer`), AdamW in every case: "auto" is fused on a GPU (one kernel for all
+# parameters) and PyTorch's default (for-each) implementation elsewhere; "adamw" is PyTorch's default everywhere
+# (the reference's); "adamw-fused" is fused everywhere.
+OPTIMIZERS = ("auto", "adamw", "adamw-fused")
+
+
+def check_choice(value: object, valid: tuple[str, ...], name: str) -> None:
+    """A ValueError naming the setting ``name`` and the valid names unless ``value`` is one of ``valid``."""
+    if value not in valid:
+        raise ValueError(f"{name}: unknown name {value!r}; valid names: {', '.join(valid)}")
+
+
+def training_autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype of training under ``precision`` (`PRECISIONS`), None for float32: by default bf16 autocast
+    on a GPU (tensor cores, half the activation traffic) and float32 on the CPU."""
+    check_choice(precision, PRECISIONS, "precision")
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
     return torch.bfloat16 if device.type == "cuda" else None
 
 
 def training_optimizer(
-    parameters: Iterable[torch.nn.Parameter], lr: float, weight_decay: float, device: torch.device
+    parameters: Iterable[torch.nn.Parameter], lr: float, weight_decay: float, device: torch.device, kind: str = "auto"
 ) -> torch.optim.AdamW:
-    """AdamW, fused on a GPU: one kernel for all parameters instead of several per parameter tensor."""
-    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
+    """AdamW, by default fused on a GPU: one kernel for all parameters instead of several per parameter tensor
+    (``kind``: `OPTIMIZERS`)."""
+    check_choice(kind, OPTIMIZERS, "optimizer")
+    fused = {"auto": device.type == "cuda", "adamw": False, "adamw-fused": True}[kind]
+    # fused=None: PyTorch's default implementation (for-each where it applies), which the reference trains with.
+    return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
 def train_step(
@@ -97,13 +122,14 @@ def train_epoch(
     net: torch.nn.Module,
     loader: torch.utils.data.DataLoader,
     optimizer: torch.optim.Optimizer,
-    lr_schedule: torch.optim.lr_scheduler.LRScheduler,
+    lr_schedule: torch.optim.lr_scheduler.LRScheduler | None,
     device: torch.device,
     diffusion: DiffusionConfig = DiffusionConfig(),
     loss_weights: LossWeights = LossWeights(),
     autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """One pass over the loader; returns the mean loss as a device tensor (read it once per epoch)."""
+    """One pass over the loader, stepping ``lr_schedule`` after every batch (None: a schedule stepped per epoch, by
+    the caller); returns the mean loss as a device tensor (read it once per epoch)."""
     net.train()
     total = torch.zeros((), device=device)
     batches = 0
@@ -111,7 +137,8 @@ def train_epoch(
         image = batch["image"].to(device, non_blocking=True)
         mask = batch["label"].to(device, non_blocking=True)
         total += train_step(net, image, mask, optimizer, diffusion, loss_weights, autocast_dtype)
-        lr_schedule.step()
+        if lr_schedule is not None:
+            lr_schedule.step()
         batches += 1
     return total / max(batches, 1)
 

@@ -51,9 +51,12 @@ from .data.cohort import Cohort, LoadedScan, Scan, load_scan
 from .data.folds import Fold
 from .diffusion import DiffusionConfig, LossWeights
 from .engine import (
+    OPTIMIZERS,
+    PRECISIONS,
     InferenceConfig,
     ScanEvaluation,
     ValidationGroup,
+    check_choice,
     evaluate_scan,
     inference_autocast_dtype,
     prepare_validation,
@@ -63,6 +66,7 @@ from .engine import (
     training_optimizer,
     validation_dice,
 )
+from .lr_schedule import SCHEDULES, reference_schedule
 from .metrics import protocol_prefix, split_metrics
 from .networks import NetworkConfig, build_network
 from .overlays import overlay_channel, write_overlay
@@ -78,11 +82,33 @@ SCAN_METRICS_FILE = "scan_metrics.json"
 OVERLAY_DIR = "overlays"
 # The splits a fold is evaluated on at its end, by the names its metrics carry (`val/mean/dsc`).
 EVALUATED_SPLITS = ("val", "test")
+# Which validated weights a fold keeps (`TrainingConfig.best_checkpoint`, `keeps_weights`): "msx", those of the
+# first validation and then of every strictly better one (the best starts at minus infinity); "reference", those of
+# every validation strictly better than the best so far, which starts at 0.0, so a fold whose validation Dice never
+# leaves 0 keeps none and is evaluated with its last weights.
+BEST_CHECKPOINT_RULES = ("msx", "reference")
+
+
+def initial_best_score(rule: str) -> float:
+    """The best validation Dice before any validation under ``rule`` (`BEST_CHECKPOINT_RULES`)."""
+    check_choice(rule, BEST_CHECKPOINT_RULES, "best_checkpoint")
+    return 0.0 if rule == "reference" else -math.inf
+
+
+def keeps_weights(rule: str, score: float, best_score: float, has_best: bool) -> bool:
+    """Whether a validation scoring ``score`` keeps its weights as the best, the best so far being ``best_score``
+    (`initial_best_score` before any) and ``has_best`` whether weights were kept before: under "msx" the first
+    validation always keeps them; under "reference" only a strict improvement does (a NaN score never)."""
+    check_choice(rule, BEST_CHECKPOINT_RULES, "best_checkpoint")
+    if rule == "reference":
+        return score > best_score
+    return score > best_score or not has_best
 
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """How a fold is trained and validated; the defaults are the reference's recipe."""
+    """How a fold is trained and validated. The defaults are the reference's hyperparameters, trained on msx's fast
+    path (`compile`, `precision`, `optimizer`, `schedule`, `best_checkpoint`: the `paper` space sets the reference's)."""
 
     epochs: int = 500
     batch_size: int = 2
@@ -105,9 +131,23 @@ class TrainingConfig:
     lesion_patch_fraction: float = 0.0
     # torch.compile of the network for training and sampling (`compilation`): "auto" (on a CUDA device only), True, False.
     compile: bool | str = COMPILE_AUTO
+    # Training numerics (engine.PRECISIONS): "auto" bf16 autocast on a GPU, float32 elsewhere; "fp32"; "bf16".
+    precision: str = "auto"
+    # AdamW's implementation (engine.OPTIMIZERS): "auto" fused on a GPU; "adamw" PyTorch's default; "adamw-fused".
+    optimizer: str = "auto"
+    # The learning-rate schedule (lr_schedule.SCHEDULES): "per-step", MONAI's WarmupCosineSchedule stepped after every
+    # batch, warm-up over `warmup_fraction` of the steps; "per-epoch", the reference's (lr_schedule.reference_lr_per_epoch:
+    # the first epoch at rate 0, warm-up over `warmup_fraction` of the epochs, then cosine), stepped after every epoch.
+    schedule: str = "per-step"
+    # Which validated weights are kept (BEST_CHECKPOINT_RULES): "msx" or "reference" (see `keeps_weights`).
+    best_checkpoint: str = "msx"
 
     def __post_init__(self) -> None:
         check_compile_setting(self.compile, "training.compile")
+        check_choice(self.precision, PRECISIONS, "training.precision")
+        check_choice(self.optimizer, OPTIMIZERS, "training.optimizer")
+        check_choice(self.schedule, SCHEDULES, "training.schedule")
+        check_choice(self.best_checkpoint, BEST_CHECKPOINT_RULES, "training.best_checkpoint")
 
 
 @dataclass(frozen=True)
@@ -273,7 +313,7 @@ def run_fold(
     label = label or f"{config.network.backbone} fold {data.fold.index}"
     torch.manual_seed(training.seed + rank)
     np.random.seed(training.seed + rank)
-    autocast_dtype = training_autocast_dtype(device)
+    autocast_dtype = training_autocast_dtype(device, training.precision)
 
     dataset = training_dataset(data.train, training.patch_size, training.lesion_patch_fraction, seed=training.seed + rank)
     # list_data_collate: lesion-biased sampling yields a list of one sample per scan. An incomplete last batch is
@@ -310,13 +350,15 @@ def run_fold(
     validation_groups = prepare_validation(
         data.validation, range(rank, len(data.validation), rank_count), config.validation, device
     )
-    optimizer = training_optimizer(net.parameters(), training.lr, training.weight_decay, device)
-    total_steps = training.epochs * len(loader)
-    lr_schedule = WarmupCosineSchedule(
-        optimizer, warmup_steps=int(training.warmup_fraction * total_steps), t_total=total_steps
-    )
+    optimizer = training_optimizer(net.parameters(), training.lr, training.weight_decay, device, training.optimizer)
+    lr_schedule, per_epoch = training_schedule(optimizer, training, len(loader))
 
-    start_epoch, best_score, best_state = 0, -math.inf, None
+    def epoch_lr(epoch: int) -> float:
+        """The learning rate reported for ``epoch``: per epoch, the rate it trained at; per step, the rate after
+        its last step."""
+        return lr_schedule.rate_of_epoch(epoch) if per_epoch else lr_schedule.get_last_lr()[0]
+
+    start_epoch, best_score, best_state = 0, initial_best_score(training.best_checkpoint), None
     if resume is not None:
         bare_net.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
@@ -328,7 +370,7 @@ def run_fold(
     if epochs and resume is not None and report is not None and "validation_dice" in resume:
         report(
             EpochReport(
-                start_epoch, resume["train_loss"], lr_schedule.get_last_lr()[0], start_epoch,
+                start_epoch, resume["train_loss"], epoch_lr(start_epoch), start_epoch,
                 resume["validation_dice"], best_score, replayed=True,
             ),
             None,
@@ -349,13 +391,15 @@ def run_fold(
             with observer.training_epoch(epoch, steps=len(loader), samples=samples):
                 loss = float(
                     train_epoch(
-                        net, loader, optimizer, lr_schedule, device, config.diffusion, training.loss_weights,
-                        autocast_dtype,
+                        net, loader, optimizer, None if per_epoch else lr_schedule, device, config.diffusion,
+                        training.loss_weights, autocast_dtype,
                     )
                 )
+            if per_epoch:
+                lr_schedule.step()
         else:
             loss = math.nan
-        lr = lr_schedule.get_last_lr()[0]
+        lr = epoch_lr(epoch)
         if epoch % training.validate_every and epoch != training.epochs:
             log.info("%s: epoch %d/%d loss %.4f", label, epoch, training.epochs, loss)
             if report is not None:
@@ -365,7 +409,7 @@ def run_fold(
             validate_distributed(sampler, validation_groups, len(data.validation), config, device, training.seed + epoch)
         ))
         observer.record_validation(score)
-        if score > best_score or best_state is None:
+        if keeps_weights(training.best_checkpoint, score, best_score, best_state is not None):
             best_score = score
             best_state = {k: v.detach().clone() for k, v in bare_net.state_dict().items()}
         log.info(
@@ -378,7 +422,11 @@ def run_fold(
             # trial on this report cannot cut the evaluation off.
             last = epoch == training.epochs
             if last:
-                bare_net.load_state_dict(best_state)
+                if best_state is not None:
+                    bare_net.load_state_dict(best_state)
+                else:
+                    # The reference's rule kept no weights (no validation beat 0.0): the last weights are evaluated.
+                    log.warning("%s: no validation beat a Dice of 0; evaluating the last weights", label)
                 final_metrics, final_rows = final_evaluation(
                     sampler, config, data, device, overlay_folder=folder / OVERLAY_DIR if rank == 0 else None
                 )
@@ -410,6 +458,17 @@ def run_fold(
                     folder if rank == 0 else None,
                 )
     return FoldResult(bare_net, best_score, final_metrics, final_rows)
+
+
+def training_schedule(
+    optimizer: torch.optim.Optimizer, training: TrainingConfig, steps_per_epoch: int
+) -> tuple[torch.optim.lr_scheduler.LRScheduler, bool]:
+    """The learning-rate schedule of `TrainingConfig.schedule` and whether it is stepped per epoch (else after every
+    batch, by `train_epoch`)."""
+    if training.schedule == "per-epoch":
+        return reference_schedule(optimizer, training.epochs, training.warmup_fraction), True
+    total_steps = training.epochs * steps_per_epoch
+    return WarmupCosineSchedule(optimizer, warmup_steps=int(training.warmup_fraction * total_steps), t_total=total_steps), False
 
 
 def final_evaluation(

@@ -23,8 +23,9 @@ from msx.models.compilation import check_compile_setting
 from msx.models.data.cohort import DEFAULT_MODALITIES, MODALITIES
 from msx.models.data.folds import FOLD_PLANS
 from msx.models.diffusion import DiffusionConfig, LossWeights
-from msx.models.engine import InferenceConfig
-from msx.models.fold import FoldConfig, TrainingConfig
+from msx.models.engine import OPTIMIZERS, PRECISIONS, InferenceConfig
+from msx.models.fold import BEST_CHECKPOINT_RULES, FoldConfig, TrainingConfig
+from msx.models.lr_schedule import SCHEDULES
 from msx.models.metrics import SPLIT_METRIC_NAMES
 from msx.models.networks import BACKBONES, NetworkConfig, spatial_multiple
 from msx.models.protocols import PROTOCOLS
@@ -99,6 +100,16 @@ class TrainingSpec:
     lesion_patch_fraction: float = TrainingConfig.lesion_patch_fraction
     # torch.compile for training and sampling: "auto" (on a CUDA device, off on the CPU), true or false.
     compile: bool | str = TrainingConfig.compile
+    # Training numerics: "auto" (bf16 autocast on a GPU, float32 on the CPU), "fp32" (the reference's) or "bf16".
+    precision: str = TrainingConfig.precision
+    # AdamW: "auto" (fused on a GPU), "adamw" (PyTorch's default implementation, the reference's) or "adamw-fused".
+    optimizer: str = TrainingConfig.optimizer
+    # The learning rate: "per-step" (msx's warm-up and cosine over the batches) or "per-epoch" (the reference's:
+    # epoch 1 at rate 0, warm-up over warmup_fraction of the epochs, cosine, stepped once per epoch).
+    schedule: str = TrainingConfig.schedule
+    # The weights kept: "msx" (the first validation's, then each strictly better one's) or "reference" (only a
+    # validation strictly above the best so far, from 0.0; none kept: the last weights are evaluated).
+    best_checkpoint: str = TrainingConfig.best_checkpoint
 
 
 @dataclass(frozen=True)
@@ -233,6 +244,10 @@ class ExperimentSpec:
             seed=training.seed,
             lesion_patch_fraction=training.lesion_patch_fraction,
             compile=training.compile,
+            precision=training.precision,
+            optimizer=training.optimizer,
+            schedule=training.schedule,
+            best_checkpoint=training.best_checkpoint,
         )
 
     def fold_config(self, backbone: str) -> FoldConfig:
@@ -385,6 +400,16 @@ def validate_spec(spec: ExperimentSpec, source: str = "spec") -> None:
         check_compile_setting(spec.training.compile, "training.compile")
     except ValueError as error:
         raise SpecError(f"{source}: {error}") from None
+    for key, value, valid in (
+        ("training.precision", spec.training.precision, PRECISIONS),
+        ("training.optimizer", spec.training.optimizer, OPTIMIZERS),
+        ("training.schedule", spec.training.schedule, SCHEDULES),
+        ("training.best_checkpoint", spec.training.best_checkpoint, BEST_CHECKPOINT_RULES),
+    ):
+        if value not in valid:
+            fail(key, f"unknown name {value!r}; valid names: {', '.join(valid)}")
+    if not 0 <= spec.training.warmup_fraction < 1:
+        fail("training.warmup_fraction", f"must be in [0, 1), got {spec.training.warmup_fraction}")
     if not 0 <= spec.training.lesion_patch_fraction <= 1:
         fail("training.lesion_patch_fraction", f"must be in [0, 1], got {spec.training.lesion_patch_fraction}")
     if any(side < 8 for side in spec.training.patch_size):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from msx.models.fold import TrainingConfig
 from msx.models.metrics import HIGHER_IS_BETTER, ISBI_SCORE, SPLIT_METRIC_NAMES
 from msx.models.protocols import PROTOCOLS
 
@@ -94,6 +95,7 @@ def report_blocks(
                 ("cohort", record.tags.get(DATA_ROOT_TAG, "-")),
                 ("folds", f"{summary.fold_count} ({spec['data']['folds']}), rater {spec['data']['rater']}"),
                 ("lesions", f"{connectivity}-connected components"),
+                ("training", training_line(spec.get("training", {}))),
             ),
         ),
     ]
@@ -150,6 +152,20 @@ def report_blocks(
         Table(("parameter", "value"), tuple(sorted(record.params.items()))),
     ]
     return blocks
+
+
+def training_line(training: dict) -> str:
+    """How the study trained, from its recorded spec's training section: numerics, compilation, optimizer, learning
+    rate schedule and best-checkpoint rule. A launch recorded before a choice was a spec field ran msx's default."""
+
+    def setting(name: str) -> str:
+        value = training.get(name, getattr(TrainingConfig, name))
+        return str(value).lower() if isinstance(value, bool) else str(value)
+
+    return (
+        f"precision {setting('precision')}, compile {setting('compile')}, optimizer {setting('optimizer')}, "
+        f"schedule {setting('schedule')}, best checkpoint {setting('best_checkpoint')}"
+    )
 
 
 def _protocol_blocks(summary: StudySummary) -> list[Block]:

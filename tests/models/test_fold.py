@@ -10,6 +10,7 @@ import torch
 
 from msx.models.checkpoint import load_checkpoint
 from msx.models.engine import InferenceConfig
+from msx.models import fold as fold_module
 from msx.models.fold import (
     MODEL_DIR,
     OVERLAY_DIR,
@@ -17,9 +18,12 @@ from msx.models.fold import (
     STATE_FILE,
     FoldConfig,
     TrainingConfig,
+    initial_best_score,
+    keeps_weights,
     load_training_state,
     run_fold,
 )
+from msx.models.lr_schedule import reference_lr_per_epoch
 from msx.models.metrics import SPLIT_METRIC_NAMES
 from msx.models.networks import NetworkConfig
 from tests.helpers import tiny_fold_data
@@ -144,3 +148,85 @@ def test_resumed_mid_training_it_first_replays_the_report_of_the_checkpoint_it_r
     assert replayed.best_validation_dice == checkpointed.best_validation_dice
     assert replayed.train_loss == checkpointed.train_loss
     assert not any(r.replayed for r in reports)
+
+
+def test_the_best_checkpoint_rules():
+    """msx keeps the first validation's weights whatever they score; the reference keeps only a strict improvement
+    over a best that starts at 0.0. Both keep the earlier weights on a tie."""
+    assert (initial_best_score("msx"), initial_best_score("reference")) == (-math.inf, 0.0)
+    assert keeps_weights("msx", 0.0, -math.inf, has_best=False)
+    assert keeps_weights("msx", math.nan, -math.inf, has_best=False)
+    assert not keeps_weights("reference", 0.0, 0.0, has_best=False)
+    assert not keeps_weights("reference", math.nan, 0.0, has_best=False)
+    assert keeps_weights("reference", 1e-6, 0.0, has_best=False)
+    for rule in ("msx", "reference"):
+        assert keeps_weights(rule, 0.5, 0.4, has_best=True)
+        assert not keeps_weights(rule, 0.4, 0.4, has_best=True)
+        assert not keeps_weights(rule, 0.3, 0.4, has_best=True)
+    with pytest.raises(ValueError, match="best_checkpoint: unknown name 'last'; valid names: msx, reference"):
+        keeps_weights("last", 0.5, 0.4, True)
+
+
+def test_the_reference_s_training_its_per_epoch_rates_and_no_kept_weights_when_validation_never_beats_0(
+    data, monkeypatch, tmp_path
+):
+    """`paper`'s training choices in run_fold: each epoch trains at the reference's rate for it (and reports it),
+    resumed runs too; validations scoring 0 keep no weights under the reference's rule, so the last are evaluated.
+    Validation and the final evaluation are stubbed out: only the training loop is under test."""
+    epochs = 5  # warm-up 0.3 x 5 = 1.5 epochs: the reference's overshoot to 2x the base rate at epoch 2
+    training = replace(
+        CONFIG.training, epochs=epochs, validate_every=2, warmup_fraction=0.3, precision="fp32", compile=False,
+        optimizer="adamw", schedule="per-epoch", best_checkpoint="reference",
+    )
+    config = replace(CONFIG, training=training)
+    rates = reference_lr_per_epoch(epochs, training.lr, warmup_epochs=0.3 * epochs)
+    assert rates[:2] == [0.0, 2 * training.lr]
+    trained_at = []
+    evaluated = []
+
+    def recording_train_epoch(net, loader, optimizer, lr_schedule, device, diffusion, loss_weights, autocast_dtype):
+        assert lr_schedule is None and autocast_dtype is None  # stepped per epoch by run_fold; float32
+        assert not any(group.get("fused") for group in optimizer.param_groups)
+        trained_at.append(optimizer.param_groups[0]["lr"])
+        return train_epoch(net, loader, optimizer, lr_schedule, device, diffusion, loss_weights, autocast_dtype)
+
+    def final_evaluation(net, config, data, device, overlay_folder):
+        evaluated.append({k: v.clone() for k, v in net.state_dict().items()})  # the bare net: compile is off
+        return {}, []
+
+    train_epoch = fold_module.train_epoch
+    monkeypatch.setattr(fold_module, "train_epoch", recording_train_epoch)
+    monkeypatch.setattr(fold_module, "validate_distributed", lambda *args, **kwargs: [0.0] * len(data.validation))
+    monkeypatch.setattr(fold_module, "final_evaluation", final_evaluation)
+    reports = []
+
+    def report(epoch_report, folder):
+        reports.append(epoch_report)
+        if folder is not None:
+            shutil.copytree(folder, tmp_path / str(epoch_report.epoch))
+
+    result = run_fold(config, data, torch.device("cpu"), report=report)
+    assert trained_at == rates  # exactly the reference's rate in every epoch, epoch 1 at 0
+    assert [r.lr for r in reports] == rates and [r.epoch for r in reports] == list(range(1, epochs + 1))
+    assert [r.best_validation_dice for r in reports if r.validation_dice is not None] == [0.0, 0.0, 0.0]
+    assert result.best_validation_dice == 0.0
+    state = load_training_state(tmp_path / str(epochs), torch.device("cpu"))
+    assert state["best_model"] is None  # none kept: the last weights were evaluated, and are the result's
+    (weights,) = evaluated
+    for name, tensor in result.net.state_dict().items():
+        assert torch.equal(weights[name], tensor) and torch.equal(state["model"][name], tensor), name
+
+    # Resumed from the epoch-2 checkpoint: the replayed report and the epoch after it at the reference's rates.
+    trained_at.clear()
+    resumed = []
+
+    def stop_after_epoch_3(epoch_report, folder):
+        resumed.append(epoch_report)
+        if epoch_report.epoch == 3:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        run_fold(config, data, torch.device("cpu"), report=stop_after_epoch_3,
+                 resume=load_training_state(tmp_path / "2", torch.device("cpu")))
+    assert [(r.epoch, r.replayed, r.lr) for r in resumed] == [(2, True, rates[1]), (3, False, rates[2])]
+    assert trained_at == [rates[2]]

@@ -41,3 +41,31 @@ def test_explicit_settings_and_bad_ones():
     for bad in (dict(epochs=0, base_lr=1.0), dict(epochs=5, base_lr=-1.0), dict(epochs=5, base_lr=1.0, warmup_epochs=5)):
         with pytest.raises(ValueError):
             reference_lr_per_epoch(**bad)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")  # no training here
+def test_the_per_epoch_schedule_trains_each_epoch_at_the_reference_rate_and_resumes_from_its_state():
+    import torch
+
+    from msx.models.lr_schedule import reference_schedule
+
+    def optimizer():
+        return torch.optim.AdamW(torch.nn.Linear(2, 2).parameters(), lr=1e-4)
+
+    expected = reference_lr_per_epoch(24, 1e-4)
+    first = optimizer()
+    schedule = reference_schedule(first, 24, 0.1)
+    seen = []
+    for epoch in range(1, 25):
+        seen.append(first.param_groups[0]["lr"])  # the rate this epoch trains at
+        assert schedule.rate_of_epoch(epoch) == seen[-1]
+        schedule.step()
+        if epoch == 10:
+            state = schedule.state_dict()
+    assert seen == expected  # exactly: the rates are set, not multiplied into the base rate
+    resumed_optimizer = optimizer()
+    resumed = reference_schedule(resumed_optimizer, 24, 0.1)
+    resumed.load_state_dict(state)
+    assert resumed.get_last_lr() == [expected[10]] and resumed.rate_of_epoch(11) == expected[10]
+    resumed.step()
+    assert resumed_optimizer.param_groups[0]["lr"] == expected[11]

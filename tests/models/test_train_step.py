@@ -1,5 +1,6 @@
 """One training step, the unit that train_epoch repeats and benchmarks/train_step.py times."""
 
+import pytest
 import torch
 
 from msx.models.engine import train_epoch, train_step, training_autocast_dtype, training_optimizer
@@ -44,3 +45,22 @@ def test_train_epoch_averages_its_steps_losses():
     torch.manual_seed(4)
     losses = [train_step(net, b["image"], b["label"], optimizer) for b in batches]
     torch.testing.assert_close(mean, torch.stack(losses).mean())
+
+
+def test_precision_fp32_never_autocasts_auto_only_on_a_gpu_bf16_everywhere():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert (training_autocast_dtype(cpu, "fp32"), training_autocast_dtype(cuda, "fp32")) == (None, None)
+    assert (training_autocast_dtype(cpu), training_autocast_dtype(cuda)) == (None, torch.bfloat16)  # "auto"
+    assert (training_autocast_dtype(cpu, "bf16"), training_autocast_dtype(cuda, "bf16")) == (torch.bfloat16,) * 2
+    with pytest.raises(ValueError, match="precision: unknown name 'fp16'; valid names: auto, fp32, bf16"):
+        training_autocast_dtype(cpu, "fp16")
+
+
+def test_optimizer_is_plain_adamw_unless_fused_is_asked_for_or_auto_on_a_gpu():
+    net = torch.nn.Linear(2, 2)
+    cpu = torch.device("cpu")
+    for kind, fused in (("auto", None), ("adamw", None), ("adamw-fused", True)):
+        optimizer = training_optimizer(net.parameters(), 1e-3, 0.0, cpu, kind)
+        assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is fused, kind
+    with pytest.raises(ValueError, match="optimizer: unknown name 'sgd'; valid names: auto, adamw, adamw-fused"):
+        training_optimizer(net.parameters(), 1e-3, 0.0, cpu, "sgd")

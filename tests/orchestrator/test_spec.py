@@ -233,3 +233,51 @@ def test_training_compile_is_auto_or_a_switch(tmp_path, value, expected):
 def test_training_compile_rejects_other_values_naming_the_field(tmp_path, value, problem):
     with pytest.raises(SpecError, match=r"space\.yaml: training\.compile: " + problem):
         load_spec(write(tmp_path, f"name: x\ntraining: {{compile: {value}}}\n"))
+
+
+# The reference's training and msx's fast path, as the spec names them (docs/FIDELITY.md).
+REFERENCE_TRAINING = {"precision": "fp32", "compile": False, "optimizer": "adamw", "schedule": "per-epoch", "best_checkpoint": "reference"}
+MSX_TRAINING = {"precision": "auto", "compile": "auto", "optimizer": "auto", "schedule": "per-step", "best_checkpoint": "msx"}
+
+
+def training_choices(training) -> dict:
+    return {name: getattr(training, name) for name in REFERENCE_TRAINING}
+
+
+def test_paper_trains_as_the_reference_and_the_other_spaces_on_msx_s_fast_path():
+    assert training_choices(load_spec("paper").training) == REFERENCE_TRAINING
+    assert training_choices(load_spec("paper").fold_config("unet").training) == REFERENCE_TRAINING
+    for space in ("paper-msx", "smoke", "hpo"):
+        assert training_choices(load_spec(space).training) == MSX_TRAINING, space
+    assert training_choices(TrainingConfig()) == MSX_TRAINING  # the defaults: msx's
+
+
+def test_training_choices_reach_the_fold_config(tmp_path):
+    text = "name: x\ntraining: {precision: bf16, optimizer: adamw-fused, schedule: per-epoch, best_checkpoint: reference}\n"
+    training = load_spec(write(tmp_path, text)).fold_config("unet").training
+    assert (training.precision, training.optimizer, training.schedule, training.best_checkpoint) == (
+        "bf16", "adamw-fused", "per-epoch", "reference",
+    )
+
+
+@pytest.mark.parametrize(
+    "field, valid",
+    [
+        ("precision", "auto, fp32, bf16"),
+        ("optimizer", "auto, adamw, adamw-fused"),
+        ("schedule", "per-step, per-epoch"),
+        ("best_checkpoint", "msx, reference"),
+    ],
+)
+def test_training_choices_reject_unknown_names_naming_the_field(tmp_path, field, valid):
+    with pytest.raises(SpecError, match=rf"space\.yaml: training\.{field}: unknown name 'fast'; valid names: {valid}$"):
+        load_spec(write(tmp_path, f"name: x\ntraining: {{{field}: fast}}\n"))
+    with pytest.raises(SpecError, match=rf"space\.yaml: training\.{field}: expected a string, got 3"):
+        load_spec(write(tmp_path, f"name: x\ntraining: {{{field}: 3}}\n"))
+    with pytest.raises(ValueError, match=rf"training\.{field}: unknown name 'fast'; valid names: {valid}$"):
+        TrainingConfig(**{field: "fast"})
+
+
+def test_warmup_fraction_is_a_fraction_below_one(tmp_path):
+    with pytest.raises(SpecError, match=r"training\.warmup_fraction: must be in \[0, 1\), got 1.0"):
+        load_spec(write(tmp_path, "name: x\ntraining: {warmup_fraction: 1.0}\n"))

@@ -16,6 +16,7 @@ from PIL import Image
 from msx.models.fold import MODEL_DIR, SCAN_METRICS_FILE
 from msx.models.metrics import VOLUME_NAMES, split_metrics
 from msx.orchestrator.cli import main
+from msx.orchestrator.report.document import training_line
 from msx.orchestrator.spec import load_spec
 from msx.orchestrator.study.search_record import ConfigurationSummary, SearchSummary
 from msx.orchestrator.tracking.callback import TrialRunsCallback
@@ -273,6 +274,8 @@ def test_header_selection_and_registered_model(store, smoke_report):
     assert "2025-06-15 15:06:40 UTC" in markdown and "(1 h 02 min)" in markdown
     assert COHORT in markdown
     assert "| training.epochs | 4 |" in markdown  # the parent run's spec params
+    assert "| training.schedule | per-step |" in markdown and "| training.best_checkpoint | msx |" in markdown
+    assert "| training | precision auto, compile auto, optimizer auto, schedule per-step, best checkpoint msx |" in markdown
     val_dsc = {(b, s): expected_cell(finished, "val", b, s, "dsc")[0] for b in BACKBONES for s in STRATEGIES}
     backbone, strategy = max(val_dsc, key=val_dsc.get)
     assert f"backbone {backbone}, configuration {backbone}-c1 (training.lr=0.002), strategy {strategy}; " in markdown
@@ -402,3 +405,13 @@ def test_paired_comparisons_by_patient_with_exact_p_and_an_honest_n(store, smoke
             assert p == f"{wilcoxon(a, b).pvalue:.4f}" == holm_p  # a family of one
             assert verdict == "n too small"  # three patients: p >= 2/2^3
         assert "smallest possible p is 2/2^3 = 0.2500" in markdown.split(f"### {heading}: paired differences", 1)[1]
+
+
+def test_the_training_line_names_each_training_choice_of_the_recorded_spec():
+    assert training_line(load_spec("paper").to_dict()["training"]) == (
+        "precision fp32, compile false, optimizer adamw, schedule per-epoch, best checkpoint reference"
+    )
+    # A launch recorded before these were spec fields trained with msx's defaults.
+    assert training_line({"epochs": 4}) == (
+        "precision auto, compile auto, optimizer auto, schedule per-step, best checkpoint msx"
+    )
