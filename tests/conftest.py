@@ -2,7 +2,8 @@
 
 - unit: one module at a time on tiny data; no Ray, no server, no study. Every test not marked otherwise.
   `make test-fast` runs these only.
-- integration: starts a local Ray (Tune, Train), an MLflow or `msx ui` server, or several driver processes.
+- integration: starts a local Ray (Tune, Train), an MLflow or `msx ui` server, several driver processes, or msx in a
+  fresh interpreter of its own (the installed script, `python -m`, a per-process setting such as Ray's token mode).
 - slow: minutes of compute: a whole study end to end (`msx launch`, a multi-node cluster), the largest
   network's checks.
 

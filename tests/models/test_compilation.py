@@ -63,6 +63,11 @@ def run(data, compile_setting):
     return result, reports, graphs
 
 
+# Slow: the three checks below share two whole 4-epoch folds, one traced and compiled by dynamo (about 10 s of CPU
+# on a quiet 2-core machine, 15-20 s under load); the unit tier keeps the compile decision and the DDP check.
+FOLDS = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def eager(data):
     return run(data, False)
@@ -78,6 +83,7 @@ def test_auto_compiles_on_cuda_only():
     assert compile_wanted(True, torch.device("cpu")) and not compile_wanted(False, torch.device("cuda"))
 
 
+@FOLDS
 def test_compiled_fold_gives_the_eager_folds_numbers(eager, compiled):
     (eager_result, eager_reports, _), (compiled_result, compiled_reports, _) = eager, compiled
     assert [r.epoch for r in compiled_reports] == [r.epoch for r in eager_reports] == list(range(1, EPOCHS + 1))
@@ -90,6 +96,7 @@ def test_compiled_fold_gives_the_eager_folds_numbers(eager, compiled):
         assert compiled_result.metrics[key] == pytest.approx(value, abs=1e-3, nan_ok=True), key
 
 
+@FOLDS
 def test_compiles_once_for_training_and_once_for_sampling_never_per_validation(eager, compiled):
     _, reports, graphs = compiled
     # Epoch 1 compiles the loss, epoch 2's validation the sampler; the second validation (epoch 4) and the final
@@ -101,6 +108,7 @@ def test_compiles_once_for_training_and_once_for_sampling_never_per_validation(e
     assert all(report.compile_seconds is None for report in eager[1])
 
 
+@FOLDS
 def test_compiled_fold_keeps_plain_state_dict_keys(eager, compiled):
     keys = list(compiled[0].net.state_dict())
     assert keys == list(eager[0].net.state_dict())

@@ -110,3 +110,182 @@ def test_evaluation_gives_each_strategys_metrics_and_lesion_volumes_in_mm3():
         assert values["gt_volume_mm3"] == pytest.approx(1.5 * 8)  # the 2 x 2 x 2 lesion of _loaded
         expected = segmentation_metrics(mask, scan.mask, spacing=scan.spacing)
         assert {key: values[key] for key in METRIC_NAMES} == pytest.approx(expected, nan_ok=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training: one step (train_step), the unit train_epoch repeats and benchmarks/train_step.py times
+# One training step, the unit that train_epoch repeats and benchmarks/train_step.py times.
+# --------------------------------------------------------------------------------------------------------------
+
+import torch
+
+from msx.models.engine import train_epoch, train_step, training_autocast_dtype, training_optimizer
+from msx.models.networks import NetworkConfig, build_network
+
+
+# The step is the same for every backbone: SegResNet at its smallest input (8^3, two samples for its norms in
+# training) keeps each step a few hundredths of a second.
+STEP_BACKBONE = "segresnet"
+STEP_SIDE = 8
+
+
+def tiny_batch(seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    shape = (2, 1, STEP_SIDE, STEP_SIDE, STEP_SIDE)
+    return {
+        "image": torch.randn(shape, generator=generator),
+        "label": (torch.rand(shape, generator=generator) < 0.1).float(),
+    }
+
+
+def test_train_step_updates_the_weights_and_returns_the_detached_loss():
+    torch.manual_seed(0)
+    net = build_network(NetworkConfig(backbone=STEP_BACKBONE, image_channels=1, width=0.125)).train()
+    device = torch.device("cpu")
+    optimizer = training_optimizer(net.parameters(), lr=1e-3, weight_decay=0.0, device=device)
+    before = [p.detach().clone() for p in net.parameters()]
+    batch = tiny_batch(1)
+    loss = train_step(net, batch["image"], batch["label"], optimizer, autocast_dtype=training_autocast_dtype(device))
+    assert loss.shape == () and not loss.requires_grad and torch.isfinite(loss)
+    assert any(not torch.equal(old, new) for old, new in zip(before, net.parameters()))
+
+
+def test_train_epoch_averages_its_steps_losses():
+    batches = [tiny_batch(2), tiny_batch(3)]
+    device = torch.device("cpu")
+
+    def fresh():
+        torch.manual_seed(0)
+        net = build_network(NetworkConfig(backbone=STEP_BACKBONE, image_channels=1, width=0.125)).train()
+        return net, training_optimizer(net.parameters(), lr=1e-3, weight_decay=0.0, device=device)
+
+    net, optimizer = fresh()
+    schedule = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+    torch.manual_seed(4)
+    mean = train_epoch(net, batches, optimizer, schedule, device)
+
+    net, optimizer = fresh()
+    torch.manual_seed(4)
+    losses = [train_step(net, b["image"], b["label"], optimizer) for b in batches]
+    torch.testing.assert_close(mean, torch.stack(losses).mean())
+
+
+def test_precision_fp32_never_autocasts_auto_only_on_a_gpu_bf16_everywhere():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert (training_autocast_dtype(cpu, "fp32"), training_autocast_dtype(cuda, "fp32")) == (None, None)
+    assert (training_autocast_dtype(cpu), training_autocast_dtype(cuda)) == (None, torch.bfloat16)  # "auto"
+    assert (training_autocast_dtype(cpu, "bf16"), training_autocast_dtype(cuda, "bf16")) == (torch.bfloat16,) * 2
+    with pytest.raises(ValueError, match="precision: unknown name 'fp16'; valid names: auto, fp32, bf16"):
+        training_autocast_dtype(cpu, "fp16")
+
+
+def test_optimizer_is_plain_adamw_unless_fused_is_asked_for_or_auto_on_a_gpu():
+    net = torch.nn.Linear(2, 2)
+    cpu = torch.device("cpu")
+    for kind, fused in (("auto", None), ("adamw", None), ("adamw-fused", True)):
+        optimizer = training_optimizer(net.parameters(), 1e-3, 0.0, cpu, kind)
+        assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"] is fused, kind
+    with pytest.raises(ValueError, match="optimizer: unknown name 'sgd'; valid names: auto, adamw, adamw-fused"):
+        training_optimizer(net.parameters(), 1e-3, 0.0, cpu, "sgd")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Validation (prepare_validation, group_scores, validation_dice)
+# Validation's Dice, computed on the device on the preprocessed grid, is the full metric's dsc of the restored mask.
+# --------------------------------------------------------------------------------------------------------------
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from msx.models.data.cohort import load_scan
+from msx.models.data.manifest import open_cohort
+from msx.models.data.synth import write_synthetic_cohort
+from msx.models.diffusion import DiffusionConfig
+from msx.models.engine import (
+    InferenceConfig,
+    evaluate_scan,
+    group_scores,
+    prepare_validation,
+    validation_dice,
+)
+from msx.models.metrics import segmentation_metrics
+from msx.models.networks import NetworkConfig, build_network
+from msx.models.protocols import PROTOCOLS
+
+VALIDATION_PATCH = (32, 32, 32)
+SEED = 7
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory):
+    """Three scans of different foreground crops, one with lesion voxels outside its crop (the image is blank
+    there), which no prediction can reach."""
+    root = tmp_path_factory.mktemp("cohort")
+    write_synthetic_cohort(root, patients=2, shape=(36, 40, 36))
+    cohort = open_cohort(root, ("flair", "t2"), 1)
+    loaded = [load_scan(scan, cohort.modalities, cohort.rater) for scan in cohort.scans[:3]]
+    corner = loaded[2].mask.copy()
+    assert not (loaded[2].image[:, 0, 0, :] > 0).any()
+    corner[0, 0, :3] = 1
+    loaded[2] = replace(loaded[2], mask=corner)
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return build_network(NetworkConfig("basic-unet", image_channels=2, width=0.125, patch_size=VALIDATION_PATCH)).eval()
+
+
+def config(protocol: str) -> InferenceConfig:
+    # Biased towards lesion so that some masks are neither empty nor full.
+    return InferenceConfig(
+        ddim_steps=1, samples=1, roi_size=VALIDATION_PATCH, overlap=0.25, sw_batch_size=3, strategies=("mean",), protocol=protocol
+    )
+
+
+@pytest.mark.parametrize("protocol", ["msx", "reference"])
+def test_device_dice_is_the_dsc_of_the_restored_mask(scans, net, protocol):
+    settings = config(protocol)
+    device = torch.device("cpu")
+    groups = prepare_validation(scans, range(len(scans)), settings, device)
+    assert len(groups) == (1 if protocol == "msx" else len(scans))  # msx batches every scan on one padded grid
+    dice = validation_dice(net, groups, settings, DiffusionConfig(), SEED, None)
+    assert sorted(dice) == list(range(len(scans)))
+
+    generator = torch.Generator()
+    expected = {}
+    for group in groups:
+        generator.manual_seed(SEED + group.indices[0])
+        scores = group_scores(net, group, settings, DiffusionConfig(), generator, None)["mean"]
+        for row, (index, grid) in enumerate(zip(group.indices, group.grids)):
+            own = scores[(row, *(slice(0, side) for side in grid.prepared_shape))]
+            mask = grid.restore(PROTOCOLS.get(protocol).mask(own).numpy())
+            truth = scans[index].mask.astype(bool)
+            expected[index] = segmentation_metrics(mask, truth, spacing=scans[index].spacing)["dsc"]
+    assert dice == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    # The scan with lesion outside its crop cannot be perfect, and the comparison is not all-trivial.
+    assert dice[2] < 1.0
+
+
+def test_reference_validation_equals_evaluate_scan_per_scan(scans, net):
+    """Under the reference protocol each scan is sampled on its own grid, seeded per scan, as before."""
+    settings = config("reference")
+    groups = prepare_validation(scans, range(len(scans)), settings, torch.device("cpu"))
+    dice = validation_dice(net, groups, settings, DiffusionConfig(), SEED, None)
+    generator = torch.Generator()
+    for index, scan in enumerate(scans):
+        generator.manual_seed(SEED + index)
+        evaluation = evaluate_scan(net, scan, settings, torch.device("cpu"), DiffusionConfig(), generator)
+        assert dice[index] == pytest.approx(evaluation.metrics["mean"]["dsc"], rel=1e-12)
+
+
+def test_a_share_of_the_scans_is_validated_by_index(scans, net):
+    settings = config("msx")
+    groups = prepare_validation(scans, [1], settings, torch.device("cpu"))
+    assert groups[0].images.shape[0] == 1
+    assert list(validation_dice(net, groups, settings, DiffusionConfig(), SEED, None)) == [1]
+    assert np.isfinite(list(validation_dice(net, groups, settings, DiffusionConfig(), SEED, None).values())).all()

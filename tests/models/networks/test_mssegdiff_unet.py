@@ -81,7 +81,7 @@ def test_time_enters_every_two_convolution_block_decoder_included(net):
         "conv_0", "down_1.convs", "down_2.convs", "down_3.convs", "down_4.convs",
         "upcat_4.convs", "upcat_3.convs", "upcat_2.convs", "upcat_1.convs",
     ]
-    image, noisy, t = inputs()
+    image, noisy, t = inputs(batch=1)  # eval mode: one sample shows each path as well as two
     with torch.no_grad():
         reference = net(image, noisy, t)
         for name in blocks:
@@ -97,7 +97,7 @@ def test_time_enters_every_two_convolution_block_decoder_included(net):
 
 
 def test_each_encoder_stage_reaches_the_denoiser(net):
-    image, noisy, t = inputs()
+    image, noisy, t = inputs(batch=1)
     with torch.no_grad():
         features = net.encode(image)
         reference = net.denoise(image, noisy, t, features)

@@ -29,6 +29,9 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     assert "Ray dashboard" not in result.stdout and "MLflow" not in result.stdout
 
 
+# Integration: a fresh interpreter per command by design (the entry point and `python -m` as a shell runs them),
+# each paying msx's imports (about 5 s of CPU).
+@pytest.mark.integration
 @pytest.mark.parametrize("command", [[str(Path(sys.executable).parent / "msx")], [sys.executable, "-m", "msx.orchestrator.cli"]])
 def test_msx_runs_as_the_installed_script_and_as_a_module(command, tmp_path):
     space = tmp_path / "space.yaml"

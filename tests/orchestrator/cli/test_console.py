@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 SCRIPT = textwrap.dedent(
     """
     import logging, os, subprocess, sys
@@ -41,6 +43,8 @@ def run(tmp_path, *extra):
     return result, log
 
 
+# Integration: a process of its own by design (real file descriptors 1 and 2, a child process).
+@pytest.mark.integration
 def test_only_msx_lines_reach_the_console_and_the_rest_is_logged(tmp_path):
     result, log = run(tmp_path)
     assert result.returncode == 0, result.stderr
@@ -52,6 +56,8 @@ def test_only_msx_lines_reach_the_console_and_the_rest_is_logged(tmp_path):
         assert line in logged
 
 
+# Integration: a process of its own by design (real file descriptors 1 and 2, a child process).
+@pytest.mark.integration
 def test_an_error_is_one_line_naming_the_log_with_the_trace_in_it(tmp_path):
     # The console turns the error into a click.ClickException, which `msx` prints as "Error: ..." on stderr.
     script = tmp_path / "command.py"

@@ -15,7 +15,7 @@ from msx.models.fold import MODEL_DIR
 from tests.helpers import REPOSITORY, free_port, run_msx, save_tiny_checkpoint
 
 from ..servers import wait_until_healthy
-from .test_registry_commands import MODEL, register
+from .test_registry import MODEL, register
 
 ARTIFACTS = REPOSITORY / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -22,7 +22,7 @@ from msx.orchestrator.tracking.registry import register_selection
 from msx.orchestrator.tracking.store import ensure_experiment
 from tests.helpers import free_port, save_nifti
 from tests.orchestrator.servers import wait_until_healthy
-from tests.orchestrator.tracking.test_model_registry import STRATEGIES, fold_checkpoints
+from tests.orchestrator.tracking.test_registry import STRATEGIES, fold_checkpoints
 
 pytestmark = pytest.mark.integration
 

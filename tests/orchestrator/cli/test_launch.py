@@ -21,8 +21,6 @@ from tests.helpers import REPOSITORY, free_port
 
 from .test_cli import assert_one_line_error, msx
 
-MSX = [sys.executable, "-m", "msx.orchestrator.cli"]
-
 
 def record(storage: Path, spec: dict, data_root: str, **changes) -> StudyState:
     state = StudyState(
@@ -94,12 +92,12 @@ def test_broken_cluster_config_is_refused_before_ray_up(tmp_path):
     assert_one_line_error(msx("launch", "--cluster", str(path), cwd=tmp_path), f"{path}: not valid YAML")
 
 
-def test_cluster_launch_without_a_token_stops_before_ray_up(tmp_path):
+def test_cluster_launch_without_a_token_stops_before_ray_up(tmp_path, monkeypatch):
     """The token the config copies to the nodes must exist here: without it the error is ours and comes first."""
-    result = subprocess.run(
-        [*MSX, "launch", "--cluster", "cluster/local.yaml"], cwd=REPOSITORY, capture_output=True, text=True, timeout=240,
-        env={**{k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_TOKEN")}, "HOME": str(tmp_path)},
-    )
+    for name in [k for k in os.environ if k.startswith("RAY_AUTH_TOKEN")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    result = msx("launch", "--cluster", "cluster/local.yaml", cwd=REPOSITORY)
     assert_one_line_error(
         result, "cluster/local.yaml: file_mounts copies the Ray authentication token ~/.ray/auth_token to the nodes",
         "`ray get-auth-token --generate`",
@@ -107,13 +105,11 @@ def test_cluster_launch_without_a_token_stops_before_ray_up(tmp_path):
     assert "bringing up" not in result.stdout
 
 
-def test_cluster_launch_from_elsewhere_than_the_checkout_stops_before_ray_up(tmp_path):
+def test_cluster_launch_from_elsewhere_than_the_checkout_stops_before_ray_up(tmp_path, monkeypatch):
     (tmp_path / ".ray").mkdir()
     (tmp_path / ".ray" / "auth_token").write_text("0" * 64)
-    result = subprocess.run(
-        [*MSX, "launch", "--cluster", str(REPOSITORY / "cluster" / "local.yaml")], cwd=tmp_path, capture_output=True,
-        text=True, timeout=240, env={**os.environ, "HOME": str(tmp_path)},
-    )
+    monkeypatch.setenv("HOME", str(tmp_path))
+    result = msx("launch", "--cluster", str(REPOSITORY / "cluster" / "local.yaml"), cwd=tmp_path)
     assert_one_line_error(result, "file_mounts copies ./pyproject.toml to ~/msx/pyproject.toml", "the repository root")
 
 
@@ -144,6 +140,7 @@ def test_job_entrypoint_carries_the_spec_and_the_users_choices(tmp_path):
         launch_entrypoint(spec, {"storage": "runs"})
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "environment, expected",
     [
@@ -153,7 +150,8 @@ def test_job_entrypoint_carries_the_spec_and_the_users_choices(tmp_path):
     ],
 )
 def test_the_dashboard_token_is_named_never_printed(environment, expected):
-    """Ray reads its authentication mode once per process: each case in a process of its own."""
+    """Ray reads its authentication mode once per process: each case in a process of its own (hence integration:
+    a fresh interpreter importing msx and Ray costs about 5 s of CPU per case)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     said = subprocess.run(
         [sys.executable, "-c", "from msx.orchestrator.cluster.jobs import token_instructions; print(token_instructions())"],
