@@ -17,15 +17,20 @@ from msx.orchestrator.trial import (
 EXPERIMENT = "batched"
 
 
-def test_epochs_carried_by_a_report_are_logged_at_their_own_epochs(tmp_path):
+def started_trial(tmp_path):
+    """A SQLite store with a launch run, the callback writing under it, and one trial it heard start."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     experiment_id = ensure_experiment(uri, EXPERIMENT, tmp_path / "artifacts")
     client = MlflowClient(uri)
     parent = client.create_run(experiment_id, run_name="launch").info.run_id
     callback = TrialRunsCallback(uri, EXPERIMENT, parent, ("mean",), fold_count=1)
     trial = Trial("msx", config={"backbone": "unet", "fold": 1, "configuration": "unet-c1"}, trial_id="t_1", stub=True)
-
     callback.log_trial_start(trial)
+    return client, experiment_id, callback, trial
+
+
+def test_epochs_carried_by_a_report_are_logged_at_their_own_epochs(tmp_path):
+    client, experiment_id, callback, trial = started_trial(tmp_path)
     # A NaN loss (epoch 2 here) is left out of the record, as a report's own NaN loss is; its learning rate is kept.
     first = {
         EPOCH: 3, TRAIN_LOSS: 0.3, LEARNING_RATE: 3e-3, BEST_VALIDATION_DICE: 0.4, "training_iteration": 1,
@@ -50,13 +55,7 @@ def test_epochs_carried_by_a_report_are_logged_at_their_own_epochs(tmp_path):
 
 
 def test_a_replayed_report_is_logged_only_when_its_epoch_is_not_in_the_run_yet(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    experiment_id = ensure_experiment(uri, EXPERIMENT, tmp_path / "artifacts")
-    client = MlflowClient(uri)
-    parent = client.create_run(experiment_id, run_name="launch").info.run_id
-    callback = TrialRunsCallback(uri, EXPERIMENT, parent, ("mean",), fold_count=1)
-    trial = Trial("msx", config={"backbone": "unet", "fold": 1, "configuration": "unet-c1"}, trial_id="t_1", stub=True)
-    callback.log_trial_start(trial)
+    client, experiment_id, callback, trial = started_trial(tmp_path)
 
     callback.log_trial_result(1, trial, {EPOCH: 2, BEST_VALIDATION_DICE: 0.4, TRAIN_LOSS: 0.3})
     # The same epoch again, from a run resumed at its checkpoint: already recorded.
