@@ -167,6 +167,26 @@ class RegistrySpec:
 
 
 @dataclass(frozen=True)
+class BackboneRecipe:
+    """One backbone trained apart from the others: its own learning rate, epochs, batch size, width... (the reference
+    sizes each backbone's features on its own). Written in YAML as `recipes: {unet: {training: {lr: 8.0e-3}}}`; the
+    fields it leaves out are the study's."""
+
+    backbone: str
+    settings: tuple[tuple[str, Any], ...]  # (dotted field, value), as written
+
+    def describe(self) -> str:
+        return ", ".join(f"{name}={_describe_value(value)}" for name, value in self.settings)
+
+    def as_sections(self) -> dict[str, dict[str, Any]]:
+        sections: dict[str, dict[str, Any]] = {}
+        for dotted, value in self.settings:
+            section, _, name = dotted.partition(".")
+            sections.setdefault(section, {})[name] = _to_plain(value)
+        return sections
+
+
+@dataclass(frozen=True)
 class ExperimentSpec:
     name: str
     data: DataSpec = field(default_factory=DataSpec)
@@ -177,6 +197,7 @@ class ExperimentSpec:
     resources: ResourcesSpec = field(default_factory=ResourcesSpec)
     search: SearchSpec = field(default_factory=SearchSpec)
     registry: RegistrySpec = field(default_factory=RegistrySpec)
+    recipes: tuple[BackboneRecipe, ...] = ()
 
     def __post_init__(self) -> None:
         """Settings left unset (None) take the protocol's defaults, so a built spec holds every value it runs with."""
@@ -196,7 +217,18 @@ class ExperimentSpec:
         object.__setattr__(self, "training", training)
 
     def to_dict(self) -> dict[str, Any]:
-        return _to_plain(self)
+        """The spec as its YAML reads (spec_from_dict makes it back)."""
+        plain = _to_plain(self)
+        plain["recipes"] = {recipe.backbone: recipe.as_sections() for recipe in self.recipes}
+        return plain
+
+    def recipe_of(self, backbone: str) -> BackboneRecipe | None:
+        return next((recipe for recipe in self.recipes if recipe.backbone == backbone), None)
+
+    def for_backbone(self, backbone: str) -> "ExperimentSpec":
+        """The spec as ``backbone`` trains: the study's fields, with its recipe's in their place."""
+        recipe = self.recipe_of(backbone)
+        return self.with_overrides(dict(recipe.settings)) if recipe else self
 
     # ---- the configs of msx.models, each made here and nowhere else
 
@@ -251,14 +283,15 @@ class ExperimentSpec:
         )
 
     def fold_config(self, backbone: str) -> FoldConfig:
-        """What one fold of ``backbone`` trains and evaluates with (msx.models.fold.run_fold), its final evaluation
-        also scored under each compared protocol."""
+        """What one fold of ``backbone`` trains and evaluates with (msx.models.fold.run_fold), under its recipe, its
+        final evaluation also scored under each compared protocol."""
+        spec = self.for_backbone(backbone)
         return FoldConfig(
-            self.network_config(backbone),
-            self.training_config(),
-            self.diffusion_config(),
-            self.inference_config(),
-            compared=tuple(self.inference_config(protocol=protocol) for protocol in self.inference.compare_protocols),
+            spec.network_config(backbone),
+            spec.training_config(),
+            spec.diffusion_config(),
+            spec.inference_config(),
+            compared=tuple(spec.inference_config(protocol=protocol) for protocol in spec.inference.compare_protocols),
         )
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> "ExperimentSpec":
@@ -280,6 +313,10 @@ DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice")
 SEARCHABLE_SECTIONS = ("model", "training", "inference", "diffusion")
 # A study's protocols decide what its results mean; they are chosen, never searched.
 UNSEARCHABLE_FIELDS = ("inference.protocol", "inference.compare_protocols")
+# What a backbone's recipe may set apart: how it is sized and trained; what the study compares (data, inference,
+# the diffusion process) stays the same for every backbone.
+RECIPE_SECTIONS = ("model", "training")
+UNRECIPED_FIELDS = ("model.backbones",)
 
 
 def bundled_spaces() -> dict[str, Path]:
@@ -320,9 +357,39 @@ def spec_from_dict(raw: Any, source: str = "spec") -> ExperimentSpec:
         raise SpecError(f"{source}: the spec must be a mapping of sections, got {type(raw).__name__}")
     if "name" not in raw:
         raise SpecError(f"{source}: missing key 'name'")
-    spec = _build(ExperimentSpec, raw, "", source)
+    recipes = _build_recipes(raw["recipes"], source) if raw.get("recipes") else ()
+    spec = _build(ExperimentSpec, {key: value for key, value in raw.items() if key != "recipes"}, "", source)
+    spec = dataclasses.replace(spec, recipes=recipes)
     validate_spec(spec, source)
     return spec
+
+
+def _build_recipes(raw: Any, source: str) -> tuple[BackboneRecipe, ...]:
+    """`recipes: {<backbone>: {<section>: {<field>: value}}}`, each value typed as its spec field."""
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: recipes: expected a mapping of backbone -> {{model: ..., training: ...}}, got {type(raw).__name__}")
+    section_types = _field_types(ExperimentSpec)
+    recipes = []
+    for backbone, sections in raw.items():
+        key = f"recipes.{backbone}"
+        if not isinstance(sections, dict) or not sections:
+            raise SpecError(f"{source}: {key}: expected a mapping of sections ({', '.join(RECIPE_SECTIONS)}), got {sections!r}")
+        settings = []
+        for section, fields in sections.items():
+            if section not in RECIPE_SECTIONS:
+                raise SpecError(f"{source}: {key}.{section}: a recipe sets {' or '.join(RECIPE_SECTIONS)} fields only")
+            if not isinstance(fields, dict):
+                raise SpecError(f"{source}: {key}.{section}: expected a mapping of fields, got {fields!r}")
+            field_types = {
+                name: hint for name, hint in _field_types(section_types[section]).items()
+                if f"{section}.{name}" not in UNRECIPED_FIELDS
+            }
+            for name, value in fields.items():
+                if name not in field_types:
+                    raise SpecError(f"{source}: {key}.{section}.{name}: unknown key; valid keys: {', '.join(field_types)}")
+                settings.append((f"{section}.{name}", _coerce(value, field_types[name], f"{key}.{section}.{name}", source)))
+        recipes.append(BackboneRecipe(str(backbone), tuple(settings)))
+    return tuple(recipes)
 
 
 def validate_spec(spec: ExperimentSpec, source: str = "spec") -> None:
@@ -331,24 +398,39 @@ def validate_spec(spec: ExperimentSpec, source: str = "spec") -> None:
     def fail(key: str, problem: str) -> None:
         raise SpecError(f"{source}: {key}: {problem}")
 
-    def registered(key: str, names: tuple[str, ...], registry: Any) -> None:
-        for name in names:
-            if name not in registry:
-                fail(key, f"unknown name {name!r}; valid names: {', '.join(registry.names())}")
-
     if not spec.name or not all(c.isalnum() or c in "-_." for c in spec.name):
         fail("name", f"{spec.name!r} must be letters, digits, '-', '_' or '.'")
     if not spec.model.backbones:
         fail("model.backbones", "at least one backbone is needed")
-    registered("model.backbones", spec.model.backbones, BACKBONES)
-    registered("inference.strategies", spec.inference.strategies, STRATEGIES)
-    registered("inference.protocol", (spec.inference.protocol,), PROTOCOLS)
-    registered("inference.compare_protocols", spec.inference.compare_protocols, PROTOCOLS)
+    _registered(fail, "model.backbones", spec.model.backbones, BACKBONES)
+    searched = {parameter.name: index for index, parameter in enumerate(spec.search.parameters)}
+    for recipe in spec.recipes:
+        key = f"recipes.{recipe.backbone}"
+        if recipe.backbone not in spec.model.backbones:
+            fail(key, f"{recipe.backbone!r} is not a backbone of this study (model.backbones: {', '.join(spec.model.backbones)})")
+        for name, _ in recipe.settings:
+            if name in searched:
+                fail(f"{key}.{name}", f"is also searched (search.parameters[{searched[name]}]): a searched field takes the search's values")
+    for backbone in spec.model.backbones:
+        recipe = spec.recipe_of(backbone)
+        own = {name for name, _ in recipe.settings} if recipe else set()
+
+        def fail_in_recipe(key: str, problem: str, own=own, backbone=backbone) -> None:
+            fail(f"recipes.{backbone}.{key}" if key in own else key, problem)
+
+        _validate_values(spec.for_backbone(backbone), backbone, fail_in_recipe)
+
+
+def _validate_values(spec: ExperimentSpec, backbone: str, fail) -> None:
+    """Every field's check, on the spec as ``backbone`` trains (its recipe applied)."""
+    _registered(fail, "inference.strategies", spec.inference.strategies, STRATEGIES)
+    _registered(fail, "inference.protocol", (spec.inference.protocol,), PROTOCOLS)
+    _registered(fail, "inference.compare_protocols", spec.inference.compare_protocols, PROTOCOLS)
     if spec.inference.protocol in spec.inference.compare_protocols:
         fail("inference.compare_protocols", f"{spec.inference.protocol!r} is the study's own protocol (inference.protocol)")
     if len(set(spec.inference.compare_protocols)) < len(spec.inference.compare_protocols):
         fail("inference.compare_protocols", "a protocol is listed twice")
-    registered("training.validation_strategy", (spec.training.validation_strategy,), STRATEGIES)
+    _registered(fail, "training.validation_strategy", (spec.training.validation_strategy,), STRATEGIES)
     _validate_folds(spec.data.folds, fail)
     for modality in spec.data.modalities:
         if modality not in MODALITIES:
@@ -399,7 +481,7 @@ def validate_spec(spec: ExperimentSpec, source: str = "spec") -> None:
     try:
         check_compile_setting(spec.training.compile, "training.compile")
     except ValueError as error:
-        raise SpecError(f"{source}: {error}") from None
+        fail("training.compile", str(error).removeprefix("training.compile: "))
     for key, value, valid in (
         ("training.precision", spec.training.precision, PRECISIONS),
         ("training.optimizer", spec.training.optimizer, OPTIMIZERS),
@@ -414,12 +496,17 @@ def validate_spec(spec: ExperimentSpec, source: str = "spec") -> None:
         fail("training.lesion_patch_fraction", f"must be in [0, 1], got {spec.training.lesion_patch_fraction}")
     if any(side < 8 for side in spec.training.patch_size):
         fail("training.patch_size", f"sides must be at least 8, got {spec.training.patch_size}")
-    for backbone in spec.model.backbones:
-        multiple = spatial_multiple(backbone)
-        if any(side % multiple for side in spec.training.patch_size):
-            fail("training.patch_size", f"{backbone} needs sides that are multiples of {multiple}, got {spec.training.patch_size}")
+    multiple = spatial_multiple(backbone)
+    if any(side % multiple for side in spec.training.patch_size):
+        fail("training.patch_size", f"{backbone} needs sides that are multiples of {multiple}, got {spec.training.patch_size}")
     for index, parameter in enumerate(spec.search.parameters):
         _validate_parameter(spec, parameter, f"search.parameters[{index}]", fail)
+
+
+def _registered(fail, key: str, names: tuple[str, ...], registry: Any) -> None:
+    for name in names:
+        if name not in registry:
+            fail(key, f"unknown name {name!r}; valid names: {', '.join(registry.names())}")
 
 
 def _validate_folds(folds: str | tuple[FoldSpec, ...], fail) -> None:
@@ -543,6 +630,10 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             fail("a string")
         return value
     raise TypeError(f"spec field {key} has unsupported type {hint}")
+
+
+def _describe_value(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _to_plain(value: Any) -> Any:

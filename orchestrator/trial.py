@@ -73,6 +73,6 @@ class TrialConfig:
         return f"{self.configuration} fold {self.fold}"
 
     def spec_of(self, experiment: ExperimentSpec) -> ExperimentSpec:
-        """The experiment's spec as this trial runs it: its one backbone and its searched values. It is recorded
-        with the trial's model, which so carries its own plan."""
-        return experiment.with_overrides({"model.backbones": (self.backbone,), **self.searched})
+        """The experiment's spec as this trial runs it: its one backbone under its recipe, and its searched values. It
+        is recorded with the trial's model, which so carries its own plan."""
+        return experiment.for_backbone(self.backbone).with_overrides({"model.backbones": (self.backbone,), **self.searched})

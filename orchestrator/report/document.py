@@ -96,6 +96,7 @@ def report_blocks(
                 ("folds", f"{summary.fold_count} ({spec['data']['folds']}), rater {spec['data']['rater']}"),
                 ("lesions", f"{connectivity}-connected components"),
                 ("training", training_line(spec.get("training", {}))),
+                *((("recipes", recipes_line(spec["recipes"])),) if spec.get("recipes") else ()),
             ),
         ),
     ]
@@ -168,6 +169,14 @@ def training_line(training: dict) -> str:
     )
 
 
+def recipes_line(recipes: dict) -> str:
+    """The backbones trained apart from the study's recipe, from its recorded spec: "unet: training.lr=0.008, ..."."""
+    return "; ".join(
+        f"{backbone}: " + ", ".join(f"{section}.{name}={value}" for section, fields in sections.items() for name, value in fields.items())
+        for backbone, sections in recipes.items()
+    )
+
+
 def _protocol_blocks(summary: StudySummary) -> list[Block]:
     """The final evaluation under each compared inference protocol, from the same weights (docs/FIDELITY.md)."""
     if not summary.compared:
@@ -233,12 +242,12 @@ def _search_blocks(search: SearchSummary) -> list[Block]:
             f"{c.final_score:.3f}" if c.final_score is not None else "-",
             str(c.epochs_trained),
         ))
-    rungs = ", ".join(map(str, search.rungs)) or "none (fifo)"
+    rungs = search.describe_rungs() if any(search.rungs.values()) else "none before the last epoch"
     full, trained = search.epochs_full_grid, search.epochs_trained
     text = (
         f"Early stopping by configuration: at each rung (epochs {rungs}) a configuration's folds were judged together, "
         f"on their mean validation Dice. {trained} of {full} fold-epochs were trained, {full - trained} "
-        f"({(full - trained) / full:.0%}) fewer than training every configuration on every fold to epoch {search.epochs}."
+        f"({(full - trained) / full:.0%}) fewer than training every configuration on every fold to epoch {search.describe_last_epochs()}."
         if full else "No configuration was opened."
     )
     if search.cut_short:

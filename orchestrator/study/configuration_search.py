@@ -122,13 +122,15 @@ class ConfigurationSearch(Searcher):
     ) -> None:
         super().__init__(metric=OPTIMISED_METRIC, mode=MODE)
         self._folds = tuple(fold.index for fold in folds)
-        self._epochs = spec.training.epochs
-        self._rungs = rung_epochs(spec)
+        # Each backbone trains under its own recipe (ExperimentSpec.recipes): its last epoch and rungs are its own.
+        self._epochs = {b: spec.for_backbone(b).training.epochs for b in spec.model.backbones}
+        self._rungs = {b: rung_epochs(spec.for_backbone(b)) for b in spec.model.backbones}
         self._concurrency = concurrency
         self._budget = {backbone: spec.search.configurations_per_backbone for backbone in spec.model.backbones}
         self._distributions = {p.name: optuna_distribution(p) for p in spec.search.parameters}
         self._studies = {
-            backbone: self._new_study(spec, seed_offset) for seed_offset, backbone in enumerate(spec.model.backbones)
+            backbone: self._new_study(spec.for_backbone(backbone), seed_offset)
+            for seed_offset, backbone in enumerate(spec.model.backbones)
         }
         self._configurations: dict[str, ConfigurationProgress] = {}
         self._configuration_of_trial: dict[str, str] = {}
@@ -194,7 +196,7 @@ class ConfigurationSearch(Searcher):
                 self._echo(f"{configuration.name}: fold {fold.fold} failed; the configuration stops")
         elif result and result.get(FINAL_REPORT):
             fold.phase = DONE
-            fold.epoch = int(result.get(EPOCH, self._epochs))
+            fold.epoch = int(result.get(EPOCH, self._epochs[configuration.backbone]))
             score = result.get(OPTIMISED_METRIC)
             fold.final_score = math.nan if score is None else float(score)
             if configuration.status == RUNNING and all(f.phase == DONE for f in configuration.folds.values()):
@@ -260,7 +262,8 @@ class ConfigurationSearch(Searcher):
         fold.phase = QUEUED
         fold.epoch = int(result.get(EPOCH, fold.epoch))
         score = result.get(OPTIMISED_METRIC)
-        rung = self._rungs[configuration.next_rung] if configuration.next_rung < len(self._rungs) else None
+        rungs = self._rungs[configuration.backbone]
+        rung = rungs[configuration.next_rung] if configuration.next_rung < len(rungs) else None
         if rung is None or score is None or fold.epoch < rung or result.get(FINAL_REPORT) or self._cut_short:
             return TrialScheduler.CONTINUE
         fold.rung_scores[rung] = float(score)
@@ -291,7 +294,8 @@ class ConfigurationSearch(Searcher):
                 f"{len(self._folds)} folds); its fold trials stop"
             )
             return TrialScheduler.STOP
-        while configuration.next_rung < len(self._rungs) and self._rungs[configuration.next_rung] <= rung:
+        rungs = self._rungs[configuration.backbone]
+        while configuration.next_rung < len(rungs) and rungs[configuration.next_rung] <= rung:
             configuration.next_rung += 1
         for fold in configuration.folds.values():
             if fold.phase == WAITING:
@@ -360,9 +364,10 @@ class ConfigurationSearch(Searcher):
         ended without a score there. Rung gates keep a fold from passing a rung unreported (trials/rung_gate.py):
         this names what went wrong if that ever fails, rather than wait for a score that cannot come."""
         for configuration in self._configurations.values():
-            if configuration.status != RUNNING or configuration.next_rung >= len(self._rungs):
+            rungs = self._rungs[configuration.backbone]
+            if configuration.status != RUNNING or configuration.next_rung >= len(rungs):
                 continue
-            rung = self._rungs[configuration.next_rung]
+            rung = rungs[configuration.next_rung]
             waiting = [f.fold for f in configuration.folds.values() if f.phase == WAITING]
             lost = [
                 f"{f.fold} ({f.phase} at epoch {f.epoch})" for f in configuration.folds.values()
@@ -416,7 +421,7 @@ class ConfigurationSearch(Searcher):
     def _advance(self, configuration: ConfigurationProgress) -> tuple[int, float, int]:
         """How far a configuration got: rungs passed, its mean at the last of them, its slowest fold's epoch."""
         passed = configuration.next_rung
-        score = configuration.rung_means.get(self._rungs[passed - 1], math.nan) if passed else math.nan
+        score = configuration.rung_means.get(self._rungs[configuration.backbone][passed - 1], math.nan) if passed else math.nan
         return passed, -math.inf if math.isnan(score) else score, min(f.epoch for f in configuration.folds.values())
 
     # ---- bookkeeping
@@ -489,8 +494,8 @@ class ConfigurationSearch(Searcher):
         )
         return SearchSummary(
             folds=len(self._folds),
-            epochs=self._epochs,
-            rungs=self._rungs,
+            epochs=dict(self._epochs),
+            rungs=dict(self._rungs),
             concurrency=self._concurrency,
             configurations=configurations,
             finished=self._nothing_left_to_open() and all(c.status != RUNNING for c in self._configurations.values()),

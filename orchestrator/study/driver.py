@@ -140,8 +140,8 @@ def run_study(
     live_epochs = actor_name(state.study)
     live_epochs_actor = start_live_epochs(live_epochs)  # noqa: F841
     # Likewise: the folds' go-ahead at the search's rungs, where they wait for the search's decision.
-    rungs = rung_epochs(spec)
-    rung_gate = gate_name(state.study) if rungs else None
+    rungs = {backbone: rung_epochs(spec.for_backbone(backbone)) for backbone in spec.model.backbones}
+    rung_gate = gate_name(state.study) if any(rungs.values()) else None
     rung_gate_actor = start_rung_gate(rung_gate)  # noqa: F841
     trainable = tune.with_resources(
         tune.with_parameters(

@@ -59,8 +59,9 @@ class ConfigurationSummary:
 @dataclass(frozen=True)
 class SearchSummary:
     folds: int
-    epochs: int
-    rungs: tuple[int, ...]
+    # By backbone (each may train under its own recipe): the last epoch, and the rung epochs before it.
+    epochs: dict[str, int]
+    rungs: dict[str, tuple[int, ...]]
     concurrency: int
     configurations: tuple[ConfigurationSummary, ...]
     finished: bool  # every configuration opened and resolved
@@ -84,7 +85,14 @@ class SearchSummary:
     @property
     def epochs_full_grid(self) -> int:
         """Every configuration the search opened, trained on every fold to the last epoch (FIFO's cost)."""
-        return len(self.configurations) * self.folds * self.epochs
+        return sum(self.folds * self.epochs[c.backbone] for c in self.configurations)
+
+    def describe_rungs(self) -> str:
+        """The rung epochs, like "2, 4", or by backbone where their recipes differ: "none (unet); 8, 16 (segresnet)"."""
+        return _by_backbone({b: ", ".join(map(str, rungs)) or "none" for b, rungs in self.rungs.items()}, "; ")
+
+    def describe_last_epochs(self) -> str:
+        return _by_backbone({b: str(epochs) for b, epochs in self.epochs.items()}, ", ")
 
     def count(self, status: str) -> int:
         return sum(c.status == status for c in self.configurations)
@@ -93,7 +101,7 @@ class SearchSummary:
         statuses = ", ".join(
             f"{self.count(s)} {s}" for s in ("complete", "pruned", "running", "failed", "cut short") if self.count(s)
         )
-        rungs = f"; rungs at epochs {', '.join(map(str, self.rungs))}" if self.rungs else "; no rung before the last epoch"
+        rungs = f"; rungs at epochs {self.describe_rungs()}" if any(self.rungs.values()) else "; no rung before the last epoch"
         lines = [f"configurations: {len(self.configurations)} ({statuses or 'none yet'}){rungs}"]
         width = max((len(c.name) for c in self.configurations), default=0)
         for c in self.configurations:
@@ -103,7 +111,7 @@ class SearchSummary:
             full, trained = self.epochs_full_grid, self.epochs_trained
             lines.append(
                 f"early stopping: {trained} of {full} fold-epochs trained, {full - trained} saved "
-                f"({(full - trained) / full:.0%}) against every configuration on every fold to epoch {self.epochs}"
+                f"({(full - trained) / full:.0%}) against every configuration on every fold to epoch {self.describe_last_epochs()}"
             )
         if self.pauses or self.resumes:
             restart = ""
@@ -128,7 +136,20 @@ def summary_from_dict(raw: dict[str, Any]) -> SearchSummary:
         ConfigurationSummary(**{**c, "rung_means": {int(k): float(v) for k, v in c["rung_means"].items()}})
         for c in raw["configurations"]
     )
-    return SearchSummary(**{**raw, "rungs": tuple(raw["rungs"]), "configurations": configurations})
+    epochs, rungs = raw["epochs"], raw["rungs"]
+    if isinstance(epochs, int):  # written before backbones had recipes: one last epoch and one set of rungs
+        backbones = {c.backbone for c in configurations}
+        epochs, rungs = dict.fromkeys(backbones, epochs), dict.fromkeys(backbones, rungs)
+    return SearchSummary(
+        **{**raw, "epochs": epochs, "rungs": {b: tuple(r) for b, r in rungs.items()}, "configurations": configurations}
+    )
+
+
+def _by_backbone(values: dict[str, str], separator: str) -> str:
+    """One value if every backbone has it, else each backbone's, named."""
+    if len(set(values.values())) <= 1:
+        return next(iter(values.values()), "")
+    return separator.join(f"{value} ({backbone})" for backbone, value in values.items())
 
 
 def write_summary(path: Path, summary: SearchSummary) -> None:

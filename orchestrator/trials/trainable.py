@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import psutil
@@ -143,13 +144,14 @@ def run_trial(
     scan_cache: str | None = None,
     live_epochs: str | None = None,
     rung_gate: str | None = None,
-    rung_epochs: tuple[int, ...] = (),
+    rung_epochs: Mapping[str, tuple[int, ...]] | None = None,
 ) -> None:
     """Train and evaluate one (backbone, hyperparameters, fold); results flow back through reports.
 
     ``scan_cache``: folder of preprocessed training scans shared by the trials; None loads them afresh.
     ``live_epochs``: the name of the study's live-epoch actor (live_epochs.py), which the workers tell their epoch.
-    ``rung_gate``, ``rung_epochs``: the study's rung gate and the epochs at which the workers wait for it (rung_gate.py).
+    ``rung_gate``, ``rung_epochs``: the study's rung gate and, by backbone, the epochs at which the workers wait for it
+    (rung_gate.py).
     """
     # Tune starts each trial in a process of its own: the start-up is counted from that process's start.
     started_at = psutil.Process().create_time()
@@ -173,7 +175,7 @@ def run_trial(
         run_worker_loop,
         train_loop_config=worker_loop_config(
             spec, trial, data_root, scan_cache=scan_cache, trial_id=trial_id, live_epochs=live_epochs,
-            rung_gate=rung_gate, rung_epochs=rung_epochs, trial_started_at=started_at, startup_marked=startup.seconds,
+            rung_gate=rung_gate, rung_epochs=(rung_epochs or {}).get(trial.backbone, ()), trial_started_at=started_at, startup_marked=startup.seconds,
         ),
         scaling_config=scaling_config(resources),
         run_config=ray.train.RunConfig(

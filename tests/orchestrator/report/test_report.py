@@ -16,7 +16,7 @@ from PIL import Image
 from msx.models.fold import MODEL_DIR, SCAN_METRICS_FILE
 from msx.models.metrics import VOLUME_NAMES, split_metrics
 from msx.orchestrator.cli import main
-from msx.orchestrator.report.document import training_line
+from msx.orchestrator.report.document import recipes_line, training_line
 from msx.orchestrator.spec import load_spec
 from msx.orchestrator.study.search_record import ConfigurationSummary, SearchSummary
 from msx.orchestrator.tracking.callback import TrialRunsCallback
@@ -343,7 +343,7 @@ def test_report_shows_pruned_configurations_and_what_early_stopping_saved(tmp_pa
     )
     configuration = dict(searched={"training.lr": 0.002}, folds_waiting=0, last_report=None, decided_at=1.0, protected=False)
     summary = SearchSummary(
-        folds=len(FOLDS), epochs=EPOCHS, rungs=(VALIDATE_EVERY,), concurrency=2,
+        folds=len(FOLDS), epochs={"unet": EPOCHS}, rungs={"unet": (VALIDATE_EVERY,)}, concurrency=2,
         configurations=(
             ConfigurationSummary("unet-c1", "unet", status="complete", rung_means={2: 0.6}, final_score=0.7,
                                  epochs_trained=len(FOLDS) * EPOCHS, **configuration),
@@ -414,4 +414,11 @@ def test_the_training_line_names_each_training_choice_of_the_recorded_spec():
     # A launch recorded before these were spec fields trained with msx's defaults.
     assert training_line({"epochs": 4}) == (
         "precision auto, compile auto, optimizer auto, schedule per-step, best checkpoint msx"
+    )
+
+
+def test_the_recipes_line_names_each_backbone_trained_apart_with_its_fields():
+    recipes = load_spec("smoke").to_dict()["recipes"]
+    assert recipes_line(recipes) == (
+        "unet: training.lr=0.008, training.epochs=32, training.validate_every=16, training.lesion_patch_fraction=0.5"
     )

@@ -307,3 +307,40 @@ def test_paused_folds_with_nothing_to_run_are_a_stall_only_after_a_grace_period(
         assert interruption.stop_reason() == "stalled: paused folds (unet-c1 fold 1) and nothing to run"
     finally:
         interruption.reset()
+
+
+def test_each_backbone_is_judged_at_its_own_recipes_rungs_and_counted_to_its_own_last_epoch():
+    raw = make_spec(configurations=1).to_dict()
+    raw["model"]["backbones"] = ["unet", "segresnet"]
+    raw["recipes"] = {"segresnet": {"training": {"epochs": 12}}}
+    spec = spec_from_dict(raw)
+    search = ConfigurationSearch(spec, FOLDS, concurrency=6, echo=lambda _: None)
+    tune = Driver(search)
+    trials = [tune.suggest() for _ in range(6)]
+    unet = [t for t in trials if tune.configs[t]["backbone"] == "unet"]
+    segresnet = [t for t in trials if tune.configs[t]["backbone"] == "segresnet"]
+    # unet's rungs are 2 and 4 (6 epochs); segresnet's 2, 4 and 8 (12 epochs): its folds wait at epoch 8.
+    for trial_id in segresnet[:2]:
+        assert tune.report(trial_id, 2, 0.5) == PAUSE
+    assert tune.report(segresnet[2], 2, 0.5) == CONTINUE
+    for trial_id in segresnet:
+        search.resumed(trial_id) if search.phase_of(trial_id) == "ready" else None
+    for trial_id in segresnet[:2]:
+        assert tune.report(trial_id, 4, 0.5) == PAUSE
+    assert tune.report(segresnet[2], 4, 0.5) == CONTINUE
+    for trial_id in segresnet:
+        search.resumed(trial_id) if search.phase_of(trial_id) == "ready" else None
+    assert tune.report(segresnet[0], 8, 0.5) == PAUSE
+    for rung in (2, 4):
+        for trial_id in unet:
+            tune.report(trial_id, rung, 0.5)
+        for trial_id in unet:
+            search.resumed(trial_id) if search.phase_of(trial_id) == "ready" else None
+    assert tune.report(unet[0], 6, 0.5) == CONTINUE  # past its last rung, 4
+    summary = search.summary()
+    assert summary.epochs == {"unet": 6, "segresnet": 12}
+    assert summary.rungs == {"unet": (2, 4), "segresnet": (2, 4, 8)}
+    assert summary.epochs_full_grid == 3 * 6 + 3 * 12
+    lines = "\n".join(summary.lines())
+    assert "rungs at epochs 2, 4 (unet); 2, 4, 8 (segresnet)" in lines
+    assert "to epoch 6 (unet), 12 (segresnet)" in lines

@@ -147,7 +147,7 @@ def test_a_study_stopped_by_ctrl_c_is_unfinished_and_its_status_lists_its_config
     assert unfinished_study(tmp_path, "smoke") == record
     smoke = load_spec("smoke").to_dict()
     spec = spec_from_dict(
-        {**smoke, "model": {**smoke["model"], "backbones": ["unet"]},
+        {**smoke, "recipes": {}, "model": {**smoke["model"], "backbones": ["unet"]},
          "search": {**smoke["search"], "configurations_per_backbone": 2, "scheduler": {"name": "asha", "grace_period": 8, "reduction_factor": 3}}}
     )
     search = ConfigurationSearch(
