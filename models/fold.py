@@ -82,6 +82,9 @@ SCAN_METRICS_FILE = "scan_metrics.json"
 OVERLAY_DIR = "overlays"
 # The splits a fold is evaluated on at its end, by the names its metrics carry (`val/mean/dsc`).
 EVALUATED_SPLITS = ("val", "test")
+# A run's phases, timed on each worker (EpochReport.phase_seconds): training epochs, validations during training,
+# and the final evaluation under each protocol (`evaluation_phase`).
+TRAINING_PHASE, VALIDATION_PHASE = "training", "validation"
 # Which validated weights a fold keeps (`TrainingConfig.best_checkpoint`, `keeps_weights`): "msx", those of the
 # first validation and then of every strictly better one (the best starts at minus infinity); "reference", those of
 # every validation strictly better than the best so far, which starts at 0.0, so a fold whose validation Dice never
@@ -239,6 +242,8 @@ class EpochReport:
     # (a scheduler pausing folds at rungs) may never have received it, when the run that made it was stopped while
     # the report was on its way. Its checkpoint folder is the one resumed from (None is passed).
     replayed: bool = False
+    # The last epoch: where this run's seconds went, by phase (PHASES; the final evaluation's by protocol).
+    phase_seconds: Mapping[str, float] | None = None
 
 
 # Called with each epoch's report and, on rank 0 at a validation, the checkpoint folder, which is deleted after the
@@ -382,12 +387,14 @@ def run_fold(
     final_metrics: Mapping[str, float] = {}
     final_rows: list[dict[str, Any]] = []
     started = time.monotonic()
+    phase_seconds = dict.fromkeys((TRAINING_PHASE, VALIDATION_PHASE), 0.0)
     for epoch in epochs:
         if hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
         if epoch > start_epoch:
             # This worker's share of the samples (DistributedSampler with several workers), less a dropped last batch.
             samples = len(loader) * training.batch_size if loader.drop_last else len(loader.sampler)
+            began = time.monotonic()
             with observer.training_epoch(epoch, steps=len(loader), samples=samples):
                 loss = float(
                     train_epoch(
@@ -395,6 +402,7 @@ def run_fold(
                         training.loss_weights, autocast_dtype,
                     )
                 )
+            phase_seconds[TRAINING_PHASE] += time.monotonic() - began
             if per_epoch:
                 lr_schedule.step()
         else:
@@ -405,9 +413,11 @@ def run_fold(
             if report is not None:
                 report(EpochReport(epoch, loss, lr, start_epoch, compile_seconds=compile_seconds()), None)
             continue
+        began = time.monotonic()
         score = float(np.nanmean(
             validate_distributed(sampler, validation_groups, len(data.validation), config, device, training.seed + epoch)
         ))
+        phase_seconds[VALIDATION_PHASE] += time.monotonic() - began
         observer.record_validation(score)
         if keeps_weights(training.best_checkpoint, score, best_score, best_state is not None):
             best_score = score
@@ -427,9 +437,10 @@ def run_fold(
                 else:
                     # The reference's rule kept no weights (no validation beat 0.0): the last weights are evaluated.
                     log.warning("%s: no validation beat a Dice of 0; evaluating the last weights", label)
-                final_metrics, final_rows = final_evaluation(
+                final_metrics, final_rows, evaluation_seconds = final_evaluation(
                     sampler, config, data, device, overlay_folder=folder / OVERLAY_DIR if rank == 0 else None
                 )
+                phase_seconds.update(evaluation_seconds)
                 log.info("%s: done, best validation Dice %.4f", label, best_score)
             if rank == 0:
                 torch.save(
@@ -453,7 +464,7 @@ def run_fold(
                 report(
                     EpochReport(
                         epoch, loss, lr, start_epoch, score, best_score, final_metrics if last else None,
-                        compile_seconds=compile_seconds(),
+                        compile_seconds=compile_seconds(), phase_seconds=dict(phase_seconds) if last else None,
                     ),
                     folder if rank == 0 else None,
                 )
@@ -477,9 +488,9 @@ def final_evaluation(
     data: FoldData,
     device: torch.device,
     overlay_folder: Path | None,
-) -> tuple[dict[str, float], list[dict[str, Any]]]:
+) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, float]]:
     """Every strategy on the validation and the test scans under the fold's protocol, and on the test scans under
-    each compared one: split scores and per-scan rows.
+    each compared one: split scores, per-scan rows and the seconds each protocol took (`evaluation_phase`).
 
     The fold's protocol's scores are `{split}/{strategy}/{metric}`, a compared protocol's
     `{protocol}/test/{strategy}/{metric}` (`protocol_prefix`); each row names its protocol. With `overlay_folder`
@@ -493,7 +504,9 @@ def final_evaluation(
     scans = {"val": data.validation, "test": data.load("test")}
     metrics: dict[str, float] = {}
     rows: list[dict[str, Any]] = []
+    seconds: dict[str, float] = {}
     for evaluation in (config.evaluation, *config.compared):
+        began = time.monotonic()
         primary = evaluation is config.evaluation
         protocol_rows: list[dict[str, Any]] = []
         for split in EVALUATED_SPLITS if primary else ("test",):
@@ -515,7 +528,14 @@ def final_evaluation(
         prefix = protocol_prefix(None if primary else evaluation.protocol)
         metrics.update({prefix + key: value for key, value in split_metrics(protocol_rows).items()})
         rows.extend(protocol_rows)
-    return metrics, rows
+        seconds[evaluation_phase(evaluation.protocol)] = time.monotonic() - began
+    return metrics, rows, seconds
+
+
+def evaluation_phase(protocol: str) -> str:
+    """The phase of a fold's final evaluation under ``protocol`` (its own split under the fold's protocol, the test
+    scans under a compared one)."""
+    return f"evaluation_{protocol}"
 
 
 def write_example_overlay(

@@ -28,6 +28,9 @@ REPORT_WAIT = "report_wait_s"
 # The first report of a worker group's run: seconds from the trial's process start to each phase of the start-up,
 # under this prefix (`startup/first_epoch_s`); trials/startup.py names the phases.
 STARTUP_PREFIX = "startup/"
+# The last report: seconds the run spent in each phase (msx.models.fold.EpochReport.phase_seconds), under this prefix
+# (`seconds/training`, `seconds/validation`, `seconds/evaluation_msx`, ...).
+PHASE_SECONDS_PREFIX = "seconds/"
 VALIDATION_DICE = "val_dice_now"  # this epoch's weights
 BEST_VALIDATION_DICE = "val_dice"  # the best so far, whose weights the trial keeps
 # Marks the last report, which carries the final evaluation's split scores (`val/mean/dsc`, ...).

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from msx.models.fold import TrainingConfig
+from msx.models.fold import TRAINING_PHASE, VALIDATION_PHASE, TrainingConfig
 from msx.models.metrics import HIGHER_IS_BETTER, ISBI_SCORE, SPLIT_METRIC_NAMES
 from msx.models.protocols import PROTOCOLS
 
@@ -23,7 +23,7 @@ from ..study.search_record import SearchSummary
 from ..tracking.store import DATA_ROOT_TAG
 from .comparisons import ALPHA, CONFIDENCE, PairedComparison, study_comparisons
 from .figures import example_overlays, study_figures
-from .record import StudyRecord, read_study
+from .record import STARTUP_PHASE, StudyRecord, read_study
 from .render import Block, Heading, Picture, Table, Text, render_html, render_markdown
 from .summary import ProtocolScores, StudySummary, compared_rows, describe_configuration, summarise_study, trials_line, unfinished_label
 
@@ -126,6 +126,7 @@ def report_blocks(
         )
     )
     blocks += comparison_blocks(comparisons)
+    blocks += _time_blocks(record)
     blocks.append(Heading("Figures"))
     blocks += pictures
     if overlays:
@@ -318,6 +319,39 @@ def _verdict(comparison: PairedComparison) -> str:
     if comparison.too_few:
         return "n too small"
     return "not supported"
+
+
+def _time_blocks(record: StudyRecord) -> list[Block]:
+    """Where the fold runs' time went, by configuration: the mean seconds per fold of each phase and of its wall
+    time."""
+    timed = [trial for trial in record.trials if trial.phase_seconds and trial.wall_s is not None]
+    if not timed:
+        return []
+    measured = list(dict.fromkeys(phase for trial in timed for phase in trial.phase_seconds))
+    phases = [phase for phase in (STARTUP_PHASE, TRAINING_PHASE, VALIDATION_PHASE) if phase in measured]
+    phases += [phase for phase in measured if phase not in phases]
+    rows = []
+    for configuration in dict.fromkeys(trial.configuration for trial in timed):
+        trials = [trial for trial in timed if trial.configuration == configuration]
+        means = [sum(trial.phase_seconds.get(phase, 0.0) for trial in trials) / len(trials) for phase in phases]
+        wall = sum(trial.wall_s for trial in trials) / len(trials)
+        rows.append((
+            configuration, str(len(trials)), *(f"{value:.0f}" for value in means), f"{wall - sum(means):.0f}", f"{wall:.0f}",
+            f"{sum(trial.wall_s for trial in trials):.0f}",
+        ))
+    return [
+        Heading("Where the time went"),
+        Text(
+            "Mean seconds per fold run, over the folds that started. start-up: from the trial's process start to its first training step; "
+            "evaluation: the final evaluation under each protocol; other: the rest of the fold run's wall time in "
+            "MLflow (reports, checkpoints, its ending, and the earlier runs of a fold paused at a rung, whose phases "
+            "are not counted). Folds run side by side, so the study takes less than the sum over its folds."
+        ),
+        Table(
+            ("configuration", "folds", *(phase.replace("_", " ") for phase in phases), "other", "fold run", "sum over folds"),
+            tuple(rows),
+        ),
+    ]
 
 
 def _duration(delta: timedelta) -> str:

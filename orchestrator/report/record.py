@@ -8,6 +8,7 @@ runs under its configuration runs (tracking/store.py).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import tempfile
 from dataclasses import dataclass
@@ -21,12 +22,17 @@ from mlflow.tracking import MlflowClient
 
 from ..results import TrialOutcome
 from ..study.search_record import SearchSummary, read_summary
-from ..trial import TRAIN_LOSS, VALIDATION_DICE, TrialConfig
+from ..trial import PHASE_SECONDS_PREFIX, STARTUP_PREFIX, TRAIN_LOSS, VALIDATION_DICE, TrialConfig
 from ..tracking.store import SCAN_METRICS_ARTIFACT, SEARCH_ARTIFACT, SPEC_ARTIFACT, STUDY_TAG, child_runs, fold_run_outcome
 
 LOSS_CURVE = TRAIN_LOSS
 # The Dice of that epoch's weights; the running best is a staircase that hides the training.
 VALIDATION_CURVE = VALIDATION_DICE
+# A trial's start-up, as its time breakdown counts it: from its process's start to its first training step.
+STARTUP_SECONDS = f"{STARTUP_PREFIX}first_step_s"
+
+
+STARTUP_PHASE = "start-up"
 
 
 class ReportError(Exception):
@@ -47,6 +53,10 @@ class TrialRun:
     outcome: TrialOutcome | None
     # metric -> ((epoch, value), ...)
     curves: dict[str, tuple[tuple[int, float], ...]]
+    # Where its time went: "start-up" and the phases of its last run of workers (msx.models.fold.EpochReport
+    # .phase_seconds), in seconds; and its run's wall time, None while it runs.
+    phase_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+    wall_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +174,14 @@ def _trial_run(client: MlflowClient, run: Run) -> TrialRun:
             key: tuple(sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)))
             for key in (LOSS_CURVE, VALIDATION_CURVE)
         },
+        phase_seconds={
+            **({STARTUP_PHASE: run.data.metrics[STARTUP_SECONDS]} if STARTUP_SECONDS in run.data.metrics else {}),
+            **{
+                key.removeprefix(PHASE_SECONDS_PREFIX): value
+                for key, value in run.data.metrics.items() if key.startswith(PHASE_SECONDS_PREFIX)
+            },
+        },
+        wall_s=(run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else None,
     )
 
 

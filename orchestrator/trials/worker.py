@@ -28,8 +28,8 @@ from msx.models.fold import EpochReport, Parallelism, load_fold_data, load_train
 
 from ..spec import spec_from_dict
 from ..trial import (
-    BEST_VALIDATION_DICE, EARLIER_EPOCHS, EPOCH, FINAL_REPORT, LEARNING_RATE, REPLAYED_REPORT, REPORT_WAIT, TRAIN_LOSS,
-    VALIDATION_DICE, TrialConfig,
+    BEST_VALIDATION_DICE, EARLIER_EPOCHS, EPOCH, FINAL_REPORT, LEARNING_RATE, PHASE_SECONDS_PREFIX, REPLAYED_REPORT,
+    REPORT_WAIT, TRAIN_LOSS, VALIDATION_DICE, TrialConfig,
 )
 from .live_epochs import EpochNotifier
 from .rung_gate import RungWaiter
@@ -53,6 +53,7 @@ def tune_metrics(report: EpochReport) -> dict[str, Any]:
     if report.replayed:
         metrics[REPLAYED_REPORT] = 1
     metrics.update({"compile_seconds": report.compile_seconds} if report.compile_seconds is not None else {})
+    metrics.update({PHASE_SECONDS_PREFIX + phase: seconds for phase, seconds in (report.phase_seconds or {}).items()})
     return metrics
 
 

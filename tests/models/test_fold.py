@@ -74,6 +74,10 @@ def test_every_epoch_reports_and_the_last_one_validates_and_carries_the_final_ev
         f"{split}/{strategy}/{name}" for split in ("val", "test") for strategy in STRATEGIES for name in SPLIT_METRIC_NAMES
     } | {f"reference/test/{strategy}/{name}" for strategy in STRATEGIES for name in SPLIT_METRIC_NAMES}
     assert reports[-1].final_metrics == result.metrics
+    # Where the run's time went: training, validation and the final evaluation under each protocol.
+    assert first.phase_seconds is None
+    assert set(last.phase_seconds) == {"training", "validation", "evaluation_msx", "evaluation_reference"}
+    assert all(seconds > 0 for seconds in last.phase_seconds.values()), last.phase_seconds
     scans = {split: [scan.scan_id for scan in data.records(split)] for split in ("val", "test")}
     assert sorted((row["protocol"], row["split"], row["scan"], row["strategy"]) for row in result.rows) == sorted(
         [("msx", split, scan, strategy) for split, ids in scans.items() for scan in ids for strategy in STRATEGIES]
@@ -192,7 +196,7 @@ def test_the_reference_s_training_its_per_epoch_rates_and_no_kept_weights_when_v
 
     def final_evaluation(net, config, data, device, overlay_folder):
         evaluated.append({k: v.clone() for k, v in net.state_dict().items()})  # the bare net: compile is off
-        return {}, []
+        return {}, [], {}
 
     train_epoch = fold_module.train_epoch
     monkeypatch.setattr(fold_module, "train_epoch", recording_train_epoch)

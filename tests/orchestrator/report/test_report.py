@@ -90,6 +90,10 @@ def trial_id(launch, configuration, fold):
     return f"{launch}_{configuration}_{fold}"
 
 
+def phase_seconds(fold: int) -> dict[str, float]:
+    return {"seconds/training": 20.0 * fold, "seconds/validation": 5.0, "seconds/evaluation_msx": 8.0, "seconds/evaluation_reference": 12.0}
+
+
 def write_trial(callback, storage, launch, backbone, configuration, fold, rows, status):
     """A fold run written by the launch's own TrialRunsCallback, one worker report per epoch.
 
@@ -102,6 +106,8 @@ def write_trial(callback, storage, launch, backbone, configuration, fold, rows, 
     last_epoch = EPOCHS if rows is not None or status == "FAILED" else VALIDATE_EVERY
     for epoch in range(1, last_epoch + 1):
         report = {"epoch": epoch, "train_loss": 1.0 / epoch + 0.01 * fold, "lr": 1e-3, "training_iteration": epoch}
+        if epoch == 1:
+            report["startup/first_step_s"] = 10.0 + fold
         if epoch % VALIDATE_EVERY == 0:
             report.update(val_dice_now=0.2 * epoch / EPOCHS + 0.01 * fold, val_dice=0.2 * epoch / EPOCHS + 0.01 * fold)
         if epoch == EPOCHS and rows is not None:
@@ -109,7 +115,7 @@ def write_trial(callback, storage, launch, backbone, configuration, fold, rows, 
             (checkpoint / MODEL_DIR).mkdir(parents=True)
             (checkpoint / MODEL_DIR / "weights.pt").write_bytes(b"weights")
             (checkpoint / SCAN_METRICS_FILE).write_text(json.dumps(rows))
-            report.update(reported_metrics(rows), final=1, checkpoint_path=str(checkpoint))
+            report.update(reported_metrics(rows), final=1, checkpoint_path=str(checkpoint), **phase_seconds(fold))
         callback.log_trial_result(epoch, trial, report)
     callback.log_trial_end(trial, failed=status == "FAILED")
 
@@ -422,3 +428,19 @@ def test_the_recipes_line_names_each_backbone_trained_apart_with_its_fields():
     assert recipes_line(recipes) == (
         "unet: training.lr=0.008, training.epochs=32, training.validate_every=16, training.lesion_patch_fraction=0.5"
     )
+
+
+def test_where_the_time_went_by_backbone_from_each_fold_runs_phases(store, smoke_report):
+    out, _ = smoke_report
+    markdown = (out / "report.md").read_text()
+    section = markdown.split("## Where the time went\n", 1)[1].split("\n## ", 1)[0]
+    header, _, *lines = [[cell.strip() for cell in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("|")]
+    assert header[:7] == ["configuration", "folds", "start-up", "training", "validation", "evaluation msx", "evaluation reference"]
+    rows = {cells[0]: cells for cells in lines}
+    mean_fold = statistics.fmean(FOLDS)
+    for backbone in BACKBONES:
+        assert rows[f"{backbone}-c1"][1:7] == [
+            str(len(FOLDS)), f"{10 + mean_fold:.0f}", f"{20 * mean_fold:.0f}", "5", "8", "12"
+        ], rows[f"{backbone}-c1"]
+    # unet-c2's folds stopped before their final evaluation: their start-up is all they measured.
+    assert rows["unet-c2"][1:7] == ["2", f"{10 + 1.5:.0f}", "0", "0", "0", "0"]

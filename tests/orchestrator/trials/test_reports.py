@@ -105,3 +105,10 @@ def test_startup_clock_marks_each_phase_once_from_the_trial_start_and_wraps_the_
     with pytest.raises(ValueError, match="first_step"):
         clock.mark("imports")
     assert set(PHASES) >= set(seconds)
+
+
+def test_the_last_report_carries_where_the_runs_time_went_by_phase():
+    final = EpochReport(EPOCHS, 0.1, 1e-3, 0, 0.5, 0.5, {"val/mean/dsc": 0.5}, phase_seconds={"training": 12.5, "evaluation_msx": 3.0})
+    metrics = TuneReports().metrics_to_report(final)
+    assert (metrics["seconds/training"], metrics["seconds/evaluation_msx"]) == (12.5, 3.0)
+    assert not any(key.startswith("seconds/") for key in TuneReports().metrics_to_report(epoch_reports()[2]))
