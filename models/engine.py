@@ -18,8 +18,9 @@ from .data.transforms import GridRestore, augmentation_transforms, prepare_scan_
 from .compilation import CompiledDenoiser
 from .diffusion import DiffusionConfig, LossWeights, diffusion_loss, sample_scan_fused
 from .lesion_maps import LesionMaps, binary_entropy_bits, lesion_probability
-from .metrics import lesion_volumes, segmentation_metrics
+from .metrics import lesion_volumes, segmentation_metrics, uncertainty_scores
 from .protocols import PROTOCOLS
+from .uncertainty import UNCERTAINTY_MEASURES
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,9 @@ class InferenceConfig:
     connectivity: int = 6
     # The inference protocol (protocols.PROTOCOLS): how the trajectories are sampled and fused.
     protocol: str = "msx"
+    # Uncertainty measures (uncertainty.UNCERTAINTY_MEASURES) an evaluation scores each strategy's mask under (nDSC
+    # R-AAC, metrics.uncertainty_scores); none: no Shifts scores.
+    uncertainty_measures: tuple[str, ...] = ("total", "data", "knowledge", "steps")
 
 
 def training_dataset(
@@ -67,6 +71,10 @@ PRECISIONS = ("auto", "fp32", "bf16")
 # parameters) and PyTorch's default (for-each) implementation elsewhere; "adamw" is PyTorch's default everywhere
 # (the reference's); "adamw-fused" is fused everywhere.
 OPTIMIZERS = ("auto", "adamw", "adamw-fused")
+# Seeds the random uncertainty an evaluation scores beside the measures (metrics.RANDOM_UNCERTAINTY).
+RANDOM_UNCERTAINTY_SEED = 0
+# The voxel map of the lesion probability (lesion_maps.lesion_probability), beside the uncertainty measures' names.
+PROBABILITY_MAP = "probability"
 
 
 def check_choice(value: object, valid: tuple[str, ...], name: str) -> None:
@@ -151,6 +159,11 @@ class ScanSegmentation:
     maps: LesionMaps[np.ndarray]  # float32 (X, Y, Z), zero outside the foreground crop
 
 
+def _voxel_map(name: str, step_logits: torch.Tensor) -> torch.Tensor:
+    """The lesion probability (PROBABILITY_MAP) or an uncertainty measure's map of ``step_logits``."""
+    return lesion_probability(step_logits) if name == PROBABILITY_MAP else UNCERTAINTY_MEASURES.get(name)(step_logits)
+
+
 def _batch_scores(
     net: torch.nn.Module | CompiledDenoiser,
     images: torch.Tensor,
@@ -158,14 +171,17 @@ def _batch_scores(
     diffusion: DiffusionConfig,
     generator: torch.Generator | None,
     autocast_dtype: torch.dtype | None,
-    with_probability: bool,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    map_names: tuple[str, ...] = (),
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Each strategy's fused map (lesion where the protocol's `mask` says) for each of the prepared scans ``images`` (B,C,X,Y,Z, on the
-    net's device, one shape), and if asked the lesion probability: (B,X,Y,Z) each, from ONE sampling pass under
+    net's device, one shape), and the voxel maps named (`_voxel_map`): (B,X,Y,Z) each, from ONE sampling pass under
     the config's protocol, the windows of all scans batched together."""
     protocol = PROTOCOLS.get(config.protocol)
     for name in config.strategies:
         protocol.strategy(name)  # a typo fails here, with the valid names, before any sampling
+    for name in map_names:
+        if name != PROBABILITY_MAP:
+            UNCERTAINTY_MEASURES.get(name)
     net.eval()
     sampling = dict(
         num_steps=config.ddim_steps, num_samples=config.samples, roi_size=config.roi_size, overlap=config.overlap,
@@ -177,22 +193,22 @@ def _batch_scores(
         stitched = sample_scan_fused(net, images, fuse=lambda trajectories: trajectories.flatten(1, 2), **sampling)
         per_scan = [step_logits.view(config.ddim_steps, config.samples, *images.shape[2:]) for step_logits in stitched]
         scores = [protocol.scores(step_logits, config.strategies) for step_logits in per_scan]
-        probability = torch.stack([lesion_probability(s) for s in per_scan]) if with_probability else None
-        return {name: torch.stack([scan[name] for scan in scores]) for name in config.strategies}, probability
+        maps = {name: torch.stack([_voxel_map(name, s) for s in per_scan]) for name in map_names}
+        return {name: torch.stack([scan[name] for scan in scores]) for name in config.strategies}, maps
 
     def fuse(windows: torch.Tensor) -> torch.Tensor:
-        """(windows, steps, samples, *roi) -> (windows, strategies [+ probability], *roi), stitched afterwards."""
+        """(windows, steps, samples, *roi) -> (windows, strategies + maps, *roi), stitched afterwards."""
         fused = []
         for step_logits in windows:
             maps = list(protocol.scores(step_logits, config.strategies).values())
-            if with_probability:
-                maps.append(lesion_probability(step_logits))
+            maps += [_voxel_map(name, step_logits) for name in map_names]
             fused.append(torch.stack([m.float() for m in maps]))
         return torch.stack(fused)
 
     stitched = sample_scan_fused(net, images, fuse=fuse, **sampling)
-    scores = {name: stitched[:, index] for index, name in enumerate(config.strategies)}
-    return scores, stitched[:, len(config.strategies)] if with_probability else None
+    names = (*config.strategies, *map_names)
+    fused = {name: stitched[:, index] for index, name in enumerate(names)}
+    return {name: fused[name] for name in config.strategies}, {name: fused[name] for name in map_names}
 
 
 def _scan_scores(
@@ -203,14 +219,12 @@ def _scan_scores(
     diffusion: DiffusionConfig,
     generator: torch.Generator | None,
     autocast_dtype: torch.dtype | None,
-    with_probability: bool,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, GridRestore]:
+    map_names: tuple[str, ...] = (),
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], GridRestore]:
     """`_batch_scores` of one scan given on its own grid, on the preprocessed grid; and the map back."""
     prepared, grid = prepare_scan_for_inference(image, config.roi_size)
-    scores, probability = _batch_scores(
-        net, prepared[None].to(device), config, diffusion, generator, autocast_dtype, with_probability
-    )
-    return {name: score[0] for name, score in scores.items()}, None if probability is None else probability[0], grid
+    scores, maps = _batch_scores(net, prepared[None].to(device), config, diffusion, generator, autocast_dtype, map_names)
+    return {name: score[0] for name, score in scores.items()}, {name: value[0] for name, value in maps.items()}, grid
 
 
 def _restored_masks(scores: dict[str, torch.Tensor], grid: GridRestore, protocol: str) -> dict[str, np.ndarray]:
@@ -230,7 +244,7 @@ def segment_scan(
     autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, np.ndarray]:
     """Masks of every configured strategy, on the input grid, from ONE sampling pass over the scan."""
-    scores, _, grid = _scan_scores(net, image, config, device, diffusion, generator, autocast_dtype, False)
+    scores, _, grid = _scan_scores(net, image, config, device, diffusion, generator, autocast_dtype)
     return _restored_masks(scores, grid, config.protocol)
 
 
@@ -246,7 +260,8 @@ def segment_scan_with_maps(
     """``segment_scan``'s masks (the same, for the same generator state) plus the lesion probability and
     uncertainty maps (``lesion_maps``), all from ONE sampling pass over the scan.
     """
-    scores, probability, grid = _scan_scores(net, image, config, device, diffusion, generator, autocast_dtype, True)
+    scores, maps, grid = _scan_scores(net, image, config, device, diffusion, generator, autocast_dtype, (PROBABILITY_MAP,))
+    probability = maps[PROBABILITY_MAP]
     return ScanSegmentation(
         masks=_restored_masks(scores, grid, config.protocol),
         maps=LesionMaps(
@@ -274,14 +289,27 @@ def evaluate_scan(
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> ScanEvaluation:
-    """Segment the scan (one sampling pass) and measure every strategy's mask against the scan's mask."""
-    masks = segment_scan(net, scan.image, config, device, diffusion, generator, autocast_dtype)
+    """Segment the scan (one sampling pass) and measure every strategy's mask against the scan's mask; with the
+    config's uncertainty measures, also the Shifts scores (`metrics.uncertainty_scores`) of each mask under each
+    measure's map, from the same pass."""
+    measures = config.uncertainty_measures
+    scores, maps, grid = _scan_scores(net, scan.image, config, device, diffusion, generator, autocast_dtype, measures)
+    masks = _restored_masks(scores, grid, config.protocol)
+    uncertainty = {name: grid.restore(value.float().cpu().numpy()) for name, value in maps.items()}
     truth = scan.mask.astype(bool)
+    # Shifts ranks the brain's voxels: here the images' foreground (any channel > 0), which inference crops to. The
+    # random row's voxel order is one draw per scan, the same for every strategy.
+    brain = (scan.image > 0).any(axis=0)
+    random_order = np.random.default_rng(RANDOM_UNCERTAINTY_SEED).random(truth.shape) if measures else None
     return ScanEvaluation(
         metrics={
             name: {
                 **segmentation_metrics(mask.astype(bool), truth, spacing=scan.spacing, connectivity=config.connectivity),
                 **lesion_volumes(mask, truth, scan.spacing),
+                **(
+                    uncertainty_scores(mask, truth, uncertainty, random_order, brain, config.connectivity)
+                    if measures else {}
+                ),
             }
             for name, mask in masks.items()
         },
@@ -368,7 +396,7 @@ def group_scores(
     autocast_dtype: torch.dtype | None,
 ) -> dict[str, torch.Tensor]:
     """Each strategy's fused map over the group's grid, (B, X, Y, Z): what `validation_dice` turns into masks."""
-    return _batch_scores(net, group.images, config, diffusion, generator, autocast_dtype, False)[0]
+    return _batch_scores(net, group.images, config, diffusion, generator, autocast_dtype)[0]
 
 
 def validation_dice(

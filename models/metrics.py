@@ -63,7 +63,7 @@ SPLIT_METRIC_NAMES = (*METRIC_NAMES, ISBI_SCORE)
 # The direction of "better" of every score msx reports.
 HIGHER_IS_BETTER = {
     "dsc": True, "tpr": True, "ppv": True, "ltpr": True, "lfpr": False, "avd": False, "assd": False, "hd95": False,
-    ISBI_SCORE: True,
+    ISBI_SCORE: True, "ndsc": True, "lesion_f1": True,
 }
 
 # Lesion connectivity -> rank argument of scipy.ndimage.generate_binary_structure(3, rank).
@@ -220,15 +220,16 @@ def mean_isbi_score(per_scan: Sequence[Mapping[str, float]]) -> float:
 
 
 def split_metrics(rows: Iterable[Mapping[str, Any]]) -> dict[str, float]:
-    """A fold's scores from its per-scan rows (``split``, ``scan``, ``strategy``, METRIC_NAMES and VOLUME_NAMES):
-    ``{split}/{strategy}/{name}`` for each of SPLIT_METRIC_NAMES, the mean over the split's scans with NaN left out
-    (NaN when no value is finite), and the ISBI score of the split's scans."""
+    """A fold's scores from its per-scan rows (``split``, ``scan``, ``strategy``, METRIC_NAMES and VOLUME_NAMES, and
+    the uncertainty scores where evaluated): ``{split}/{strategy}/{name}`` for each of SPLIT_METRIC_NAMES and those
+    scores, the mean over the split's scans with NaN left out (NaN when no value is finite), and the ISBI score of
+    the split's scans."""
     scans_of: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
     for row in rows:
         scans_of.setdefault((row["split"], row["strategy"]), []).append(row)
     metrics = {}
     for (split, strategy), scans in scans_of.items():
-        for metric in METRIC_NAMES:
+        for metric in (*METRIC_NAMES, *(name for name in scans[0] if is_uncertainty_score(name))):
             values = np.array([scan[metric] for scan in scans], dtype=float)
             finite = values[~np.isnan(values)]
             metrics[f"{split}/{strategy}/{metric}"] = float(finite.mean()) if finite.size else math.nan
@@ -471,3 +472,36 @@ def ndsc_r_aac(
     the prediction is perfect)."""
     fractions, values = ndsc_retention_curve(pred, gt, uncertainty, fractions=fractions, brain_mask=brain_mask, r=r)
     return float(1.0 - trapezoid(values, fractions))
+
+
+# The Shifts 2.0 scores of a mask: nDSC and lesion F1 of the mask itself, and for each uncertainty measure the nDSC
+# R-AAC of the mask under that measure's map, keyed `r_aac_<measure>` (`r_aac_key`); RANDOM_UNCERTAINTY's is the
+# R-AAC under a random voxel order, what an uncertainty that knows nothing scores.
+SHIFTS_METRIC_NAMES = ("ndsc", "lesion_f1")
+R_AAC_PREFIX = "r_aac_"
+RANDOM_UNCERTAINTY = "random"
+
+
+def r_aac_key(measure: str) -> str:
+    return f"{R_AAC_PREFIX}{measure}"
+
+
+def is_uncertainty_score(name: str) -> bool:
+    """A per-scan score of `uncertainty_scores`: averaged over a split's scans like METRIC_NAMES."""
+    return name in SHIFTS_METRIC_NAMES or name.startswith(R_AAC_PREFIX)
+
+
+def uncertainty_scores(
+    pred: np.ndarray,
+    gt: np.ndarray,
+    uncertainty: Mapping[str, np.ndarray],
+    random_order: np.ndarray,
+    brain_mask: np.ndarray | None = None,
+    connectivity: int = 6,
+) -> dict[str, float]:
+    """nDSC and lesion F1 of ``pred`` over the whole scan, and its nDSC R-AAC under each map of ``uncertainty``
+    (measure -> map) and under ``random_order`` (as RANDOM_UNCERTAINTY), over ``brain_mask``'s voxels."""
+    scores = {"ndsc": ndsc(pred, gt), "lesion_f1": lesion_f1(pred, gt, connectivity=connectivity)}
+    for measure, values in {**uncertainty, RANDOM_UNCERTAINTY: random_order}.items():
+        scores[r_aac_key(measure)] = ndsc_r_aac(pred, gt, values, brain_mask=brain_mask)
+    return scores

@@ -13,7 +13,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from msx.models.fold import EVALUATED_SPLITS
-from msx.models.metrics import HIGHER_IS_BETTER, SPLIT_METRIC_NAMES, protocol_prefix
+from msx.models.metrics import HIGHER_IS_BETTER, SPLIT_METRIC_NAMES, is_uncertainty_score, protocol_prefix
 
 from .trial import FINAL_REPORT, TrialConfig
 
@@ -81,7 +81,7 @@ def summarise_configurations(
         summary = {}
         for split in EVALUATED_SPLITS:
             for strategy in strategies:
-                for metric in SPLIT_METRIC_NAMES:
+                for metric in (*SPLIT_METRIC_NAMES, *_uncertainty_scores_of(folds, f"{prefix}{split}/{strategy}/")):
                     values = np.array([f.metrics.get(f"{prefix}{split}/{strategy}/{metric}", math.nan) for f in folds])
                     finite = values[~np.isnan(values)]
                     summary[(split, strategy, metric)] = (
@@ -90,6 +90,12 @@ def summarise_configurations(
         trial = folds[0].trial
         results.append(ConfigurationResult(name, trial.backbone, dict(trial.searched), tuple(folds), summary))
     return results
+
+
+def _uncertainty_scores_of(folds: list[TrialOutcome], key_prefix: str) -> list[str]:
+    """The uncertainty scores (metrics.is_uncertainty_score) the folds report under ``key_prefix``, in their order."""
+    names = (key.removeprefix(key_prefix) for fold in folds for key in fold.metrics if key.startswith(key_prefix))
+    return list(dict.fromkeys(name for name in names if is_uncertainty_score(name)))
 
 
 def select_best(

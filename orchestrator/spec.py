@@ -30,6 +30,7 @@ from msx.models.metrics import SPLIT_METRIC_NAMES
 from msx.models.networks import BACKBONES, NetworkConfig, spatial_multiple
 from msx.models.protocols import PROTOCOLS
 from msx.models.strategies import STRATEGIES
+from msx.models.uncertainty import UNCERTAINTY_MEASURES
 
 from .resources import ResourcesSpec
 
@@ -126,6 +127,9 @@ class InferenceSpec:
     # Protocols the final evaluation of the test patients is also scored under, from the same weights, each at its
     # own default overlap; their metrics are logged as <protocol>/test/<strategy>/<metric>.
     compare_protocols: tuple[str, ...] = ()
+    # Voxel uncertainty measures from the sampled chains (msx.models.uncertainty); the final evaluation scores each
+    # strategy's mask under each (nDSC R-AAC, beside a random order's) under the study's protocol.
+    uncertainty_measures: tuple[str, ...] = InferenceConfig.uncertainty_measures
 
 
 @dataclass(frozen=True)
@@ -257,6 +261,8 @@ class ExperimentSpec:
             strategies=self.inference.strategies if strategies is None else strategies,
             connectivity=self.inference.connectivity,
             protocol=protocol,
+            # Scored under the study's own protocol only: a compared protocol compares the masks.
+            uncertainty_measures=self.inference.uncertainty_measures if own else (),
         )
 
     def training_config(self) -> TrainingConfig:
@@ -424,6 +430,7 @@ def validate_spec(spec: ExperimentSpec, source: str = "spec") -> None:
 def _validate_values(spec: ExperimentSpec, backbone: str, fail) -> None:
     """Every field's check, on the spec as ``backbone`` trains (its recipe applied)."""
     _registered(fail, "inference.strategies", spec.inference.strategies, STRATEGIES)
+    _registered(fail, "inference.uncertainty_measures", spec.inference.uncertainty_measures, UNCERTAINTY_MEASURES)
     _registered(fail, "inference.protocol", (spec.inference.protocol,), PROTOCOLS)
     _registered(fail, "inference.compare_protocols", spec.inference.compare_protocols, PROTOCOLS)
     if spec.inference.protocol in spec.inference.compare_protocols:

@@ -82,14 +82,18 @@ def test_mlflow_has_a_launch_run_with_a_run_per_configuration_and_a_run_per_tria
     folds = [r for r in runs if r.data.tags.get("mlflow.parentRunId") in configuration_ids]
     assert len(configurations) == 2 and len(folds) == 10 and len(runs) == 13
     spec = load_spec("smoke")
-    epochs = spec.training.epochs
-    assert launches[0].data.params["training.epochs"] == str(epochs)
+    assert launches[0].data.params["training.epochs"] == str(spec.training.epochs)
+    # The paper U-Net's own recipe is part of the recorded spec.
+    assert launches[0].data.params["recipes.unet.training.epochs"] == str(spec.for_backbone("unet").training.epochs)
     for configuration in configurations:
         assert configuration.info.status == "FINISHED"
         assert {"backbone", "configuration", "training.weight_decay"} <= set(configuration.data.params)
         for strategy in spec.inference.strategies:
             assert f"test/{strategy}/dsc" in configuration.data.metrics  # mean over folds
             assert f"test/{strategy}/dsc_std" in configuration.data.metrics
+            # The Shifts scores of the masks under each uncertainty measure of the sampled chains, and a random order.
+            for measure in (*spec.inference.uncertainty_measures, "random"):
+                assert 0 <= configuration.data.metrics[f"test/{strategy}/r_aac_{measure}"] <= 1
     for fold in folds:
         assert fold.info.status == "FINISHED"
         assert {"backbone", "fold", "training.weight_decay"} <= set(fold.data.params)
@@ -100,7 +104,10 @@ def test_mlflow_has_a_launch_run_with_a_run_per_configuration_and_a_run_per_tria
                 for protocol in spec.inference.compare_protocols:
                     assert (f"{protocol}/{split}/{strategy}/dsc" in fold.data.metrics) == (split == "test")
         history = client.get_metric_history(fold.info.run_id, "train_loss")
-        assert len(history) == epochs  # one point per epoch
+        assert len(history) == spec.for_backbone(fold.data.params["backbone"]).training.epochs  # one point per epoch
+        # Where the fold's time went: training, validation, and the final evaluation under each protocol.
+        phases = ("training", "validation", "evaluation_msx", "evaluation_reference")
+        assert all(fold.data.metrics[f"seconds/{phase}"] > 0 for phase in phases), fold.data.metrics
         artifacts = {a.path for a in client.list_artifacts(fold.info.run_id)}
         assert {"scan_metrics.csv", "model", "overlays"} <= artifacts
         assert len(client.list_artifacts(fold.info.run_id, "overlays")) == 2

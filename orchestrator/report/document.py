@@ -15,7 +15,9 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from msx.models.fold import TRAINING_PHASE, VALIDATION_PHASE, TrainingConfig
-from msx.models.metrics import HIGHER_IS_BETTER, ISBI_SCORE, SPLIT_METRIC_NAMES
+from msx.models.metrics import (
+    HIGHER_IS_BETTER, ISBI_SCORE, R_AAC_PREFIX, RANDOM_UNCERTAINTY, SPLIT_METRIC_NAMES, is_uncertainty_score, r_aac_key,
+)
 from msx.models.protocols import PROTOCOLS
 
 from ..results import ConfigurationResult, format_cell, summary_rows
@@ -117,6 +119,7 @@ def report_blocks(
             metrics_table(summary, split),
         ]
     blocks += _protocol_blocks(summary)
+    blocks += _uncertainty_blocks(summary)
     blocks.append(
         Text(
             f"{ISBI_SCORE.upper()}: the raw ISBI 2015 score, DSC/8 + PPV/8 + (1 - LFPR)/4 + LTPR/4 + Corr/4 per scan, "
@@ -321,10 +324,40 @@ def _verdict(comparison: PairedComparison) -> str:
     return "not supported"
 
 
+def _uncertainty_blocks(summary: StudySummary, split: str = "test") -> list[Block]:
+    """The Shifts 2.0 scores of each backbone's chosen configuration: nDSC and lesion F1 of each strategy's masks, and
+    their nDSC R-AAC under each uncertainty measure, beside a random order's."""
+    names = list(dict.fromkeys(
+        metric for row in summary.rows for (at, _, metric) in row.summary if at == split and is_uncertainty_score(metric)
+    ))
+    if not names:
+        return []
+    random = r_aac_key(RANDOM_UNCERTAINTY)
+    names = [name for name in names if name != random] + ([random] if random in names else [])
+    lines = []
+    for row in summary.rows:
+        for strategy in summary.strategies:
+            cells = (row.summary.get((split, strategy, name), (math.nan, math.nan)) for name in names)
+            lines.append((row.backbone, strategy, *("n/a" if math.isnan(mean) else f"{mean:.3f} ± {std:.3f}" for mean, std in cells)))
+    headers = [name.removeprefix(R_AAC_PREFIX) + " R-AAC" if name.startswith(R_AAC_PREFIX) else name for name in names]
+    return [
+        Heading(f"Uncertainty: {SPLIT_NAMES[split]} patients"),
+        Text(
+            "Scored as the Shifts 2.0 multiple-sclerosis benchmark scores (docs/SCIENCE.md), mean ± std over the "
+            "folds: nDSC (normalised Dice, reference lesion load 0.001) and lesion F1 (IoU >= 0.25) of each "
+            "strategy's masks, and their nDSC R-AAC under each uncertainty measure from the sampled chains (the "
+            "area above the retention curve over the brain's voxels, the most uncertain replaced by the truth "
+            "first; lower is better). total: entropy of the chains' mean prediction; data: the chains' mean "
+            "entropy; knowledge: their difference, the chains' disagreement; steps: entropy of the mean over every "
+            "step of every chain. random: a random voxel order, what an uncertainty that knows nothing scores."
+        ),
+        Table(("backbone", "strategy", *headers), tuple(lines)),
+    ]
+
+
 def _time_blocks(record: StudyRecord) -> list[Block]:
-    """Where the fold runs' time went, by configuration: the mean seconds per fold of each phase and of its wall
-    time."""
-    timed = [trial for trial in record.trials if trial.phase_seconds and trial.wall_s is not None]
+    """Where the fold runs' time went, by configuration: the mean seconds per fold of each phase, and their sums."""
+    timed = [trial for trial in record.trials if trial.phase_seconds]
     if not timed:
         return []
     measured = list(dict.fromkeys(phase for trial in timed for phase in trial.phase_seconds))
@@ -334,21 +367,20 @@ def _time_blocks(record: StudyRecord) -> list[Block]:
     for configuration in dict.fromkeys(trial.configuration for trial in timed):
         trials = [trial for trial in timed if trial.configuration == configuration]
         means = [sum(trial.phase_seconds.get(phase, 0.0) for trial in trials) / len(trials) for phase in phases]
-        wall = sum(trial.wall_s for trial in trials) / len(trials)
         rows.append((
-            configuration, str(len(trials)), *(f"{value:.0f}" for value in means), f"{wall - sum(means):.0f}", f"{wall:.0f}",
-            f"{sum(trial.wall_s for trial in trials):.0f}",
+            configuration, str(len(trials)), *(f"{value:.0f}" for value in means), f"{sum(means):.0f}",
+            f"{sum(means) * len(trials):.0f}",
         ))
     return [
         Heading("Where the time went"),
         Text(
-            "Mean seconds per fold run, over the folds that started. start-up: from the trial's process start to its first training step; "
-            "evaluation: the final evaluation under each protocol; other: the rest of the fold run's wall time in "
-            "MLflow (reports, checkpoints, its ending, and the earlier runs of a fold paused at a rung, whose phases "
-            "are not counted). Folds run side by side, so the study takes less than the sum over its folds."
+            "Mean seconds per fold, over the folds that started. start-up: from the trial's process start to its "
+            "first training step; evaluation: the final evaluation under each protocol. A fold paused at a rung "
+            "counts its last run's phases only. Folds run side by side, so the study takes less than the sum over "
+            "its folds."
         ),
         Table(
-            ("configuration", "folds", *(phase.replace("_", " ") for phase in phases), "other", "fold run", "sum over folds"),
+            ("configuration", "folds", *(phase.replace("_", " ") for phase in phases), "per fold", "sum over folds"),
             tuple(rows),
         ),
     ]

@@ -54,9 +54,8 @@ class TrialRun:
     # metric -> ((epoch, value), ...)
     curves: dict[str, tuple[tuple[int, float], ...]]
     # Where its time went: "start-up" and the phases of its last run of workers (msx.models.fold.EpochReport
-    # .phase_seconds), in seconds; and its run's wall time, None while it runs.
+    # .phase_seconds), in seconds.
     phase_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
-    wall_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -152,12 +151,12 @@ def read_study(client: MlflowClient, study: str) -> StudyRecord:
 
 def read_scan_rows(client: MlflowClient, run_id: str) -> list[dict[str, Any]]:
     """A fold run's per-scan table (tracking/artifacts.py): protocol, split, scan and strategy as text, the rest as
-    numbers."""
+    numbers; a row's empty cells (scores its protocol did not compute) are left out of it."""
     with tempfile.TemporaryDirectory() as folder:
         with open(client.download_artifacts(run_id, SCAN_METRICS_ARTIFACT, folder), newline="") as file:
             rows = list(csv.DictReader(file))
     text = ("protocol", "split", "scan", "strategy")
-    return [{key: value if key in text else float(value) for key, value in row.items()} for row in rows]
+    return [{key: value if key in text else float(value) for key, value in row.items() if value != ""} for row in rows]
 
 
 def _trial_run(client: MlflowClient, run: Run) -> TrialRun:
@@ -181,7 +180,6 @@ def _trial_run(client: MlflowClient, run: Run) -> TrialRun:
                 for key, value in run.data.metrics.items() if key.startswith(PHASE_SECONDS_PREFIX)
             },
         },
-        wall_s=(run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else None,
     )
 
 

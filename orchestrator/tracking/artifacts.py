@@ -16,9 +16,11 @@ from .store import CHECKPOINT_TAG, SCAN_METRICS_ARTIFACT
 
 
 def write_scan_metrics_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """The worker's per-scan rows (split, scan, strategy, then every metric) as one CSV table."""
+    """The worker's per-scan rows (split, scan, strategy, then every metric) as one CSV table; a score that a row's
+    protocol did not compute (the uncertainty scores of a compared protocol) is an empty cell."""
+    columns = list(dict.fromkeys(key for row in rows for key in row)) or ["split", "scan", "strategy"]
     with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(rows[0]) if rows else ["split", "scan", "strategy"])
+        writer = csv.DictWriter(file, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
 

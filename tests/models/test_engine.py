@@ -1,17 +1,35 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from monai.data import list_data_collate
-
 from msx.models.data.cache import prepare_loaded_scan
-from msx.models.data.cohort import LoadedScan
-from msx.models.engine import InferenceConfig, evaluate_scan, segment_scan, segment_scan_with_maps, training_dataset
+from msx.models.data.cohort import LoadedScan, load_scan
+from msx.models.data.manifest import open_cohort
+from msx.models.data.synth import write_synthetic_cohort
+from msx.models.diffusion import DiffusionConfig
+from msx.models.engine import (
+    InferenceConfig,
+    evaluate_scan,
+    group_scores,
+    prepare_validation,
+    segment_scan,
+    segment_scan_with_maps,
+    train_epoch,
+    train_step,
+    training_autocast_dtype,
+    training_dataset,
+    training_optimizer,
+    validation_dice,
+)
 from msx.models.lesion_maps import binary_entropy_bits
 from msx.models.metrics import METRIC_NAMES, VOLUME_NAMES, segmentation_metrics
+from msx.models.networks import NetworkConfig, build_network
+from msx.models.protocols import PROTOCOLS
 
 from .diffusion.stand_ins import TinyConvNet
 
@@ -104,23 +122,43 @@ def test_evaluation_gives_each_strategys_metrics_and_lesion_volumes_in_mm3():
     assert evaluation.metrics.keys() == evaluation.masks.keys() == {"mean", "last"}
     for name, mask in evaluation.masks.items():
         values = evaluation.metrics[name]
-        assert tuple(values) == METRIC_NAMES + VOLUME_NAMES
+        shifts = ("ndsc", "lesion_f1", *(f"r_aac_{m}" for m in (*config.uncertainty_measures, "random")))
+        assert tuple(values) == METRIC_NAMES + VOLUME_NAMES + shifts
         assert int(mask.sum()) > 0
         assert values["pred_volume_mm3"] == pytest.approx(1.5 * int(mask.sum()))
         assert values["gt_volume_mm3"] == pytest.approx(1.5 * 8)  # the 2 x 2 x 2 lesion of _loaded
         expected = segmentation_metrics(mask, scan.mask, spacing=scan.spacing)
         assert {key: values[key] for key in METRIC_NAMES} == pytest.approx(expected, nan_ok=True)
+        assert all(0 <= values[key] <= 1 for key in shifts), values
+    # Without uncertainty measures, no Shifts scores.
+    plain = evaluate_scan(net, scan, dataclasses.replace(config, uncertainty_measures=()), torch.device("cpu"))
+    assert all(tuple(values) == METRIC_NAMES + VOLUME_NAMES for values in plain.metrics.values())
+
+
+def test_the_uncertainty_maps_come_from_the_same_pass_as_the_masks_under_both_protocols():
+    """Each measure's map, stitched from the one sampling pass, scores the masks that pass gave: the masks are those of
+    an evaluation without measures, for the same generator state; under the reference protocol too (fused in
+    each window)."""
+    scan = _loaded(0)
+    torch.manual_seed(0)
+    net = TinyConvNet(image_channels=2)
+    for protocol in ("msx", "reference"):
+        config = InferenceConfig(ddim_steps=2, samples=2, roi_size=PATCH, overlap=0.25, sw_batch_size=2,
+                                 strategies=("mean",), protocol=protocol)
+        scored = evaluate_scan(net, scan, config, torch.device("cpu"), generator=torch.Generator().manual_seed(3))
+        plain = evaluate_scan(net, scan, dataclasses.replace(config, uncertainty_measures=()), torch.device("cpu"),
+                              generator=torch.Generator().manual_seed(3))
+        np.testing.assert_array_equal(scored.masks["mean"], plain.masks["mean"])
+        assert {key: scored.metrics["mean"][key] for key in METRIC_NAMES} == pytest.approx(
+            {key: plain.metrics["mean"][key] for key in METRIC_NAMES}, nan_ok=True
+        )
+        assert {f"r_aac_{m}" for m in config.uncertainty_measures} <= set(scored.metrics["mean"])
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Training: one step (train_step), the unit train_epoch repeats and benchmarks/train_step.py times
 # One training step, the unit that train_epoch repeats and benchmarks/train_step.py times.
 # --------------------------------------------------------------------------------------------------------------
-
-import torch
-
-from msx.models.engine import train_epoch, train_step, training_autocast_dtype, training_optimizer
-from msx.models.networks import NetworkConfig, build_network
 
 
 # The step is the same for every backbone: SegResNet at its smallest input (8^3, two samples for its norms in
@@ -194,26 +232,6 @@ def test_optimizer_is_plain_adamw_unless_fused_is_asked_for_or_auto_on_a_gpu():
 # Validation's Dice, computed on the device on the preprocessed grid, is the full metric's dsc of the restored mask.
 # --------------------------------------------------------------------------------------------------------------
 
-from dataclasses import replace
-
-import numpy as np
-import pytest
-import torch
-
-from msx.models.data.cohort import load_scan
-from msx.models.data.manifest import open_cohort
-from msx.models.data.synth import write_synthetic_cohort
-from msx.models.diffusion import DiffusionConfig
-from msx.models.engine import (
-    InferenceConfig,
-    evaluate_scan,
-    group_scores,
-    prepare_validation,
-    validation_dice,
-)
-from msx.models.metrics import segmentation_metrics
-from msx.models.networks import NetworkConfig, build_network
-from msx.models.protocols import PROTOCOLS
 
 VALIDATION_PATCH = (32, 32, 32)
 SEED = 7

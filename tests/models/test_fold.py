@@ -38,7 +38,7 @@ CONFIG = FoldConfig(
     NetworkConfig("basic-unet", image_channels=2, width=0.125, patch_size=PATCH),
     TrainingConfig(epochs=EPOCHS, batch_size=1, patch_size=PATCH, lr=2e-3, validate_every=2, validation_ddim_steps=1),
     evaluation=EVALUATION,
-    compared=(replace(EVALUATION, protocol="reference"),),
+    compared=(replace(EVALUATION, protocol="reference", uncertainty_measures=()),),  # as a spec makes it
 )
 
 
@@ -70,8 +70,10 @@ def test_every_epoch_reports_and_the_last_one_validates_and_carries_the_final_ev
     assert (first.validation_dice, first.best_validation_dice, first.final_metrics) == (None, None, None)
     assert 0 <= last.validation_dice == last.best_validation_dice == result.best_validation_dice <= 1
     # The compared protocol scores the test scans only: nothing is selected under it.
+    # The Shifts scores too, under the fold's own protocol: each mask's nDSC, lesion F1, and R-AAC under each measure.
+    shifts = ("ndsc", "lesion_f1", *(f"r_aac_{m}" for m in (*CONFIG.evaluation.uncertainty_measures, "random")))
     assert set(result.metrics) == {
-        f"{split}/{strategy}/{name}" for split in ("val", "test") for strategy in STRATEGIES for name in SPLIT_METRIC_NAMES
+        f"{split}/{strategy}/{name}" for split in ("val", "test") for strategy in STRATEGIES for name in (*SPLIT_METRIC_NAMES, *shifts)
     } | {f"reference/test/{strategy}/{name}" for strategy in STRATEGIES for name in SPLIT_METRIC_NAMES}
     assert reports[-1].final_metrics == result.metrics
     # Where the run's time went: training, validation and the final evaluation under each protocol.

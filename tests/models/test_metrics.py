@@ -3,29 +3,48 @@ import warnings
 
 import numpy as np
 import pytest
-
+import torch
+from monai.metrics import (
+    ConfusionMatrixMetric,
+    DiceMetric,
+    compute_average_surface_distance,
+    compute_hausdorff_distance,
+)
 from msx.models.metrics import (
     EXTRA_METRIC_NAMES,
+    HIGHER_IS_BETTER,
     METRIC_NAMES,
+    SHIFTS_METRIC_NAMES,
+    SPLIT_METRIC_NAMES,
     _lesion_structure,
+    _symmetric_surface_percentile,
+    isbi_scores,
     lesion_f1,
+    lesion_volumes,
+    mean_isbi_score,
     ndsc,
     ndsc_r_aac,
     ndsc_retention_curve,
     retention_fractions,
     segmentation_metrics,
+    split_metrics,
     summarise,
+    uncertainty_scores,
 )
+from scipy import ndimage, stats
 
 from .metric_references import (
+    LESION_KINDS,
+    directed_surface_distances,
     mask_with,
     random_lesion_pair,
+    reference_assd,
+    reference_hd95,
     reference_lesion_f1,
     reference_ndsc,
     reference_r_aac,
     reference_retention_curve,
 )
-
 
 # Ground truth: a face-connected pair, and two voxels touching only at a corner.
 GT = mask_with((5, 5, 5), [(0, 0, 0), (0, 0, 1), (2, 2, 2), (3, 3, 3)])
@@ -282,26 +301,6 @@ def test_retention_orders_negative_signed_zero_and_infinite_values(dtype):
 # HD95, the ISBI 2015 score and a fold's split scores (msx.models.metrics extras).
 # --------------------------------------------------------------------------------------------------------------
 
-import math
-
-import numpy as np
-import pytest
-import torch
-from monai.metrics import compute_hausdorff_distance
-from msx.models.metrics import (
-    EXTRA_METRIC_NAMES,
-    HIGHER_IS_BETTER,
-    METRIC_NAMES,
-    SPLIT_METRIC_NAMES,
-    _symmetric_surface_percentile,
-    isbi_scores,
-    lesion_volumes,
-    mean_isbi_score,
-    segmentation_metrics,
-    split_metrics,
-)
-
-from .metric_references import LESION_KINDS, directed_surface_distances, random_lesion_pair
 
 SPACING = (0.5, 1.0, 2.5)
 
@@ -422,7 +421,7 @@ def test_split_metrics_are_means_over_the_splits_scans_with_the_isbi_score_over_
 
 
 def test_every_reported_score_has_a_direction():
-    assert set(HIGHER_IS_BETTER) == {*SPLIT_METRIC_NAMES, *EXTRA_METRIC_NAMES}
+    assert set(HIGHER_IS_BETTER) == {*SPLIT_METRIC_NAMES, *EXTRA_METRIC_NAMES, *SHIFTS_METRIC_NAMES}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -435,15 +434,6 @@ def test_every_reported_score_has_a_direction():
 # Run with ``pytest -s`` to see the largest difference per metric.
 # --------------------------------------------------------------------------------------------------------------
 
-import numpy as np
-import pytest
-import torch
-from monai.metrics import ConfusionMatrixMetric, DiceMetric, compute_average_surface_distance
-from scipy import ndimage, stats
-
-from msx.models.metrics import isbi_scores, segmentation_metrics
-
-from .metric_references import LESION_KINDS, random_lesion_pair, reference_assd, reference_hd95
 
 # MONAI computes in float32 (relative rounding 6e-8), well inside this for ratios and for the few-mm
 # distances of these masks.
@@ -548,3 +538,31 @@ def test_isbi_scores_with_pearson_over_the_scans(kind, agreement):
         (scan["dsc"] + scan["ppv"]) / 8 + (1 - scan["lfpr"] + scan["ltpr"] + corr) / 4 for scan in per_scan
     ]
     agreement.check("isbi", isbi_scores(per_scan, pred_volumes, gt_volumes), reference, TOLERANCE)
+
+
+def test_uncertainty_scores_hold_each_measures_r_aac_and_the_random_orders_over_the_brain():
+    pred, gt, uncertainty = _shifts_case((12, 14, 10), 0.05, seed=5)
+    pred, gt = pred.astype(bool), gt.astype(bool)
+    brain = np.zeros(gt.shape, dtype=bool)
+    brain[1:-1, 1:-1, 1:-1] = True
+    random_order = np.random.default_rng(0).random(gt.shape)
+    scores = uncertainty_scores(pred, gt, {"total": uncertainty}, random_order, brain, connectivity=18)
+    assert scores == {
+        "ndsc": pytest.approx(reference_ndsc(pred, gt), abs=1e-5),
+        "lesion_f1": pytest.approx(reference_lesion_f1(pred, gt, _lesion_structure(18)), abs=1e-5),
+        "r_aac_total": pytest.approx(reference_r_aac(pred[brain], gt[brain], uncertainty[brain]), abs=1e-5),
+        "r_aac_random": pytest.approx(reference_r_aac(pred[brain], gt[brain], random_order[brain]), abs=1e-5),
+    }
+    # An uncertainty that ranks the errors first retains better than a random order.
+    assert scores["r_aac_total"] < scores["r_aac_random"]
+
+
+def test_split_metrics_average_the_uncertainty_scores_where_the_rows_have_them():
+    rows = [
+        {"split": "test", "scan": scan, "strategy": "mean", **dict.fromkeys(METRIC_NAMES, 0.5),
+         "pred_volume_mm3": 10.0 * scan, "gt_volume_mm3": 12.0, "ndsc": 0.2 * scan, "r_aac_total": 0.1 * scan}
+        for scan in (1, 2)
+    ]
+    metrics = split_metrics(rows)
+    assert metrics["test/mean/ndsc"] == pytest.approx(0.3) and metrics["test/mean/r_aac_total"] == pytest.approx(0.15)
+    assert "test/mean/lesion_f1" not in metrics  # not evaluated: not invented

@@ -2,11 +2,14 @@ import math
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
-
 from msx.models import strategies
 from msx.models.registry import UnknownNameError
-from msx.models.strategies import STRATEGIES, fuse_all, staple
+from msx.models.strategies import STAPLE_MAX_ITERATIONS, STRATEGIES, fuse_all, staple
+from scipy import ndimage
+
+from .metric_references import random_lesion_pair
 
 
 def logits_for(p: list) -> torch.Tensor:
@@ -213,15 +216,6 @@ def test_rejects_tensor_without_step_and_sample_axes():
 # it. Run with ``pytest -s`` to see the largest difference.
 # --------------------------------------------------------------------------------------------------------------
 
-import numpy as np
-import pytest
-import SimpleITK as sitk
-import torch
-from scipy import ndimage
-
-from msx.models.strategies import STAPLE_MAX_ITERATIONS, fuse_all, staple
-
-from .metric_references import random_lesion_pair
 
 TOLERANCE = 1e-6
 

@@ -219,7 +219,9 @@ def test_engine_configs_carry_the_specs_values():
     assert spec.inference_config(("last",)).strategies == ("last",)
     # The compared protocol scores with the same settings, at its own test overlap.
     assert config.compared == (
-        dataclasses.replace(config.evaluation, overlap=PROTOCOLS.get("reference").defaults.overlap, protocol="reference"),
+        dataclasses.replace(
+            config.evaluation, overlap=PROTOCOLS.get("reference").defaults.overlap, protocol="reference", uncertainty_measures=()
+        ),
     )
 
 

@@ -25,7 +25,7 @@ def test_time_embedding_is_an_mlp_of_the_sinusoidal_encoding():
     assert not torch.allclose(embedding(t)[1], embedding(t)[2])
 
 
-# The MONAI families conditioned by stage additions: (width, input size), tiny (test_more_backbones.py).
+# The MONAI families conditioned by stage additions: (width, input size), tiny (test_backbones.py).
 ADDITIONS_CASES = {
     "attention-unet": (0.125, (32, 32, 32)),
     "basic-unet": (0.125, (32, 32, 32)),
@@ -37,7 +37,7 @@ ADDITIONS_CASES = {
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Tiny networks on one intra-op thread: faster on a shared CPU (see test_more_backbones.py)."""
+    """Tiny networks on one intra-op thread: faster on a shared CPU (see test_backbones.py)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -40,6 +40,7 @@ EPOCHS = 4
 VALIDATE_EVERY = 2
 SCAN_COLUMNS = ("dsc", "tpr", "ppv", "ltpr", "lfpr", "avd", "assd")
 COLUMNS = (*SCAN_COLUMNS, "isbi")
+SHIFTS_COLUMNS = ("ndsc", "lesion_f1", "r_aac_random", "r_aac_total", "r_aac_knowledge")
 # Plausible ranges: fractions, AVD in percent, ASSD in mm.
 RANGES = {"dsc": (0.3, 0.9), "tpr": (0.3, 0.9), "ppv": (0.3, 0.9), "ltpr": (0.3, 0.9), "lfpr": (0.0, 0.5), "avd": (0.0, 60.0), "assd": (0.0, 5.0)}
 # A fold's validation and test scans (one patient each).
@@ -66,7 +67,9 @@ def scan_rows(rng: np.random.Generator) -> list[dict]:
                 for strategy in STRATEGIES:
                     metrics = {metric: float(rng.uniform(*RANGES[metric])) for metric in SCAN_COLUMNS}
                     volumes = dict(zip(VOLUME_NAMES, (truth * float(rng.uniform(0.5, 1.5)), truth)))
-                    rows.append({"protocol": protocol, "split": split, "scan": scan, "strategy": strategy, **metrics, **volumes})
+                    # The Shifts scores: under the study's own protocol only, as the worker computes them.
+                    shifts = {name: float(rng.uniform(0.0, 1.0)) for name in SHIFTS_COLUMNS} if protocol == PROTOCOL else {}
+                    rows.append({"protocol": protocol, "split": split, "scan": scan, "strategy": strategy, **metrics, **volumes, **shifts})
     return rows
 
 
@@ -200,7 +203,7 @@ def fold_value(rows: list[dict], split: str, strategy: str, metric: str, protoco
     """A fold's number for one cell, by hand from its CSV rows: the mean over the split's scans; for the ISBI
     score, of each scan's DSC/8 + PPV/8 + (1 - LFPR)/4 + LTPR/4 + Corr/4, with Corr the Pearson correlation of
     the predicted and true volumes over those scans."""
-    scans = [{key: float(value) for key, value in row.items() if key not in ("protocol", "split", "scan", "strategy")}
+    scans = [{key: float(value) for key, value in row.items() if key not in ("protocol", "split", "scan", "strategy") and value != ""}
              for row in rows if row["split"] == split and row["strategy"] == strategy and row["protocol"] == protocol]
     assert len(scans) == len(SCANS[split])
     if metric != "isbi":
@@ -218,7 +221,7 @@ def expected_cell(finished, split, backbone, strategy, metric, protocol=PROTOCOL
 def table_rows(markdown: str, heading: str, level: int = 2) -> dict[tuple[str, str], list[str]]:
     """(backbone, strategy) -> metric cells of the table under `heading`."""
     marks = "#" * level
-    section = markdown.split(f"{marks} {heading}\n", 1)[1].split(f"\n{marks} ", 1)[0]
+    section = re.split(r"\n#+ ", markdown.split(f"{marks} {heading}\n", 1)[1], maxsplit=1)[0]  # to the next heading
     rows = {}
     for line in section.splitlines():
         cells = [cell.strip() for cell in line.strip("|").split("|")]
@@ -435,12 +438,32 @@ def test_where_the_time_went_by_backbone_from_each_fold_runs_phases(store, smoke
     markdown = (out / "report.md").read_text()
     section = markdown.split("## Where the time went\n", 1)[1].split("\n## ", 1)[0]
     header, _, *lines = [[cell.strip() for cell in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("|")]
-    assert header[:7] == ["configuration", "folds", "start-up", "training", "validation", "evaluation msx", "evaluation reference"]
+    assert header == [
+        "configuration", "folds", "start-up", "training", "validation", "evaluation msx", "evaluation reference",
+        "per fold", "sum over folds",
+    ]
     rows = {cells[0]: cells for cells in lines}
     mean_fold = statistics.fmean(FOLDS)
     for backbone in BACKBONES:
-        assert rows[f"{backbone}-c1"][1:7] == [
-            str(len(FOLDS)), f"{10 + mean_fold:.0f}", f"{20 * mean_fold:.0f}", "5", "8", "12"
+        per_fold = 10 + mean_fold + 20 * mean_fold + 5 + 8 + 12
+        assert rows[f"{backbone}-c1"][1:] == [
+            str(len(FOLDS)), f"{10 + mean_fold:.0f}", f"{20 * mean_fold:.0f}", "5", "8", "12", f"{per_fold:.0f}",
+            f"{per_fold * len(FOLDS):.0f}",
         ], rows[f"{backbone}-c1"]
     # unet-c2's folds stopped before their final evaluation: their start-up is all they measured.
     assert rows["unet-c2"][1:7] == ["2", f"{10 + 1.5:.0f}", "0", "0", "0", "0"]
+
+
+def test_the_uncertainty_table_holds_the_shifts_scores_with_the_random_row_last(store, smoke_report):
+    _, _, _, finished = store
+    out, _ = smoke_report
+    markdown = (out / "report.md").read_text()
+    section = markdown.split("## Uncertainty: test patients\n", 1)[1].split("\n## ", 1)[0]
+    header, _, *lines = [[cell.strip() for cell in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("|")]
+    assert header == ["backbone", "strategy", "ndsc", "lesion_f1", "total R-AAC", "knowledge R-AAC", "random R-AAC"]
+    rows = {(cells[0], cells[1]): cells[2:] for cells in lines}
+    assert set(rows) == {(b, s) for b in BACKBONES for s in STRATEGIES}
+    for (backbone, strategy), cells in rows.items():
+        for name, cell in zip(("ndsc", "lesion_f1", "r_aac_total", "r_aac_knowledge", "r_aac_random"), cells):
+            values = [fold_value(finished[(backbone, fold)], "test", strategy, name) for fold in FOLDS]
+            assert cell == f"{statistics.fmean(values):.3f} ± {statistics.pstdev(values):.3f}", (backbone, strategy, name)
