@@ -18,6 +18,7 @@ from msx.models.checkpoint import WEIGHTS_FILE
 from msx.models.data.folds import resolve_folds
 from msx.models.data.manifest import open_cohort
 from msx.models.data.synth import write_synthetic_cohort
+from msx.models.engine import InferenceConfig
 from msx.models.fold import MODEL_DIR, OVERLAY_DIR
 from msx.models.metrics import METRIC_NAMES, VOLUME_NAMES, mean_isbi_score
 from msx.orchestrator.report.document import write_report
@@ -306,7 +307,8 @@ def test_fold_runs_carry_scan_metrics_model_and_overlays(tracked_launch, tmp_pat
             table = client.download_artifacts(run_id, SCAN_METRICS_ARTIFACT, str(tmp_path / run_id))
             with open(table, newline="") as file:
                 reader = csv.DictReader(file)
-                assert reader.fieldnames == ["protocol", "split", "scan", "strategy", *METRIC_NAMES, *VOLUME_NAMES]
+                shifts = ["ndsc", "lesion_f1", *(f"r_aac_{m}" for m in (*InferenceConfig.uncertainty_measures, "random"))]
+                assert reader.fieldnames == ["protocol", "split", "scan", "strategy", *METRIC_NAMES, *VOLUME_NAMES, *shifts]
                 rows = list(reader)
             assert {row["protocol"] for row in rows} == {"msx"}  # the study's protocol, none compared
             scans = {"val": cohort.scans_of(fold.validation), "test": cohort.scans_of(fold.test)}
