@@ -29,7 +29,7 @@ STAPLE_MAX_ITERATIONS = 1000
 STAPLE_TOLERANCE = 1e-7
 
 
-def _check_shape(step_logits: torch.Tensor) -> None:
+def check_step_logits(step_logits: torch.Tensor) -> None:
     if step_logits.ndim < 3 or step_logits.shape[0] == 0 or step_logits.shape[1] == 0:
         raise ValueError(
             "step_logits must have shape (steps, samples, *spatial) with at least one step and sample; "
@@ -38,7 +38,7 @@ def _check_shape(step_logits: torch.Tensor) -> None:
 
 
 def _x0_predictions(step_logits: torch.Tensor, x0: X0Map) -> torch.Tensor:
-    _check_shape(step_logits)
+    check_step_logits(step_logits)
     return x0(step_logits)
 
 

@@ -24,6 +24,7 @@ import torch
 
 from .lesion_maps import binary_entropy_bits, lesion_probability
 from .registry import Registry
+from .strategies import check_step_logits
 
 UncertaintyMeasure = Callable[[torch.Tensor], torch.Tensor]
 
@@ -32,11 +33,7 @@ UNCERTAINTY_MEASURES: Registry[UncertaintyMeasure] = Registry("uncertainty measu
 
 def _final_probabilities(step_logits: torch.Tensor) -> torch.Tensor:
     """(samples, *spatial): each chain's lesion probability at its last step."""
-    if step_logits.ndim < 3 or step_logits.shape[0] == 0 or step_logits.shape[1] == 0:
-        raise ValueError(
-            "step_logits must have shape (steps, samples, *spatial) with at least one step and sample; "
-            f"got {tuple(step_logits.shape)}"
-        )
+    check_step_logits(step_logits)
     return torch.sigmoid(step_logits[-1].float())
 
 
@@ -60,7 +57,3 @@ def knowledge_uncertainty(step_logits: torch.Tensor) -> torch.Tensor:
 def step_uncertainty(step_logits: torch.Tensor) -> torch.Tensor:
     return binary_entropy_bits(lesion_probability(step_logits))
 
-
-def uncertainty_maps(step_logits: torch.Tensor, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Each named measure's map, shape ``spatial``."""
-    return {name: UNCERTAINTY_MEASURES.get(name)(step_logits) for name in names}

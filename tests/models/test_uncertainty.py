@@ -3,9 +3,12 @@
 import numpy as np
 import pytest
 import torch
-
 from msx.models.registry import UnknownNameError
-from msx.models.uncertainty import UNCERTAINTY_MEASURES, uncertainty_maps
+from msx.models.uncertainty import UNCERTAINTY_MEASURES
+
+
+def uncertainty_maps(step_logits: torch.Tensor, names) -> dict[str, torch.Tensor]:
+    return {name: UNCERTAINTY_MEASURES.get(name)(step_logits) for name in names}
 
 
 def entropy_bits(p: np.ndarray) -> np.ndarray:
