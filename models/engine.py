@@ -17,10 +17,9 @@ from .data.cohort import LoadedScan
 from .data.transforms import GridRestore, augmentation_transforms, prepare_scan_for_inference
 from .compilation import CompiledDenoiser
 from .diffusion import DiffusionConfig, LossWeights, diffusion_loss, sample_scan_fused
-from .lesion_maps import LesionMaps, binary_entropy_bits, lesion_probability
 from .metrics import lesion_volumes, segmentation_metrics, uncertainty_scores
 from .protocols import PROTOCOLS
-from .uncertainty import UNCERTAINTY_MEASURES
+from .uncertainty import UNCERTAINTY_MEASURES, ChainStatistics, chain_statistics, uncertainty_maps
 
 
 @dataclass(frozen=True)
@@ -73,8 +72,6 @@ PRECISIONS = ("auto", "fp32", "bf16")
 OPTIMIZERS = ("auto", "adamw", "adamw-fused")
 # Seeds the random uncertainty an evaluation scores beside the measures (metrics.RANDOM_UNCERTAINTY).
 RANDOM_UNCERTAINTY_SEED = 0
-# The voxel map of the lesion probability (lesion_maps.lesion_probability), beside the uncertainty measures' names.
-PROBABILITY_MAP = "probability"
 
 
 def check_choice(value: object, valid: tuple[str, ...], name: str) -> None:
@@ -156,12 +153,9 @@ class ScanSegmentation:
     """Every configured strategy's mask and the lesion maps, all on the input grid from one sampling pass."""
 
     masks: dict[str, np.ndarray]  # strategy -> bool (X, Y, Z)
-    maps: LesionMaps[np.ndarray]  # float32 (X, Y, Z), zero outside the foreground crop
-
-
-def _voxel_map(name: str, step_logits: torch.Tensor) -> torch.Tensor:
-    """The lesion probability (PROBABILITY_MAP) or an uncertainty measure's map of ``step_logits``."""
-    return lesion_probability(step_logits) if name == PROBABILITY_MAP else UNCERTAINTY_MEASURES.get(name)(step_logits)
+    # float32 (X, Y, Z), zero outside the foreground crop: the lesion probability and every uncertainty measure's
+    # map follow (uncertainty.lesion_maps), and they pool over fold models (uncertainty.pooled_statistics).
+    statistics: ChainStatistics[np.ndarray]
 
 
 def _batch_scores(
@@ -171,17 +165,14 @@ def _batch_scores(
     diffusion: DiffusionConfig,
     generator: torch.Generator | None,
     autocast_dtype: torch.dtype | None,
-    map_names: tuple[str, ...] = (),
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Each strategy's fused map (lesion where the protocol's `mask` says) for each of the prepared scans ``images`` (B,C,X,Y,Z, on the
-    net's device, one shape), and the voxel maps named (`_voxel_map`): (B,X,Y,Z) each, from ONE sampling pass under
-    the config's protocol, the windows of all scans batched together."""
+    with_statistics: bool = False,
+) -> tuple[dict[str, torch.Tensor], list[ChainStatistics[torch.Tensor]]]:
+    """Each strategy's fused map (lesion where the protocol's `mask` says) for each of the prepared scans ``images``
+    (B,C,X,Y,Z, on the net's device, one shape) and, when asked, each scan's chain statistics (empty list otherwise),
+    from ONE sampling pass under the config's protocol, the windows of all scans batched together."""
     protocol = PROTOCOLS.get(config.protocol)
     for name in config.strategies:
         protocol.strategy(name)  # a typo fails here, with the valid names, before any sampling
-    for name in map_names:
-        if name != PROBABILITY_MAP:
-            UNCERTAINTY_MEASURES.get(name)
     net.eval()
     sampling = dict(
         num_steps=config.ddim_steps, num_samples=config.samples, roi_size=config.roi_size, overlap=config.overlap,
@@ -193,22 +184,24 @@ def _batch_scores(
         stitched = sample_scan_fused(net, images, fuse=lambda trajectories: trajectories.flatten(1, 2), **sampling)
         per_scan = [step_logits.view(config.ddim_steps, config.samples, *images.shape[2:]) for step_logits in stitched]
         scores = [protocol.scores(step_logits, config.strategies) for step_logits in per_scan]
-        maps = {name: torch.stack([_voxel_map(name, s) for s in per_scan]) for name in map_names}
-        return {name: torch.stack([scan[name] for scan in scores]) for name in config.strategies}, maps
+        statistics = [chain_statistics(step_logits) for step_logits in per_scan] if with_statistics else []
+        return {name: torch.stack([scan[name] for scan in scores]) for name in config.strategies}, statistics
 
     def fuse(windows: torch.Tensor) -> torch.Tensor:
-        """(windows, steps, samples, *roi) -> (windows, strategies + maps, *roi), stitched afterwards."""
+        """(windows, steps, samples, *roi) -> (windows, strategies + statistics, *roi), stitched afterwards."""
         fused = []
         for step_logits in windows:
             maps = list(protocol.scores(step_logits, config.strategies).values())
-            maps += [_voxel_map(name, step_logits) for name in map_names]
+            if with_statistics:
+                maps += chain_statistics(step_logits).values()
             fused.append(torch.stack([m.float() for m in maps]))
         return torch.stack(fused)
 
     stitched = sample_scan_fused(net, images, fuse=fuse, **sampling)
-    names = (*config.strategies, *map_names)
-    fused = {name: stitched[:, index] for index, name in enumerate(names)}
-    return {name: fused[name] for name in config.strategies}, {name: fused[name] for name in map_names}
+    strategies = len(config.strategies)
+    scores = {name: stitched[:, index] for index, name in enumerate(config.strategies)}
+    statistics = [ChainStatistics(*scan[strategies:]) for scan in stitched] if with_statistics else []
+    return scores, statistics
 
 
 def _scan_scores(
@@ -219,12 +212,19 @@ def _scan_scores(
     diffusion: DiffusionConfig,
     generator: torch.Generator | None,
     autocast_dtype: torch.dtype | None,
-    map_names: tuple[str, ...] = (),
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], GridRestore]:
-    """`_batch_scores` of one scan given on its own grid, on the preprocessed grid; and the map back."""
+    with_statistics: bool = False,
+) -> tuple[dict[str, torch.Tensor], ChainStatistics[np.ndarray] | None, GridRestore]:
+    """`_batch_scores` of one scan given on its own grid: the scores on the preprocessed grid, the chain statistics
+    (when asked) on the input grid, and the map back."""
     prepared, grid = prepare_scan_for_inference(image, config.roi_size)
-    scores, maps = _batch_scores(net, prepared[None].to(device), config, diffusion, generator, autocast_dtype, map_names)
-    return {name: score[0] for name, score in scores.items()}, {name: value[0] for name, value in maps.items()}, grid
+    scores, statistics = _batch_scores(
+        net, prepared[None].to(device), config, diffusion, generator, autocast_dtype, with_statistics
+    )
+    restored = (
+        ChainStatistics(*(grid.restore(value.float().cpu().numpy()) for value in statistics[0].values()))
+        if statistics else None
+    )
+    return {name: score[0] for name, score in scores.items()}, restored, grid
 
 
 def _restored_masks(scores: dict[str, torch.Tensor], grid: GridRestore, protocol: str) -> dict[str, np.ndarray]:
@@ -257,27 +257,27 @@ def segment_scan_with_maps(
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
 ) -> ScanSegmentation:
-    """``segment_scan``'s masks (the same, for the same generator state) plus the lesion probability and
-    uncertainty maps (``lesion_maps``), all from ONE sampling pass over the scan.
+    """``segment_scan``'s masks (the same, for the same generator state) plus the chain statistics that the lesion
+    probability and uncertainty maps follow from (``uncertainty.lesion_maps``), all from ONE sampling pass over the
+    scan.
     """
-    scores, maps, grid = _scan_scores(net, image, config, device, diffusion, generator, autocast_dtype, (PROBABILITY_MAP,))
-    probability = maps[PROBABILITY_MAP]
-    return ScanSegmentation(
-        masks=_restored_masks(scores, grid, config.protocol),
-        maps=LesionMaps(
-            probability=grid.restore(probability.cpu().numpy()),
-            uncertainty=grid.restore(binary_entropy_bits(probability).cpu().numpy()),
-        ),
-    )
+    scores, statistics, grid = _scan_scores(net, image, config, device, diffusion, generator, autocast_dtype, True)
+    assert statistics is not None
+    return ScanSegmentation(masks=_restored_masks(scores, grid, config.protocol), statistics=statistics)
 
 
 @dataclass(frozen=True)
 class ScanEvaluation:
-    """Every configured strategy's metrics against the scan's mask, and the masks they were measured on."""
+    """Every configured strategy's metrics against the scan's mask, the masks they were measured on, and with
+    uncertainty measures their nDSC retention curves."""
 
-    # strategy -> METRIC_NAMES, then the lesion volumes in mm^3 (VOLUME_NAMES) the ISBI score correlates over scans
+    # strategy -> METRIC_NAMES, then the lesion volumes in mm^3 (VOLUME_NAMES) the ISBI score correlates over scans,
+    # then with uncertainty measures the Shifts scores (metrics.ShiftsScores.scores)
     metrics: dict[str, dict[str, float]]
     masks: dict[str, np.ndarray]  # strategy -> (X, Y, Z), on the scan's grid
+    # strategy -> measure (and metrics.RANDOM_UNCERTAINTY) -> nDSC at each of metrics.retention_fractions(); empty
+    # without uncertainty measures
+    retention: dict[str, dict[str, np.ndarray]]
 
 
 def evaluate_scan(
@@ -293,28 +293,32 @@ def evaluate_scan(
     config's uncertainty measures, also the Shifts scores (`metrics.uncertainty_scores`) of each mask under each
     measure's map, from the same pass."""
     measures = config.uncertainty_measures
-    scores, maps, grid = _scan_scores(net, scan.image, config, device, diffusion, generator, autocast_dtype, measures)
-    masks = _restored_masks(scores, grid, config.protocol)
-    uncertainty = {name: grid.restore(value.float().cpu().numpy()) for name, value in maps.items()}
-    truth = scan.mask.astype(bool)
-    # Shifts ranks the brain's voxels: here the images' foreground (any channel > 0), which inference crops to. The
-    # random row's voxel order is one draw per scan, the same for every strategy.
-    brain = (scan.image > 0).any(axis=0)
-    random_order = np.random.default_rng(RANDOM_UNCERTAINTY_SEED).random(truth.shape) if measures else None
-    return ScanEvaluation(
-        metrics={
-            name: {
-                **segmentation_metrics(mask.astype(bool), truth, spacing=scan.spacing, connectivity=config.connectivity),
-                **lesion_volumes(mask, truth, scan.spacing),
-                **(
-                    uncertainty_scores(mask, truth, uncertainty, random_order, brain, config.connectivity)
-                    if measures else {}
-                ),
-            }
-            for name, mask in masks.items()
-        },
-        masks=masks,
+    for name in measures:
+        UNCERTAINTY_MEASURES.get(name)  # a typo fails here, with the valid names, before any sampling
+    scores, statistics, grid = _scan_scores(
+        net, scan.image, config, device, diffusion, generator, autocast_dtype, bool(measures)
     )
+    masks = _restored_masks(scores, grid, config.protocol)
+    truth = scan.mask.astype(bool)
+    metrics = {
+        name: {
+            **segmentation_metrics(mask.astype(bool), truth, spacing=scan.spacing, connectivity=config.connectivity),
+            **lesion_volumes(mask, truth, scan.spacing),
+        }
+        for name, mask in masks.items()
+    }
+    retention: dict[str, dict[str, np.ndarray]] = {}
+    if statistics is not None:
+        uncertainty = uncertainty_maps(statistics, measures)
+        # Shifts ranks the brain's voxels: here the images' foreground (any channel > 0), which inference crops to.
+        # The random row's voxel order is one draw per scan, the same for every strategy.
+        brain = (scan.image > 0).any(axis=0)
+        random_order = np.random.default_rng(RANDOM_UNCERTAINTY_SEED).random(truth.shape)
+        for name, mask in masks.items():
+            shifts = uncertainty_scores(mask, truth, uncertainty, random_order, brain, config.connectivity)
+            metrics[name].update(shifts.scores)
+            retention[name] = shifts.curves
+    return ScanEvaluation(metrics=metrics, masks=masks, retention=retention)
 
 
 def inference_autocast_dtype(protocol: str, device: torch.device) -> torch.dtype | None:

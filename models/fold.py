@@ -67,7 +67,7 @@ from .engine import (
     validation_dice,
 )
 from .lr_schedule import SCHEDULES, reference_schedule
-from .metrics import protocol_prefix, split_metrics
+from .metrics import protocol_prefix, retention_fractions, split_metrics
 from .networks import NetworkConfig, build_network
 from .overlays import overlay_channel, write_overlay
 
@@ -75,10 +75,12 @@ log = logging.getLogger(__name__)
 
 # A fold's checkpoint folder, written at every validation (and handed to `report`): the training state a restart
 # resumes from; the last one also holds the best weights as an msx checkpoint, the per-scan metrics of the final
-# evaluation and an overlay of each split's first scan.
+# evaluation, their nDSC retention curves (when uncertainty was scored) and an overlay of each split's first scan.
 STATE_FILE = "training_state.pt"
 MODEL_DIR = "model"
 SCAN_METRICS_FILE = "scan_metrics.json"
+# {"fractions": [...], "curves": [{"split", "scan", "strategy", "measure", "ndsc": [...]}, ...]}
+RETENTION_CURVES_FILE = "retention_curves.json"
 OVERLAY_DIR = "overlays"
 # The splits a fold is evaluated on at its end, by the names its metrics carry (`val/mean/dsc`).
 EVALUATED_SPLITS = ("val", "test")
@@ -437,10 +439,11 @@ def run_fold(
                 else:
                     # The reference's rule kept no weights (no validation beat 0.0): the last weights are evaluated.
                     log.warning("%s: no validation beat a Dice of 0; evaluating the last weights", label)
-                final_metrics, final_rows, evaluation_seconds = final_evaluation(
+                evaluation = final_evaluation(
                     sampler, config, data, device, overlay_folder=folder / OVERLAY_DIR if rank == 0 else None
                 )
-                phase_seconds.update(evaluation_seconds)
+                final_metrics, final_rows = evaluation.metrics, evaluation.rows
+                phase_seconds.update(evaluation.seconds)
                 log.info("%s: done, best validation Dice %.4f", label, best_score)
             if rank == 0:
                 torch.save(
@@ -460,6 +463,10 @@ def run_fold(
                 if last:
                     save_checkpoint(folder / MODEL_DIR, bare_net, dict(model_metadata or {}))
                     (folder / SCAN_METRICS_FILE).write_text(json.dumps(final_rows, indent=1))
+                    if evaluation.retention_rows:
+                        (folder / RETENTION_CURVES_FILE).write_text(
+                            json.dumps({"fractions": retention_fractions().tolist(), "curves": evaluation.retention_rows})
+                        )
             if report is not None:
                 report(
                     EpochReport(
@@ -482,15 +489,25 @@ def training_schedule(
     return WarmupCosineSchedule(optimizer, warmup_steps=int(training.warmup_fraction * total_steps), t_total=total_steps), False
 
 
+@dataclass(frozen=True)
+class FinalEvaluation:
+    metrics: dict[str, float]  # split scores
+    rows: list[dict[str, Any]]  # per scan and strategy: protocol, split, scan, strategy, then the metrics
+    # per scan, strategy and uncertainty measure: split, scan, strategy, measure, and "ndsc", its retention curve
+    retention_rows: list[dict[str, Any]]
+    seconds: dict[str, float]  # per protocol (`evaluation_phase`)
+
+
 def final_evaluation(
     net: torch.nn.Module | CompiledDenoiser,
     config: FoldConfig,
     data: FoldData,
     device: torch.device,
     overlay_folder: Path | None,
-) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, float]]:
+) -> FinalEvaluation:
     """Every strategy on the validation and the test scans under the fold's protocol, and on the test scans under
-    each compared one: split scores, per-scan rows and the seconds each protocol took (`evaluation_phase`).
+    each compared one: split scores, per-scan rows, the retention curves of the fold's protocol's masks under its
+    uncertainty measures, and the seconds each protocol took.
 
     The fold's protocol's scores are `{split}/{strategy}/{metric}`, a compared protocol's
     `{protocol}/test/{strategy}/{metric}` (`protocol_prefix`); each row names its protocol. With `overlay_folder`
@@ -504,6 +521,7 @@ def final_evaluation(
     scans = {"val": data.validation, "test": data.load("test")}
     metrics: dict[str, float] = {}
     rows: list[dict[str, Any]] = []
+    retention_rows: list[dict[str, Any]] = []
     seconds: dict[str, float] = {}
     for evaluation in (config.evaluation, *config.compared):
         began = time.monotonic()
@@ -522,14 +540,21 @@ def final_evaluation(
             )
             protocol_rows.extend(
                 {"protocol": evaluation.protocol, "split": split, "scan": record.scan_id, "strategy": strategy, **values}
-                for record, scan in zip(records, per_scan)
-                for strategy, values in scan.items()
+                for record, (scan_metrics, _) in zip(records, per_scan)
+                for strategy, values in scan_metrics.items()
+            )
+            retention_rows.extend(
+                {"split": split, "scan": record.scan_id, "strategy": strategy, "measure": measure,
+                 "ndsc": np.round(curve, 6).tolist()}
+                for record, (_, retention) in zip(records, per_scan)
+                for strategy, curves in retention.items()
+                for measure, curve in curves.items()
             )
         prefix = protocol_prefix(None if primary else evaluation.protocol)
         metrics.update({prefix + key: value for key, value in split_metrics(protocol_rows).items()})
         rows.extend(protocol_rows)
         seconds[evaluation_phase(evaluation.protocol)] = time.monotonic() - began
-    return metrics, rows, seconds
+    return FinalEvaluation(metrics, rows, retention_rows, seconds)
 
 
 def evaluation_phase(protocol: str) -> str:
@@ -582,11 +607,12 @@ def evaluate_distributed(
     autocast_dtype: torch.dtype | None,
     seed: int,
     on_first_scan: Callable[[ScanEvaluation], None] | None = None,
-) -> list[dict[str, dict[str, float]]]:
-    """Per-scan metrics, scans shared out over the workers of a process group and gathered back in scan order.
+) -> list[tuple[dict[str, dict[str, float]], dict[str, dict[str, np.ndarray]]]]:
+    """Per-scan metrics and retention curves (`ScanEvaluation`), scans shared out over the workers of a process
+    group and gathered back in scan order.
 
     `on_first_scan` gets the first scan's evaluation, masks included, on the worker that evaluates it (rank 0);
-    only metrics travel between workers.
+    only metrics and curves travel between workers.
     """
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     generator = torch.Generator(device=device)
@@ -596,7 +622,7 @@ def evaluate_distributed(
         evaluation = evaluate_scan(net, scans[index], config, device, diffusion, generator, autocast_dtype)
         if index == 0 and on_first_scan is not None:
             on_first_scan(evaluation)
-        mine[index] = evaluation.metrics
+        mine[index] = (evaluation.metrics, evaluation.retention)
     if world_size > 1:
         gathered: list[dict] = [None] * world_size  # type: ignore[list-item]
         dist.all_gather_object(gathered, mine)

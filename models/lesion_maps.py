@@ -1,12 +1,14 @@
 """Voxel-wise lesion probability and uncertainty maps from the same sampled trajectories as the masks.
 
 Like a strategy (``strategies``), each map is a pure function of ``step_logits`` of shape
-``(N, s, *spatial)``, so the maps cost no sampling beyond the one pass that gives the masks.
+``(N, s, *spatial)``, so the maps cost no sampling beyond the one pass that gives the masks; the uncertainty
+measures are ``uncertainty``'s.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Generic
 
@@ -18,10 +20,10 @@ from .strategies import mean_over_steps
 
 @dataclass(frozen=True)
 class LesionMaps(Generic[Volume]):
-    """Lesion probability and its uncertainty (bits), both in [0, 1], on one grid."""
+    """Lesion probability and each uncertainty measure's map (bits), all in [0, 1], on one grid."""
 
     probability: Volume
-    uncertainty: Volume
+    uncertainty: Mapping[str, Volume]  # measure (uncertainty.UNCERTAINTY_MEASURES) -> its map
 
 
 def lesion_probability(step_logits: torch.Tensor) -> torch.Tensor:
@@ -48,8 +50,3 @@ def binary_entropy_bits(probability: torch.Tensor) -> torch.Tensor:
     entropy = (torch.special.entr(q) + torch.special.entr(1 - q)) / math.log(2)
     return entropy.to(probability.dtype)
 
-
-def lesion_maps(step_logits: torch.Tensor) -> LesionMaps[torch.Tensor]:
-    """Probability (``lesion_probability``) and uncertainty (``binary_entropy_bits`` of it), shape ``spatial``."""
-    probability = lesion_probability(step_logits)
-    return LesionMaps(probability, binary_entropy_bits(probability))

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -471,6 +472,13 @@ def ndsc_r_aac(
     """nDSC R-AAC (Shifts 2.0): 1 minus the trapezoid area under :func:`ndsc_retention_curve`; lower is better (0 when
     the prediction is perfect)."""
     fractions, values = ndsc_retention_curve(pred, gt, uncertainty, fractions=fractions, brain_mask=brain_mask, r=r)
+    return r_aac_of_curve(values, fractions)
+
+
+def r_aac_of_curve(values: npt.ArrayLike, fractions: npt.ArrayLike | None = None) -> float:
+    """1 minus the trapezoid area under a retention curve (``fractions`` default: :func:`retention_fractions`).
+    Linear in the curve: the R-AAC of a mean curve is the mean of the curves' R-AACs."""
+    fractions = retention_fractions(len(values)) if fractions is None else fractions
     return float(1.0 - trapezoid(values, fractions))
 
 
@@ -491,6 +499,14 @@ def is_uncertainty_score(name: str) -> bool:
     return name in SHIFTS_METRIC_NAMES or name.startswith(R_AAC_PREFIX)
 
 
+@dataclass(frozen=True)
+class ShiftsScores:
+    """A mask's Shifts 2.0 scores (`uncertainty_scores`) and the retention curves its R-AACs are the areas above."""
+
+    scores: dict[str, float]  # ndsc, lesion_f1, then r_aac_<measure> for each measure and RANDOM_UNCERTAINTY
+    curves: dict[str, np.ndarray]  # measure (and RANDOM_UNCERTAINTY) -> nDSC at each of retention_fractions()
+
+
 def uncertainty_scores(
     pred: np.ndarray,
     gt: np.ndarray,
@@ -498,10 +514,13 @@ def uncertainty_scores(
     random_order: np.ndarray,
     brain_mask: np.ndarray | None = None,
     connectivity: int = 6,
-) -> dict[str, float]:
-    """nDSC and lesion F1 of ``pred`` over the whole scan, and its nDSC R-AAC under each map of ``uncertainty``
-    (measure -> map) and under ``random_order`` (as RANDOM_UNCERTAINTY), over ``brain_mask``'s voxels."""
+) -> ShiftsScores:
+    """nDSC and lesion F1 of ``pred`` over the whole scan, and its nDSC retention curve and R-AAC under each map of
+    ``uncertainty`` (measure -> map) and under ``random_order`` (as RANDOM_UNCERTAINTY), over ``brain_mask``'s
+    voxels."""
     scores = {"ndsc": ndsc(pred, gt), "lesion_f1": lesion_f1(pred, gt, connectivity=connectivity)}
+    curves = {}
     for measure, values in {**uncertainty, RANDOM_UNCERTAINTY: random_order}.items():
-        scores[r_aac_key(measure)] = ndsc_r_aac(pred, gt, values, brain_mask=brain_mask)
-    return scores
+        fractions, curves[measure] = ndsc_retention_curve(pred, gt, values, brain_mask=brain_mask)
+        scores[r_aac_key(measure)] = r_aac_of_curve(curves[measure], fractions)
+    return ShiftsScores(scores, curves)

@@ -109,7 +109,7 @@ def test_mlflow_has_a_launch_run_with_a_run_per_configuration_and_a_run_per_tria
         phases = ("training", "validation", "evaluation_msx", "evaluation_reference")
         assert all(fold.data.metrics[f"seconds/{phase}"] > 0 for phase in phases), fold.data.metrics
         artifacts = {a.path for a in client.list_artifacts(fold.info.run_id)}
-        assert {"scan_metrics.csv", "model", "overlays"} <= artifacts
+        assert {"scan_metrics.csv", "retention_curves.json", "model", "overlays"} <= artifacts
         assert len(client.list_artifacts(fold.info.run_id, "overlays")) == 2
 
 

@@ -29,8 +29,11 @@ def evaluate(
     """Metrics of predicted masks against their ground truths: DSC, TPR, PPV, LTPR, LFPR, AVD, ASSD, HD95, the
     Shifts 2.0 normalised Dice (NDSC) and lesion F1 over the whole scan, with --uncertainty the nDSC R-AAC (over the
     --brain-mask's voxels, or all), and the raw ISBI 2015 score, whose volume correlation runs over all the scans
-    given (so it is NaN for one). Every file is checked before anything is computed."""
+    given (so it is NaN for one). With several scans the table ends with each metric's mean over the scans where it
+    is defined (n/a where none is); --json prints the scans only. Every file is checked before anything is
+    computed."""
     from msx.models.evaluation import ScanFiles, evaluate_mask_files
+    from msx.models.metrics import summarise
 
     if len(preds) != len(gts):
         raise click.UsageError(f"got {len(preds)} --pred and {len(gts)} --gt; give one ground truth per prediction")
@@ -71,3 +74,9 @@ def evaluate(
     click.echo(f"{'prediction':{width}s} " + " ".join(f"{name.upper():>{w}s}" for name, w in columns.items()))
     for pred, metrics in zip(preds, per_scan):
         click.echo(f"{str(pred):{width}s} " + " ".join(f"{metrics[name]:{w}.4f}" for name, w in columns.items()))
+    if len(per_scan) > 1:
+        # NaN-aware, as the study's split means are: a scan where a metric is undefined (an empty prediction's PPV)
+        # says nothing about the others' mean.
+        means = {name: mean for name, (mean, _) in summarise(per_scan).items()}
+        cells = ("n/a" if math.isnan(means[name]) else f"{means[name]:.4f}" for name in columns)
+        click.echo(f"{'mean':{width}s} " + " ".join(f"{cell:>{w}s}" for cell, w in zip(cells, columns.values())))

@@ -58,7 +58,7 @@ def _modality_file_options(command):
 @click.option("--input", "input_path", type=click.Path(path_type=Path), default=None, help="Folder with ISBI-named scans (one scan or a cohort), or a cohort manifest (.csv, .yaml); masks optional.")
 @_modality_file_options
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for <scan>_mask.nii.gz and <scan>_overlay.png, or, for one scan, the mask file (.nii.gz) to write, the others beside it.")
-@click.option("--maps", is_flag=True, help="Also write <scan>_probability.nii.gz and <scan>_uncertainty.nii.gz (float32, entropy in bits).")
+@click.option("--maps", is_flag=True, help="Also write <scan>_probability.nii.gz and <scan>_uncertainty_<measure>.nii.gz for the measures total, data, knowledge and steps (float32, bits).")
 @click.option("--strategy", default=None, help="Inference strategy (default: the registered model's, or the checkpoint spec's validation strategy).")
 @click.option("--modalities", default=None, help="Comma-separated input channels in the model's order (default: the training spec's).")
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, help="MLflow tracking URI (default: SQLite file in --storage).")

@@ -15,10 +15,11 @@ names a ``.nii[.gz]`` file, that mask with the other files beside it: :func:`out
 - ``<scan_id>_overlay.png``: the axial slice with the most predicted lesion voxels (the truth's, when
   the prediction is empty; the middle slice when both are), FLAIR in grey, prediction outlined in red,
   the rater-1 mask in green;
-- with ``--maps``, ``<scan_id>_probability.nii.gz`` and ``<scan_id>_uncertainty.nii.gz``: float32 in [0, 1]
-  on the same grid as the mask, from the same sampling pass (``msx.models.lesion_maps``): the lesion
-  probability (mean over steps and samples; for a registered model also over its fold models) and its
-  binary entropy in bits; both are 0 outside the foreground box that inference crops to.
+- with ``--maps``, ``<scan_id>_probability.nii.gz`` and ``<scan_id>_uncertainty_<measure>.nii.gz`` for each
+  uncertainty measure (``msx.models.uncertainty``: total, data, knowledge, steps): float32 in [0, 1] on the same
+  grid as the mask, from the same sampling pass: the lesion probability (mean over steps and samples; for a
+  registered model also over its fold models) and each measure in bits, over the sampled chains (a registered
+  model's fold models' chains pooled); all are 0 outside the foreground box that inference crops to.
 
 Every problem raises a PredictError naming the file, scan or model, before anything is written for that scan.
 """
@@ -39,10 +40,8 @@ if TYPE_CHECKING:
 
 MASK_SUFFIX = "_mask.nii.gz"
 PROBABILITY_SUFFIX = "_probability.nii.gz"
-UNCERTAINTY_SUFFIX = "_uncertainty.nii.gz"
 OVERLAY_SUFFIX = "_overlay.png"
 OVERLAY_RATER = 1
-_SUFFIXES = (MASK_SUFFIX, OVERLAY_SUFFIX, PROBABILITY_SUFFIX, UNCERTAINTY_SUFFIX)  # OutputPaths' order
 
 _AFFINE_ATOL = 1e-3
 
@@ -104,10 +103,24 @@ def check_given_modalities(given: tuple[str, ...], wanted: tuple[str, ...]) -> N
 
 @dataclass(frozen=True)
 class OutputPaths:
+    """One scan's files: the mask, and the others in its folder named ``<stem>_<what>``."""
+
     mask: Path
-    overlay: Path
-    probability: Path
-    uncertainty: Path
+    stem: Path  # the folder and the name's start of the files beside the mask
+
+    def _beside(self, suffix: str) -> Path:
+        return self.stem.with_name(self.stem.name + suffix)
+
+    @property
+    def overlay(self) -> Path:
+        return self._beside(OVERLAY_SUFFIX)
+
+    @property
+    def probability(self) -> Path:
+        return self._beside(PROBABILITY_SUFFIX)
+
+    def uncertainty(self, measure: str) -> Path:
+        return self._beside(f"_uncertainty_{measure}.nii.gz")
 
 
 def names_a_mask_file(out: Path) -> bool:
@@ -118,10 +131,10 @@ def output_paths(out: Path, scan_id: str) -> OutputPaths:
     """Where one scan's files go: ``out/<scan_id>_mask.nii.gz`` and its siblings, or, when ``out`` names a
     ``.nii[.gz]`` file, that mask with the others beside it (``p7_mask.nii.gz`` -> ``p7_overlay.png``)."""
     if not names_a_mask_file(out):
-        return OutputPaths(*(out / f"{scan_id}{suffix}" for suffix in _SUFFIXES))
+        return OutputPaths(out / f"{scan_id}{MASK_SUFFIX}", out / scan_id)
     stem = _nifti_stem(out)
     stem = stem[: -len("_mask")] if stem.endswith("_mask") and stem != "_mask" else stem
-    return OutputPaths(out, *(out.parent / f"{stem}{suffix}" for suffix in _SUFFIXES[1:]))
+    return OutputPaths(out, out.parent / stem)
 
 
 def _nifti_stem(path: Path) -> str:
@@ -190,6 +203,7 @@ def checkpoint_segmenter(
     import torch
     from msx.models.checkpoint import CheckpointError, load_checkpoint
     from msx.models.engine import segment_scan, segment_scan_with_maps
+    from msx.models.uncertainty import lesion_maps
 
     from ..spec import SpecError, spec_from_dict
 
@@ -216,7 +230,7 @@ def checkpoint_segmenter(
         if not maps:
             return segment_scan(net, image, config, device, diffusion, generator)[chosen], None
         segmentation = segment_scan_with_maps(net, image, config, device, diffusion, generator)
-        return segmentation.masks[chosen], segmentation.maps
+        return segmentation.masks[chosen], lesion_maps(segmentation.statistics)
 
     return segment, tuple(spec.data.modalities), chosen, net.config.image_channels
 
@@ -311,15 +325,16 @@ def predict_scans(
         loaded = load_input(scan, modalities)
         if not (loaded.image > 0).any():
             raise PredictError(f"scan {scan.scan_id}: the image has no voxel > 0 (no brain to segment)")
-        prediction, lesion_maps = segment(loaded.image)
+        prediction, maps = segment(loaded.image)
         mask = np.asarray(prediction).astype(bool)
         if mask.shape != loaded.flair.shape:
             raise PredictError(f"scan {scan.scan_id}: the model returned shape {mask.shape}, expected {loaded.flair.shape}")
         paths = output_paths(out, scan.scan_id)
         write_on_input_grid(paths.mask, mask, np.uint8, loaded)
-        if lesion_maps is not None:
-            write_on_input_grid(paths.probability, lesion_maps.probability, np.float32, loaded)
-            write_on_input_grid(paths.uncertainty, lesion_maps.uncertainty, np.float32, loaded)
+        if maps is not None:
+            write_on_input_grid(paths.probability, maps.probability, np.float32, loaded)
+            for measure, uncertainty in maps.uncertainty.items():
+                write_on_input_grid(paths.uncertainty(measure), uncertainty, np.float32, loaded)
         z = write_overlay(
             paths.overlay, loaded.flair, mask, loaded.truth, f"{scan.scan_id} [{strategy}]", f"rater {OVERLAY_RATER}"
         )

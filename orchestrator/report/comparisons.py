@@ -1,5 +1,7 @@
 """Which differences in a study's tables are real: paired comparisons of strategies (within a backbone) and of
-backbones (each at its strategy chosen on validation), per split, for DSC and the ISBI score.
+backbones (each at its strategy chosen on validation), per split, for DSC and the ISBI score; and, where the folds
+scored uncertainty, of each backbone's uncertainty measures against a random voxel order and of the backbones on
+each measure, by nDSC R-AAC (lower is better) of the chosen strategy's masks.
 
 The unit is the patient within its fold: a patient's time points share anatomy, lesions and scanner, so its scans
 are not independent samples, and testing over scans would overstate the evidence. Each patient's value is the mean
@@ -26,12 +28,14 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from msx.models.metrics import ISBI_SCORE, isbi_scores
+from msx.models.metrics import ISBI_SCORE, R_AAC_PREFIX, RANDOM_UNCERTAINTY, isbi_scores, r_aac_key
 
 ALPHA = 0.05
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 9999
 COMPARED_METRICS = ("dsc", ISBI_SCORE)
+# The metric of a family whose arms are one backbone's uncertainty measures: each arm is its own measure's R-AAC.
+MEASURES_METRIC = "R-AAC"
 _SCAN_ID = re.compile(r"^(.*)_(\d+)$")  # trainingPP_TT: the patient is what precedes the time point
 
 # (fold, patient) -> value
@@ -69,6 +73,11 @@ class PairedComparison:
     def supported(self) -> bool:
         return not math.isnan(self.p_holm) and self.p_holm < ALPHA
 
+    @property
+    def is_r_aac(self) -> bool:
+        """Compares R-AAC, where lower is better (DSC and ISBI: higher)."""
+        return self.metric == MEASURES_METRIC or self.metric.startswith(R_AAC_PREFIX)
+
 
 def patient_of(scan_id: str) -> str:
     """``training04_02`` -> ``training04``; any other name is its own patient."""
@@ -82,7 +91,8 @@ def per_patient_values(
     """(fold, patient) -> the patient's mean ``metric`` over its scans of ``split`` under ``strategy``.
 
     ``fold_rows``: fold -> that fold's per-scan rows (``split``, ``scan``, ``strategy``, the metrics and lesion
-    volumes, as the worker writes them). NaN scan values are left out; a patient with none is left out.
+    volumes, as the worker writes them). NaN or absent scan values are left out (a compared protocol's rows hold no
+    uncertainty scores, and empty cells are dropped on reading); a patient with none is left out.
     """
     values: dict[tuple[int, str], list[float]] = {}
     for fold, rows in fold_rows.items():
@@ -94,7 +104,7 @@ def per_patient_values(
                 [float(row["gt_volume_mm3"]) for row in scans],
             ) if scans else []
         else:
-            scores = [float(row[metric]) for row in scans]
+            scores = [float(row.get(metric, math.nan)) for row in scans]
         for row, score in zip(scans, scores):
             if not math.isnan(score):
                 values.setdefault((fold, patient_of(str(row["scan"]))), []).append(score)
@@ -166,12 +176,61 @@ class ComparedRow:
     fold_rows: Mapping[int, Sequence[Mapping[str, Any]]]
 
 
+def uncertainty_measures(
+    fold_rows: Mapping[int, Sequence[Mapping[str, Any]]], split: str, strategy: str
+) -> list[str]:
+    """The measures whose R-AAC some scan of ``split`` under ``strategy`` holds, in order of appearance,
+    RANDOM_UNCERTAINTY last (the common comparator)."""
+    measures = dict.fromkeys(
+        key.removeprefix(R_AAC_PREFIX)
+        for rows in fold_rows.values()
+        for row in rows
+        if row["split"] == split and row["strategy"] == strategy
+        for key in row
+        if key.startswith(R_AAC_PREFIX)
+    )
+    random_last = [RANDOM_UNCERTAINTY] if RANDOM_UNCERTAINTY in measures else []
+    return [measure for measure in measures if measure != RANDOM_UNCERTAINTY] + random_last
+
+
+def uncertainty_comparisons(
+    rows: Sequence[ComparedRow], split: str, rng: np.random.Generator
+) -> list[PairedComparison]:
+    """Within each backbone, every uncertainty measure's R-AAC against the random order's, at its chosen strategy;
+    then the backbones pairwise on each measure's R-AAC, among those whose rows hold it. None without R-AAC."""
+    comparisons: list[PairedComparison] = []
+    held = {row.backbone: uncertainty_measures(row.fold_rows, split, row.strategy) for row in rows}
+    for row in rows:
+        measures = held[row.backbone]
+        if RANDOM_UNCERTAINTY not in measures:
+            continue
+        arms = {m: per_patient_values(row.fold_rows, split, row.strategy, r_aac_key(m)) for m in measures}
+        against_random = [(m, RANDOM_UNCERTAINTY) for m in measures if m != RANDOM_UNCERTAINTY]
+        family = f"{row.backbone} ({row.strategy}): uncertainty measures"
+        comparisons += compare_family(family, split, MEASURES_METRIC, arms, against_random, rng)
+    every_measure = dict.fromkeys(m for measures in held.values() for m in measures)
+    for measure in sorted(every_measure, key=lambda m: m == RANDOM_UNCERTAINTY):  # stable: random last
+        metric = r_aac_key(measure)
+        arms = {
+            f"{row.backbone} ({row.strategy})": per_patient_values(row.fold_rows, split, row.strategy, metric)
+            for row in rows
+            if measure in held[row.backbone]
+        }
+        if len(arms) > 1:
+            comparisons += compare_family("backbones", split, metric, arms, list(combinations(arms, 2)), rng)
+    return comparisons
+
+
 def study_comparisons(
     rows: Sequence[ComparedRow], strategies: Sequence[str], splits: Sequence[str], seed: int = 0
 ) -> list[PairedComparison]:
-    """Per split and metric (COMPARED_METRICS): within each backbone every other strategy against its chosen one,
-    then the backbones pairwise, each at its chosen strategy. Seeded: the same study gives the same intervals."""
+    """Per split: for each metric of COMPARED_METRICS, within each backbone every other strategy against its chosen
+    one, then the backbones pairwise, each at its chosen strategy; then the R-AAC comparisons
+    (uncertainty_comparisons). Seeded: the same study gives the same intervals."""
     rng = np.random.default_rng(seed)
+    # A stream of its own, so that a study's DSC and ISBI intervals do not depend on whether its folds scored
+    # uncertainty.
+    uncertainty_rng = np.random.default_rng((seed, 1))
     comparisons: list[PairedComparison] = []
     for split in splits:
         for metric in COMPARED_METRICS:
@@ -185,4 +244,5 @@ def study_comparisons(
                     for row in rows
                 }
                 comparisons += compare_family("backbones", split, metric, arms, list(combinations(arms, 2)), rng)
+        comparisons += uncertainty_comparisons(rows, split, uncertainty_rng)
     return comparisons

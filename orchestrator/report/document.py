@@ -27,7 +27,10 @@ from .comparisons import ALPHA, CONFIDENCE, PairedComparison, study_comparisons
 from .figures import example_overlays, study_figures
 from .record import STARTUP_PHASE, StudyRecord, read_study
 from .render import Block, Heading, Picture, Table, Text, render_html, render_markdown
-from .summary import ProtocolScores, StudySummary, compared_rows, describe_configuration, summarise_study, trials_line, unfinished_label
+from .summary import (
+    ProtocolScores, StudySummary, compared_rows, describe_configuration, retention_summaries, summarise_study, trials_line,
+    unfinished_label,
+)
 
 REPORT_ARTIFACT_PATH = "report"
 SPLIT_NAMES = {"test": "test", "val": "validation"}
@@ -280,6 +283,14 @@ def comparison_blocks(comparisons: list[PairedComparison]) -> list[Block]:
             f"p < {ALPHA:g}. With m non-zero differences the exact p cannot go below 2/2^m."
         ),
     ]
+    if any(c.is_r_aac for c in comparisons):
+        blocks.append(Text(
+            "Uncertainty: within each backbone, at its chosen strategy, every uncertainty measure's nDSC R-AAC "
+            "is compared with a random voxel order's (family 'uncertainty measures', metric R-AAC, A the "
+            "measure, B random; Holm within the family), and the backbones with each other on each measure's "
+            "R-AAC (metric '<measure> R-AAC'). Lower R-AAC is better: a negative A - B means A ranks the errors "
+            "better, so a measure below random finds where its masks are wrong."
+        ))
     for split in dict.fromkeys(c.split for c in comparisons):
         rows = [c for c in comparisons if c.split == split]
         blocks.append(Heading(f"{SPLIT_NAMES[split].capitalize()} patients: paired differences", 3))
@@ -301,7 +312,7 @@ def comparison_blocks(comparisons: list[PairedComparison]) -> list[Block]:
                 ("family", "metric", "A", "B", "n", f"A - B [{CONFIDENCE:.0%} CI]", "p", "Holm p", "verdict"),
                 tuple(
                     (
-                        c.family, c.metric.upper(), c.first, c.second, str(c.n),
+                        c.family, _metric_label(c.metric), c.first, c.second, str(c.n),
                         f"{c.mean_difference:+.3f} [{c.ci_low:+.3f}, {c.ci_high:+.3f}]" if c.n else "n/a",
                         _p(c.p), _p(c.p_holm), _verdict(c),
                     )
@@ -310,6 +321,13 @@ def comparison_blocks(comparisons: list[PairedComparison]) -> list[Block]:
             )
         )
     return blocks
+
+
+def _metric_label(metric: str) -> str:
+    """DSC, ISBI; `r_aac_total` as "total R-AAC", as the uncertainty table heads it."""
+    if metric.startswith(R_AAC_PREFIX):
+        return f"{metric.removeprefix(R_AAC_PREFIX)} R-AAC"
+    return metric.upper()
 
 
 def _p(p: float) -> str:
@@ -401,7 +419,7 @@ def write_report(tracking_uri: str, study: str, out: Path) -> ReportFiles:
     client = MlflowClient(tracking_uri)
     record = read_study(client, study)
     summary = summarise_study(record)
-    figures = study_figures(record, summary)
+    figures = study_figures(record, summary, retention_summaries(client, record, summary))
     (out / "figures").mkdir(parents=True, exist_ok=True)
     for picture, figure in figures:
         figure.savefig(out / picture.file, format="png")

@@ -1,4 +1,5 @@
-"""The report's figures: test Dice per backbone and strategy, per fold, the training curves, and example overlays."""
+"""The report's figures: test Dice per backbone and strategy, per fold, the training curves, the nDSC retention curves
+of the uncertainty measures, and example overlays."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ from matplotlib.ticker import MaxNLocator
 from mlflow.tracking import MlflowClient
 
 from msx.models.fold import OVERLAY_DIR
+from msx.models.metrics import RANDOM_UNCERTAINTY, r_aac_of_curve
 
 from .record import LOSS_CURVE, VALIDATION_CURVE, StudyRecord, TrialRun
 from .render import Picture
-from .summary import StudySummary
+from .summary import RetentionSummary, StudySummary
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -94,8 +96,34 @@ def training_curves(summary: StudySummary, trials: tuple[TrialRun, ...]) -> Figu
     return figure
 
 
-def study_figures(record: StudyRecord, summary: StudySummary) -> list[tuple[Picture, Figure]]:
-    return [
+def retention_curves(retention: list[RetentionSummary]) -> Figure:
+    """nDSC against the fraction of voxels whose prediction is kept (the rest replaced by the truth, most uncertain
+    first), a panel per backbone at its chosen strategy, a line per uncertainty measure and the random order dashed;
+    the legend gives each curve's R-AAC (the area above it)."""
+    figure = _figure(4.2 * len(retention), 3.6)
+    colours = colormaps["tab10"]
+    for axes, summary in zip(figure.subplots(1, len(retention), squeeze=False)[0], retention):
+        fractions = np.asarray(summary.fractions)
+        measures = [m for m in summary.curves if m != RANDOM_UNCERTAINTY] + [m for m in summary.curves if m == RANDOM_UNCERTAINTY]
+        for index, measure in enumerate(measures):
+            curve = np.asarray(summary.curves[measure])
+            random = measure == RANDOM_UNCERTAINTY
+            axes.plot(
+                fractions, curve, linestyle="--" if random else "-", color="grey" if random else colours(index % colours.N),
+                label=f"{measure} (R-AAC {r_aac_of_curve(curve, fractions):.3f})",
+            )
+        axes.set_xlim(0, 1)
+        axes.set_xlabel("retention fraction (least uncertain kept)")
+        axes.set_ylabel("nDSC")
+        axes.set_title(f"{summary.backbone} ({summary.strategy}), {summary.folds} folds", fontsize=9)
+        axes.legend(fontsize=7, loc="lower left")
+    return figure
+
+
+def study_figures(
+    record: StudyRecord, summary: StudySummary, retention: list[RetentionSummary] | None = None
+) -> list[tuple[Picture, Figure]]:
+    figures = [
         (Picture("figures/test_dice_heatmap.png", "Test DSC (mean over folds) of each backbone and strategy."),
          dice_heatmap(summary)),
         (Picture("figures/test_dice_folds.png", "Test DSC of each fold: one box per strategy, folds as dots."),
@@ -104,6 +132,15 @@ def study_figures(record: StudyRecord, summary: StudySummary) -> list[tuple[Pict
                  "Training loss and validation Dice (that epoch's weights, validation strategy) per epoch, one line per fold."),
          training_curves(summary, record.trials)),
     ]
+    if retention:
+        figures.append((
+            Picture("figures/retention_curves.png",
+                    "nDSC retention curves of each backbone's chosen configuration and strategy on the test patients "
+                    "(mean over folds of each fold's mean over its scans): a line per uncertainty measure, the random "
+                    "order dashed; lower R-AAC is better."),
+            retention_curves(retention),
+        ))
+    return figures
 
 
 def example_overlays(client: MlflowClient, record: StudyRecord, summary: StudySummary, out: Path) -> list[Picture]:

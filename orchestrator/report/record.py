@@ -20,6 +20,8 @@ from mlflow.entities import Run
 from mlflow.store.tracking import SEARCH_MAX_RESULTS_THRESHOLD
 from mlflow.tracking import MlflowClient
 
+from msx.models.fold import RETENTION_CURVES_FILE
+
 from ..results import TrialOutcome
 from ..study.search_record import SearchSummary, read_summary
 from ..trial import PHASE_SECONDS_PREFIX, STARTUP_PREFIX, TRAIN_LOSS, VALIDATION_DICE, TrialConfig
@@ -157,6 +159,24 @@ def read_scan_rows(client: MlflowClient, run_id: str) -> list[dict[str, Any]]:
             rows = list(csv.DictReader(file))
     text = ("protocol", "split", "scan", "strategy")
     return [{key: value if key in text else float(value) for key, value in row.items() if value != ""} for row in rows]
+
+
+@dataclass(frozen=True)
+class RetentionCurves:
+    """A fold run's nDSC retention curves (models/fold.py's RETENTION_CURVES_FILE): per scan, strategy and
+    uncertainty measure, nDSC at each retention fraction."""
+
+    fractions: tuple[float, ...]
+    curves: tuple[dict[str, Any], ...]  # split, scan, strategy, measure, ndsc (a list, one value per fraction)
+
+
+def read_retention_curves(client: MlflowClient, run_id: str) -> RetentionCurves | None:
+    """None for a fold run without curves (no uncertainty measures, or a launch from before they were kept)."""
+    if not any(artifact.path == RETENTION_CURVES_FILE for artifact in client.list_artifacts(run_id)):
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        recorded = json.loads(Path(client.download_artifacts(run_id, RETENTION_CURVES_FILE, folder)).read_text())
+    return RetentionCurves(tuple(recorded["fractions"]), tuple(recorded["curves"]))
 
 
 def _trial_run(client: MlflowClient, run: Run) -> TrialRun:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -13,7 +14,7 @@ from msx.models.engine import InferenceConfig
 
 from ..results import ConfigurationResult, Selection, best_per_backbone, select_best, summarise_configurations
 from .comparisons import ComparedRow
-from .record import ReportError, StudyRecord, TrialRun, read_scan_rows
+from .record import ReportError, RetentionCurves, StudyRecord, TrialRun, read_retention_curves, read_scan_rows
 
 
 @dataclass(frozen=True)
@@ -89,19 +90,73 @@ def describe_configuration(configuration: ConfigurationResult) -> str:
     return f"{configuration.configuration} ({searched})" if searched else configuration.configuration
 
 
+def _chosen_strategies(record: StudyRecord, summary: StudySummary) -> list[tuple[ConfigurationResult, str, dict[int, str]]]:
+    """Each backbone's chosen configuration with its strategy chosen on validation and its finished folds' runs
+    (fold -> run id); a configuration without a validation score is left out."""
+    metric = record.spec["registry"]["selection_metric"]
+    chosen = []
+    for row in summary.rows:
+        selection = select_best([row], summary.strategies, metric)
+        if selection is not None:
+            runs = {t.fold: t.run_id for t in record.trials if t.configuration == row.configuration and t.outcome}
+            chosen.append((row, selection.strategy, runs))
+    return chosen
+
+
 def compared_rows(client: MlflowClient, record: StudyRecord, summary: StudySummary) -> list[ComparedRow]:
     """Each backbone's chosen configuration with its strategy chosen on validation and its folds' per-scan rows under
     the study's own protocol (a compared protocol's rows are scored on the same scans and would pair twice)."""
-    metric = record.spec["registry"]["selection_metric"]
-    compared = []
-    for row in summary.rows:
-        selection = select_best([row], summary.strategies, metric)
-        if selection is None:
-            continue
-        runs = {trial.fold: trial.run_id for trial in record.trials if trial.configuration == row.configuration and trial.outcome}
-        scan_rows = {fold: _scan_rows_or_none(client, run, summary.protocol) for fold, run in runs.items()}
-        compared.append(ComparedRow(row.backbone, selection.strategy, scan_rows))
-    return compared
+    return [
+        ComparedRow(row.backbone, strategy, {fold: _scan_rows_or_none(client, run, summary.protocol) for fold, run in runs.items()})
+        for row, strategy, runs in _chosen_strategies(record, summary)
+    ]
+
+
+@dataclass(frozen=True)
+class RetentionSummary:
+    """A backbone's mean nDSC retention curves at its chosen strategy: per measure, the mean over folds of each
+    fold's mean over its scans of the split. R-AAC is linear in the curve, so each mean curve's R-AAC is the mean
+    R-AAC of the uncertainty table."""
+
+    backbone: str
+    strategy: str
+    folds: int
+    fractions: tuple[float, ...]
+    curves: dict[str, tuple[float, ...]]  # measure -> nDSC at each fraction
+
+
+def retention_summaries(
+    client: MlflowClient, record: StudyRecord, summary: StudySummary, split: str = "test"
+) -> list[RetentionSummary]:
+    """The retention curves of each backbone's chosen configuration and strategy, from its folds that kept any."""
+    summaries = []
+    for row, strategy, runs in _chosen_strategies(record, summary):
+        per_fold: list[dict[str, np.ndarray]] = []
+        fractions: tuple[float, ...] = ()
+        for run in runs.values():
+            recorded = _retention_or_none(client, run)
+            if recorded is None:
+                continue
+            by_measure: dict[str, list[list[float]]] = {}
+            for curve in recorded.curves:
+                if curve["split"] == split and curve["strategy"] == strategy:
+                    by_measure.setdefault(curve["measure"], []).append(curve["ndsc"])
+            if by_measure:
+                fractions = recorded.fractions
+                per_fold.append({measure: np.mean(curves, axis=0) for measure, curves in by_measure.items()})
+        measures = [measure for measure in per_fold[0] if all(measure in fold for fold in per_fold)] if per_fold else []
+        if measures:
+            curves = {m: tuple(float(v) for v in np.mean([fold[m] for fold in per_fold], axis=0)) for m in measures}
+            summaries.append(RetentionSummary(row.backbone, strategy, len(per_fold), fractions, curves))
+    return summaries
+
+
+def _retention_or_none(client: MlflowClient, run_id: str) -> RetentionCurves | None:
+    # As _scan_rows_or_none: storage only the cluster saw logged nothing.
+    try:
+        return read_retention_curves(client, run_id)
+    except (OSError, MlflowException):
+        return None
 
 
 def _scan_rows_or_none(client: MlflowClient, run_id: str, protocol: str) -> list:

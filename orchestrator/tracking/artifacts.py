@@ -10,7 +10,7 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-from msx.models.fold import MODEL_DIR, OVERLAY_DIR, SCAN_METRICS_FILE
+from msx.models.fold import MODEL_DIR, OVERLAY_DIR, RETENTION_CURVES_FILE, SCAN_METRICS_FILE
 
 from .store import CHECKPOINT_TAG, SCAN_METRICS_ARTIFACT
 
@@ -26,7 +26,8 @@ def write_scan_metrics_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def log_final_checkpoint(client: MlflowClient, run_id: str, checkpoint_path: str) -> None:
-    """The final checkpoint's per-scan metrics (as CSV), model folder and example overlays, on the fold run.
+    """The final checkpoint's per-scan metrics (as CSV), retention curves, model folder and example overlays, on the
+    fold run.
 
     Copied only from storage this driver reads as a folder (local, or shared among the nodes); elsewhere
     the tag is the reference.
@@ -39,6 +40,8 @@ def log_final_checkpoint(client: MlflowClient, run_id: str, checkpoint_path: str
         table = Path(scratch) / SCAN_METRICS_ARTIFACT
         write_scan_metrics_csv(table, json.loads((folder / SCAN_METRICS_FILE).read_text()))
         client.log_artifact(run_id, str(table))
+    if (folder / RETENTION_CURVES_FILE).is_file():
+        client.log_artifact(run_id, str(folder / RETENTION_CURVES_FILE))
     client.log_artifacts(run_id, str(folder / MODEL_DIR), MODEL_DIR)
     if (folder / OVERLAY_DIR).is_dir():
         client.log_artifacts(run_id, str(folder / OVERLAY_DIR), OVERLAY_DIR)

@@ -14,7 +14,8 @@ import torch
 from msx.models.checkpoint import load_checkpoint
 from msx.models.diffusion import DiffusionConfig
 from msx.models.engine import InferenceConfig, segment_scan, segment_scan_with_maps
-from msx.models.lesion_maps import LesionMaps, binary_entropy_bits
+from msx.models.lesion_maps import LesionMaps
+from msx.models.uncertainty import lesion_maps, pooled_statistics
 
 
 class FoldEnsembleSegmenter(mlflow.pyfunc.PythonModel):
@@ -55,19 +56,19 @@ class FoldEnsembleSegmenter(mlflow.pyfunc.PythonModel):
     # signature does not declare (versions registered so far have none), and a params switch would make
     # predict's return shape depend on its arguments. predict stays the plain mask for any pyfunc caller.
     def predict_with_maps(self, model_input: np.ndarray) -> tuple[np.ndarray, LesionMaps[np.ndarray]]:
-        """``predict``'s mask and the fold models' mean lesion probability with its entropy (float32 maps).
+        """``predict``'s mask, the fold models' mean lesion probability and every uncertainty measure's map (float32).
 
-        The uncertainty is the binary entropy of the averaged probability, not an average of the folds'
-        entropies, so that the folds' disagreement counts as uncertainty too.
+        The fold models' chains are one ensemble: the measures are computed over all of them
+        (``uncertainty.pooled_statistics``), not averaged over the folds, so that the folds' disagreement counts as
+        uncertainty (knowledge uncertainty, for the most part) too.
         """
         image = _checked_image(model_input)
         folds = [
             segment_scan_with_maps(net, image, self.inference, self.device, self.diffusion, self._seeded_generator())
             for net in self.nets
         ]
-        probability = np.mean([fold.maps.probability for fold in folds], axis=0, dtype=np.float32)
-        uncertainty = binary_entropy_bits(torch.from_numpy(probability)).numpy()
-        return _majority_vote([fold.masks[self.strategy] for fold in folds]), LesionMaps(probability, uncertainty)
+        maps = lesion_maps(pooled_statistics([fold.statistics for fold in folds]))
+        return _majority_vote([fold.masks[self.strategy] for fold in folds]), maps
 
 
 def _majority_vote(fold_masks: list[np.ndarray]) -> np.ndarray:

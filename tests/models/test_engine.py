@@ -27,7 +27,8 @@ from msx.models.engine import (
     validation_dice,
 )
 from msx.models.lesion_maps import binary_entropy_bits
-from msx.models.metrics import METRIC_NAMES, VOLUME_NAMES, segmentation_metrics
+from msx.models.uncertainty import lesion_maps
+from msx.models.metrics import METRIC_NAMES, VOLUME_NAMES, retention_fractions, segmentation_metrics
 from msx.models.networks import NetworkConfig, build_network
 from msx.models.protocols import PROTOCOLS
 
@@ -99,8 +100,9 @@ def test_maps_come_from_the_masks_sampling_pass_and_lie_on_the_input_grid():
     assert segmentation.masks.keys() == masks.keys()
     for name, mask in masks.items():
         np.testing.assert_array_equal(segmentation.masks[name], mask, err_msg=name)
-    probability, uncertainty = segmentation.maps.probability, segmentation.maps.uncertainty
-    for volume in (probability, uncertainty):
+    maps = lesion_maps(segmentation.statistics)
+    probability, uncertainty = maps.probability, maps.uncertainty["steps"]
+    for volume in (*segmentation.statistics.values(), probability, *maps.uncertainty.values()):
         assert volume.shape == image.shape[1:] and volume.dtype == np.float32
         assert (volume[~box] == 0).all() and (volume >= 0).all() and (volume <= 1).all()
     assert (probability[box] > 0).all() and (probability[box] < 1).all()  # an untrained net is never certain
@@ -130,9 +132,16 @@ def test_evaluation_gives_each_strategys_metrics_and_lesion_volumes_in_mm3():
         expected = segmentation_metrics(mask, scan.mask, spacing=scan.spacing)
         assert {key: values[key] for key in METRIC_NAMES} == pytest.approx(expected, nan_ok=True)
         assert all(0 <= values[key] <= 1 for key in shifts), values
-    # Without uncertainty measures, no Shifts scores.
+        # Each R-AAC is the area above the retention curve the evaluation keeps.
+        curves = evaluation.retention[name]
+        assert list(curves) == [*config.uncertainty_measures, "random"]
+        for measure, curve in curves.items():
+            assert curve.shape == retention_fractions().shape
+            assert values[f"r_aac_{measure}"] == pytest.approx(1 - np.trapezoid(curve, retention_fractions()))
+    # Without uncertainty measures, no Shifts scores and no curves.
     plain = evaluate_scan(net, scan, dataclasses.replace(config, uncertainty_measures=()), torch.device("cpu"))
     assert all(tuple(values) == METRIC_NAMES + VOLUME_NAMES for values in plain.metrics.values())
+    assert plain.retention == {}
 
 
 def test_the_uncertainty_maps_come_from_the_same_pass_as_the_masks_under_both_protocols():

@@ -5,6 +5,7 @@ import math
 import shutil
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +15,7 @@ from msx.models import fold as fold_module
 from msx.models.fold import (
     MODEL_DIR,
     OVERLAY_DIR,
+    RETENTION_CURVES_FILE,
     SCAN_METRICS_FILE,
     STATE_FILE,
     FoldConfig,
@@ -91,8 +93,20 @@ def test_checkpoint_folders_hold_the_state_and_at_the_end_the_model_rows_and_ove
     result, _, kept = run
     assert [path.name for path in kept.iterdir()] == [str(EPOCHS)]  # a checkpoint at each validation only
     final = kept / str(EPOCHS)
-    assert sorted(path.name for path in final.iterdir()) == sorted([STATE_FILE, MODEL_DIR, SCAN_METRICS_FILE, OVERLAY_DIR])
+    assert sorted(path.name for path in final.iterdir()) == sorted(
+        [STATE_FILE, MODEL_DIR, SCAN_METRICS_FILE, RETENTION_CURVES_FILE, OVERLAY_DIR]
+    )
     assert json.loads((final / SCAN_METRICS_FILE).read_text()) == json.loads(json.dumps(result.rows))
+    # A retention curve per scan, strategy and uncertainty measure (and the random order) of the fold's protocol,
+    # whose area gives the R-AAC in that scan's row.
+    retention = json.loads((final / RETENTION_CURVES_FILE).read_text())
+    fractions = np.array(retention["fractions"])
+    rows = {(row["split"], row["scan"], row["strategy"]): row for row in result.rows if row["protocol"] == "msx"}
+    measures = (*CONFIG.evaluation.uncertainty_measures, "random")
+    assert len(retention["curves"]) == len(rows) * len(measures)
+    for curve in retention["curves"]:
+        row = rows[curve["split"], curve["scan"], curve["strategy"]]
+        assert row[f"r_aac_{curve['measure']}"] == pytest.approx(1 - np.trapezoid(curve["ndsc"], fractions), abs=1e-5)
     net, metadata = load_checkpoint(final / MODEL_DIR)
     assert metadata == {"fold": data.fold.index} and net.config == CONFIG.network
     for name, tensor in net.state_dict().items():
@@ -198,7 +212,7 @@ def test_the_reference_s_training_its_per_epoch_rates_and_no_kept_weights_when_v
 
     def final_evaluation(net, config, data, device, overlay_folder):
         evaluated.append({k: v.clone() for k, v in net.state_dict().items()})  # the bare net: compile is off
-        return {}, [], {}
+        return fold_module.FinalEvaluation({}, [], [], {})
 
     train_epoch = fold_module.train_epoch
     monkeypatch.setattr(fold_module, "train_epoch", recording_train_epoch)

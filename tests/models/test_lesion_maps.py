@@ -5,8 +5,9 @@ import math
 import numpy as np
 import torch
 
-from msx.models.lesion_maps import binary_entropy_bits, lesion_maps, lesion_probability
+from msx.models.lesion_maps import binary_entropy_bits, lesion_probability
 from msx.models.strategies import fuse_all
+from msx.models.uncertainty import chain_statistics, lesion_maps
 
 LOG3 = math.log(3.0)  # sigmoid(log 3) = 3/4
 
@@ -27,15 +28,15 @@ def test_maps_of_hand_made_logits():
     ]
     step_logits = torch.tensor(voxels, dtype=torch.float32).T.reshape(2, 2, 1, 1, 5)
 
-    maps = lesion_maps(step_logits)
+    maps = lesion_maps(chain_statistics(step_logits).to_numpy())
 
     expected_probability = [0.5, 0.75, 0.5, 1.0, 0.0]
     expected_uncertainty = [1.0, entropy_bits(0.75), 1.0, 0.0, 0.0]
-    assert maps.probability.shape == maps.uncertainty.shape == (1, 1, 5)
-    assert maps.probability.dtype == maps.uncertainty.dtype == torch.float32
-    np.testing.assert_allclose(maps.probability.flatten().numpy(), expected_probability, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(maps.uncertainty.flatten().numpy(), expected_uncertainty, rtol=0, atol=1e-6)
-    assert maps.uncertainty.flatten()[0].item() == 1.0  # the maximum is exactly one bit
+    steps = maps.uncertainty["steps"]  # the entropy of the probability over every step and chain
+    assert maps.probability.shape == steps.shape == (1, 1, 5)
+    np.testing.assert_allclose(maps.probability.flatten(), expected_probability, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(steps.flatten(), expected_uncertainty, rtol=0, atol=1e-6)
+    assert steps.flatten()[0] == 1.0  # the maximum is exactly one bit
 
 
 def test_entropy_is_symmetric_and_within_one_bit():

@@ -546,7 +546,8 @@ def test_uncertainty_scores_hold_each_measures_r_aac_and_the_random_orders_over_
     brain = np.zeros(gt.shape, dtype=bool)
     brain[1:-1, 1:-1, 1:-1] = True
     random_order = np.random.default_rng(0).random(gt.shape)
-    scores = uncertainty_scores(pred, gt, {"total": uncertainty}, random_order, brain, connectivity=18)
+    shifts = uncertainty_scores(pred, gt, {"total": uncertainty}, random_order, brain, connectivity=18)
+    scores = shifts.scores
     assert scores == {
         "ndsc": pytest.approx(reference_ndsc(pred, gt), abs=1e-5),
         "lesion_f1": pytest.approx(reference_lesion_f1(pred, gt, _lesion_structure(18)), abs=1e-5),
@@ -555,6 +556,13 @@ def test_uncertainty_scores_hold_each_measures_r_aac_and_the_random_orders_over_
     }
     # An uncertainty that ranks the errors first retains better than a random order.
     assert scores["r_aac_total"] < scores["r_aac_random"]
+    # The curves the R-AACs are the areas above: nDSC at each retention fraction, 1 when all is replaced by the truth.
+    fractions = retention_fractions()
+    for measure, values in (("total", uncertainty), ("random", random_order)):
+        _, expected = ndsc_retention_curve(pred, gt, values, brain_mask=brain)
+        np.testing.assert_array_equal(shifts.curves[measure], expected)
+        assert shifts.curves[measure][0] == pytest.approx(1.0)
+        assert scores[f"r_aac_{measure}"] == pytest.approx(1 - np.trapezoid(shifts.curves[measure], fractions), abs=1e-12)
 
 
 def test_split_metrics_average_the_uncertainty_scores_where_the_rows_have_them():

@@ -4,11 +4,14 @@ import numpy as np
 import pytest
 import torch
 from msx.models.registry import UnknownNameError
-from msx.models.uncertainty import UNCERTAINTY_MEASURES
+from msx.models.uncertainty import (
+    UNCERTAINTY_MEASURES, chain_statistics, lesion_maps, pooled_statistics, uncertainty_maps as maps_of_statistics,
+)
 
 
 def uncertainty_maps(step_logits: torch.Tensor, names) -> dict[str, torch.Tensor]:
-    return {name: UNCERTAINTY_MEASURES.get(name)(step_logits) for name in names}
+    statistics = chain_statistics(step_logits)
+    return {name: UNCERTAINTY_MEASURES.get(name)(statistics) for name in names}
 
 
 def entropy_bits(p: np.ndarray) -> np.ndarray:
@@ -50,3 +53,25 @@ def test_an_unknown_measure_lists_the_valid_names_and_a_bad_shape_is_named():
         uncertainty_maps(step_logits(), ("entropy",))
     with pytest.raises(ValueError, match=r"step_logits must have shape \(steps, samples, \*spatial\)"):
         uncertainty_maps(torch.zeros(0, 2, 3), ("total",))
+
+
+def test_the_fold_models_chains_pool_into_one_ensemble():
+    """Statistics averaged over ensembles of as many chains each give the measures of all their chains together."""
+    folds = [step_logits(seed=seed) for seed in range(3)]
+    pooled = pooled_statistics([chain_statistics(logits).to_numpy() for logits in folds])
+    together = torch.cat(folds, dim=1)  # every fold's chains side by side: (steps, 3 * samples, *spatial)
+    expected = uncertainty_maps(together, UNCERTAINTY_MEASURES.names())
+    for name, value in maps_of_statistics(pooled).items():
+        np.testing.assert_allclose(value, expected[name].numpy(), atol=1e-5, err_msg=name)
+    assert float(maps_of_statistics(pooled, ["knowledge"])["knowledge"].max()) > 0.1  # the folds disagree
+    with pytest.raises(ValueError, match="no ensemble to pool"):
+        pooled_statistics([])
+
+
+def test_lesion_maps_hold_the_probability_and_every_measure_as_float32():
+    logits = step_logits()
+    maps = lesion_maps(chain_statistics(logits).to_numpy())
+    assert sorted(maps.uncertainty) == sorted(UNCERTAINTY_MEASURES.names())
+    np.testing.assert_allclose(maps.probability, torch.sigmoid(logits).mean(dim=(0, 1)).numpy(), atol=1e-6)
+    for name, value in (("probability", maps.probability), *maps.uncertainty.items()):
+        assert value.dtype == np.float32 and value.shape == (5, 6, 7), name

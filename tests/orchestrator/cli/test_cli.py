@@ -137,7 +137,8 @@ def test_evaluate_several_scans_scores_isbi_with_volume_correlation_in_mm3(tmp_p
     assert table[1].split() == [
         "prediction", "DSC", "TPR", "PPV", "LTPR", "LFPR", "AVD", "ASSD", "HD95", "NDSC", "LESION_F1", "ISBI"
     ]
-    assert [line.split()[0] for line in table[2:]] == [f"pred{i}.nii.gz" for i in range(len(scans))]
+    assert [line.split()[0] for line in table[2:]] == [*(f"pred{i}.nii.gz" for i in range(len(scans))), "mean"]
+    assert table[-1].split()[-1] == f"{np.mean([row['isbi'] for row in rows]):.4f}"
 
 
 def test_evaluate_needs_one_ground_truth_per_prediction(tmp_path):
@@ -195,6 +196,14 @@ def uncertainty_scan(folder: Path, index: int, shape=(10, 10, 10)):
     return pred, gt, uncertainty
 
 
+def uncertainty_arguments(scans: int) -> list[str]:
+    """`msx evaluate`'s arguments for the first `scans` of uncertainty_scan's scans."""
+    return [
+        part for index in range(scans)
+        for part in ("--pred", f"pred{index}.nii.gz", "--gt", f"gt{index}.nii.gz", "--uncertainty", f"u{index}.nii.gz")
+    ]
+
+
 def test_evaluate_scores_the_ndsc_r_aac_of_an_uncertainty_map_over_a_brain_mask(tmp_path):
     from msx.models.metrics import ndsc_r_aac
 
@@ -202,9 +211,7 @@ def test_evaluate_scores_the_ndsc_r_aac_of_an_uncertainty_map_over_a_brain_mask(
     brain = np.zeros((10, 10, 10), np.uint8)
     brain[1:8, 1:8, 1:8] = 1  # leaves out the false positive at (8, 8, 8)
     write_mask(tmp_path / "brain.nii.gz", brain)
-    arguments = [
-        part for index in range(2) for part in ("--pred", f"pred{index}.nii.gz", "--gt", f"gt{index}.nii.gz", "--uncertainty", f"u{index}.nii.gz")
-    ]
+    arguments = uncertainty_arguments(2)
 
     one = json.loads(msx("evaluate", *arguments[:6], "--json", cwd=tmp_path).stdout)
     assert one["uncertainty"] == "u0.nii.gz" and "brain_mask" not in one
@@ -220,6 +227,32 @@ def test_evaluate_scores_the_ndsc_r_aac_of_an_uncertainty_map_over_a_brain_mask(
 
     table = msx("evaluate", *arguments, "--brain-mask", "brain.nii.gz", "--brain-mask", "brain.nii.gz", cwd=tmp_path).stdout.splitlines()
     assert table[1].split()[-3:] == ["LESION_F1", "NDSC_R_AAC", "ISBI"]
+
+
+def test_evaluate_table_ends_with_each_metrics_mean_over_the_scans_where_it_is_defined(tmp_path):
+    for index in range(2):
+        uncertainty_scan(tmp_path, index)
+    # Scan 1 predicts nothing: its PPV, ASSD and HD95 are undefined. Both truths hold 27 voxels, so the ISBI
+    # score's volume correlation, and with it every scan's ISBI score, is undefined.
+    write_mask(tmp_path / "pred1.nii.gz", np.zeros((10, 10, 10)))
+    arguments = uncertainty_arguments(2)
+    scans = json.loads(msx("evaluate", *arguments, "--json", cwd=tmp_path).stdout)
+    assert isinstance(scans, list) and len(scans) == 2  # --json keeps printing the scans only
+
+    result = msx("evaluate", *arguments, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    header, *rows = [line.split() for line in result.stdout.splitlines()[1:]]
+    assert [row[0] for row in rows] == ["pred0.nii.gz", "pred1.nii.gz", "mean"]
+    means = dict(zip((name.lower() for name in header[1:]), rows[-1][1:]))
+    assert {"ndsc", "lesion_f1", "ndsc_r_aac"} <= set(means)
+    for name, cell in means.items():
+        defined = [scan[name] for scan in scans if scan[name] is not None]
+        assert cell == (f"{np.mean(defined):.4f}" if defined else "n/a"), name
+    assert scans[1]["ppv"] is None and means["ppv"] == f"{scans[0]['ppv']:.4f}"
+    assert means["isbi"] == "n/a"
+
+    one = msx("evaluate", *arguments[:6], cwd=tmp_path).stdout.splitlines()
+    assert [line.split()[0] for line in one[2:]] == ["pred0.nii.gz"]  # one scan is its own mean
 
 
 @pytest.mark.parametrize(

@@ -78,14 +78,18 @@ def test_predict_maps_lie_on_the_input_grid_beside_the_same_mask(setup, tmp_path
         mask = np.asarray(nib.load(out / f"{scan_id}_mask.nii.gz").dataobj).astype(bool)
         # The same seeded sampling pass: asking for the maps does not change the mask.
         np.testing.assert_array_equal(mask, np.asarray(nib.load(no_maps_out / f"{scan_id}_mask.nii.gz").dataobj) > 0)
-        maps = {name: nib.load(out / f"{scan_id}_{name}.nii.gz") for name in ("probability", "uncertainty")}
+        names = ("probability", *(f"uncertainty_{measure}" for measure in ("total", "data", "knowledge", "steps")))
+        maps = {name: nib.load(out / f"{scan_id}_{name}.nii.gz") for name in names}
         for name, image in maps.items():
             assert image.shape == flair.shape, name
             assert np.allclose(image.affine, flair.affine) and np.allclose(image.header.get_sform(), flair.header.get_sform())
             assert image.get_data_dtype() == np.float32, name
-        probability = np.asarray(maps["probability"].dataobj)
-        uncertainty = np.asarray(maps["uncertainty"].dataobj)
-        assert (probability >= 0).all() and (probability <= 1).all() and (uncertainty >= 0).all() and (uncertainty <= 1).all()
+        volumes = {name: np.asarray(image.dataobj) for name, image in maps.items()}
+        for name, volume in volumes.items():
+            assert (volume >= 0).all() and (volume <= 1).all(), name
+        probability, uncertainty = volumes["probability"], volumes["uncertainty_steps"]
+        knowledge = np.clip(volumes["uncertainty_total"] - volumes["uncertainty_data"], 0, None)
+        np.testing.assert_allclose(volumes["uncertainty_knowledge"], knowledge, atol=1e-6)
         # Zero outside the foreground box that inference crops to (the bounding box of voxels > 0).
         foreground = np.zeros(flair.shape, bool)
         for modality in ("flair", "mprage", "t2"):
@@ -172,7 +176,7 @@ def test_predict_with_registered_model(setup, tmp_path):
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert len(result.output.strip().splitlines()) == 2 and "strategy last" in result.output
     flair = nib.load(next(cohort.rglob("training01_01_flair_pp.nii.gz")))
-    for name in ("mask", "probability", "uncertainty"):
+    for name in ("mask", "probability", "uncertainty_total", "uncertainty_data", "uncertainty_knowledge", "uncertainty_steps"):
         written = nib.load(out / f"training01_01_{name}.nii.gz")
         assert written.shape == flair.shape and np.allclose(written.affine, flair.affine), name
     probability = np.asarray(nib.load(out / "training01_01_probability.nii.gz").dataobj)
@@ -281,5 +285,6 @@ def test_output_paths_in_a_folder_or_beside_a_mask_file(tmp_path):
     beside = output_paths(tmp_path / "p7_mask.nii", "ignored")
     assert beside.mask == tmp_path / "p7_mask.nii"
     assert beside.probability == tmp_path / "p7_probability.nii.gz"
-    assert beside.uncertainty == tmp_path / "p7_uncertainty.nii.gz"
+    assert beside.uncertainty("knowledge") == tmp_path / "p7_uncertainty_knowledge.nii.gz"
+    assert in_folder.uncertainty("total") == tmp_path / "training01_01_uncertainty_total.nii.gz"
     assert output_paths(tmp_path / "seg.nii.gz", "x").overlay == tmp_path / "seg_overlay.png"

@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy.stats import wilcoxon
 
 from msx.models.metrics import isbi_scores
 from msx.orchestrator.report.comparisons import (
@@ -142,3 +143,112 @@ def test_study_comparisons_families():
     assert unet_last.mean_difference < -0.1 and unet_last.p == pytest.approx(2 / 32) and not unet_last.supported
     # Seeded: the same study gives the same intervals.
     assert study_comparisons(rows, ("mean", "last", "staple"), ("test",)) == found
+
+
+def _uncertainty_row(split, scan, strategy, **r_aac):
+    return {**_row(split, scan, strategy, 0.5, 100.0, 120.0), **{f"r_aac_{m}": value for m, value in r_aac.items()}}
+
+
+def test_absent_scores_are_left_out_of_the_patients_mean():
+    rows = [
+        _uncertainty_row("test", "training05_01", "mean", total=0.2),
+        _uncertainty_row("test", "training05_02", "mean", total=0.4),
+        _uncertainty_row("test", "training05_03", "mean"),  # a row without uncertainty scores, as read from a CSV
+        _uncertainty_row("test", "training06_01", "mean"),
+    ]
+    assert per_patient_values({2: rows}, "test", "mean", "r_aac_total") == {(2, "training05"): pytest.approx(0.3)}
+
+
+def _uncertainty_study(rng, lower_total):
+    """Five folds of one test patient with three scans each under the chosen strategy "mean": R-AAC under total,
+    knowledge and random (whose key comes first, as the worker writes it), total lowered by ``lower_total``."""
+    def scores():
+        random = float(rng.uniform(0.5, 0.7))
+        return {"random": random, "total": random - lower_total + float(rng.uniform(-0.02, 0.02)),
+                "knowledge": float(rng.uniform(0.5, 0.7))}
+
+    return {
+        fold: [_uncertainty_row("test", f"training{fold:02d}_{t:02d}", s, **scores()) for t in (1, 2, 3)
+               for s in ("mean", "last")]
+        for fold in range(1, 6)
+    }
+
+
+def _patient_means(fold_rows, key, strategy="mean"):
+    """Fold -> its patient's mean ``key`` over the test scans, by hand."""
+    return {fold: np.mean([r[key] for r in rows if r["strategy"] == strategy and key in r])
+            for fold, rows in fold_rows.items()}
+
+
+def test_each_measure_against_random_is_one_holm_family_of_patient_means():
+    fold_rows = _uncertainty_study(np.random.default_rng(5), lower_total=0.1)
+    found = study_comparisons([ComparedRow("unet", "mean", fold_rows)], ("mean", "last"), ("test",))
+    measures = [c for c in found if c.family == "unet (mean): uncertainty measures"]
+    # One backbone: no backbones family; the strategies' DSC and ISBI families come first, unchanged.
+    assert [(c.family, c.metric) for c in found if c not in measures] == [("unet: strategies", "dsc"),
+                                                                          ("unet: strategies", "isbi")]
+    assert [(c.metric, c.first, c.second) for c in measures] == [("R-AAC", "total", "random"),
+                                                                 ("R-AAC", "knowledge", "random")]
+    random = _patient_means(fold_rows, "r_aac_random")
+    p = []
+    for comparison in measures:
+        measure = _patient_means(fold_rows, f"r_aac_{comparison.first}")
+        differences = [measure[fold] - random[fold] for fold in sorted(fold_rows)]
+        assert comparison.n == 5 and comparison.is_r_aac
+        assert comparison.mean_difference == pytest.approx(np.mean(differences))
+        assert comparison.p == pytest.approx(wilcoxon(differences).pvalue)
+        p.append(comparison.p)
+    assert measures[0].mean_difference < -0.05  # total ranks the errors better than random: lower R-AAC
+    assert [c.p_holm for c in measures] == pytest.approx(holm(p))
+    assert measures[0].p_holm == pytest.approx(min(1.0, 2 * min(p)))  # the smaller p, times the family's two
+
+
+def _without_r_aac(fold_rows):
+    return {fold: [{key: value for key, value in r.items() if not key.startswith("r_aac_")} for r in rows]
+            for fold, rows in fold_rows.items()}
+
+
+def test_backbones_are_compared_on_each_measures_r_aac_and_absent_keys_are_skipped():
+    rng = np.random.default_rng(8)
+    unet, segresnet, swin = (_uncertainty_study(rng, lower_total) for lower_total in (0.1, 0.0, 0.05))
+    # A compared protocol's row of segresnet's: no uncertainty scores, left out of its patients' means.
+    segresnet[1].append(_row("test", "training01_04", "last", 0.5, 100.0, 120.0))
+    # swin's chains were not sampled: its rows hold no R-AAC, so it takes part in no uncertainty comparison.
+    swin = _without_r_aac(swin)
+    rows = [ComparedRow("unet", "mean", unet), ComparedRow("segresnet", "last", segresnet),
+            ComparedRow("swin", "mean", swin)]
+    found = study_comparisons(rows, ("mean", "last"), ("test",))
+    keys = [(c.family, c.metric, c.first, c.second) for c in found if c.is_r_aac]
+    assert keys == [
+        ("unet (mean): uncertainty measures", "R-AAC", "total", "random"),
+        ("unet (mean): uncertainty measures", "R-AAC", "knowledge", "random"),
+        ("segresnet (last): uncertainty measures", "R-AAC", "total", "random"),
+        ("segresnet (last): uncertainty measures", "R-AAC", "knowledge", "random"),
+        ("backbones", "r_aac_total", "unet (mean)", "segresnet (last)"),
+        ("backbones", "r_aac_knowledge", "unet (mean)", "segresnet (last)"),
+        ("backbones", "r_aac_random", "unet (mean)", "segresnet (last)"),
+    ]
+    for comparison in (c for c in found if c.family == "backbones" and c.is_r_aac):
+        a = _patient_means(unet, comparison.metric, "mean")
+        b = _patient_means(segresnet, comparison.metric, "last")
+        differences = [a[fold] - b[fold] for fold in sorted(a)]
+        assert comparison.n == 5
+        assert comparison.mean_difference == pytest.approx(np.mean(differences))
+        assert comparison.p == pytest.approx(wilcoxon(differences).pvalue) == pytest.approx(comparison.p_holm)
+    # The DSC and ISBI backbones families still pair all three.
+    assert [(c.first, c.second) for c in found if c.family == "backbones" and c.metric == "dsc"] == [
+        ("unet (mean)", "segresnet (last)"), ("unet (mean)", "swin (mean)"), ("segresnet (last)", "swin (mean)"),
+    ]
+    # ... with the intervals they had without any R-AAC: the uncertainty comparisons draw from a stream of their own.
+    without = [ComparedRow(r.backbone, r.strategy, _without_r_aac(r.fold_rows)) for r in rows]
+    assert study_comparisons(without, ("mean", "last"), ("test",)) == [c for c in found if not c.is_r_aac]
+
+
+def test_no_r_aac_comparisons_without_r_aac_scores():
+    rng = np.random.default_rng(2)
+    fold_rows = {fold: [_row("test", f"training{fold:02d}_01", s, float(rng.uniform(0.4, 0.6)), 100.0, 120.0)
+                        for s in ("mean", "last")] for fold in range(1, 6)}
+    rows = [ComparedRow("unet", "mean", fold_rows), ComparedRow("segresnet", "last", fold_rows)]
+    found = study_comparisons(rows, ("mean", "last"), ("test", "val"))
+    assert found and not any(c.is_r_aac or "uncertainty" in c.family for c in found)
+    assert {c.metric for c in found} == {"dsc", "isbi"}

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from msx.models.fold import MODEL_DIR, SCAN_METRICS_FILE
-from msx.models.metrics import VOLUME_NAMES, split_metrics
+from msx.models.fold import MODEL_DIR, RETENTION_CURVES_FILE, SCAN_METRICS_FILE
+from msx.models.metrics import VOLUME_NAMES, r_aac_of_curve, retention_fractions, split_metrics
 from msx.orchestrator.cli import main
 from msx.orchestrator.report.document import recipes_line, training_line
 from msx.orchestrator.spec import load_spec
@@ -73,6 +73,26 @@ def scan_rows(rng: np.random.Generator) -> list[dict]:
     return rows
 
 
+RETENTION_MEASURES = ("total", "knowledge", "random")
+
+
+def retention_curve(row: dict, measure: str) -> list[float]:
+    """A made-up nDSC retention curve of a scan's row: 1 with everything replaced, the row's nDSC with nothing."""
+    power = 1 + RETENTION_MEASURES.index(measure)
+    return list(1 - (1 - float(row["ndsc"])) * retention_fractions() ** power)
+
+
+def retention_file(rows: list[dict]) -> dict:
+    """The fold's retention curves as the worker writes them: the study's protocol's rows only."""
+    curves = [
+        {"split": row["split"], "scan": row["scan"], "strategy": row["strategy"], "measure": measure,
+         "ndsc": retention_curve(row, measure)}
+        for row in rows if row["protocol"] == PROTOCOL
+        for measure in RETENTION_MEASURES
+    ]
+    return {"fractions": retention_fractions().tolist(), "curves": curves}
+
+
 def reported_metrics(rows: list[dict]) -> dict[str, float]:
     """The final report's split means, as the worker keys them: the compared protocol's under its name."""
     metrics = split_metrics([row for row in rows if row["protocol"] == PROTOCOL])
@@ -118,6 +138,7 @@ def write_trial(callback, storage, launch, backbone, configuration, fold, rows, 
             (checkpoint / MODEL_DIR).mkdir(parents=True)
             (checkpoint / MODEL_DIR / "weights.pt").write_bytes(b"weights")
             (checkpoint / SCAN_METRICS_FILE).write_text(json.dumps(rows))
+            (checkpoint / RETENTION_CURVES_FILE).write_text(json.dumps(retention_file(rows)))
             report.update(reported_metrics(rows), final=1, checkpoint_path=str(checkpoint), **phase_seconds(fold))
         callback.log_trial_result(epoch, trial, report)
     callback.log_trial_end(trial, failed=status == "FAILED")
@@ -299,7 +320,10 @@ def test_figures_are_pngs_linked_from_markdown_and_embedded_in_html(smoke_report
     markdown = (out / "report.md").read_text()
     page = (out / "report.html").read_text()
     figures = re.findall(r"!\[[^]]*\]\((figures/[^)]+\.png)\)", markdown)
-    assert set(figures) == {"figures/test_dice_heatmap.png", "figures/test_dice_folds.png", "figures/training_curves.png"}
+    assert set(figures) == {
+        "figures/test_dice_heatmap.png", "figures/test_dice_folds.png", "figures/training_curves.png",
+        "figures/retention_curves.png",
+    }
     for figure in figures:
         data = (out / figure).read_bytes()
         with Image.open(out / figure) as image:
@@ -314,7 +338,8 @@ def test_report_is_logged_to_the_latest_launch_run(store, smoke_report):
     client = MlflowClient(tracking_uri)
     assert {a.path for a in client.list_artifacts(latest, "report")} >= {"report/report.md", "report/report.html", "report/figures"}
     assert {a.path for a in client.list_artifacts(latest, "report/figures")} == {
-        "report/figures/test_dice_heatmap.png", "report/figures/test_dice_folds.png", "report/figures/training_curves.png"
+        "report/figures/test_dice_heatmap.png", "report/figures/test_dice_folds.png", "report/figures/training_curves.png",
+        "report/figures/retention_curves.png",
     }
 
 
@@ -396,12 +421,14 @@ def test_paired_comparisons_by_patient_with_exact_p_and_an_honest_n(store, smoke
     finished = store[3]
     markdown = (smoke_report[0] / "report.md").read_text()
     assert "## Paired comparisons\n" in markdown and "Paired by patient" in markdown
+    assert "Lower R-AAC is better: a negative A - B means A ranks the errors better" in markdown
     val_dsc = {(b, s): expected_cell(finished, "val", b, s, "dsc")[0] for b in BACKBONES for s in STRATEGIES}
     chosen = {b: max(STRATEGIES, key=lambda s: val_dsc[(b, s)]) for b in BACKBONES}
     for split, heading in (("test", "Test patients"), ("val", "Validation patients")):
         rows = comparison_rows(markdown, heading)
-        # One family per backbone (the other strategy against the chosen one) and the backbones, for DSC and ISBI.
-        assert len(rows) == 2 * (len(BACKBONES) * (len(STRATEGIES) - 1) + 1)
+        # One family per backbone (the other strategy against the chosen one) and the backbones, for DSC and ISBI;
+        # then per backbone total and knowledge against random, and the backbones on each of the three R-AAC.
+        assert len(rows) == 2 * (len(BACKBONES) * (len(STRATEGIES) - 1) + 1) + len(BACKBONES) * 2 + 3
         ordered = sorted(BACKBONES)  # the report's row order
         first, second = (f"{b} ({chosen[b]})" for b in ordered)
         for metric in ("dsc", "isbi"):
@@ -413,6 +440,20 @@ def test_paired_comparisons_by_patient_with_exact_p_and_an_honest_n(store, smoke
             assert difference.startswith(f"{statistics.fmean(x - y for x, y in zip(a, b)):+.3f} [")
             assert p == f"{wilcoxon(a, b).pvalue:.4f}" == holm_p  # a family of one
             assert verdict == "n too small"  # three patients: p >= 2/2^3
+        for backbone in BACKBONES:
+            r_aac = {m: [fold_value(finished[(backbone, f)], split, chosen[backbone], f"r_aac_{m}") for f in FOLDS]
+                     for m in ("total", "knowledge", "random")}
+            for measure in ("total", "knowledge"):
+                family = f"{backbone} ({chosen[backbone]}): uncertainty measures"
+                n, difference, p, holm_p, verdict = rows[(family, "R-AAC", measure, "random")]
+                differences = [x - y for x, y in zip(r_aac[measure], r_aac["random"])]
+                assert n == "3" and difference.startswith(f"{statistics.fmean(differences):+.3f} [")
+                assert p == f"{wilcoxon(differences).pvalue:.4f}"
+        a, b = ([fold_value(finished[(backbone, f)], split, chosen[backbone], "r_aac_total") for f in FOLDS]
+                for backbone in ordered)
+        n, difference, p, holm_p, verdict = rows[("backbones", "total R-AAC", first, second)]
+        assert n == "3" and difference.startswith(f"{statistics.fmean(x - y for x, y in zip(a, b)):+.3f} [")
+        assert p == f"{wilcoxon(a, b).pvalue:.4f}" == holm_p
         assert "smallest possible p is 2/2^3 = 0.2500" in markdown.split(f"### {heading}: paired differences", 1)[1]
 
 
@@ -467,3 +508,29 @@ def test_the_uncertainty_table_holds_the_shifts_scores_with_the_random_row_last(
         for name, cell in zip(("ndsc", "lesion_f1", "r_aac_total", "r_aac_knowledge", "r_aac_random"), cells):
             values = [fold_value(finished[(backbone, fold)], "test", strategy, name) for fold in FOLDS]
             assert cell == f"{statistics.fmean(values):.3f} ± {statistics.pstdev(values):.3f}", (backbone, strategy, name)
+
+
+def test_the_retention_curves_are_each_chosen_strategys_mean_over_folds_of_its_test_scans(store):
+    from msx.orchestrator.report.record import read_study
+    from msx.orchestrator.report.summary import retention_summaries, summarise_study
+
+    _, tracking_uri, _, finished = store
+    client = MlflowClient(tracking_uri)
+    record = read_study(client, "smoke")
+    summaries = retention_summaries(client, record, summarise_study(record))
+    val_dsc = {(b, s): expected_cell(finished, "val", b, s, "dsc")[0] for b in BACKBONES for s in STRATEGIES}
+    chosen = {b: max(STRATEGIES, key=lambda s: val_dsc[(b, s)]) for b in BACKBONES}
+    assert [(r.backbone, r.strategy, r.folds) for r in summaries] == [(b, chosen[b], len(FOLDS)) for b in ("segresnet", "unet")]
+    for summary in summaries:
+        assert list(summary.curves) == list(RETENTION_MEASURES)
+        np.testing.assert_allclose(summary.fractions, retention_fractions())
+        for measure, curve in summary.curves.items():
+            fold_means = [
+                np.mean([retention_curve(row, measure) for row in finished[(summary.backbone, fold)]
+                         if row["split"] == "test" and row["strategy"] == summary.strategy
+                         and row["protocol"] == PROTOCOL], axis=0)
+                for fold in FOLDS
+            ]
+            np.testing.assert_allclose(curve, np.mean(fold_means, axis=0), atol=1e-9)
+            # The area above the mean curve is the mean of the folds' areas: what the uncertainty table averages.
+            assert r_aac_of_curve(curve) == pytest.approx(statistics.fmean(r_aac_of_curve(m) for m in fold_means))

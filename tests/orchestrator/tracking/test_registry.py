@@ -94,13 +94,19 @@ def test_register_lookup_by_alias_load_and_predict(tmp_path):
     assert set(np.unique(mask)) <= {0, 1}
     assert not mask[image[0] == 0].any()  # nothing predicted outside the (non-zero) brain
 
-    # The maps' method of the unwrapped model: the same mask, and the folds' mean probability with its entropy.
+    # The maps' method of the unwrapped model: the same mask, the folds' mean probability and every measure over
+    # the folds' chains pooled.
     mask_again, maps = model.unwrap_python_model().predict_with_maps(image)
     np.testing.assert_array_equal(mask_again, mask)
-    for volume in (maps.probability, maps.uncertainty):
+    assert sorted(maps.uncertainty) == ["data", "knowledge", "steps", "total"]
+    for volume in (maps.probability, *maps.uncertainty.values()):
         assert volume.shape == image.shape[1:] and volume.dtype == np.float32
         assert (volume[image[0] == 0] == 0).all() and (volume >= 0).all() and (volume <= 1).all()
-    np.testing.assert_array_equal(maps.uncertainty, binary_entropy_bits(torch.from_numpy(maps.probability)).numpy())
+    steps = binary_entropy_bits(torch.from_numpy(maps.probability)).numpy()
+    np.testing.assert_allclose(maps.uncertainty["steps"], steps, atol=1e-6)
+    np.testing.assert_allclose(
+        maps.uncertainty["knowledge"], np.clip(maps.uncertainty["total"] - maps.uncertainty["data"], 0, None), atol=1e-6
+    )
 
 
 def test_unknown_model_lookup_raises(tmp_path):
