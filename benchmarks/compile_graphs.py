@@ -24,6 +24,7 @@ import torch
 
 from msx.models.diffusion import diffusion_loss
 from msx.models.networks import BACKBONES, NetworkConfig, build_network
+
 from timing import pick_device, print_table, timed, write_json
 
 IMAGE_CHANNELS = 3

@@ -31,6 +31,7 @@ from msx.models.diffusion import DiffusionConfig, alphas_cumprod, ddim_timesteps
 from msx.models.engine import InferenceConfig, segment_scan, training_autocast_dtype
 from msx.models.networks import NetworkConfig, build_network
 from msx.models.protocols import PROTOCOLS, REFERENCE
+
 from timing import pick_device, print_table, timed, write_json
 
 IMAGE_CHANNELS = 3
@@ -223,8 +224,10 @@ def main() -> None:
     reference_passes = sum(REFERENCE_SAMPLES.get(strategy, 1) for strategy in STRATEGIES)
     labels = {
         "reference": f"reference-style: each strategy sampled anew, batch 1, fp32 ({reference_passes} sample passes)",
-        "msx_encoder_every_step": f"msx {args.protocol} protocol, encoder rerun every step ({args.samples} samples, one pass)",
-        "msx": f"msx segment_scan, {args.protocol} protocol ({args.samples} samples, one pass, encoder once per window)",
+        "msx_encoder_every_step": f"msx {args.protocol} protocol, encoder rerun every step ({args.samples} samples, "
+                                  "one pass)",
+        "msx": f"msx segment_scan, {args.protocol} protocol ({args.samples} samples, one pass, encoder once per "
+               "window)",
     }
     rows = []
     for arm, label in labels.items():

@@ -27,9 +27,9 @@ of one 1-CPU worker, Ray Train's defaults otherwise, whose loop imports torch an
 needs) and reports the seconds since its trial's process was created, read in that process as msx's trial reads
 them (`psutil.Process().create_time()`). Against it, msx's `startup/worker_loop_s` (trials/startup.py): the
 seconds from msx's trial process's creation to its worker entering its loop; their difference is what msx adds
-to the start-up. Each Ray arm runs on a fresh local Ray, as a study's first trial; the floor and msx are each the best of
-`--runs`. `--startup-only` runs msx's trial for one epoch and no plain-Python baseline: the floor comparison in
-a few minutes.
+to the start-up. Each Ray arm runs on a fresh local Ray, as a study's first trial; the floor and msx are each the
+best of `--runs`. `--startup-only` runs msx's trial for one epoch and no plain-Python baseline: the floor comparison
+in a few minutes.
 
     python benchmarks/orchestration_overhead.py                      # smoke spec, U-Net, fold 1, 24 epochs
     python benchmarks/orchestration_overhead.py --runs 2 --json overhead.json
@@ -80,6 +80,7 @@ from msx.orchestrator.trials.live_epochs import EpochNotifier, actor_name, start
 from msx.orchestrator.trials.startup import PHASES
 from msx.orchestrator.trials.trainable import TRIAL_RESOURCES, run_trial, start_ray_train_services
 from msx.orchestrator.trials.worker_metrics import PROMETHEUS_PREFIX
+
 from timing import print_table, write_json
 
 BACKBONE = "unet"
@@ -249,7 +250,9 @@ def ray_trial(spec: ExperimentSpec, data_root: Path, folder: Path, metrics_url: 
         run_config=tune.RunConfig(
             name="overhead",
             storage_path=str(folder / "tune"),
-            callbacks=[TrialRunsCallback(tracking_uri, spec.name, launch_id, spec.inference.strategies, len(folds)), clock],
+            callbacks=[
+                TrialRunsCallback(tracking_uri, spec.name, launch_id, spec.inference.strategies, len(folds)), clock
+            ],
             verbose=0,
         ),
     )
@@ -370,7 +373,9 @@ def overhead_breakdown(plain: dict[str, float], ray_arm: dict[str, float]) -> li
 def startup_phases(arm: dict[str, float], phases: tuple[str, ...] = PHASES) -> list[tuple[str, float]]:
     """A Ray arm's trial start-up, phase by phase in the order they came, in seconds since the phase before (the
     first since Tuner.fit). Tune may tell its callbacks that a trial started after the trial's process started."""
-    marks = [("Tune starts the trial (driver)", arm["tune_start_s"]), ("trial's process created", arm["trial_process_s"])]
+    marks = [
+        ("Tune starts the trial (driver)", arm["tune_start_s"]), ("trial's process created", arm["trial_process_s"])
+    ]
     marks += [(phase, arm["trial_process_s"] + arm[f"startup_{phase}_s"]) for phase in phases]
     marks.sort(key=lambda mark: mark[1])
     return [(name, at - (marks[i - 1][1] if i else 0.0)) for i, (name, at) in enumerate(marks)]
@@ -436,7 +441,9 @@ def one_run(spec: ExperimentSpec, trial: TrialConfig, worker_threads: int, basel
             "overhead_fraction": overhead_s / ray_arm["wall_s"],
             # What Ray's own clocks attribute to the orchestration, over the work it orchestrates: free of the
             # training epochs' noise between the arms, which a shared CPU makes as large as the overhead.
-            "clocked_overhead_fraction": (first_step_delay_s + ray_arm["report_s"] + ray_arm["teardown_s"]) / plain["wall_s"],
+            "clocked_overhead_fraction": (
+                first_step_delay_s + ray_arm["report_s"] + ray_arm["teardown_s"]
+            ) / plain["wall_s"],
             "first_step_delay_s": first_step_delay_s,
         })
     return run

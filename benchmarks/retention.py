@@ -5,8 +5,9 @@ every voxel), on the same data in the same run.
 The scan is 181 x 217 x 181 (MNI 1 mm) with about 0.3% of its voxels lesion; the prediction misses part of the
 truth and adds false blobs; the uncertainty map (float32, as a NIfTI map is stored) is higher on the prediction's
 errors. The straightforward arm runs a subset of the 200 fractions (every --baseline-stride-th) and its time is
-extrapolated to 200, labelled so; its nDSC values on that subset are checked against `ndsc_retention_curve`'s. A float64 copy of the map
-(divided by 3, so its values have no exact float32) times `ndsc_r_aac`'s coding of values by their ranks.
+extrapolated to 200, labelled so; its nDSC values on that subset are checked against `ndsc_retention_curve`'s. A
+float64 copy of the map (divided by 3, so its values have no exact float32) times `ndsc_r_aac`'s coding of values by
+their ranks.
 
     python benchmarks/retention.py                 # repeats 3, baseline stride 10
 """
@@ -36,7 +37,7 @@ def synthetic_scan(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
     uncertainty = (rng.random(SHAPE, dtype=np.float32) * 0.5 + 0.5 * (pred != gt)).astype(np.float32)
     centre = (np.asarray(SHAPE) - 1) / 2
     grid = np.ogrid[tuple(slice(0, size) for size in SHAPE)]
-    brain = sum(((axis - c) / (0.45 * size)) ** 2 for axis, c, size in zip(grid, centre, SHAPE)) <= 1
+    brain = sum(((axis - c) / (0.45 * size)) ** 2 for axis, c, size in zip(grid, centre, SHAPE, strict=True)) <= 1
     return pred, gt, uncertainty, brain
 
 
@@ -84,7 +85,10 @@ def main() -> None:
           f"{ndsc_r_aac(pred, gt, uncertainty, brain_mask=brain):.4f} (brain mask)")
     print(f"straightforward, {subset.size} of {fractions.size} fractions: {baseline_subset:.2f} s; "
           f"extrapolated to {fractions.size}: {baseline:.1f} s")
-    print(f"ndsc_r_aac, all {pred.size} voxels: median {fast_median:.2f} s of {args.repeats} ({', '.join(f'{t:.2f}' for t in fast)})")
+    print(
+        f"ndsc_r_aac, all {pred.size} voxels: median {fast_median:.2f} s of {args.repeats} "
+        f"({', '.join(f'{t:.2f}' for t in fast)})"
+    )
     print(f"ndsc_r_aac, brain mask ({int(brain.sum())} voxels): median {statistics.median(fast_brain):.2f} s")
     print(f"ndsc_r_aac, all voxels, float64 map (values coded by rank): median {statistics.median(fast_float64):.2f} s")
     print(f"speed-up (extrapolated baseline / ndsc_r_aac, all voxels): {baseline / fast_median:.0f}x")

@@ -31,6 +31,7 @@ import torch
 from msx.models.diffusion import diffusion_loss
 from msx.models.engine import train_step, training_autocast_dtype, training_optimizer
 from msx.models.networks import BACKBONES, NetworkConfig, build_network
+
 from timing import pick_device, print_table, synchronize, timed, write_json
 
 IMAGE_CHANNELS = 3  # FLAIR, T1, T2 as in the paper

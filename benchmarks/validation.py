@@ -36,13 +36,14 @@ from msx.models.engine import (
     InferenceConfig,
     evaluate_scan,
     inference_autocast_dtype,
-    segment_scan,
     prepare_validation,
+    segment_scan,
     training_autocast_dtype,
     validation_dice,
 )
 from msx.models.networks import NetworkConfig, build_network
 from msx.models.protocols import PROTOCOLS
+
 from timing import pick_device, print_table, timed, write_json
 
 MODALITIES = ("flair", "mprage", "t2")
@@ -112,11 +113,15 @@ def main() -> None:
     old_autocast = training_autocast_dtype(device)
     old = [timed(device, lambda: baseline(net, scans, config, device, old_autocast)) for _ in range(args.repeats)]
     # The baseline's sampling alone (masks restored to the host grid, no metrics): the rest is the metric set.
-    old_sampling = [timed(device, lambda: sampling_only(net, scans, config, device, old_autocast))[0] for _ in range(args.repeats)]
+    old_sampling = [
+        timed(device, lambda: sampling_only(net, scans, config, device, old_autocast))[0] for _ in range(args.repeats)
+    ]
     prepare_s, groups = timed(device, lambda: prepare_validation(scans, range(len(scans)), config, device))
     sampler = compiled_denoiser(net) if args.compile else net
     new_autocast = inference_autocast_dtype(args.protocol, device)
-    first_new_s, _ = timed(device, lambda: validation_dice(sampler, groups, config, DiffusionConfig(), SEED, new_autocast))
+    first_new_s, _ = timed(
+        device, lambda: validation_dice(sampler, groups, config, DiffusionConfig(), SEED, new_autocast)
+    )
     new = [
         timed(device, lambda: validation_dice(sampler, groups, config, DiffusionConfig(), SEED, new_autocast))
         for _ in range(args.repeats)
@@ -143,10 +148,11 @@ def main() -> None:
     print(result, flush=True)
     write_json(args.json, device, vars(args), [result])
     print_table(
-        ["protocol", "scans", "steps", "per scan + full metrics s (baseline)", "of which sampling s", "device Dice, batched s",
-         "first (compiles) s", "prepared once s", "windows own grids / batched", "baseline / new"],
-        [[args.protocol, len(scans), config.ddim_steps, result["old_s"], result["old_sampling_only_s"], result["new_s"], first_new_s, prepare_s,
-          f"{own_windows} / {batched_windows}", result["old_over_new"]]],
+        ["protocol", "scans", "steps", "per scan + full metrics s (baseline)", "of which sampling s",
+         "device Dice, batched s", "first (compiles) s", "prepared once s", "windows own grids / batched",
+         "baseline / new"],
+        [[args.protocol, len(scans), config.ddim_steps, result["old_s"], result["old_sampling_only_s"], result["new_s"],
+          first_new_s, prepare_s, f"{own_windows} / {batched_windows}", result["old_over_new"]]],
     )
 
 

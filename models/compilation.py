@@ -71,7 +71,7 @@ class CompiledDenoiser:
         self.module = net
         self._forward = torch.compile(net.forward, fullgraph=True, dynamic=False, backend=backend)
 
-    def eval(self) -> "CompiledDenoiser":
+    def eval(self) -> CompiledDenoiser:
         self.module.eval()
         return self
 

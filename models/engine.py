@@ -5,17 +5,17 @@ The orchestrator's Ray Train workers call these; so can a notebook or a test.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 from monai.data import CacheDataset
 
+from .compilation import CompiledDenoiser
 from .data.cache import PreparedScan, prepare_loaded_scan
 from .data.cohort import LoadedScan
 from .data.transforms import GridRestore, augmentation_transforms, prepare_scan_for_inference
-from .compilation import CompiledDenoiser
 from .diffusion import DiffusionConfig, LossWeights, diffusion_loss, sample_scan_fused
 from .metrics import lesion_volumes, segmentation_metrics, uncertainty_scores
 from .protocols import PROTOCOLS
@@ -369,8 +369,10 @@ def prepare_validation(
             padded = torch.zeros((image.shape[0], *shape), dtype=torch.float32)
             padded[(slice(None), *own)] = image
             images.append(padded)
-            box = tuple(slice(s, e) for s, e in zip(grid.crop_start, grid.crop_end))
-            placed = tuple(slice(p, p + e - s) for p, s, e in zip(grid.pad_before, grid.crop_start, grid.crop_end))
+            box = tuple(slice(s, e) for s, e in zip(grid.crop_start, grid.crop_end, strict=True))
+            placed = tuple(
+                slice(p, p + e - s) for p, s, e in zip(grid.pad_before, grid.crop_start, grid.crop_end, strict=True)
+            )
             on_grid = torch.zeros(shape, dtype=torch.bool)
             on_grid[placed] = torch.from_numpy(mask[box])
             truth.append(on_grid)
@@ -425,9 +427,11 @@ def validation_dice(
     dice = []
     for group in groups:
         generator.manual_seed(seed + group.indices[0])
-        predicted = rule(group_scores(net, group, config, diffusion, generator, autocast_dtype)[strategy]) & group.inside
+        predicted = (
+            rule(group_scores(net, group, config, diffusion, generator, autocast_dtype)[strategy]) & group.inside
+        )
         overlap = (predicted & group.truth).sum(dim=(1, 2, 3))
         volumes = predicted.sum(dim=(1, 2, 3)) + group.truth_voxels
         dice.append(torch.where(volumes > 0, 2 * overlap.double() / volumes.clamp(min=1).double(), 1.0))
     values = torch.cat(dice).tolist() if dice else []
-    return dict(zip((index for group in groups for index in group.indices), values))
+    return dict(zip((index for group in groups for index in group.indices), values, strict=True))

@@ -33,7 +33,9 @@ def _read(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
     empty mask); it is refused."""
     image, array = _load(path)
     if bad := _count_non_finite(array):
-        raise ValueError(f"{path}: {bad} of {array.size} voxels are NaN or infinite; a mask holds 0 and nonzero values only")
+        raise ValueError(
+            f"{path}: {bad} of {array.size} voxels are NaN or infinite; a mask holds 0 and nonzero values only"
+        )
     return image, array
 
 
@@ -48,7 +50,9 @@ def _read_uncertainty(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
     return image, array
 
 
-def _check_same_grid(path: Path, image: nib.Nifti1Image, array: np.ndarray, pred: Path, pred_image: nib.Nifti1Image) -> None:
+def _check_same_grid(
+    path: Path, image: nib.Nifti1Image, array: np.ndarray, pred: Path, pred_image: nib.Nifti1Image
+) -> None:
     if array.shape != tuple(pred_image.shape):
         raise ValueError(f"{path}: shape {array.shape} differs from {pred}: {tuple(pred_image.shape)}")
     if not np.allclose(image.affine, pred_image.affine, atol=_AFFINE_ATOL):
@@ -110,6 +114,6 @@ def evaluate_mask_files(
         voxel_volume = float(np.prod(spacing))
         pred_volumes.append(int(pred.sum()) * voxel_volume)
         gt_volumes.append(int(gt.sum()) * voxel_volume)
-    for metrics, score in zip(per_scan, isbi_scores(per_scan, pred_volumes, gt_volumes)):
+    for metrics, score in zip(per_scan, isbi_scores(per_scan, pred_volumes, gt_volumes), strict=True):
         metrics[ISBI_SCORE] = score
     return per_scan

@@ -201,7 +201,9 @@ def fixture_kind(arrays: Mapping[str, np.ndarray], source: str) -> str:
 def _require(arrays: Mapping[str, np.ndarray], names: tuple[str, ...], source: str) -> None:
     missing = [name for name in names if name not in arrays]
     if missing:
-        raise FixtureError(f"{source}: missing array {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise FixtureError(
+            f"{source}: missing array {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
 
 
 # The reference's state-dict names -> msx's, applied in order to the names under "denoiser." (the encoder's are
@@ -265,13 +267,17 @@ def network_from_arrays(arrays: Mapping[str, np.ndarray], source: str, prefix: s
         net = build_network(NetworkConfig(backbone=backbone, image_channels=image_channels, features=features))
         net.load_state_dict(msx_state_dict(arrays, multiencoder, prefix))
     except (ValueError, RuntimeError) as error:
-        raise FixtureError(f"{source}: its weights do not fit msx's {backbone} with features {features}: {error}") from None
+        raise FixtureError(
+            f"{source}: its weights do not fit msx's {backbone} with features {features}: {error}"
+        ) from None
     return net.eval()
 
 
 def check_network(arrays: Mapping[str, np.ndarray], source: str) -> FidelityReport:
     net = network_from_arrays(arrays, source)
-    image, noisy, timesteps = (torch.from_numpy(np.array(arrays[name])) for name in ("input.image", "input.x_t", "input.t"))
+    image, noisy, timesteps = (
+        torch.from_numpy(np.array(arrays[name])) for name in ("input.image", "input.x_t", "input.t")
+    )
     with torch.inference_mode():
         stages = net.encode(image)
         logits = net(image, noisy, timesteps.long())
@@ -301,7 +307,9 @@ def check_sampling(
     step_logits = trajectory[0]  # (steps, chains, X, Y, Z)
     sampled = "msx's reference-protocol DDIM from input.noise"
     comparisons = [
-        Comparison("steps.timesteps", tuple(expected_steps.shape), float(np.abs(timesteps - expected_steps).max()), sampled),
+        Comparison(
+            "steps.timesteps", tuple(expected_steps.shape), float(np.abs(timesteps - expected_steps).max()), sampled
+        ),
         _compare("steps.logits", step_logits.transpose(0, 1), arrays, sampled),
         _compare("steps.x0", REFERENCE.x0(step_logits).transpose(0, 1), arrays, sampled),
     ]
@@ -346,7 +354,9 @@ def check_training(arrays: Mapping[str, np.ndarray], source: str) -> FidelityRep
     parameters = dict(net.named_parameters())
     state = net.state_dict()
     expected_names = {
-        "grad": {msx: f"grad.{name}" for msx, name in _reference_names(arrays, "initial.", multiencoder) if msx in parameters},
+        "grad": {
+            msx: f"grad.{name}" for msx, name in _reference_names(arrays, "initial.", multiencoder) if msx in parameters
+        },
         "final": {msx: f"final.{name}" for msx, name in _reference_names(arrays, "initial.", multiencoder)},
     }
     for kind, names in expected_names.items():
@@ -364,7 +374,9 @@ def check_training(arrays: Mapping[str, np.ndarray], source: str) -> FidelityRep
     for k in range(steps):
         image, mask, t, noise = (torch.from_numpy(np.array(arrays[f"step{k}.{part}"])) for part in STEP_ARRAYS[:4])
         t = t.long()
-        comparisons.append(_compare(f"step{k}.x_t", add_noise(2.0 * mask.float() - 1.0, noise, t, diffusion), arrays, replayed))
+        comparisons.append(
+            _compare(f"step{k}.x_t", add_noise(2.0 * mask.float() - 1.0, noise, t, diffusion), arrays, replayed)
+        )
         terms = diffusion_loss_terms(net, image, mask, diffusion, timesteps=t, noise=noise)
         loss = weighted_loss(terms)
         computed_losses.append([*(terms[name].item() for name in LOSS_TERMS), loss.item()])
@@ -389,7 +401,8 @@ def check_training(arrays: Mapping[str, np.ndarray], source: str) -> FidelityRep
         epochs = _epochs_of(array)
         rates = torch.tensor(reference_lr_per_epoch(epochs, REFERENCE_LR), dtype=torch.float64)
         comparisons.append(_compare_relative(
-            array, rates, arrays, f"msx's reference_lr_per_epoch({epochs}, base lr {REFERENCE_LR:g}, warm-up {epochs / 10:g})"
+            array, rates, arrays, f"msx's reference_lr_per_epoch({epochs}, base lr {REFERENCE_LR:g}, warm-up "
+                                  f"{epochs / 10:g})"
         ))
     return FidelityReport(source, "training", net.config.backbone, net.config.features, tuple(comparisons))
 
@@ -449,16 +462,22 @@ def _compare_exactly(
     if actual.shape != expected.shape:
         return Comparison(array, tuple(expected.shape), 1.0, computed_from, gated, EXACT, float(expected.size), 0.0)
     differing = int(np.count_nonzero(actual != expected))
-    return Comparison(array, tuple(expected.shape), float(differing > 0), computed_from, gated, EXACT, float(differing), 0.0)
+    return Comparison(
+        array, tuple(expected.shape), float(differing > 0), computed_from, gated, EXACT, float(differing), 0.0
+    )
 
 
-def _compare_relative(array: str, computed: torch.Tensor, arrays: Mapping[str, np.ndarray], computed_from: str) -> Comparison:
+def _compare_relative(
+    array: str, computed: torch.Tensor, arrays: Mapping[str, np.ndarray], computed_from: str
+) -> Comparison:
     """Largest relative difference |computed - expected| / |expected| (0 where both are 0, infinite where only the
     expected value is), held to SCHEDULE_TOLERANCE."""
     expected = np.asarray(arrays[array], dtype=np.float64)
     actual = computed.detach().cpu().double().numpy()
     if actual.shape != expected.shape:
-        return Comparison(array, tuple(expected.shape), float("inf"), computed_from, True, RELATIVE, float("inf"), SCHEDULE_TOLERANCE)
+        return Comparison(
+            array, tuple(expected.shape), float("inf"), computed_from, True, RELATIVE, float("inf"), SCHEDULE_TOLERANCE
+        )
     difference = np.abs(actual - expected)
     with np.errstate(divide="ignore", invalid="ignore"):
         relative = np.where(difference == 0, 0.0, difference / np.abs(expected))

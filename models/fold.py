@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ContextManager, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -113,7 +113,8 @@ def keeps_weights(rule: str, score: float, best_score: float, has_best: bool) ->
 @dataclass(frozen=True)
 class TrainingConfig:
     """How a fold is trained and validated. The defaults are the reference's hyperparameters, trained on msx's fast
-    path (`compile`, `precision`, `optimizer`, `schedule`, `best_checkpoint`: the `paper` space sets the reference's)."""
+    path (`compile`, `precision`, `optimizer`, `schedule`, `best_checkpoint`: the `paper` space sets the
+    reference's)."""
 
     epochs: int = 500
     batch_size: int = 2
@@ -134,15 +135,17 @@ class TrainingConfig:
     seed: int = 0
     # Probability that a training patch is centred on a lesion voxel (else on the brain); 0: uniform crops.
     lesion_patch_fraction: float = 0.0
-    # torch.compile of the network for training and sampling (`compilation`): "auto" (on a CUDA device only), True, False.
+    # torch.compile of the network for training and sampling (`compilation`): "auto" (on a CUDA device only), True,
+    # False.
     compile: bool | str = COMPILE_AUTO
     # Training numerics (engine.PRECISIONS): "auto" bf16 autocast on a GPU, float32 elsewhere; "fp32"; "bf16".
     precision: str = "auto"
     # AdamW's implementation (engine.OPTIMIZERS): "auto" fused on a GPU; "adamw" PyTorch's default; "adamw-fused".
     optimizer: str = "auto"
     # The learning-rate schedule (lr_schedule.SCHEDULES): "per-step", MONAI's WarmupCosineSchedule stepped after every
-    # batch, warm-up over `warmup_fraction` of the steps; "per-epoch", the reference's (lr_schedule.reference_lr_per_epoch:
-    # the first epoch at rate 0, warm-up over `warmup_fraction` of the epochs, then cosine), stepped after every epoch.
+    # batch, warm-up over `warmup_fraction` of the steps; "per-epoch", the reference's
+    # (lr_schedule.reference_lr_per_epoch: the first epoch at rate 0, warm-up over `warmup_fraction` of the epochs, then
+    # cosine), stepped after every epoch.
     schedule: str = "per-step"
     # Which validated weights are kept (BEST_CHECKPOINT_RULES): "msx" or "reference" (see `keeps_weights`).
     best_checkpoint: str = "msx"
@@ -172,7 +175,8 @@ class FoldConfig:
         for evaluation in (self.evaluation, *self.compared):
             if tuple(evaluation.roi_size) != tuple(self.training.patch_size):
                 raise ValueError(
-                    f"inference windows {evaluation.roi_size} must be the training patch size {self.training.patch_size}"
+                    f"inference windows {evaluation.roi_size} must be the training patch size "
+                    f"{self.training.patch_size}"
                 )
         protocols = [evaluation.protocol for evaluation in (self.evaluation, *self.compared)]
         if len(set(protocols)) < len(protocols):
@@ -186,7 +190,10 @@ class FoldConfig:
             ddim_steps=self.training.validation_ddim_steps,
             samples=1,
             strategies=(self.training.validation_strategy,),
-            overlap=self.evaluation.overlap if self.training.validation_overlap is None else self.training.validation_overlap,
+            overlap=(
+                self.evaluation.overlap if self.training.validation_overlap is None
+                else self.training.validation_overlap
+            ),
         )
 
 
@@ -209,13 +216,17 @@ class FoldData:
         return [load_scan(scan, self.cohort.modalities, self.cohort.rater) for scan in self.records(split)]
 
 
-def load_fold_data(cohort: Cohort, fold: Fold, patch_size: Sequence[int], scan_cache: str | Path | None = None) -> FoldData:
+def load_fold_data(
+    cohort: Cohort, fold: Fold, patch_size: Sequence[int], scan_cache: str | Path | None = None
+) -> FoldData:
     """The fold's training scans (from ``scan_cache``, a folder of preprocessed scans shared by the trials of an
     experiment, when given) and validation scans; validation and test scans keep their own grid, which whole-scan
     inference needs."""
     records = cohort.scans_of(fold.train)
     if scan_cache is not None:
-        train = [cached_training_scan(scan, cohort.modalities, cohort.rater, patch_size, scan_cache) for scan in records]
+        train = [
+            cached_training_scan(scan, cohort.modalities, cohort.rater, patch_size, scan_cache) for scan in records
+        ]
     else:
         train = [load_scan(scan, cohort.modalities, cohort.rater) for scan in records]
     validation = [load_scan(scan, cohort.modalities, cohort.rater) for scan in cohort.scans_of(fold.validation)]
@@ -256,13 +267,13 @@ Report = Callable[[EpochReport, "Path | None"], None]
 class TrainingObserver(Protocol):
     """Watches the training: each training epoch as a block, and each validation's Dice."""
 
-    def training_epoch(self, epoch: int, steps: int, samples: int) -> ContextManager[None]: ...
+    def training_epoch(self, epoch: int, steps: int, samples: int) -> contextlib.AbstractContextManager[None]: ...
 
     def record_validation(self, dice: float) -> None: ...
 
 
 class _Unobserved:
-    def training_epoch(self, epoch: int, steps: int, samples: int) -> ContextManager[None]:
+    def training_epoch(self, epoch: int, steps: int, samples: int) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
 
     def record_validation(self, dice: float) -> None:
@@ -322,7 +333,9 @@ def run_fold(
     np.random.seed(training.seed + rank)
     autocast_dtype = training_autocast_dtype(device, training.precision)
 
-    dataset = training_dataset(data.train, training.patch_size, training.lesion_patch_fraction, seed=training.seed + rank)
+    dataset = training_dataset(
+        data.train, training.patch_size, training.lesion_patch_fraction, seed=training.seed + rank
+    )
     # list_data_collate: lesion-biased sampling yields a list of one sample per scan. An incomplete last batch is
     # dropped, as the reference does (and batch norm in training needs more than one sample where the paper U-Net's
     # deepest squeeze-attention block pools a 32^3 patch down to one voxel), unless it is the only batch.
@@ -338,7 +351,9 @@ def run_fold(
     compiling = compile_wanted(training.compile, device)
     if compiling:
         compile_for_training(bare_net, compile_backend)
-    sampler: torch.nn.Module | CompiledDenoiser = compiled_denoiser(bare_net, compile_backend) if compiling else bare_net
+    sampler: torch.nn.Module | CompiledDenoiser = (
+        compiled_denoiser(bare_net, compile_backend) if compiling else bare_net
+    )
     compiled_before = compile_seconds_so_far()
 
     def compile_seconds() -> float | None:
@@ -408,7 +423,8 @@ def run_fold(
             if per_epoch:
                 lr_schedule.step()
         else:
-            loss = math.nan
+            # Resumed from the final checkpoint: that epoch was trained by the run that saved it, and its loss with it.
+            loss = resume.get("train_loss", math.nan) if resume is not None else math.nan
         lr = epoch_lr(epoch)
         if epoch % training.validate_every and epoch != training.epochs:
             log.info("%s: epoch %d/%d loss %.4f", label, epoch, training.epochs, loss)
@@ -417,7 +433,9 @@ def run_fold(
             continue
         began = time.monotonic()
         score = float(np.nanmean(
-            validate_distributed(sampler, validation_groups, len(data.validation), config, device, training.seed + epoch)
+            validate_distributed(
+                sampler, validation_groups, len(data.validation), config, device, training.seed + epoch
+            )
         ))
         phase_seconds[VALIDATION_PHASE] += time.monotonic() - began
         observer.record_validation(score)
@@ -465,13 +483,18 @@ def run_fold(
                     (folder / SCAN_METRICS_FILE).write_text(json.dumps(final_rows, indent=1))
                     if evaluation.retention_rows:
                         (folder / RETENTION_CURVES_FILE).write_text(
-                            json.dumps({"fractions": retention_fractions().tolist(), "curves": evaluation.retention_rows})
+                            json.dumps(
+                                {"fractions": retention_fractions().tolist(), "curves": evaluation.retention_rows}
+                            )
                         )
             if report is not None:
                 report(
                     EpochReport(
                         epoch, loss, lr, start_epoch, score, best_score, final_metrics if last else None,
                         compile_seconds=compile_seconds(), phase_seconds=dict(phase_seconds) if last else None,
+                        # Resumed from the final checkpoint: its report may have been recorded before the driver
+                        # stopped, so the record keeps it once.
+                        replayed=epoch == start_epoch,
                     ),
                     folder if rank == 0 else None,
                 )
@@ -486,7 +509,10 @@ def training_schedule(
     if training.schedule == "per-epoch":
         return reference_schedule(optimizer, training.epochs, training.warmup_fraction), True
     total_steps = training.epochs * steps_per_epoch
-    return WarmupCosineSchedule(optimizer, warmup_steps=int(training.warmup_fraction * total_steps), t_total=total_steps), False
+    return (
+        WarmupCosineSchedule(optimizer, warmup_steps=int(training.warmup_fraction * total_steps), t_total=total_steps),
+        False,
+    )
 
 
 @dataclass(frozen=True)
@@ -532,21 +558,26 @@ def final_evaluation(
             draw_example = None
             if primary and overlay_folder is not None and split_scans:
                 draw_example = functools.partial(
-                    write_example_overlay, overlay_folder, data.cohort, split, records[0], split_scans[0], overlay_strategy
+                    write_example_overlay, overlay_folder, data.cohort, split, records[0], split_scans[0],
+                    overlay_strategy
                 )
             per_scan = evaluate_distributed(
-                net, split_scans, evaluation, device, config.diffusion, inference_autocast_dtype(evaluation.protocol, device),
+                net, split_scans, evaluation, device, config.diffusion,
+                inference_autocast_dtype(evaluation.protocol, device),
                 seed=config.training.seed + 10_000, on_first_scan=draw_example,
             )
             protocol_rows.extend(
-                {"protocol": evaluation.protocol, "split": split, "scan": record.scan_id, "strategy": strategy, **values}
-                for record, (scan_metrics, _) in zip(records, per_scan)
+                {
+                    "protocol": evaluation.protocol, "split": split, "scan": record.scan_id, "strategy": strategy,
+                    **values
+                }
+                for record, (scan_metrics, _) in zip(records, per_scan, strict=True)
                 for strategy, values in scan_metrics.items()
             )
             retention_rows.extend(
                 {"split": split, "scan": record.scan_id, "strategy": strategy, "measure": measure,
                  "ndsc": np.round(curve, 6).tolist()}
-                for record, (_, retention) in zip(records, per_scan)
+                for record, (_, retention) in zip(records, per_scan, strict=True)
                 for strategy, curves in retention.items()
                 for measure, curve in curves.items()
             )

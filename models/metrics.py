@@ -42,8 +42,9 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -165,10 +166,12 @@ def segmentation_metrics(
     return metrics
 
 
-def lesion_volumes(pred: npt.ArrayLike, gt: npt.ArrayLike, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> dict[str, float]:
+def lesion_volumes(
+    pred: npt.ArrayLike, gt: npt.ArrayLike, spacing: Sequence[float] = (1.0, 1.0, 1.0)
+) -> dict[str, float]:
     """The predicted and the true lesion volume in mm^3 (``VOLUME_NAMES``; nonzero = lesion)."""
     voxel_mm3 = float(np.prod(spacing))
-    return {name: int(np.count_nonzero(mask)) * voxel_mm3 for name, mask in zip(VOLUME_NAMES, (pred, gt))}
+    return {name: int(np.count_nonzero(mask)) * voxel_mm3 for name, mask in zip(VOLUME_NAMES, (pred, gt), strict=True)}
 
 
 def isbi_scores(
@@ -195,10 +198,7 @@ def isbi_scores(
         )
     pred = np.asarray(pred_volumes, dtype=float)
     truth = np.asarray(gt_volumes, dtype=float)
-    if pred.size < 2 or pred.std() == 0 or truth.std() == 0:
-        corr = math.nan
-    else:
-        corr = float(np.corrcoef(pred, truth)[0, 1])
+    corr = math.nan if pred.size < 2 or pred.std() == 0 or truth.std() == 0 else float(np.corrcoef(pred, truth)[0, 1])
     return [
         scan["dsc"] / 8 + scan["ppv"] / 8 + (1 - scan["lfpr"]) / 4 + scan["ltpr"] / 4 + corr / 4
         for scan in per_scan
@@ -314,7 +314,9 @@ def ndsc(pred: npt.ArrayLike, gt: npt.ArrayLike, r: float = NDSC_REFERENCE_LOAD)
     return float(_ndsc_from_counts(tp, fp, gt_count - tp, gt_count, gt.size, r))
 
 
-def _best_lesion_ious(pred_labels: np.ndarray, pred_count: int, gt_labels: np.ndarray, gt_count: int) -> tuple[np.ndarray, np.ndarray]:
+def _best_lesion_ious(
+    pred_labels: np.ndarray, pred_count: int, gt_labels: np.ndarray, gt_count: int
+) -> tuple[np.ndarray, np.ndarray]:
     """For each predicted lesion (labels 1..pred_count) and each true lesion: its largest IoU with a lesion of the other
     mask, 0 when it overlaps none. Element 0 of each array is the background's and unused."""
     overlap = (pred_labels > 0) & (gt_labels > 0)

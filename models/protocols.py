@@ -27,7 +27,6 @@ from .diffusion import X0Map, x0_from_logits
 from .registry import Registry
 from .strategies import STRATEGIES, Strategy, staple
 
-
 MaskRule = Callable[[torch.Tensor], torch.Tensor]
 """A fused map (any shape) -> the boolean lesion mask of the same shape."""
 
@@ -125,7 +124,9 @@ REFERENCE = InferenceProtocol(
     ),
     x0=clamped_x0,
     fuse_per_window=True,
-    defaults=ProtocolSettings(validation_ddim_steps=50, validation_strategy="last", validation_overlap=0.25, overlap=0.6),
+    defaults=ProtocolSettings(
+        validation_ddim_steps=50, validation_strategy="last", validation_overlap=0.25, overlap=0.6
+    ),
     mask_rule=reference_mask,
     one_chain_strategies=frozenset({"last", "mean", "mean-var", "staple", "majority"}),
     own_strategies={"staple": reference_staple},
@@ -140,7 +141,9 @@ MSX = InferenceProtocol(
     ),
     x0=x0_from_logits,
     fuse_per_window=False,
-    defaults=ProtocolSettings(validation_ddim_steps=10, validation_strategy="mean", validation_overlap=None, overlap=0.5),
+    defaults=ProtocolSettings(
+        validation_ddim_steps=10, validation_strategy="mean", validation_overlap=None, overlap=0.5
+    ),
 )
 for _protocol in (REFERENCE, MSX):
     PROTOCOLS.register(_protocol.name)(_protocol)

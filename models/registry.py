@@ -6,7 +6,8 @@ file cannot make msx run arbitrary code. An unknown name is an error that lists 
 
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 

@@ -11,7 +11,7 @@ evaluated from the same trajectories (docs/SCIENCE.md, "Inference strategies"; d
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 

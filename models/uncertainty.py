@@ -69,7 +69,10 @@ def pooled_statistics(members: Sequence[ChainStatistics[np.ndarray]]) -> ChainSt
     if not members:
         raise ValueError("no ensemble to pool")
     return ChainStatistics(
-        *(np.mean([member.values()[index] for member in members], axis=0, dtype=np.float32) for index in range(len(STATISTIC_NAMES)))
+        *(
+            np.mean([member.values()[index] for member in members], axis=0, dtype=np.float32)
+            for index in range(len(STATISTIC_NAMES))
+        )
     )
 
 

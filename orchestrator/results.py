@@ -7,8 +7,9 @@ when choosing.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -115,7 +116,9 @@ def select_best(
     return Selection(configuration, strategy, metric, configuration.score(strategy, metric))
 
 
-def best_per_backbone(configurations: list[ConfigurationResult], strategies: tuple[str, ...], metric: str) -> list[ConfigurationResult]:
+def best_per_backbone(
+    configurations: list[ConfigurationResult], strategies: tuple[str, ...], metric: str
+) -> list[ConfigurationResult]:
     """For the table: each backbone's configuration chosen on validation."""
     chosen = {}
     for backbone in sorted({c.backbone for c in configurations}):
@@ -170,6 +173,6 @@ def results_table(
         for backbone, strategy, cells in summary_rows(configurations, strategies, split)
     ]
     widths = [max(len(str(r[i])) for r in [headers] + rows) for i in range(len(headers))]
-    lines = ["  ".join(str(v).ljust(w) for v, w in zip(line, widths)) for line in [headers] + rows]
+    lines = ["  ".join(str(v).ljust(w) for v, w in zip(line, widths, strict=True)) for line in [headers] + rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

@@ -12,10 +12,11 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -229,7 +230,7 @@ class ExperimentSpec:
     def recipe_of(self, backbone: str) -> BackboneRecipe | None:
         return next((recipe for recipe in self.recipes if recipe.backbone == backbone), None)
 
-    def for_backbone(self, backbone: str) -> "ExperimentSpec":
+    def for_backbone(self, backbone: str) -> ExperimentSpec:
         """The spec as ``backbone`` trains: the study's fields, with its recipe's in their place."""
         recipe = self.recipe_of(backbone)
         return self.with_overrides(dict(recipe.settings)) if recipe else self
@@ -247,7 +248,9 @@ class ExperimentSpec:
     def diffusion_config(self) -> DiffusionConfig:
         return DiffusionConfig(self.diffusion.timesteps, self.diffusion.beta_start, self.diffusion.beta_end)
 
-    def inference_config(self, strategies: tuple[str, ...] | None = None, protocol: str | None = None) -> InferenceConfig:
+    def inference_config(
+        self, strategies: tuple[str, ...] | None = None, protocol: str | None = None
+    ) -> InferenceConfig:
         """The test-time inference settings, for ``strategies`` (default: the spec's) under ``protocol`` (default: the
         study's); a compared protocol runs at its own default overlap."""
         protocol = protocol or self.inference.protocol
@@ -300,7 +303,7 @@ class ExperimentSpec:
             compared=tuple(spec.inference_config(protocol=protocol) for protocol in spec.inference.compare_protocols),
         )
 
-    def with_overrides(self, overrides: Mapping[str, Any]) -> "ExperimentSpec":
+    def with_overrides(self, overrides: Mapping[str, Any]) -> ExperimentSpec:
         """The spec with dotted fields replaced (a trial's searched values, a CLI override)."""
         spec = self
         for dotted, value in overrides.items():
@@ -340,7 +343,9 @@ def resolve_space(space: str) -> Path:
         return candidate
     bundled = bundled_spaces()
     if space not in bundled:
-        raise SpecError(f"unknown search space {space!r}; bundled spaces: {', '.join(sorted(bundled))} (or give a YAML path)")
+        raise SpecError(
+            f"unknown search space {space!r}; bundled spaces: {', '.join(sorted(bundled))} (or give a YAML path)"
+        )
     return bundled[space]
 
 
@@ -373,13 +378,18 @@ def spec_from_dict(raw: Any, source: str = "spec") -> ExperimentSpec:
 def _build_recipes(raw: Any, source: str) -> tuple[BackboneRecipe, ...]:
     """`recipes: {<backbone>: {<section>: {<field>: value}}}`, each value typed as its spec field."""
     if not isinstance(raw, dict):
-        raise SpecError(f"{source}: recipes: expected a mapping of backbone -> {{model: ..., training: ...}}, got {type(raw).__name__}")
+        raise SpecError(
+            f"{source}: recipes: expected a mapping of backbone -> {{model: ..., training: ...}}, got "
+            f"{type(raw).__name__}"
+        )
     section_types = _field_types(ExperimentSpec)
     recipes = []
     for backbone, sections in raw.items():
         key = f"recipes.{backbone}"
         if not isinstance(sections, dict) or not sections:
-            raise SpecError(f"{source}: {key}: expected a mapping of sections ({', '.join(RECIPE_SECTIONS)}), got {sections!r}")
+            raise SpecError(
+                f"{source}: {key}: expected a mapping of sections ({', '.join(RECIPE_SECTIONS)}), got {sections!r}"
+            )
         settings = []
         for section, fields in sections.items():
             if section not in RECIPE_SECTIONS:
@@ -392,8 +402,12 @@ def _build_recipes(raw: Any, source: str) -> tuple[BackboneRecipe, ...]:
             }
             for name, value in fields.items():
                 if name not in field_types:
-                    raise SpecError(f"{source}: {key}.{section}.{name}: unknown key; valid keys: {', '.join(field_types)}")
-                settings.append((f"{section}.{name}", _coerce(value, field_types[name], f"{key}.{section}.{name}", source)))
+                    raise SpecError(
+                        f"{source}: {key}.{section}.{name}: unknown key; valid keys: {', '.join(field_types)}"
+                    )
+                settings.append(
+                    (f"{section}.{name}", _coerce(value, field_types[name], f"{key}.{section}.{name}", source))
+                )
         recipes.append(BackboneRecipe(str(backbone), tuple(settings)))
     return tuple(recipes)
 
@@ -413,10 +427,18 @@ def validate_spec(spec: ExperimentSpec, source: str = "spec") -> None:
     for recipe in spec.recipes:
         key = f"recipes.{recipe.backbone}"
         if recipe.backbone not in spec.model.backbones:
-            fail(key, f"{recipe.backbone!r} is not a backbone of this study (model.backbones: {', '.join(spec.model.backbones)})")
+            fail(
+                key,
+                f"{recipe.backbone!r} is not a backbone of this study (model.backbones: "
+                f"{', '.join(spec.model.backbones)})"
+            )
         for name, _ in recipe.settings:
             if name in searched:
-                fail(f"{key}.{name}", f"is also searched (search.parameters[{searched[name]}]): a searched field takes the search's values")
+                fail(
+                    f"{key}.{name}",
+                    f"is also searched (search.parameters[{searched[name]}]): a searched field takes the search's "
+                    "values"
+                )
     for backbone in spec.model.backbones:
         recipe = spec.recipe_of(backbone)
         own = {name for name, _ in recipe.settings} if recipe else set()
@@ -434,7 +456,10 @@ def _validate_values(spec: ExperimentSpec, backbone: str, fail) -> None:
     _registered(fail, "inference.protocol", (spec.inference.protocol,), PROTOCOLS)
     _registered(fail, "inference.compare_protocols", spec.inference.compare_protocols, PROTOCOLS)
     if spec.inference.protocol in spec.inference.compare_protocols:
-        fail("inference.compare_protocols", f"{spec.inference.protocol!r} is the study's own protocol (inference.protocol)")
+        fail(
+            "inference.compare_protocols",
+            f"{spec.inference.protocol!r} is the study's own protocol (inference.protocol)"
+        )
     if len(set(spec.inference.compare_protocols)) < len(spec.inference.compare_protocols):
         fail("inference.compare_protocols", "a protocol is listed twice")
     _registered(fail, "training.validation_strategy", (spec.training.validation_strategy,), STRATEGIES)
@@ -447,11 +472,17 @@ def _validate_values(spec: ExperimentSpec, backbone: str, fail) -> None:
     if spec.inference.connectivity not in (6, 18, 26):
         fail("inference.connectivity", f"{spec.inference.connectivity}; valid: 6, 18, 26")
     if spec.registry.selection_metric not in SPLIT_METRIC_NAMES:
-        fail("registry.selection_metric", f"unknown metric {spec.registry.selection_metric!r}; valid: {', '.join(SPLIT_METRIC_NAMES)}")
+        fail(
+            "registry.selection_metric",
+            f"unknown metric {spec.registry.selection_metric!r}; valid: {', '.join(SPLIT_METRIC_NAMES)}"
+        )
     if spec.search.searcher not in SEARCHERS:
         fail("search.searcher", f"unknown searcher {spec.search.searcher!r}; valid names: {', '.join(SEARCHERS)}")
     if spec.search.scheduler.name not in SCHEDULERS:
-        fail("search.scheduler.name", f"unknown scheduler {spec.search.scheduler.name!r}; valid names: {', '.join(SCHEDULERS)}")
+        fail(
+            "search.scheduler.name",
+            f"unknown scheduler {spec.search.scheduler.name!r}; valid names: {', '.join(SCHEDULERS)}"
+        )
     for key, value in (
         ("training.epochs", spec.training.epochs),
         ("training.batch_size", spec.training.batch_size),
@@ -481,8 +512,12 @@ def _validate_values(spec: ExperimentSpec, backbone: str, fail) -> None:
         if value is not None and value <= 0:
             fail(key, f"must be positive (or left out), got {value}")
     if spec.search.time_budget_s is not None and spec.search.time_budget_s <= 0:
-        fail("search.time_budget_s", f"must be positive seconds (or null for no limit), got {spec.search.time_budget_s}")
-    for key, overlap in (("inference.overlap", spec.inference.overlap), ("training.validation_overlap", spec.training.validation_overlap)):
+        fail(
+            "search.time_budget_s", f"must be positive seconds (or null for no limit), got {spec.search.time_budget_s}"
+        )
+    for key, overlap in (
+        ("inference.overlap", spec.inference.overlap), ("training.validation_overlap", spec.training.validation_overlap)
+    ):
         if not 0 <= overlap < 1:
             fail(key, f"must be in [0, 1), got {overlap}")
     try:
@@ -505,7 +540,10 @@ def _validate_values(spec: ExperimentSpec, backbone: str, fail) -> None:
         fail("training.patch_size", f"sides must be at least 8, got {spec.training.patch_size}")
     multiple = spatial_multiple(backbone)
     if any(side % multiple for side in spec.training.patch_size):
-        fail("training.patch_size", f"{backbone} needs sides that are multiples of {multiple}, got {spec.training.patch_size}")
+        fail(
+            "training.patch_size",
+            f"{backbone} needs sides that are multiples of {multiple}, got {spec.training.patch_size}"
+        )
     for index, parameter in enumerate(spec.search.parameters):
         _validate_parameter(spec, parameter, f"search.parameters[{index}]", fail)
 
@@ -548,9 +586,14 @@ def _validate_parameter(spec: ExperimentSpec, parameter: ParameterSpec, key: str
     if parameter.name in UNSEARCHABLE_FIELDS:
         fail(f"{key}.name", f"{parameter.name!r} is the study's choice, not a searched value")
     if section_name not in SEARCHABLE_SECTIONS or field_name not in _field_types(type(getattr(spec, section_name))):
-        fail(f"{key}.name", f"{parameter.name!r} is not a searchable field (use <section>.<field> of: {', '.join(SEARCHABLE_SECTIONS)})")
+        fail(
+            f"{key}.name",
+            f"{parameter.name!r} is not a searchable field (use <section>.<field> of: {', '.join(SEARCHABLE_SECTIONS)})"
+        )
     if parameter.distribution not in DISTRIBUTIONS:
-        fail(f"{key}.distribution", f"unknown distribution {parameter.distribution!r}; valid: {', '.join(DISTRIBUTIONS)}")
+        fail(
+            f"{key}.distribution", f"unknown distribution {parameter.distribution!r}; valid: {', '.join(DISTRIBUTIONS)}"
+        )
     if parameter.distribution == "choice":
         if not parameter.choices:
             fail(f"{key}.choices", "a choice parameter needs a non-empty list of choices")
@@ -611,7 +654,9 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             return tuple(_coerce(item, args[0], f"{key}[{i}]", source) for i, item in enumerate(value))
         if len(value) != len(args):
             fail(f"a list of {len(args)}")
-        return tuple(_coerce(item, arg, f"{key}[{i}]", source) for i, (item, arg) in enumerate(zip(value, args)))
+        return tuple(
+            _coerce(item, arg, f"{key}[{i}]", source) for i, (item, arg) in enumerate(zip(value, args, strict=True))
+        )
     if hint is Any:
         return value
     if hint is bool:

@@ -54,7 +54,7 @@ class TrialConfig:
         return {"backbone": self.backbone, "fold": self.fold, "configuration": self.configuration, **self.searched}
 
     @classmethod
-    def from_tune(cls, config: Mapping[str, Any]) -> "TrialConfig":
+    def from_tune(cls, config: Mapping[str, Any]) -> TrialConfig:
         """From Tune's config dict, or a trial run's MLflow params (where every value is a string)."""
         return cls(
             backbone=config["backbone"],
@@ -78,4 +78,6 @@ class TrialConfig:
     def spec_of(self, experiment: ExperimentSpec) -> ExperimentSpec:
         """The experiment's spec as this trial runs it: its one backbone under its recipe, and its searched values. It
         is recorded with the trial's model, which so carries its own plan."""
-        return experiment.for_backbone(self.backbone).with_overrides({"model.backbones": (self.backbone,), **self.searched})
+        return experiment.for_backbone(self.backbone).with_overrides(
+            {"model.backbones": (self.backbone,), **self.searched}
+        )

@@ -161,7 +161,9 @@ def run_msx(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
     previous = Path.cwd()
     os.chdir(cwd)
     try:
-        result = CliRunner(catch_exceptions=False).invoke(main, [str(argument) for argument in arguments], prog_name="msx")
+        result = CliRunner(catch_exceptions=False).invoke(
+            main, [str(argument) for argument in arguments], prog_name="msx"
+        )
     finally:
         os.chdir(previous)
     return subprocess.CompletedProcess(["msx", *arguments], result.exit_code, result.stdout, result.stderr)

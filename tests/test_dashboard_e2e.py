@@ -32,7 +32,9 @@ ARTIFACTS = REPOSITORY / "test-artifacts"
 COOKIE = "ray-authentication-token"  # the dashboard's own login cookie (ray._private.authentication)
 SPEC = tiny_spec(
     "dash",
-    data={"modalities": ["flair", "t2"], "folds": "loso", "synthetic": {"patients": 3, "shape": [32, 36, 32], "seed": 0}},
+    data={
+        "modalities": ["flair", "t2"], "folds": "loso", "synthetic": {"patients": 3, "shape": [32, 36, 32], "seed": 0}
+    },
     resources={"workers_per_trial": 1, "cpus_per_worker": 1},
     search={"configurations_per_backbone": 1, "scheduler": {"name": "fifo"}},
     registry={"model_name": "msx-dash"},
@@ -78,7 +80,10 @@ def study(tmp_path_factory):
 def test_msx_says_where_the_token_is_and_never_prints_it(study):
     stdout, dashboard, token, token_file = study
     assert dashboard in stdout
-    assert f"the dashboard asks for Ray's token: paste the output of `ray get-auth-token` (the file {token_file})" in stdout
+    assert (
+        f"the dashboard asks for Ray's token: paste the output of `ray get-auth-token` (the file {token_file})"
+        in stdout
+    )
     assert token not in stdout
 
 
@@ -142,7 +147,11 @@ async def _inspect_dashboard(dashboard: str, token: str, profile: Path, shot: Pa
                 browser = Browser(socket)
                 await browser.call("Page.enable")
                 await browser.call("Network.enable")
-                seen = {"without token": await browser.text_once(f"{dashboard}/api/train/v2/runs/v1", lambda text: bool(text))}
+                seen = {
+                    "without token": await browser.text_once(
+                        f"{dashboard}/api/train/v2/runs/v1", lambda text: bool(text)
+                    )
+                }
                 await browser.call("Network.setCookie", name=COOKIE, value=token, url=dashboard, path="/")
                 seen["train runs"] = await browser.text_once(
                     f"{dashboard}/api/train/v2/runs/v1", lambda text: text.lstrip().startswith("{")
@@ -155,7 +164,9 @@ async def _inspect_dashboard(dashboard: str, token: str, profile: Path, shot: Pa
         chromium.wait(timeout=30)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (`make browser` installs it where apt-get runs as root)")
+@pytest.mark.skipif(
+    CHROMIUM is None, reason="Chromium is not installed (`make browser` installs it where apt-get runs as root)"
+)
 def test_the_dashboard_shows_the_study_to_a_browser_with_the_token(study, tmp_path):
     _, dashboard, token, _ = study
     ARTIFACTS.mkdir(exist_ok=True)
@@ -168,7 +179,7 @@ def test_the_dashboard_shows_the_study_to_a_browser_with_the_token(study, tmp_pa
     names = sorted(run["name"] for run in runs)
     (backbone,) = SPEC["model"]["backbones"]
     assert names == [train_run_name(TrialConfig(backbone, fold, f"{backbone}-c1"), trial_id_of_train_run(name))
-                     for fold, name in zip((1, 2, 3), names)], names
+                     for fold, name in zip((1, 2, 3), names, strict=False)], names
     assert {run["status"] for run in runs} == {"FINISHED"}, runs
     # The Jobs view lists the study's driver, `msx launch ...`.
     assert "msx launch" in seen["jobs"], seen["jobs"][:2000]

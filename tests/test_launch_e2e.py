@@ -156,10 +156,14 @@ def test_both_backbones_learn_the_paper_unet_under_its_own_recipe(smoke_study, f
     client = MlflowClient(f"sqlite:///{workdir / 'runs' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("smoke")
     for backbone, margin in (("unet", 0.05), ("segresnet", 0.1)):
-        (run,) = client.search_runs([experiment.experiment_id], f"tags.`msx.configuration` = '{backbone}-c1'", max_results=2)
+        (run,) = client.search_runs(
+            [experiment.experiment_id], f"tags.`msx.configuration` = '{backbone}-c1'", max_results=2
+        )
         metrics = run.data.metrics
         chosen = max(spec.inference.strategies, key=lambda strategy: metrics[f"val/{strategy}/dsc"])
-        assert metrics[f"test/{chosen}/dsc"] >= flair_threshold_dice + margin, (backbone, chosen, metrics[f"test/{chosen}/dsc"])
+        assert metrics[f"test/{chosen}/dsc"] >= flair_threshold_dice + margin, (
+            backbone, chosen, metrics[f"test/{chosen}/dsc"]
+        )
 
 
 def test_status_and_a_second_launch_after_the_study_finished(smoke_study):

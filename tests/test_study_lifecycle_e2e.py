@@ -30,9 +30,9 @@ from mlflow.tracking import MlflowClient
 
 from msx.models.data.folds import resolve_folds
 from msx.orchestrator.cluster import local_ray
+from msx.orchestrator.spec import load_spec, spec_from_dict
 from msx.orchestrator.study.configuration_search import PAUSE_DELAY_VARIABLE, ConfigurationSearch
 from msx.orchestrator.study.search_record import read_summary
-from msx.orchestrator.spec import load_spec, spec_from_dict
 from msx.orchestrator.study.state import studies_of
 from msx.orchestrator.tracking.store import CONFIGURATION_TAG, child_runs
 from msx.orchestrator.trial import BEST_VALIDATION_DICE, EPOCH
@@ -57,12 +57,17 @@ TINY = {
 # initial 3e-3 barely learn in 2 epochs, so the later configurations are pruned at their first rung.
 PRUNED_SEARCH = {
     "name": "prune3",
-    "data": {"modalities": ["flair", "mprage", "t2"], "folds": "loso", "synthetic": {"patients": 3, "shape": [40, 48, 40], "seed": 0}},
+    "data": {
+        "modalities": ["flair", "mprage", "t2"], "folds": "loso",
+        "synthetic": {"patients": 3, "shape": [40, 48, 40], "seed": 0}
+    },
     **TINY,
     "search": {
         "searcher": "optuna",
         "configurations_per_backbone": 3,
-        "parameters": [{"name": "training.lr", "distribution": "loguniform", "low": 1.0e-6, "high": 3.0e-3, "initial": 3.0e-3}],
+        "parameters": [
+            {"name": "training.lr", "distribution": "loguniform", "low": 1.0e-6, "high": 3.0e-3, "initial": 3.0e-3}
+        ],
         "scheduler": {"name": "asha", "grace_period": 2, "reduction_factor": 2},
     },
     "registry": {"model_name": "msx-prune3"},
@@ -115,8 +120,11 @@ def write_space(folder: Path, spec: dict) -> Path:
 def launch(folder: Path, env: dict, *args: str) -> subprocess.Popen:
     """`msx launch ARGS` in `folder`, its output to launch-N.out."""
     number = len(list(folder.glob("launch-*.out")))
-    output = open(folder / f"launch-{number}.out", "w")
-    return subprocess.Popen([*MSX, "launch", *args], cwd=folder, env=env, stdout=output, stderr=subprocess.STDOUT, text=True)
+    # The child writes to its own copy of the file descriptor: this process's can be closed once it has started.
+    with open(folder / f"launch-{number}.out", "w") as output:
+        return subprocess.Popen(
+            [*MSX, "launch", *args], cwd=folder, env=env, stdout=output, stderr=subprocess.STDOUT, text=True
+        )
 
 
 def output_of(folder: Path, number: int) -> str:
@@ -164,7 +172,9 @@ def check_search_invariants(storage: Path, spec, patients: tuple[int, ...], fold
         # Each rung was judged on its folds' scores at that rung: the checkpoint, the report and the rung agree.
         for rung, mean in configuration.rung_means.items():
             scores = [
-                next(m.value for m in client.get_metric_history(run.info.run_id, BEST_VALIDATION_DICE) if m.step == rung)
+                next(
+                    m.value for m in client.get_metric_history(run.info.run_id, BEST_VALIDATION_DICE) if m.step == rung
+                )
                 for run in folds_of
             ]
             assert mean == pytest.approx(statistics.fmean(scores)), (configuration.name, rung, scores)
@@ -172,7 +182,9 @@ def check_search_invariants(storage: Path, spec, patients: tuple[int, ...], fold
             finals = [client.get_run(run.info.run_id).data.metrics["val_dice"] for run in folds_of]
             assert trial.state.name == "COMPLETE"
             assert trial.value == pytest.approx(statistics.fmean(finals))  # the full-fold mean
-            assert all(max(epochs) == spec.for_backbone(configuration.backbone).training.epochs for epochs in epochs_logged)
+            assert all(
+                max(epochs) == spec.for_backbone(configuration.backbone).training.epochs for epochs in epochs_logged
+            )
         elif configuration.status == "pruned":
             rung = configuration.last_rung
             assert trial.state.name == "PRUNED"
@@ -194,7 +206,9 @@ def test_a_pruning_search_interrupted_while_a_rung_report_is_on_its_way_resumes_
     spec = load_spec(space)
     holds = tmp_path / "holds"
     holds.mkdir()
-    first = launch(tmp_path, {**environment, HOLD_AT_RUNGS_VARIABLE: str(holds)}, "--space", str(space), "--storage", "runs")
+    first = launch(
+        tmp_path, {**environment, HOLD_AT_RUNGS_VARIABLE: str(holds)}, "--space", str(space), "--storage", "runs"
+    )
     # Every fold's worker stops right after its rung report until the test lets it go on. Once a configuration was
     # pruned and the search is not over, the next held one is interrupted instead: SIGINT while its report is on its
     # way (reported, not yet decided on, its worker not past the rung).
@@ -221,7 +235,9 @@ def test_a_pruning_search_interrupted_while_a_rung_report_is_on_its_way_resumes_
     client = MlflowClient(state.tracking_uri)
     assert client.get_run(state.parent_run_id).info.status == "KILLED"
     assert not client.search_model_versions("name = 'msx-prune3'")  # nothing half-done registered
-    status = subprocess.run([*MSX, "status", "prune3", "--storage", "runs"], cwd=tmp_path, env=environment, capture_output=True, text=True)
+    status = subprocess.run(
+        [*MSX, "status", "prune3", "--storage", "runs"], cwd=tmp_path, env=environment, capture_output=True, text=True
+    )
     assert "interrupted at" in status.stdout and "pruned at epoch 2" in status.stdout, status.stdout
     _, before = study_search(storage, "prune3")
     pruned_before = {c.name: c.rung_means for c in before.configurations if c.status == "pruned"}
@@ -250,14 +266,18 @@ def test_a_pruning_search_interrupted_while_a_rung_report_is_on_its_way_resumes_
 
 
 def test_a_gpu_study_on_a_machine_without_gpus_is_refused_in_one_line(tmp_path, environment):
-    space = write_space(tmp_path, {**PRUNED_SEARCH, "name": "gpu", "resources": {"use_gpu": True, "gpus_per_worker": 1}})
+    space = write_space(
+        tmp_path, {**PRUNED_SEARCH, "name": "gpu", "resources": {"use_gpu": True, "gpus_per_worker": 1}}
+    )
     result = subprocess.run(
         [*MSX, "launch", "--space", str(space), "--storage", "runs"], cwd=tmp_path, env=environment,
         capture_output=True, text=True, timeout=600,
     )
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.returncode == 1 and len(lines) == 1, result.stderr
-    assert lines[0].startswith("Error: the Ray cluster cannot host one trial: each trial needs 1 worker x {1 CPU, 1 GPU}")
+    assert lines[0].startswith(
+        "Error: the Ray cluster cannot host one trial: each trial needs 1 worker x {1 CPU, 1 GPU}"
+    )
     assert "no node has 1 GPU" in lines[0] and "resources.use_gpu: false" in lines[0]
     # Before any trial, and before the study was recorded: nothing to resume, no MLflow run.
     assert not (tmp_path / "runs" / "gpu").exists()
@@ -273,14 +293,18 @@ def cpu_sized_hpo() -> dict:
     parameters = []
     for parameter in hpo["search"]["parameters"]:
         if parameter["name"] == "model.width":
-            parameter = {**parameter, "choices": [c / 8 for c in parameter["choices"]], "initial": parameter["initial"] / 8}
+            parameter = {
+                **parameter, "choices": [c / 8 for c in parameter["choices"]], "initial": parameter["initial"] / 8
+            }
         if parameter["name"] == "inference.ddim_steps":
             parameter = {**parameter, "choices": [1, 2], "initial": 2}
         parameters.append(parameter)
     return {
         **hpo,
         "name": "hpo-cpu",
-        "data": {**hpo["data"], "path": None, "folds": "loso", "synthetic": {"patients": 3, "shape": [40, 48, 40], "seed": 0}},
+        "data": {
+            **hpo["data"], "path": None, "folds": "loso", "synthetic": {"patients": 3, "shape": [40, 48, 40], "seed": 0}
+        },
         **{key: {**hpo[key], **TINY[key]} for key in ("model", "training", "inference", "resources")},
         "training": {**hpo["training"], **TINY["training"], "epochs": 3, "validate_every": 1},
         "search": {**hpo["search"], "configurations_per_backbone": 2, "parameters": parameters,
@@ -296,7 +320,9 @@ def test_two_studies_at_once_share_the_local_ray_and_both_register_a_champion(tm
     hang = write_space(tmp_path, SLOW_PAUSE_SEARCH)
     first = launch(tmp_path, environment, "--space", str(hpo), "--storage", "hpo-runs")
     time.sleep(20)  # the first has started the local Ray, or is starting it: the second joins it
-    second = launch(tmp_path, {**environment, PAUSE_DELAY_VARIABLE: "5"}, "--space", str(hang), "--storage", "hang-runs")
+    second = launch(
+        tmp_path, {**environment, PAUSE_DELAY_VARIABLE: "5"}, "--space", str(hang), "--storage", "hang-runs"
+    )
     second.wait(timeout=3000)
     first.wait(timeout=3000)
     first_text, second_text = output_of(tmp_path, 0), output_of(tmp_path, 1)

@@ -21,6 +21,8 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
+
 from msx.models.data.baseline import ThresholdBaseline, brain_zscore, flair_threshold_baseline
 from msx.models.data.cohort import MODALITIES, find_isbi_cohort, load_scan
 from msx.models.data.synth import (
@@ -29,7 +31,6 @@ from msx.models.data.synth import (
     patient_anatomy,
     write_synthetic_cohort,
 )
-from scipy import ndimage
 
 FIGURE = Path(__file__).resolve().parents[1] / "images" / "synthetic_cohort.png"
 PURE = 0.9  # a voxel counts as one tissue for the contrast table when that tissue fills this much of it
@@ -96,11 +97,14 @@ def report(scans, anatomies) -> ThresholdBaseline:
     total = sum(locations.values())
     print(
         f"\nlesions per scan: median {np.median(counts):.0f}, range {min(counts)}-{max(counts)}"
-        f"\nlesion volume per scan (rater 1): median {np.median(volumes):.1f} mL, range {min(volumes):.1f}-{max(volumes):.1f} mL"
-        f"\nlesion size: equivalent diameter {min(diameters):.1f}-{max(diameters):.1f} mm (median {np.median(diameters):.1f}),"
+        f"\nlesion volume per scan (rater 1): median {np.median(volumes):.1f} mL,"
+        f" range {min(volumes):.1f}-{max(volumes):.1f} mL"
+        f"\nlesion size: equivalent diameter {min(diameters):.1f}-{max(diameters):.1f} mm"
+        f" (median {np.median(diameters):.1f}),"
         f" longest extent {min(extents):.0f}-{max(extents):.0f} mm"
         f"\ninter-rater Dice per scan: median {np.median(dices):.2f}, range {min(dices):.2f}-{max(dices):.2f}"
-        f"\nlocations: " + ", ".join(f"{k} {locations[k] / total:.0%}" for k in ("periventricular", "juxtacortical", "deep"))
+        f"\nlocations: "
+        + ", ".join(f"{k} {locations[k] / total:.0%}" for k in ("periventricular", "juxtacortical", "deep"))
     )
     print("\nmean intensity relative to white matter (mean over scans):\n")
     print("| modality | lesion | grey matter | white matter | CSF |")
@@ -142,16 +146,16 @@ def _changes(scans) -> str:
     totals: Counter[str] = Counter()
     pairs = 0
     for masks in by_patient.values():
-        for earlier, later in zip(masks, masks[1:]):
+        for earlier, later in zip(masks, masks[1:], strict=False):
             pairs += 1
             earlier_labels, earlier_count = ndimage.label(earlier)
             later_labels, later_count = ndimage.label(later)
             earlier_sizes = np.bincount(earlier_labels.ravel(), minlength=earlier_count + 1)
             later_sizes = np.bincount(later_labels.ravel(), minlength=later_count + 1)
             both = earlier & later
-            overlaps = set(zip(later_labels[both].tolist(), earlier_labels[both].tolist()))
+            overlaps = set(zip(later_labels[both].tolist(), earlier_labels[both].tolist(), strict=True))
             for label in range(1, later_count + 1):
-                touched = [e for l, e in overlaps if l == label]
+                touched = [e for later_label, e in overlaps if later_label == label]
                 if not touched:
                     totals["new"] += 1
                     continue
@@ -190,7 +194,7 @@ def draw(scan_id: str, loaded, rater2: np.ndarray, anatomy, threshold: float) ->
         ("T2", "t2", False),
     )
     figure, axes = plt.subplots(1, len(panels), figsize=(18, 6.2), facecolor="black")
-    for axis, (title, name, outlined) in zip(axes, panels):
+    for axis, (title, name, outlined) in zip(axes, panels, strict=True):
         volume = loaded.image[MODALITIES.index(name)]
         axis.imshow(volume[crop].T, origin="lower", cmap="gray", vmin=0, vmax=np.percentile(volume[brain], 99.8))
         if outlined:

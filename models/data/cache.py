@@ -12,6 +12,7 @@ discarded and rebuilt.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -151,8 +152,6 @@ def _write_entry(entry: Path, key: str, prepared: PreparedScan, cache_dir: Path)
 def _discard(entry: Path, cache_dir: Path) -> None:
     # Renamed aside first (atomic), so no other process can read it half-deleted.
     aside = Path(tempfile.mkdtemp(prefix=_DISCARDED_PREFIX, dir=cache_dir))
-    try:
+    with contextlib.suppress(FileNotFoundError):  # another process discarded it already
         os.replace(entry, aside / entry.name)
-    except FileNotFoundError:
-        pass  # another process discarded it already
     shutil.rmtree(aside, ignore_errors=True)

@@ -169,7 +169,9 @@ def missing_files_problem(scan: Scan, modalities: Sequence[str], rater: int | No
         kin = scan.masks if is_mask else scan.images
         folders = sorted({str(path.parent) for path in (kin or {**scan.images, **scan.masks}).values()})
         file_name = f"{scan.scan_id}_{name}{'' if is_mask else '_pp'}.nii[.gz]"
-        looked_for.append(f"{file_name} in {' or '.join(folders)} or anywhere else" if folders else f"{file_name} anywhere")
+        looked_for.append(
+            f"{file_name} in {' or '.join(folders)} or anywhere else" if folders else f"{file_name} anywhere"
+        )
     return f"{problem}: no {'; no '.join(looked_for)} under {root}"
 
 
@@ -183,15 +185,15 @@ def load_scan(scan: Scan, modalities: Sequence[str] = DEFAULT_MODALITIES, rater:
         raise CohortError(f"scan {scan.scan_id} lacks {', '.join(missing)}")
 
     paths = [scan.images[name] for name in chosen] + [scan.masks[rater]]
-    volumes, affines = zip(*(_read_volume(path) for path in paths))
+    volumes, affines = zip(*(_read_volume(path) for path in paths), strict=True)
     reference_path, reference_shape, reference_affine = paths[0], volumes[0].shape, affines[0]
-    for path, volume, affine in zip(paths[1:], volumes[1:], affines[1:]):
+    for path, volume, affine in zip(paths[1:], volumes[1:], affines[1:], strict=True):
         if volume.shape != reference_shape:
             raise CohortError(f"{path} has shape {volume.shape} but {reference_path} has {reference_shape}")
         if not np.allclose(affine, reference_affine, atol=_AFFINE_ATOL):
             raise CohortError(f"{path} has a different affine (voxel-to-world map) from {reference_path}")
 
-    for path, volume in zip(paths[:-1], volumes[:-1]):
+    for path, volume in zip(paths[:-1], volumes[:-1], strict=True):
         if not np.isfinite(volume).all():
             raise CohortError(f"{path} contains NaN or infinite voxels")
     mask_path, mask = paths[-1], volumes[-1]

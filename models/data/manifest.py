@@ -143,7 +143,9 @@ def _csv_rows(path: Path, text: str, required: Sequence[str]) -> tuple[list[tupl
     try:
         header = next(reader, None)
         if header is None or not any(cell.strip() for cell in header):
-            raise CohortError(f"{path}: empty manifest: expected a header row such as patient,timepoint,{','.join(required[2:])}")
+            raise CohortError(
+                f"{path}: empty manifest: expected a header row such as patient,timepoint,{','.join(required[2:])}"
+            )
         columns = _canonical_names(header, path, "line 1 (header)", "column")
         for name in required:
             if name not in columns:
@@ -153,7 +155,7 @@ def _csv_rows(path: Path, text: str, required: Sequence[str]) -> tuple[list[tupl
                 continue
             where = f"line {reader.line_num}"
             if len(row) == len(columns):
-                rows.append((where, dict(zip(columns, row))))
+                rows.append((where, dict(zip(columns, row, strict=True))))
             else:
                 problems.append(f"{path}: {where}: {len(row)} values but the header has {len(columns)} columns")
     except csv.Error as error:
@@ -192,15 +194,17 @@ def _yaml_rows(path: Path, text: str) -> list[tuple[str, Any]]:
         )
     return [
         (f"item {index} (line {node.start_mark.line + 1})", item)
-        for index, (node, item) in enumerate(zip(items_node.value, data), start=1)
+        for index, (node, item) in enumerate(zip(items_node.value, data, strict=True), start=1)
     ]
 
 
 def _scan_of_row(path: Path, where: str, fields: Any, required: Sequence[str]) -> Scan:
     """The scan one row describes; CohortError names the file, the row and the field at fault."""
     if not isinstance(fields, dict):
-        raise CohortError(f"{path}: {where}: expected a mapping of fields ({_VALID_FIELDS}), got {type(fields).__name__}")
-    values = dict(zip(_canonical_names(list(fields), path, where, "field"), fields.values()))
+        raise CohortError(
+            f"{path}: {where}: expected a mapping of fields ({_VALID_FIELDS}), got {type(fields).__name__}"
+        )
+    values = dict(zip(_canonical_names(list(fields), path, where, "field"), fields.values(), strict=True))
     given = {name: value for name, value in values.items() if not _is_empty(value)}
     for name in required:
         if name not in given:

@@ -258,7 +258,7 @@ def lesion_locations(mask: np.ndarray, anatomy: Anatomy) -> list[str]:
     cortex = ndimage.minimum(anatomy.cortex_distance, labels, index)
     return [
         "periventricular" if v <= near else "juxtacortical" if c <= near else "deep"
-        for v, c in zip(np.atleast_1d(ventricle), np.atleast_1d(cortex))
+        for v, c in zip(np.atleast_1d(ventricle), np.atleast_1d(cortex), strict=True)
     ]
 
 
@@ -321,7 +321,7 @@ def _template(shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
     """The ISBI-grid template maps, smoothed for sampling onto ``shape``."""
     maps = _isbi_template()
     # Coarser grids average over their larger voxels (partial volume) instead of aliasing the folds.
-    sigma = [0.4 * (full - 1) / (size - 1) for full, size in zip(ISBI_SHAPE, shape)]
+    sigma = [0.4 * (full - 1) / (size - 1) for full, size in zip(ISBI_SHAPE, shape, strict=True)]
     if max(sigma) <= 0.5:
         return maps
     smoothed = {name: ndimage.gaussian_filter(volume, sigma) for name, volume in maps.items()}
@@ -393,7 +393,7 @@ def _lesion_course(anatomy: Anatomy, n_timepoints: int, rng: np.random.Generator
     centers = _lesion_centres(anatomy, len(onsets), rng)
 
     lesions = []
-    for center, onset in zip(centers, onsets):
+    for center, onset in zip(centers, onsets, strict=True):
         radius = np.clip(rng.lognormal(math.log(_LESION_MEDIAN_RADIUS_MM), 0.45), 1.5, 7.0) * anatomy.voxels_per_mm
         n_lobes = int(rng.integers(1, 4))
         n_ripples = 4
@@ -483,7 +483,7 @@ def _lesions_at(
         profile = np.clip(depth / np.float32(lesion.fuzz) + np.float32(0.5), 0.0, 1.0)
         weight[box] = np.maximum(weight[box], profile * np.float32(lesion.strength))
         t1_weight[box] = np.maximum(t1_weight[box], profile * np.float32(lesion.t1_darkness))
-        for rater, bias, mask in zip(_RATERS, lesion.rater_bias, masks):
+        for rater, bias, mask in zip(_RATERS, lesion.rater_bias, masks, strict=True):
             level = rater.contrast * math.exp(bias + rng.normal(0.0, _RATER_JITTER)) / lesion.strength
             overlooked = float(np.mean(lesion.radii)) * scale < small and rng.random() < rater.lapse
             if level < 0.9 and not overlooked:
@@ -506,11 +506,11 @@ def _rasterise(lesion: _Lesion, scale: float, shape) -> tuple[tuple[slice, ...],
     reach += lesion.fuzz + 2
     box = tuple(
         slice(max(int(c - reach), 0), min(int(math.ceil(c + reach)) + 1, size))
-        for c, size in zip(lesion.center, shape)
+        for c, size in zip(lesion.center, shape, strict=True)
     )
     offsets = [
         np.arange(s.start, s.stop, dtype=np.float32).reshape([-1 if a == axis else 1 for a in range(3)]) - np.float32(c)
-        for axis, (s, c) in enumerate(zip(box, lesion.center))
+        for axis, (s, c) in enumerate(zip(box, lesion.center, strict=True))
     ]
     # Coordinates in the lesion frame, in units of its radii.
     local = [
@@ -520,7 +520,7 @@ def _rasterise(lesion: _Lesion, scale: float, shape) -> tuple[tuple[slice, ...],
     radius = np.min(
         [
             np.sqrt(sum((local[a] - np.float32(offset[a])) ** 2 for a in range(3))) / np.float32(size)
-            for offset, size in zip(lesion.lobe_offsets, lesion.lobe_sizes)
+            for offset, size in zip(lesion.lobe_offsets, lesion.lobe_sizes, strict=True)
         ],
         axis=0,
     )
@@ -531,7 +531,7 @@ def _rasterise(lesion: _Lesion, scale: float, shape) -> tuple[tuple[slice, ...],
             np.float32(math.pi * cycles) * sum(np.float32(d[a]) * local[a] for a in range(3)) / norm
             + np.float32(phase)
         )
-        for d, cycles, phase in zip(lesion.ripple_directions, lesion.ripple_cycles, lesion.ripple_phases)
+        for d, cycles, phase in zip(lesion.ripple_directions, lesion.ripple_cycles, lesion.ripple_phases, strict=True)
     )
     return box, ((border - radius) * np.float32(np.mean(radii))).astype(np.float32)
 
@@ -597,10 +597,12 @@ def _flow_artefacts(anatomy: Anatomy, rng: np.random.Generator) -> np.ndarray:
         centre = np.array(np.unravel_index(index, shape), dtype=np.float32)
         radius = max(rng.uniform(1.5, 4.0) * anatomy.voxels_per_mm, 1.2)
         reach = int(math.ceil(2 * radius))
-        box = tuple(slice(max(int(c) - reach, 0), min(int(c) + reach + 1, size)) for c, size in zip(centre, shape))
+        box = tuple(
+            slice(max(int(c) - reach, 0), min(int(c) + reach + 1, size)) for c, size in zip(centre, shape, strict=True)
+        )
         squared = sum(
             (np.arange(s.start, s.stop, dtype=np.float32).reshape([-1 if a == axis else 1 for a in range(3)]) - c) ** 2
-            for axis, (s, c) in enumerate(zip(box, centre))
+            for axis, (s, c) in enumerate(zip(box, centre, strict=True))
         )
         spot = np.exp(-squared / np.float32(2 * radius**2)) * np.float32(rng.uniform(1.4, 2.2))
         spots[box] = np.maximum(spots[box], spot)

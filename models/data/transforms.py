@@ -136,14 +136,14 @@ class GridRestore:
                 f"volume's spatial shape {tuple(volume.shape[-3:])} is not the prepared grid {self.prepared_shape}"
             )
         unpadded = volume[
-            (..., *(slice(p, p + e - s) for p, s, e in zip(self.pad_before, self.crop_start, self.crop_end)))
+            (
+                ...,
+                *(slice(p, p + e - s) for p, s, e in zip(self.pad_before, self.crop_start, self.crop_end, strict=True)),
+            )
         ]
         shape = (*volume.shape[:-3], *self.input_shape)
-        if isinstance(volume, torch.Tensor):
-            restored = volume.new_zeros(shape)
-        else:
-            restored = np.zeros(shape, dtype=volume.dtype)
-        restored[(..., *(slice(s, e) for s, e in zip(self.crop_start, self.crop_end)))] = unpadded
+        restored = volume.new_zeros(shape) if isinstance(volume, torch.Tensor) else np.zeros(shape, dtype=volume.dtype)
+        restored[(..., *(slice(s, e) for s, e in zip(self.crop_start, self.crop_end, strict=True)))] = unpadded
         return restored
 
 
@@ -160,7 +160,7 @@ def prepare_scan_for_inference(image: np.ndarray, patch_size: Sequence[int]) -> 
     # The very transforms that ran, asked for the geometry they applied.
     start, end = crop.cropper.compute_bounding_box(torch.as_tensor(image))
     crop_start, crop_end = tuple(int(v) for v in start), tuple(int(v) for v in end)
-    cropped_shape = [e - s for s, e in zip(crop_start, crop_end)]
+    cropped_shape = [e - s for s, e in zip(crop_start, crop_end, strict=True)]
     pad_width = pad.padder.compute_pad_width(cropped_shape)[1:]
     restore = GridRestore(
         input_shape=tuple(int(s) for s in image.shape[1:]),  # type: ignore[arg-type]

@@ -118,7 +118,11 @@ def check_cohort_root(
         report = check_cohort(Cohort(root=root, modalities=chosen, rater=rater, scans=contents.scans), folds)
         return CohortReport(errors=contents.problems + report.errors, warnings=report.warnings)
     if not root.is_dir():
-        problem = "does not exist" if not root.exists() else f"is neither a folder nor a manifest ({', '.join(MANIFEST_SUFFIXES)})"
+        problem = (
+            "does not exist"
+            if not root.exists()
+            else f"is neither a folder nor a manifest ({', '.join(MANIFEST_SUFFIXES)})"
+        )
         return CohortReport(errors=(f"cohort root {root} {problem}",))
 
     errors: list[str] = []

@@ -66,7 +66,8 @@ def ddim_trajectory(
     x0: X0Map = x0_from_logits,
     noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Predicted-x0 logits at every DDIM step for ``num_samples`` chains per image: (B, num_steps, num_samples, X, Y, Z).
+    """Predicted-x0 logits at every DDIM step for ``num_samples`` chains per image:
+    (B, num_steps, num_samples, X, Y, Z).
 
     ``image`` (B,C,X,Y,Z). Steps are ordered noisiest first (``ddim_timesteps``). The samples of all images run as one
     batch of B * num_samples per network call, and the outputs stay on the image's device. The initial noise comes
@@ -195,7 +196,10 @@ def sample_scan_fused(
             return fuse(ddim_trajectory(net, windows, num_steps, num_samples, config, generator, autocast_dtype, x0))
         blank = sw_batch_size - count
         noise = torch.randn(
-            (count * num_samples, 1, *windows.shape[2:]), dtype=torch.float32, device=windows.device, generator=generator
+            (count * num_samples, 1, *windows.shape[2:]),
+            dtype=torch.float32,
+            device=windows.device,
+            generator=generator,
         )
         windows = torch.cat([windows, windows.new_zeros((blank, *windows.shape[1:]))])
         noise = torch.cat([noise, noise.new_zeros((blank * num_samples, *noise.shape[1:]))])

@@ -38,7 +38,8 @@ def betas(config: DiffusionConfig, device: torch.device | str | None = None) -> 
 
 
 def alphas_cumprod(config: DiffusionConfig, device: torch.device | str | None = None) -> torch.Tensor:
-    """alpha_bar_t = prod_{k<=t} (1 - beta_k), t = 0..T-1, float32; x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps."""
+    """alpha_bar_t = prod_{k<=t} (1 - beta_k), t = 0..T-1, float32;
+    x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps."""
     return torch.cumprod(1.0 - betas(config, device), dim=0)
 
 

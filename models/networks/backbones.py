@@ -37,8 +37,7 @@ from .conditioning import (
     unetr_forward,
 )
 from .encoders import ModalitySumEncoder, SwinUNETREncoder, UNETREncoder
-from .mssegdiff_unet import SPATIAL_MULTIPLE as MSSEGDIFF_UNET_SPATIAL_MULTIPLE
-from .mssegdiff_unet import MSSegDiffUNetDenoiser
+from .mssegdiff_unet import SPATIAL_MULTIPLE as MSSEGDIFF_UNET_SPATIAL_MULTIPLE, MSSegDiffUNetDenoiser
 
 CHANNEL_MULTIPLE = 8
 

@@ -68,7 +68,7 @@ def segresnet_forward(network: SegResNet, x: torch.Tensor, stage_additions: Sequ
     if network.dropout_prob is not None:
         x = network.dropout(x)
     skips = []
-    for down, addition in zip(network.down_layers, stage_additions):
+    for down, addition in zip(network.down_layers, stage_additions, strict=True):
         x = down(x) + addition
         skips.append(x)
     return network.decode(x, skips[::-1])

@@ -174,12 +174,15 @@ class MSSegDiffUNetDenoiser(nn.Module):
         skips = [x0]
         x = x0
         for down, attention, feature in zip(
-            (self.down_1, self.down_2, self.down_3, self.down_4), self.down_attention, stage_features[1:]
+            (self.down_1, self.down_2, self.down_3, self.down_4), self.down_attention, stage_features[1:], strict=True
         ):
             x = attention(down(x, time) + feature)
             skips.append(x)
         for upcat, attention, skip in zip(
-            (self.upcat_4, self.upcat_3, self.upcat_2, self.upcat_1), self.up_attention, reversed(skips[:-1])
+            (self.upcat_4, self.upcat_3, self.upcat_2, self.upcat_1),
+            self.up_attention,
+            reversed(skips[:-1]),
+            strict=True,
         ):
             x = attention(upcat(x, skip, time))
         return self.final_conv(x)

@@ -56,7 +56,9 @@ class NetworkConfig:
                 takers = ", ".join(name for name in BACKBONES.names() if BACKBONES.get(name).takes_features)
                 raise ValueError(f"{self.backbone} is sized by width only; explicit features suit: {takers}")
             features = tuple(self.features)
-            if len(features) != 6 or not all(isinstance(f, int) and not isinstance(f, bool) and f > 0 for f in features):
+            if len(features) != 6 or not all(
+                isinstance(f, int) and not isinstance(f, bool) and f > 0 for f in features
+            ):
                 raise ValueError(f"features must be six positive integers, got {self.features!r}")
             object.__setattr__(self, "features", features)
 
@@ -143,7 +145,7 @@ class DiffusionSegmentationNet(nn.Module):
         time = self.time_embedding(timesteps)
         additions = [
             feature + project(time)[:, :, None, None, None]
-            for feature, project in zip(stage_features, self.time_projections)
+            for feature, project in zip(stage_features, self.time_projections, strict=True)
         ]
         return self.conditioned_forward(self.denoiser, torch.cat([image, noisy_mask], dim=1), additions)
 

@@ -13,6 +13,7 @@ from .predict import predict
 from .ray import ray_group
 from .registry import registry
 from .report import report
+from .slurm import slurm_job, slurm_node
 from .ui import ui
 
 
@@ -21,5 +22,7 @@ def main() -> None:
     """msx: diffusion MS lesion segmentation studies on Ray Tune, Ray Train and MLflow."""
 
 
-for command in (launch, status, synth, evaluate, registry, report, ui, predict, data, fidelity, ray_group):
+for command in (
+    launch, status, synth, evaluate, registry, report, ui, predict, data, fidelity, ray_group, slurm_job, slurm_node
+):
     main.add_command(command)

@@ -95,7 +95,9 @@ class QuietConsole:
                 os.close(fd)
             if self._console is not None:
                 self._console.close()
-        unexpected = isinstance(error, Exception) and not isinstance(error, (click.ClickException, click.exceptions.Exit))
+        unexpected = isinstance(error, Exception) and not isinstance(
+            error, (click.ClickException, click.exceptions.Exit)
+        )
         if unexpected:
             log.write("".join(traceback.format_exception(kind, error, trace)))
         # Left open: handlers made meanwhile (Ray's, Tune's) keep writing here until the process ends.

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+
 from msx.models.data.cohort import (
     DEFAULT_MODALITIES,
     RATERS,
@@ -27,7 +28,9 @@ _COHORT = click.argument("cohort_path", metavar="COHORT", type=click.Path(exists
 _MODALITIES = click.option(
     "--modalities", default=",".join(DEFAULT_MODALITIES), show_default=True, help="Input modalities, comma-separated."
 )
-_RATER = click.option("--rater", type=click.Choice([str(r) for r in RATERS]), default="1", show_default=True, help="Ground-truth rater.")
+_RATER = click.option(
+    "--rater", type=click.Choice([str(r) for r in RATERS]), default="1", show_default=True, help="Ground-truth rater."
+)
 
 
 @click.group("data")
@@ -96,7 +99,9 @@ def synth(out: Path, patients: int, shape: str, seed: int) -> None:
         if len(dims) != 3 or min(dims) < 16:
             raise ValueError
     except ValueError:
-        raise click.BadParameter(f"{shape!r}: expected three integers of at least 16, like 181,217,181", param_hint="--shape") from None
+        raise click.BadParameter(
+            f"{shape!r}: expected three integers of at least 16, like 181,217,181", param_hint="--shape"
+        ) from None
     paths = write_synthetic_cohort(out, patients=patients, shape=dims, seed=seed)
     click.echo(f"wrote {len(paths)} files for {patients} patients to {out}")
 
@@ -124,7 +129,7 @@ def format_table(rows) -> str:
         line.append(f"{row.dice:.3f}" if row.dice is not None else "-")
         table.append(line)
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in table]
+    lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)) for line in table]
 
     totals = [f"{len({row.patient for row in rows})} patients, {len(rows)} scans"]
     for r in RATERS:

@@ -12,12 +12,30 @@ _FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
 @click.command()
-@click.option("--pred", "preds", type=_FILE, multiple=True, required=True, help="Predicted mask (NIfTI); repeat for several scans.")
-@click.option("--gt", "gts", type=_FILE, multiple=True, required=True, help="Ground-truth mask (NIfTI) of the --pred in the same position.")
-@click.option("--uncertainty", "uncertainties", type=_FILE, multiple=True, help="Voxel-wise uncertainty map (NIfTI, finite, >= 0) of the --pred in the same position; give one per --pred to score the nDSC R-AAC.")
-@click.option("--brain-mask", "brain_masks", type=_FILE, multiple=True, help="Brain mask (NIfTI) restricting the nDSC R-AAC to its voxels: once for every scan, or once per --pred in the same position. Needs --uncertainty.")
-@click.option("--connectivity", type=click.Choice(["6", "18", "26"]), default="6", show_default=True, help="Lesion connectivity.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON (NaN as null): an object for one scan, a list for several.")
+@click.option(
+    "--pred", "preds", type=_FILE, multiple=True, required=True,
+    help="Predicted mask (NIfTI); repeat for several scans."
+)
+@click.option(
+    "--gt", "gts", type=_FILE, multiple=True, required=True,
+    help="Ground-truth mask (NIfTI) of the --pred in the same position."
+)
+@click.option(
+    "--uncertainty", "uncertainties", type=_FILE, multiple=True,
+    help="Voxel-wise uncertainty map (NIfTI, finite, >= 0) of the --pred in the same position; give one per --pred to "
+         "score the nDSC R-AAC."
+)
+@click.option(
+    "--brain-mask", "brain_masks", type=_FILE, multiple=True,
+    help="Brain mask (NIfTI) restricting the nDSC R-AAC to its voxels: once for every scan, or once per --pred in the "
+         "same position. Needs --uncertainty."
+)
+@click.option(
+    "--connectivity", type=click.Choice(["6", "18", "26"]), default="6", show_default=True, help="Lesion connectivity."
+)
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print JSON (NaN as null): an object for one scan, a list for several."
+)
 def evaluate(
     preds: tuple[Path, ...],
     gts: tuple[Path, ...],
@@ -38,11 +56,15 @@ def evaluate(
     if len(preds) != len(gts):
         raise click.UsageError(f"got {len(preds)} --pred and {len(gts)} --gt; give one ground truth per prediction")
     if uncertainties and len(uncertainties) != len(preds):
-        raise click.UsageError(f"got {len(preds)} --pred and {len(uncertainties)} --uncertainty; give one map per prediction")
+        raise click.UsageError(
+            f"got {len(preds)} --pred and {len(uncertainties)} --uncertainty; give one map per prediction"
+        )
     if brain_masks and not uncertainties:
         raise click.UsageError("--brain-mask restricts the nDSC R-AAC, which needs --uncertainty")
     if len(brain_masks) not in (0, 1, len(preds)):
-        raise click.UsageError(f"got {len(preds)} --pred and {len(brain_masks)} --brain-mask; give one for all scans or one per prediction")
+        raise click.UsageError(
+            f"got {len(preds)} --pred and {len(brain_masks)} --brain-mask; give one for all scans or one per prediction"
+        )
     scans = [
         ScanFiles(
             pred,
@@ -50,7 +72,7 @@ def evaluate(
             uncertainties[index] if uncertainties else None,
             (brain_masks[index] if len(brain_masks) > 1 else brain_masks[0]) if brain_masks else None,
         )
-        for index, (pred, gt) in enumerate(zip(preds, gts))
+        for index, (pred, gt) in enumerate(zip(preds, gts, strict=True))
     ]
     try:
         per_scan = evaluate_mask_files(scans, int(connectivity))
@@ -64,7 +86,7 @@ def evaluate(
                 "connectivity": int(connectivity),
                 **{k: (None if math.isnan(v) else v) for k, v in metrics.items()},
             }
-            for scan, metrics in zip(scans, per_scan)
+            for scan, metrics in zip(scans, per_scan, strict=True)
         ]
         click.echo(json.dumps(rows[0] if len(rows) == 1 else rows))
         return
@@ -72,11 +94,13 @@ def evaluate(
     width = max(len(str(pred)) for pred in preds)
     columns = {name: max(8, len(name)) for name in per_scan[0]}
     click.echo(f"{'prediction':{width}s} " + " ".join(f"{name.upper():>{w}s}" for name, w in columns.items()))
-    for pred, metrics in zip(preds, per_scan):
+    for pred, metrics in zip(preds, per_scan, strict=True):
         click.echo(f"{str(pred):{width}s} " + " ".join(f"{metrics[name]:{w}.4f}" for name, w in columns.items()))
     if len(per_scan) > 1:
         # NaN-aware, as the study's split means are: a scan where a metric is undefined (an empty prediction's PPV)
         # says nothing about the others' mean.
         means = {name: mean for name, (mean, _) in summarise(per_scan).items()}
         cells = ("n/a" if math.isnan(means[name]) else f"{means[name]:.4f}" for name in columns)
-        click.echo(f"{'mean':{width}s} " + " ".join(f"{cell:>{w}s}" for cell, w in zip(cells, columns.values())))
+        click.echo(
+            f"{'mean':{width}s} " + " ".join(f"{cell:>{w}s}" for cell, w in zip(cells, columns.values(), strict=True))
+        )

@@ -17,9 +17,13 @@ def fidelity() -> None:
 
 
 @fidelity.command("check")
-@click.argument("fixtures", metavar="FILE.npz...", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument(
+    "fixtures", metavar="FILE.npz...", nargs=-1, required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Network fixture whose weights a sampling fixture was made with [default: unet_reference.npz beside it].")
+              help="Network fixture whose weights a sampling fixture was made with "
+                   "[default: unet_reference.npz beside it].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per fixture instead of tables.")
 def check(fixtures: tuple[Path, ...], weights: Path | None, as_json: bool) -> None:
     """Build msx's network from each fixture's arrays, run msx's own code on its inputs (a network forward;
@@ -55,8 +59,10 @@ def _print_report(report, tolerance: float) -> None:
     from msx.models.fidelity import EXACT, RELATIVE, SCHEDULE_TOLERANCE
 
     measures = {c.measure for c in report.comparisons}
-    others = [text for measure, text in ((EXACT, "masks: exact"), (RELATIVE, f"schedules: {SCHEDULE_TOLERANCE:g} relative"))
-              if measure in measures]
+    others = [
+        text for measure, text in ((EXACT, "masks: exact"), (RELATIVE, f"schedules: {SCHEDULE_TOLERANCE:g} relative"))
+        if measure in measures
+    ]
     click.echo(
         f"{report.fixture}: {report.kind} fixture, msx {report.backbone}, features {list(report.features)}, "
         f"tolerance {tolerance:g}" + (f" ({'; '.join(others)})" if others else "")
@@ -80,7 +86,10 @@ def _print_report(report, tolerance: float) -> None:
         passed = all(c.passed for c in members)
         verdict = ("ok" if passed else "FAIL") if worst.gated else "-"
         where = f" (at {worst.array})" if grouped else ""
-        click.echo(f"    {_label(label, members):<{width}}  {'' if grouped else shape:<16} {worst.describe()}{where}  {verdict}")
+        click.echo(
+            f"    {_label(label, members):<{width}}  {'' if grouped else shape:<16} {worst.describe()}{where}  "
+            f"{verdict}"
+        )
         if grouped and worst.gated:
             for member in members:
                 if not member.passed:

@@ -14,15 +14,49 @@ from .options import INPUT_ERRORS, fail_cleanly
 
 
 @click.command()
-@click.option("--space", default=None, help="Search space: a bundled name (smoke, paper, hpo) or a YAML path  [default: smoke; with --resume, the study's own].")
-@click.option("--data", type=click.Path(path_type=Path), default=None, help="Cohort: an ISBI-layout folder or a manifest (.csv, .yaml) (default: the spec's, else synthetic).")
-@click.option("--storage", envvar="MSX_STORAGE", type=click.Path(path_type=Path), default=Path("msx_runs"), show_default=True, help="Folder for experiments, checkpoints and the default MLflow store (env MSX_STORAGE).")
-@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, help="MLflow tracking URI (default: SQLite file in --storage).")
-@click.option("--address", envvar="RAY_ADDRESS", default=None, help="A running Ray cluster. Its dashboard URL (http://HEAD:8265) submits the study as a Ray job and streams its logs; a GCS address (HOST:6379, auto) runs the driver here. Default: join the Ray running on this machine, else start one.")
-@click.option("--cluster", "cluster_file", type=click.Path(path_type=Path), default=None, help="A Ray cluster launcher YAML (cluster/a100.yaml): brings the cluster up, submits the study as a Ray job through a tunnel to its dashboard, and streams its logs.")
-@click.option("--resume", "resume_name", default=None, metavar="NAME", help="Continue the unfinished study NAME (a study, or an experiment's latest): finished trials are kept, interrupted ones continue from their last checkpoint.")
-@click.option("--fresh", is_flag=True, help="Start a new study even when the experiment has an unfinished one (which stays as it is).")
-@click.option("--verbose", is_flag=True, help="Show Ray's, Tune's and MLflow's messages here too (default: in a log file under --storage, named at the start).")
+@click.option(
+    "--space", default=None,
+    help="Search space: a bundled name (smoke, paper, hpo) or a YAML path  [default: smoke; with --resume, the"
+         " study's own].",
+)
+@click.option(
+    "--data", type=click.Path(path_type=Path), default=None,
+    help="Cohort: an ISBI-layout folder or a manifest (.csv, .yaml) (default: the spec's, else synthetic).",
+)
+@click.option(
+    "--storage", envvar="MSX_STORAGE", type=click.Path(path_type=Path), default=Path("msx_runs"), show_default=True,
+    help="Folder for experiments, checkpoints and the default MLflow store (env MSX_STORAGE).",
+)
+@click.option(
+    "--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
+    help="MLflow tracking URI (default: SQLite file in --storage).",
+)
+@click.option(
+    "--address", envvar="RAY_ADDRESS", default=None,
+    help="A running Ray cluster. Its dashboard URL (http://HEAD:8265) submits the study as a Ray job and "
+         "streams its logs; a GCS address (HOST:6379, auto) runs the driver here. Default: join the Ray "
+         "running on this machine, else start one.",
+)
+@click.option(
+    "--cluster", "cluster_file", type=click.Path(path_type=Path), default=None,
+    help="A Ray cluster launcher YAML (cluster/a100.yaml): brings the cluster up, submits the study as a Ray "
+         "job through a tunnel to its dashboard, and streams its logs. A SLURM config (cluster/slurm.yaml): "
+         "submits the study as one batch job with sbatch and follows its log.",
+)
+@click.option(
+    "--resume", "resume_name", default=None, metavar="NAME",
+    help="Continue the unfinished study NAME (a study, or an experiment's latest): finished trials are kept, "
+         "interrupted ones continue from their last checkpoint.",
+)
+@click.option(
+    "--fresh", is_flag=True,
+    help="Start a new study even when the experiment has an unfinished one (which stays as it is).",
+)
+@click.option(
+    "--verbose", is_flag=True,
+    help="Show Ray's, Tune's and MLflow's messages here too (default: in a log file under --storage, named at "
+         "the start).",
+)
 @click.pass_context
 def launch(
     context: click.Context,
@@ -116,19 +150,24 @@ def _launch_here(
         echo(line)
     if outcome.selection is None:
         raise click.ClickException(
-            f"no configuration finished all its folds ({outcome.trials_finished}/{outcome.trials_total} trials); nothing was registered"
+            f"no configuration finished all its folds ({outcome.trials_finished}/{outcome.trials_total} trials); "
+            "nothing was registered"
         )
     selection = outcome.selection
-    searched = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in selection.configuration.searched.items())
+    searched = ", ".join(
+        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in selection.configuration.searched.items()
+    )
     echo(
-        f"selected on validation patients: {selection.configuration.backbone} ({selection.configuration.configuration}"
+        f"selected on validation patients: {selection.configuration.backbone} "
+        f"({selection.configuration.configuration}"
         f"{', ' + searched if searched else ''}), strategy {selection.strategy}, "
         f"mean validation {selection.metric.upper()} {selection.validation_score:.4f}"
     )
     echo(f"registered model: {outcome.registration.summary}")
     pruned = outcome.search.count("pruned") * outcome.search.folds if outcome.search else 0
     stopped = f" ({pruned} stopped with their pruned configurations)" if pruned else ""
-    echo(f"finished {outcome.trials_finished}/{outcome.trials_total} trials{stopped} in {time.monotonic() - started:.0f} s")
+    elapsed = time.monotonic() - started
+    echo(f"finished {outcome.trials_finished}/{outcome.trials_total} trials{stopped} in {elapsed:.0f} s")
     echo("")
     if tracking_uri.startswith("sqlite:"):
         storage_option = "" if storage == Path("msx_runs").resolve() else f" --storage {storage}"
@@ -137,9 +176,11 @@ def _launch_here(
     else:
         echo(f"MLflow UI:      {tracking_uri}/#/models/{spec.registry.model_name}")
     if address:
-        echo(f"Ray dashboard:  {dashboard or 'on the cluster head (ray dashboard CLUSTER.yaml tunnels it to 127.0.0.1:8265)'}")
+        where = dashboard or "on the cluster head (ray dashboard CLUSTER.yaml tunnels it to 127.0.0.1:8265)"
+        echo(f"Ray dashboard:  {where}")
     else:
-        echo(f"Ray dashboard:  {dashboard} while a study runs on this machine (the last study to end stops the local Ray)")
+        echo(f"Ray dashboard:  {dashboard} while a study runs on this machine (the last study to end stops the local "
+             "Ray)")
 
 
 def _exit_on_sigterm(signum: int, frame) -> None:
@@ -147,10 +188,12 @@ def _exit_on_sigterm(signum: int, frame) -> None:
 
 
 def _submit_launch(context: click.Context, cluster_file: Path | None, address: str | None) -> None:
-    """`msx launch` on a cluster: the same command runs there as a Ray job, and its logs stream here."""
+    """`msx launch` on a cluster: the same command runs there as a Ray job (a Ray cluster launcher config or a
+    dashboard address) or a SLURM batch job (a SLURM config, cluster/slurm.yaml), and its logs stream here."""
     from click.core import ParameterSource
 
     from ..cluster.jobs import SubmissionError, bring_up_cluster, close_tunnel, launch_entrypoint, submit_launch
+    from ..cluster.slurm import is_slurm_config, submit_slurm_launch
 
     params = context.params
     # Only what the user chose travels; the cluster's own environment (MSX_STORAGE) fills in the rest.
@@ -160,6 +203,11 @@ def _submit_launch(context: click.Context, cluster_file: Path | None, address: s
     }
     try:
         spec = None if params["resume_name"] else load_spec(params["space"] or "smoke")
+        if cluster_file is not None and is_slurm_config(cluster_file):
+            status = submit_slurm_launch(cluster_file, spec, chosen, click.echo)
+            if status != 0:
+                raise SystemExit(status)
+            return
         launch_entrypoint(spec, chosen)  # its path checks, before a cluster comes up
         if cluster_file is not None:
             address, tunnel = bring_up_cluster(cluster_file, click.echo)
@@ -178,7 +226,10 @@ def _submit_launch(context: click.Context, cluster_file: Path | None, address: s
 
 @click.command()
 @click.argument("name", required=False)
-@click.option("--storage", envvar="MSX_STORAGE", type=click.Path(path_type=Path), default=Path("msx_runs"), show_default=True, help="Folder of the experiments (env MSX_STORAGE).")
+@click.option(
+    "--storage", envvar="MSX_STORAGE", type=click.Path(path_type=Path), default=Path("msx_runs"), show_default=True,
+    help="Folder of the experiments (env MSX_STORAGE).",
+)
 def status(name: str | None, storage: Path) -> None:
     """Where study NAME stands (a study, or an experiment's latest; default: the latest study): trials
     done, running and failed, the best validation Dice so far, and whether its driver still runs."""

@@ -54,15 +54,39 @@ def _modality_file_options(command):
 
 
 @click.command("predict")
-@click.option("--model", "model_ref", required=True, help="An msx checkpoint folder, or models:/NAME@ALIAS (also NAME/VERSION).")
-@click.option("--input", "input_path", type=click.Path(path_type=Path), default=None, help="Folder with ISBI-named scans (one scan or a cohort), or a cohort manifest (.csv, .yaml); masks optional.")
+@click.option(
+    "--model", "model_ref", required=True, help="An msx checkpoint folder, or models:/NAME@ALIAS (also NAME/VERSION)."
+)
+@click.option(
+    "--input", "input_path", type=click.Path(path_type=Path), default=None,
+    help="Folder with ISBI-named scans (one scan or a cohort), or a cohort manifest (.csv, .yaml); masks optional."
+)
 @_modality_file_options
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for <scan>_mask.nii.gz and <scan>_overlay.png, or, for one scan, the mask file (.nii.gz) to write, the others beside it.")
-@click.option("--maps", is_flag=True, help="Also write <scan>_probability.nii.gz and <scan>_uncertainty_<measure>.nii.gz for the measures total, data, knowledge and steps (float32, bits).")
-@click.option("--strategy", default=None, help="Inference strategy (default: the registered model's, or the checkpoint spec's validation strategy).")
-@click.option("--modalities", default=None, help="Comma-separated input channels in the model's order (default: the training spec's).")
-@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, help="MLflow tracking URI (default: SQLite file in --storage).")
-@click.option("--storage", envvar="MSX_STORAGE", type=click.Path(path_type=Path), default=Path("msx_runs"), show_default=True)
+@click.option(
+    "--out", type=click.Path(path_type=Path), required=True,
+    help="Folder for <scan>_mask.nii.gz and <scan>_overlay.png, or, for one scan, the mask file (.nii.gz) to write, "
+         "the others beside it."
+)
+@click.option(
+    "--maps", is_flag=True,
+    help="Also write <scan>_probability.nii.gz and <scan>_uncertainty_<measure>.nii.gz for the measures total, data, "
+         "knowledge and steps (float32, bits)."
+)
+@click.option(
+    "--strategy", default=None,
+    help="Inference strategy (default: the registered model's, or the checkpoint spec's validation strategy)."
+)
+@click.option(
+    "--modalities", default=None,
+    help="Comma-separated input channels in the model's order (default: the training spec's)."
+)
+@click.option(
+    "--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
+    help="MLflow tracking URI (default: SQLite file in --storage)."
+)
+@click.option(
+    "--storage", envvar="MSX_STORAGE", type=click.Path(path_type=Path), default=Path("msx_runs"), show_default=True
+)
 def predict(
     model_ref: str, input_path: Path | None, out: Path, maps: bool, strategy: str | None, modalities: str | None,
     tracking_uri: str | None, storage: Path, **modality_files: Path | None,
@@ -74,7 +98,9 @@ def predict(
     chosen_modalities = _parse_modalities(modalities)
     files = {name: modality_files[f"{name}_file"] for name in MODALITIES if modality_files[f"{name}_file"] is not None}
     if (input_path is None) == (not files):
-        raise click.UsageError("give either --input (a folder or a manifest) or one scan's files (--flair, --mprage, ...)")
+        raise click.UsageError(
+            "give either --input (a folder or a manifest) or one scan's files (--flair, --mprage, ...)"
+        )
     if input_path is not None and not input_path.exists():
         raise click.ClickException(f"input {input_path} does not exist")
     from ..tracking.store import default_tracking_uri

@@ -14,8 +14,20 @@ def registry() -> None:
 
 def _registry_store(command):
     """--tracking-uri and --storage, as the other commands take them."""
-    command = click.option("--storage", envvar="MSX_STORAGE", type=click.Path(path_type=Path), default=Path("msx_runs"), show_default=True, help="Folder of the default MLflow store (env MSX_STORAGE).")(command)
-    return click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, help="MLflow tracking URI (default: SQLite file in --storage).")(command)
+    command = click.option(
+        "--storage",
+        envvar="MSX_STORAGE",
+        type=click.Path(path_type=Path),
+        default=Path("msx_runs"),
+        show_default=True,
+        help="Folder of the default MLflow store (env MSX_STORAGE).",
+    )(command)
+    return click.option(
+        "--tracking-uri",
+        envvar="MLFLOW_TRACKING_URI",
+        default=None,
+        help="MLflow tracking URI (default: SQLite file in --storage).",
+    )(command)
 
 
 def _registry_uri(tracking_uri: str | None, storage: Path) -> str:
@@ -55,7 +67,7 @@ def registry_list(tracking_uri: str | None, storage: Path) -> None:
     ]
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
     for row in rows:
-        click.echo("  ".join(value.ljust(width) for value, width in zip(row, widths)) + "  " + row[-1])
+        click.echo("  ".join(value.ljust(width) for value, width in zip(row, widths, strict=False)) + "  " + row[-1])
 
 
 @registry.command("show")
@@ -86,7 +98,9 @@ def registry_show(reference: str, tracking_uri: str | None, storage: Path) -> No
 @click.argument("name")
 @click.argument("version")
 @click.option("--alias", default="champion", show_default=True, help="The alias to move.")
-@click.option("--force", is_flag=True, help="Make champion a version selected on other data than the current champion's.")
+@click.option(
+    "--force", is_flag=True, help="Make champion a version selected on other data than the current champion's."
+)
 @_registry_store
 def registry_promote(name: str, version: str, alias: str, force: bool, tracking_uri: str | None, storage: Path) -> None:
     """Point NAME's --alias at VERSION (the champion only moves between versions selected on the same data)."""

@@ -9,9 +9,26 @@ import click
 
 @click.command()
 @click.argument("study", required=False)
-@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, help="MLflow tracking URI (default: SQLite file in --storage).")
-@click.option("--storage", envvar="MSX_STORAGE", type=click.Path(path_type=Path), default=Path("msx_runs"), show_default=True, help="Folder of the default MLflow store and of the report (env MSX_STORAGE).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Folder for report.md, report.html and figures/ (default: <storage>/<study>/report).")
+@click.option(
+    "--tracking-uri",
+    envvar="MLFLOW_TRACKING_URI",
+    default=None,
+    help="MLflow tracking URI (default: SQLite file in --storage).",
+)
+@click.option(
+    "--storage",
+    envvar="MSX_STORAGE",
+    type=click.Path(path_type=Path),
+    default=Path("msx_runs"),
+    show_default=True,
+    help="Folder of the default MLflow store and of the report (env MSX_STORAGE).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for report.md, report.html and figures/ (default: <storage>/<study>/report).",
+)
 def report(study: str | None, tracking_uri: str | None, storage: Path, out: Path | None) -> None:
     """Tables and figures of STUDY's latest launch (default: the most recent study), from MLflow.
 

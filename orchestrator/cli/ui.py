@@ -10,8 +10,20 @@ import click
 
 @click.command()
 @click.option("--port", type=int, default=5000, show_default=True, help="Port of the UI, on 127.0.0.1 only.")
-@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None, help="MLflow tracking URI (default: SQLite file in --storage).")
-@click.option("--storage", envvar="MSX_STORAGE", type=click.Path(path_type=Path), default=Path("msx_runs"), show_default=True, help="Folder of the default MLflow store (env MSX_STORAGE).")
+@click.option(
+    "--tracking-uri",
+    envvar="MLFLOW_TRACKING_URI",
+    default=None,
+    help="MLflow tracking URI (default: SQLite file in --storage).",
+)
+@click.option(
+    "--storage",
+    envvar="MSX_STORAGE",
+    type=click.Path(path_type=Path),
+    default=Path("msx_runs"),
+    show_default=True,
+    help="Folder of the default MLflow store (env MSX_STORAGE).",
+)
 def ui(port: int, tracking_uri: str | None, storage: Path) -> None:
     """Start the MLflow UI on 127.0.0.1 for the study store; Ctrl-C stops it."""
     import os
@@ -23,10 +35,21 @@ def ui(port: int, tracking_uri: str | None, storage: Path) -> None:
     if uri.startswith(("http://", "https://")):
         click.echo(f"{uri} is a tracking server, which serves its own UI: open {uri}")
         return
-    click.echo(f"MLflow UI: http://127.0.0.1:{port} (registered models: http://127.0.0.1:{port}/#/models); Ctrl-C stops it")
+    click.echo(
+        f"MLflow UI: http://127.0.0.1:{port} (registered models: http://127.0.0.1:{port}/#/models); Ctrl-C stops it"
+    )
     # Bound to 127.0.0.1 whatever MLflow's default: the store holds unpublished patient results.
     # MLflow's job runner only serves GenAI features and would start extra processes.
-    command = [str(Path(sys.executable).parent / "mlflow"), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
+    command = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     environment = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     try:
         raise SystemExit(subprocess.call(command, env=environment))

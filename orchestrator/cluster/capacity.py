@@ -9,8 +9,9 @@ and refuses in one line naming what is missing and which spec fields change the 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import ray
 
@@ -69,7 +70,9 @@ def autoscaler_node_types() -> list[tuple[dict[str, float], int]]:
         return []
     if config is None:
         return []
-    return [(dict(group.resources), int(group.max_count)) for group in config.node_group_configs if group.max_count != 0]
+    return [
+        (dict(group.resources), int(group.max_count)) for group in config.node_group_configs if group.max_count != 0
+    ]
 
 
 def check_cluster_hosts_a_trial(resources: ResourcesSpec, echo: Callable[[str], None]) -> None:
@@ -113,7 +116,9 @@ def _shortfall(resources: ResourcesSpec, request: TrialRequest, nodes: list[dict
     gpus = request.per_worker.get("GPU", 0)
     if gpus and largest["GPU"] < gpus:
         missing.append(f"no node has {gpus:g} GPU" if largest["GPU"] == 0 else f"no node has {gpus:g} GPUs")
-        changes.append("resources.use_gpu: false" if largest["GPU"] == 0 else f"resources.gpus_per_worker: {largest['GPU']:g}")
+        changes.append(
+            "resources.use_gpu: false" if largest["GPU"] == 0 else f"resources.gpus_per_worker: {largest['GPU']:g}"
+        )
     if largest["CPU"] < request.per_worker["CPU"]:
         missing.append(f"no node has {request.per_worker['CPU']:g} CPUs")
         changes.append(f"resources.cpus_per_worker: {max(1, math.floor(largest['CPU'])):g} or less")

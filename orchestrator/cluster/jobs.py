@@ -18,8 +18,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -46,20 +47,9 @@ def launch_entrypoint(spec: ExperimentSpec | None, chosen: dict[str, Any], submi
     on the cluster, and the storage folder keeps what was run. (A Ray `working_dir` would do the shipping,
     but the job's driver loses that folder once it connects to the cluster.)
     """
-    for option in ("data", "storage"):
-        if option in chosen and not Path(chosen[option]).is_absolute():
-            raise SubmissionError(f"--{option} {chosen[option]}: give an absolute path as the cluster's nodes see it")
     # Unquoted on purpose: the job's shell expands the cluster's MSX_STORAGE.
     storage = shlex.quote(str(chosen["storage"])) if "storage" in chosen else CLUSTER_STORAGE
-    arguments = ["--address", "auto"]
-    if "data" in chosen:
-        arguments += ["--data", str(chosen["data"])]
-    if "tracking_uri" in chosen:
-        arguments += ["--tracking-uri", chosen["tracking_uri"]]
-    if "resume_name" in chosen:
-        arguments += ["--resume", chosen["resume_name"]]
-    if chosen.get("fresh"):
-        arguments.append("--fresh")
+    arguments = ["--address", "auto", *launch_arguments(chosen)]
     launch = f"msx launch --storage {storage} {shlex.join(arguments)}"
     if spec is None:
         return launch
@@ -69,7 +59,27 @@ def launch_entrypoint(spec: ExperimentSpec | None, chosen: dict[str, Any], submi
     return f"mkdir -p {folder} && printf '%s' {shlex.quote(text)} > {spec_file} && {launch} --space {spec_file}"
 
 
-def submit_launch(address: str, spec: ExperimentSpec | None, chosen: dict[str, Any], echo: Callable[[str], None]) -> int:
+def launch_arguments(chosen: dict[str, Any]) -> list[str]:
+    """The `msx launch` options a cluster's driver gets from what the user chose here (not --storage, --space or
+    --address, which the submission sets); paths must be the cluster's own, so absolute."""
+    for option in ("data", "storage"):
+        if option in chosen and not Path(chosen[option]).is_absolute():
+            raise SubmissionError(f"--{option} {chosen[option]}: give an absolute path as the cluster's nodes see it")
+    arguments = []
+    if "data" in chosen:
+        arguments += ["--data", str(chosen["data"])]
+    if "tracking_uri" in chosen:
+        arguments += ["--tracking-uri", chosen["tracking_uri"]]
+    if "resume_name" in chosen:
+        arguments += ["--resume", chosen["resume_name"]]
+    if chosen.get("fresh"):
+        arguments.append("--fresh")
+    return arguments
+
+
+def submit_launch(
+    address: str, spec: ExperimentSpec | None, chosen: dict[str, Any], echo: Callable[[str], None],
+) -> int:
     """Submit the study to the cluster whose dashboard is at `address`, stream its logs; the job's exit status."""
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobStatus, JobSubmissionClient
@@ -96,7 +106,10 @@ def submit_launch(address: str, spec: ExperimentSpec | None, chosen: dict[str, A
     while info.status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
         time.sleep(1)
         info = client.get_job_info(job_id)
-    echo(f"Ray job {job_id}: {info.status.value}" + (f" ({info.message})" if info.status != JobStatus.SUCCEEDED and info.message else ""))
+    echo(
+        f"Ray job {job_id}: {info.status.value}"
+        + (f" ({info.message})" if info.status != JobStatus.SUCCEEDED and info.message else "")
+    )
     return 0 if info.status == JobStatus.SUCCEEDED else 1
 
 
@@ -241,7 +254,10 @@ def wait_for_nodes(address: str, expected: int, path: Path, echo: Callable[[str]
             return
         waited = time.monotonic() - started
         if waited > WORKERS_WAIT_S:
-            echo(f"after {waited / 60:.0f} min {alive} of the cluster's {expected} nodes are up: the study starts on those")
+            echo(
+                f"after {waited / 60:.0f} min {alive} of the cluster's {expected} nodes are up: "
+                "the study starts on those"
+            )
             return
         if alive != reported[0] or waited - reported[1] >= WORKERS_REPORT_S:
             echo(f"waiting for the cluster's workers: {alive} of {expected} nodes up (a worker's first start installs "

@@ -27,10 +27,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 from .jobs import dashboard_answers, free_local_port
 
@@ -195,7 +195,10 @@ def _start(echo: Callable[[str], None]) -> LocalRay:
     }
     environment.pop("RAY_ADDRESS", None)
     # The token `ray start` and every driver read (~/.ray/auth_token), made once.
-    subprocess.run([ray_cli, "get-auth-token", "--generate"], env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    subprocess.run(
+        [ray_cli, "get-auth-token", "--generate"], env=environment,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True,
+    )
     log = folder() / f"ray-{time.strftime('%Y%m%d-%H%M%S')}.log"
     command = [
         ray_cli, "start", "--head", "--block", "--disable-usage-stats",
@@ -225,15 +228,11 @@ def _start(echo: Callable[[str], None]) -> LocalRay:
 
 
 def _signal_group(pid: int, signum: int) -> None:
-    try:
+    with suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def _reap(pid: int) -> None:
     """Collect the keeper's exit status when this process started it (otherwise it is not our child)."""
-    try:
+    with suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass

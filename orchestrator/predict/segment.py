@@ -160,13 +160,13 @@ def load_input(scan: InputScan, modalities: tuple[str, ...]) -> LoadedInput:
         paths.append(scan.masks[OVERLAY_RATER])
     read_files = [read(path) for path in paths]
     reference, reference_volume = read_files[0]
-    for path, (image, volume) in zip(paths[1:], read_files[1:]):
+    for path, (image, volume) in zip(paths[1:], read_files[1:], strict=True):
         if volume.shape != reference_volume.shape:
             raise PredictError(f"{path} has shape {volume.shape} but {paths[0]} has {reference_volume.shape}")
         if not np.allclose(image.affine, reference.affine, atol=_AFFINE_ATOL):
             raise PredictError(f"{path} has a different affine (voxel-to-world map) from {paths[0]}")
     volumes = [volume for _, volume in read_files[: len(modalities)]]
-    for path, volume in zip(paths, volumes):
+    for path, volume in zip(paths, volumes, strict=False):
         if not np.isfinite(volume).all():
             raise PredictError(f"{path} contains NaN or infinite voxels")
     truth = read_files[-1][1] > 0 if OVERLAY_RATER in scan.masks else None
@@ -201,6 +201,7 @@ def checkpoint_segmenter(
 ) -> tuple[Segmenter, tuple[str, ...], str, int]:
     """(segment, modalities, strategy, image channels) from an msx checkpoint and its spec metadata."""
     import torch
+
     from msx.models.checkpoint import CheckpointError, load_checkpoint
     from msx.models.engine import segment_scan, segment_scan_with_maps
     from msx.models.uncertainty import lesion_maps
@@ -290,7 +291,9 @@ def model_segmenter(
     return checkpoint_segmenter(folder, strategy, device, maps)
 
 
-def input_modalities(chosen: tuple[str, ...] | None, model_modalities: tuple[str, ...] | None, channels: int) -> tuple[str, ...]:
+def input_modalities(
+    chosen: tuple[str, ...] | None, model_modalities: tuple[str, ...] | None, channels: int
+) -> tuple[str, ...]:
     """The modalities to read: the chosen ones, else the model's, else the defaults; as many as the model takes."""
     from msx.models.data.cohort import DEFAULT_MODALITIES
 
@@ -317,7 +320,8 @@ class ScanPrediction:
 def predict_scans(
     segment: Segmenter, scans: list[InputScan], modalities: tuple[str, ...], out: Path, strategy: str
 ) -> Iterator[ScanPrediction]:
-    """Segment each scan and write its files to `out` (:func:`output_paths`); one ScanPrediction per scan, as it is done."""
+    """Segment each scan and write its files to `out` (:func:`output_paths`); one ScanPrediction per scan, as it is
+    done."""
     if names_a_mask_file(out) and len(scans) > 1:
         raise PredictError(f"--out {out} names one mask file but the input holds {len(scans)} scans; give a folder")
     (out.parent if names_a_mask_file(out) else out).mkdir(parents=True, exist_ok=True)
@@ -328,7 +332,9 @@ def predict_scans(
         prediction, maps = segment(loaded.image)
         mask = np.asarray(prediction).astype(bool)
         if mask.shape != loaded.flair.shape:
-            raise PredictError(f"scan {scan.scan_id}: the model returned shape {mask.shape}, expected {loaded.flair.shape}")
+            raise PredictError(
+                f"scan {scan.scan_id}: the model returned shape {mask.shape}, expected {loaded.flair.shape}"
+            )
         paths = output_paths(out, scan.scan_id)
         write_on_input_grid(paths.mask, mask, np.uint8, loaded)
         if maps is not None:

@@ -105,7 +105,7 @@ def per_patient_values(
             ) if scans else []
         else:
             scores = [float(row.get(metric, math.nan)) for row in scans]
-        for row, score in zip(scans, scores):
+        for row, score in zip(scans, scores, strict=True):
             if not math.isnan(score):
                 values.setdefault((fold, patient_of(str(row["scan"]))), []).append(score)
     return {unit: float(np.mean(scores)) for unit, scores in values.items()}
@@ -163,7 +163,7 @@ def compare_family(
     adjusted = holm([result[-1] for result in raw])
     return [
         PairedComparison(family, split, metric, first, second, n, nonzero, mean, low, high, p, p_holm)
-        for (first, second, n, nonzero, mean, low, high, p), p_holm in zip(raw, adjusted)
+        for (first, second, n, nonzero, mean, low, high, p), p_holm in zip(raw, adjusted, strict=True)
     ]
 
 

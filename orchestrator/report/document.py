@@ -16,7 +16,13 @@ from mlflow.tracking import MlflowClient
 
 from msx.models.fold import TRAINING_PHASE, VALIDATION_PHASE, TrainingConfig
 from msx.models.metrics import (
-    HIGHER_IS_BETTER, ISBI_SCORE, R_AAC_PREFIX, RANDOM_UNCERTAINTY, SPLIT_METRIC_NAMES, is_uncertainty_score, r_aac_key,
+    HIGHER_IS_BETTER,
+    ISBI_SCORE,
+    R_AAC_PREFIX,
+    RANDOM_UNCERTAINTY,
+    SPLIT_METRIC_NAMES,
+    is_uncertainty_score,
+    r_aac_key,
 )
 from msx.models.protocols import PROTOCOLS
 
@@ -28,7 +34,13 @@ from .figures import example_overlays, study_figures
 from .record import STARTUP_PHASE, StudyRecord, read_study
 from .render import Block, Heading, Picture, Table, Text, render_html, render_markdown
 from .summary import (
-    ProtocolScores, StudySummary, compared_rows, describe_configuration, retention_summaries, summarise_study, trials_line,
+    ProtocolScores,
+    StudySummary,
+    compared_rows,
+    describe_configuration,
+    retention_summaries,
+    summarise_study,
+    trials_line,
     unfinished_label,
 )
 
@@ -95,7 +107,11 @@ def report_blocks(
                 ("launch (MLflow run)", f"{record.launch} ({record.run_id})"),
                 ("status", record.status),
                 ("started", f"{record.started:%Y-%m-%d %H:%M:%S} UTC"),
-                ("ended", f"{record.ended:%Y-%m-%d %H:%M:%S} UTC ({_duration(record.ended - record.started)})" if record.ended else "-"),
+                (
+                    "ended",
+                    f"{record.ended:%Y-%m-%d %H:%M:%S} UTC ({_duration(record.ended - record.started)})"
+                    if record.ended else "-"
+                ),
                 ("trials", trials_line(record.trials)),
                 ("cohort", record.tags.get(DATA_ROOT_TAG, "-")),
                 ("folds", f"{summary.fold_count} ({spec['data']['folds']}), rater {spec['data']['rater']}"),
@@ -115,9 +131,10 @@ def report_blocks(
         blocks += [
             Heading(f"{SPLIT_NAMES[split].capitalize()} patients"),
             Text(
-                f"Mean ± std (population) over the {summary.fold_count} folds of each fold's mean over its {SPLIT_NAMES[split]} "
-                f"scans. Bold: the best of its column (higher is better for {higher}; lower for {lower}). "
-                f"AVD in percent, ASSD in mm. Each backbone's configuration was chosen on validation patients: {chosen}."
+                f"Mean ± std (population) over the {summary.fold_count} folds of each fold's mean over its "
+                f"{SPLIT_NAMES[split]} scans. Bold: the best of its column (higher is better for {higher}; lower for "
+                f"{lower}). AVD in percent, ASSD in mm. Each backbone's configuration was chosen on validation "
+                f"patients: {chosen}."
             ),
             metrics_table(summary, split),
         ]
@@ -150,7 +167,11 @@ def report_blocks(
             Table(
                 ("trial", "state"),
                 tuple(
-                    (trial.name, ended[trial.configuration].describe() if trial.configuration in ended else unfinished_label(trial))
+                    (
+                        trial.name,
+                        ended[trial.configuration].describe() if trial.configuration in ended
+                        else unfinished_label(trial)
+                    )
                     for trial in unfinished
                 ),
             ),
@@ -179,7 +200,9 @@ def training_line(training: dict) -> str:
 def recipes_line(recipes: dict) -> str:
     """The backbones trained apart from the study's recipe, from its recorded spec: "unet: training.lr=0.008, ..."."""
     return "; ".join(
-        f"{backbone}: " + ", ".join(f"{section}.{name}={value}" for section, fields in sections.items() for name, value in fields.items())
+        f"{backbone}: " + ", ".join(
+            f"{section}.{name}={value}" for section, fields in sections.items() for name, value in fields.items()
+        )
         for backbone, sections in recipes.items()
     )
 
@@ -193,7 +216,10 @@ def _protocol_blocks(summary: StudySummary) -> list[Block]:
         Text(
             "The same trained weights (each backbone's configuration above, every fold) scored once more on the "
             "test patients under another inference protocol. "
-            + " ".join(f"{p.name}: {p.description}." for p in map(PROTOCOLS.get, (summary.protocol, *(c.protocol for c in summary.compared))))
+            + " ".join(
+                f"{p.name}: {p.description}."
+                for p in map(PROTOCOLS.get, (summary.protocol, *(c.protocol for c in summary.compared)))
+            )
             + " Selection, the tables above and the registered model use the study's protocol, "
             f"{summary.protocol}."
         ),
@@ -228,7 +254,10 @@ def _selection_blocks(record: StudyRecord, summary: StudySummary) -> list[Block]
     if record.registered:
         for version in record.registered:
             aliases = f", aliases {', '.join(version.aliases)}" if version.aliases else ""
-            reference = f"models:/{version.name}@{version.aliases[0]}" if version.aliases else f"models:/{version.name}/{version.version}"
+            reference = (
+                f"models:/{version.name}@{version.aliases[0]}" if version.aliases
+                else f"models:/{version.name}/{version.version}"
+            )
             blocks.append(Text(f"Registered model: {version.name} version {version.version}{aliases} ({reference})."))
     else:
         blocks.append(Text("No model version was registered from this launch."))
@@ -242,7 +271,8 @@ def _search_blocks(search: SearchSummary) -> list[Block]:
         rung = c.last_rung
         rows.append((
             c.name,
-            ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(c.searched.items())) or "-",
+            ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(c.searched.items()))
+            or "-",
             c.status,
             str(rung) if rung is not None else "-",
             f"{c.rung_means[rung]:.3f}" if rung is not None else "-",
@@ -254,7 +284,8 @@ def _search_blocks(search: SearchSummary) -> list[Block]:
     text = (
         f"Early stopping by configuration: at each rung (epochs {rungs}) a configuration's folds were judged together, "
         f"on their mean validation Dice. {trained} of {full} fold-epochs were trained, {full - trained} "
-        f"({(full - trained) / full:.0%}) fewer than training every configuration on every fold to epoch {search.describe_last_epochs()}."
+        f"({(full - trained) / full:.0%}) fewer than training every configuration on every fold to epoch "
+        f"{search.describe_last_epochs()}."
         if full else "No configuration was opened."
     )
     if search.cut_short:
@@ -262,7 +293,13 @@ def _search_blocks(search: SearchSummary) -> list[Block]:
     return [
         Heading("Search and early stopping"),
         Text(text),
-        Table(("configuration", "searched", "status", "last rung", "mean val Dice there", "final mean val Dice", "fold-epochs"), tuple(rows)),
+        Table(
+            (
+                "configuration", "searched", "status", "last rung", "mean val Dice there", "final mean val Dice",
+                "fold-epochs"
+            ),
+            tuple(rows)
+        ),
     ]
 
 
@@ -305,7 +342,10 @@ def comparison_blocks(comparisons: list[PairedComparison]) -> list[Block]:
                 "comparisons could not be supported whatever the data; their intervals show sizes, not evidence."
             )
         if split == "val":
-            note += " The validation patients also chose the strategies and configurations compared here, which favours the chosen ones."
+            note += (
+                " The validation patients also chose the strategies and configurations compared here, which favours "
+                "the chosen ones."
+            )
         blocks.append(Text(note))
         blocks.append(
             Table(
@@ -346,7 +386,8 @@ def _uncertainty_blocks(summary: StudySummary, split: str = "test") -> list[Bloc
     """The Shifts 2.0 scores of each backbone's chosen configuration: nDSC and lesion F1 of each strategy's masks, and
     their nDSC R-AAC under each uncertainty measure, beside a random order's."""
     names = list(dict.fromkeys(
-        metric for row in summary.rows for (at, _, metric) in row.summary if at == split and is_uncertainty_score(metric)
+        metric for row in summary.rows for (at, _, metric) in row.summary
+        if at == split and is_uncertainty_score(metric)
     ))
     if not names:
         return []
@@ -356,7 +397,10 @@ def _uncertainty_blocks(summary: StudySummary, split: str = "test") -> list[Bloc
     for row in summary.rows:
         for strategy in summary.strategies:
             cells = (row.summary.get((split, strategy, name), (math.nan, math.nan)) for name in names)
-            lines.append((row.backbone, strategy, *("n/a" if math.isnan(mean) else f"{mean:.3f} ± {std:.3f}" for mean, std in cells)))
+            lines.append((
+                row.backbone, strategy,
+                *("n/a" if math.isnan(mean) else f"{mean:.3f} ± {std:.3f}" for mean, std in cells),
+            ))
     headers = [name.removeprefix(R_AAC_PREFIX) + " R-AAC" if name.startswith(R_AAC_PREFIX) else name for name in names]
     return [
         Heading(f"Uncertainty: {SPLIT_NAMES[split]} patients"),
@@ -434,5 +478,7 @@ def write_report(tracking_uri: str, study: str, out: Path) -> ReportFiles:
     written = (markdown, page, *(out / picture.file for picture in pictures))
     # File by file: `out` may be a folder that holds more than this report.
     for path in written:
-        client.log_artifact(record.run_id, str(path), (Path(REPORT_ARTIFACT_PATH) / path.parent.relative_to(out)).as_posix())
+        client.log_artifact(
+            record.run_id, str(path), (Path(REPORT_ARTIFACT_PATH) / path.parent.relative_to(out)).as_posix()
+        )
     return ReportFiles(markdown, page, written[2:], record)

@@ -64,7 +64,7 @@ def fold_dice_boxplots(summary: StudySummary) -> Figure:
         )
         for box in boxes["boxes"]:
             box.set_facecolor(colours(k % colours.N))
-        for position, values in zip(positions, folds):
+        for position, values in zip(positions, folds, strict=True):
             axes.scatter([position] * len(values), values, s=9, color="black", zorder=3)
     axes.set_xticks(range(len(rows)), [row.backbone for row in rows])
     axes.set_ylabel("test DSC per fold")
@@ -80,13 +80,16 @@ def training_curves(summary: StudySummary, trials: tuple[TrialRun, ...]) -> Figu
     """Training loss and validation Dice per epoch of each backbone's chosen configuration, a line per fold."""
     figure = _figure(9, 2.6 * len(summary.rows))
     grid = figure.subplots(len(summary.rows), 2, squeeze=False)
-    for (loss_axes, dice_axes), row in zip(grid, summary.rows):
+    for (loss_axes, dice_axes), row in zip(grid, summary.rows, strict=True):
         for trial in trials:
             if trial.configuration != row.configuration or trial.outcome is None:
                 continue
             for axes, key, marker in ((loss_axes, LOSS_CURVE, None), (dice_axes, VALIDATION_CURVE, "o")):
                 points = trial.curves[key]
-                axes.plot([p[0] for p in points], [p[1] for p in points], marker=marker, markersize=3, label=f"fold {trial.fold}")
+                axes.plot(
+                    [p[0] for p in points], [p[1] for p in points], marker=marker, markersize=3,
+                    label=f"fold {trial.fold}"
+                )
         loss_axes.set_title(f"{row.configuration}: training loss", fontsize=9)
         dice_axes.set_title(f"{row.configuration}: validation Dice", fontsize=9)
         for axes in (loss_axes, dice_axes):
@@ -102,14 +105,17 @@ def retention_curves(retention: list[RetentionSummary]) -> Figure:
     the legend gives each curve's R-AAC (the area above it)."""
     figure = _figure(4.2 * len(retention), 3.6)
     colours = colormaps["tab10"]
-    for axes, summary in zip(figure.subplots(1, len(retention), squeeze=False)[0], retention):
+    for axes, summary in zip(figure.subplots(1, len(retention), squeeze=False)[0], retention, strict=True):
         fractions = np.asarray(summary.fractions)
-        measures = [m for m in summary.curves if m != RANDOM_UNCERTAINTY] + [m for m in summary.curves if m == RANDOM_UNCERTAINTY]
+        measures = [m for m in summary.curves if m != RANDOM_UNCERTAINTY] + [
+            m for m in summary.curves if m == RANDOM_UNCERTAINTY
+        ]
         for index, measure in enumerate(measures):
             curve = np.asarray(summary.curves[measure])
             random = measure == RANDOM_UNCERTAINTY
             axes.plot(
-                fractions, curve, linestyle="--" if random else "-", color="grey" if random else colours(index % colours.N),
+                fractions, curve, linestyle="--" if random else "-",
+                color="grey" if random else colours(index % colours.N),
                 label=f"{measure} (R-AAC {r_aac_of_curve(curve, fractions):.3f})",
             )
         axes.set_xlim(0, 1)
@@ -129,7 +135,8 @@ def study_figures(
         (Picture("figures/test_dice_folds.png", "Test DSC of each fold: one box per strategy, folds as dots."),
          fold_dice_boxplots(summary)),
         (Picture("figures/training_curves.png",
-                 "Training loss and validation Dice (that epoch's weights, validation strategy) per epoch, one line per fold."),
+                 "Training loss and validation Dice (that epoch's weights, validation strategy) per epoch, one line "
+                 "per fold."),
          training_curves(summary, record.trials)),
     ]
     if retention:

@@ -24,8 +24,15 @@ from msx.models.fold import RETENTION_CURVES_FILE
 
 from ..results import TrialOutcome
 from ..study.search_record import SearchSummary, read_summary
+from ..tracking.store import (
+    SCAN_METRICS_ARTIFACT,
+    SEARCH_ARTIFACT,
+    SPEC_ARTIFACT,
+    STUDY_TAG,
+    child_runs,
+    fold_run_outcome,
+)
 from ..trial import PHASE_SECONDS_PREFIX, STARTUP_PREFIX, TRAIN_LOSS, VALIDATION_DICE, TrialConfig
-from ..tracking.store import SCAN_METRICS_ARTIFACT, SEARCH_ARTIFACT, SPEC_ARTIFACT, STUDY_TAG, child_runs, fold_run_outcome
 
 LOSS_CURVE = TRAIN_LOSS
 # The Dice of that epoch's weights; the running best is a staircase that hides the training.
@@ -129,7 +136,10 @@ def read_study(client: MlflowClient, study: str) -> StudyRecord:
     with tempfile.TemporaryDirectory() as folder:
         spec = json.loads(Path(client.download_artifacts(run_id, SPEC_ARTIFACT, folder)).read_text())
         logged = {artifact.path for artifact in client.list_artifacts(run_id)}
-        search = read_summary(Path(client.download_artifacts(run_id, SEARCH_ARTIFACT, folder))) if SEARCH_ARTIFACT in logged else None
+        search = (
+            read_summary(Path(client.download_artifacts(run_id, SEARCH_ARTIFACT, folder))) if SEARCH_ARTIFACT in logged
+            else None
+        )
     # search_model_versions leaves the aliases out; get_model_version has them.
     registered = tuple(
         RegisteredVersion(v.name, int(v.version), tuple(client.get_model_version(v.name, v.version).aliases))
@@ -154,9 +164,11 @@ def read_study(client: MlflowClient, study: str) -> StudyRecord:
 def read_scan_rows(client: MlflowClient, run_id: str) -> list[dict[str, Any]]:
     """A fold run's per-scan table (tracking/artifacts.py): protocol, split, scan and strategy as text, the rest as
     numbers; a row's empty cells (scores its protocol did not compute) are left out of it."""
-    with tempfile.TemporaryDirectory() as folder:
-        with open(client.download_artifacts(run_id, SCAN_METRICS_ARTIFACT, folder), newline="") as file:
-            rows = list(csv.DictReader(file))
+    with (
+        tempfile.TemporaryDirectory() as folder,
+        open(client.download_artifacts(run_id, SCAN_METRICS_ARTIFACT, folder), newline="") as file,
+    ):
+        rows = list(csv.DictReader(file))
     text = ("protocol", "split", "scan", "strategy")
     return [{key: value if key in text else float(value) for key, value in row.items() if value != ""} for row in rows]
 

@@ -42,7 +42,9 @@ def summarise_study(record: StudyRecord) -> StudySummary:
     strategies = tuple(record.spec["inference"]["strategies"])
     outcomes = [trial.outcome for trial in record.trials if trial.outcome is not None]
     if not outcomes:
-        raise ReportError(f"study {record.study!r}, launch {record.launch}: {trials_line(record.trials)}; nothing to report")
+        raise ReportError(
+            f"study {record.study!r}, launch {record.launch}: {trials_line(record.trials)}; nothing to report"
+        )
     # The spec names its folds by plan ("paper", "loso") whose size depends on the cohort; a launch creates
     # every fold's run of a configuration when it starts it, so the runs give the fold count.
     fold_count = len({trial.fold for trial in record.trials})
@@ -58,7 +60,9 @@ def summarise_study(record: StudyRecord) -> StudySummary:
     compared = []
     for protocol in inference.get("compare_protocols", ()):
         scored = {c.configuration: c for c in summarise_configurations(outcomes, strategies, fold_count, protocol)}
-        compared.append(ProtocolScores(protocol, tuple(scored[r.configuration] for r in rows if r.configuration in scored)))
+        compared.append(
+            ProtocolScores(protocol, tuple(scored[r.configuration] for r in rows if r.configuration in scored))
+        )
     return StudySummary(
         strategies=strategies,
         fold_count=fold_count,
@@ -90,7 +94,9 @@ def describe_configuration(configuration: ConfigurationResult) -> str:
     return f"{configuration.configuration} ({searched})" if searched else configuration.configuration
 
 
-def _chosen_strategies(record: StudyRecord, summary: StudySummary) -> list[tuple[ConfigurationResult, str, dict[int, str]]]:
+def _chosen_strategies(
+    record: StudyRecord, summary: StudySummary
+) -> list[tuple[ConfigurationResult, str, dict[int, str]]]:
     """Each backbone's chosen configuration with its strategy chosen on validation and its finished folds' runs
     (fold -> run id); a configuration without a validation score is left out."""
     metric = record.spec["registry"]["selection_metric"]
@@ -107,7 +113,11 @@ def compared_rows(client: MlflowClient, record: StudyRecord, summary: StudySumma
     """Each backbone's chosen configuration with its strategy chosen on validation and its folds' per-scan rows under
     the study's own protocol (a compared protocol's rows are scored on the same scans and would pair twice)."""
     return [
-        ComparedRow(row.backbone, strategy, {fold: _scan_rows_or_none(client, run, summary.protocol) for fold, run in runs.items()})
+        ComparedRow(
+            row.backbone,
+            strategy,
+            {fold: _scan_rows_or_none(client, run, summary.protocol) for fold, run in runs.items()},
+        )
         for row, strategy, runs in _chosen_strategies(record, summary)
     ]
 

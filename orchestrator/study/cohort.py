@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from msx.models.data.cohort import Cohort, CohortError
 from msx.models.data.folds import check_folds, resolve_folds

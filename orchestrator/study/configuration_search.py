@@ -34,9 +34,10 @@ import os
 import pickle
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -181,7 +182,9 @@ class ConfigurationSearch(Searcher):
         fold.handed_at = time.time()
         self._configuration_of_trial[trial_id] = configuration.name
         self._write_snapshot()
-        return TrialConfig(configuration.backbone, fold.fold, configuration.name, dict(configuration.searched)).to_tune()
+        return TrialConfig(
+            configuration.backbone, fold.fold, configuration.name, dict(configuration.searched)
+        ).to_tune()
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id not in self._configuration_of_trial:
@@ -251,7 +254,10 @@ class ConfigurationSearch(Searcher):
             # From Tune's start of the trial (or its resume) to the first report: what a (re)start costs.
             (self._resume_s if fold.resumed else self._start_s).append(now - fold.handed_at)
             fold.handed_at = None
-        elif result.get("time_this_iter_s") is not None and (epochs := int(result.get(EPOCH, fold.epoch)) - fold.epoch) > 0:
+        elif (
+            result.get("time_this_iter_s") is not None
+            and (epochs := int(result.get(EPOCH, fold.epoch)) - fold.epoch) > 0
+        ):
             # A trial reports at its validations: the time since its last report covers that many epochs.
             self._epoch_s.append(float(result["time_this_iter_s"]) / epochs)
         fold.last_report = now
@@ -270,7 +276,10 @@ class ConfigurationSearch(Searcher):
         if any(rung not in f.rung_scores for f in configuration.folds.values()):
             fold.phase = WAITING
             fold.paused_at = now
-            self._echo(f"{configuration.name} fold {fold.fold}: at epoch {rung}, paused (workers freed) until its other folds get there")
+            self._echo(
+                f"{configuration.name} fold {fold.fold}: at epoch {rung}, paused (workers freed) until its other folds "
+                "get there"
+            )
             self._write_snapshot()
             return TrialScheduler.PAUSE
         decision = self._decide(configuration, rung)
@@ -307,7 +316,8 @@ class ConfigurationSearch(Searcher):
     def _others_can_finish(self, configuration: ConfigurationProgress) -> bool:
         """Whether another configuration of the backbone is complete or may still be: the incumbent's guard."""
         return any(
-            other is not configuration and other.backbone == configuration.backbone and other.status in (RUNNING, COMPLETE)
+            other is not configuration and other.backbone == configuration.backbone
+            and other.status in (RUNNING, COMPLETE)
             for other in self._configurations.values()
         ) or self._budget[configuration.backbone] > 0
 
@@ -340,7 +350,10 @@ class ConfigurationSearch(Searcher):
 
     def active(self) -> int:
         """Fold trials that hold, or are about to hold, workers."""
-        return sum(f.phase == QUEUED and f.trial_id is not None for c in self._configurations.values() for f in c.folds.values())
+        return sum(
+            f.phase == QUEUED and f.trial_id is not None for c in self._configurations.values()
+            for f in c.folds.values()
+        )
 
     def ready_trials(self) -> list[str]:
         """Paused fold trials of promoted configurations, oldest configuration first."""
@@ -386,7 +399,8 @@ class ConfigurationSearch(Searcher):
     def waiting_folds(self) -> list[str]:
         """The folds paused at a rung, as `configuration fold N`."""
         return [
-            f"{c.name} fold {f.fold}" for c in self._configurations.values() for f in c.folds.values() if f.phase == WAITING
+            f"{c.name} fold {f.fold}" for c in self._configurations.values() for f in c.folds.values()
+            if f.phase == WAITING
         ]
 
     def can_start_more(self) -> bool:
@@ -421,7 +435,10 @@ class ConfigurationSearch(Searcher):
     def _advance(self, configuration: ConfigurationProgress) -> tuple[int, float, int]:
         """How far a configuration got: rungs passed, its mean at the last of them, its slowest fold's epoch."""
         passed = configuration.next_rung
-        score = configuration.rung_means.get(self._rungs[configuration.backbone][passed - 1], math.nan) if passed else math.nan
+        score = (
+            configuration.rung_means.get(self._rungs[configuration.backbone][passed - 1], math.nan) if passed
+            else math.nan
+        )
         return passed, -math.inf if math.isnan(score) else score, min(f.epoch for f in configuration.folds.values())
 
     # ---- bookkeeping
@@ -594,7 +611,9 @@ class ConfigurationScheduler(TrialScheduler):
         now = time.monotonic()
         self._idle_since = (self._idle_since or now) if idle else None
         if reason is None and self._idle_since is not None and now - self._idle_since >= STALL_GRACE_S:
-            reason = f"paused folds ({', '.join(search.waiting_folds()) or 'none waiting at a rung'}) and nothing to run"
+            reason = (
+                f"paused folds ({', '.join(search.waiting_folds()) or 'none waiting at a rung'}) and nothing to run"
+            )
         if reason is None or interruption.INTERRUPTED.is_set():
             return
         search.echo(f"STALLED: {reason}. The study stops here, every result kept, to be resumed")
@@ -608,7 +627,9 @@ class ConfigurationScheduler(TrialScheduler):
         """Stop every trial of a configuration that ended (the trial that reported is stopped by its decision)."""
         ended = search.ended_trials()
         for trial in tune_controller.get_trials():
-            if trial is not besides and trial.trial_id in ended and trial.status in (Trial.PENDING, Trial.PAUSED, Trial.RUNNING):
+            if trial is not besides and trial.trial_id in ended and trial.status in (
+                Trial.PENDING, Trial.PAUSED, Trial.RUNNING
+            ):
                 tune_controller.stop_trial(trial)
 
     @staticmethod

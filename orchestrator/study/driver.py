@@ -7,9 +7,9 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import ray
 from mlflow.tracking import MlflowClient
@@ -21,7 +21,14 @@ from msx.models.data.folds import resolve_folds
 
 from ..cluster import local_ray
 from ..cluster.capacity import check_cluster_hosts_a_trial, concurrent_trials
-from ..results import Selection, best_per_backbone, outcome_from_result, results_table, select_best, summarise_configurations
+from ..results import (
+    Selection,
+    best_per_backbone,
+    outcome_from_result,
+    results_table,
+    select_best,
+    summarise_configurations,
+)
 from ..spec import ExperimentSpec
 from ..tracking.callback import TrialRunsCallback
 from ..tracking.provenance import Provenance
@@ -165,7 +172,8 @@ def run_study(
         tuner = tune.Tuner.restore(str(tune_path), trainable, resume_unfinished=True, resume_errored=True)
     else:
         max_concurrent = concurrent_trials(spec.resources)
-        echo(f"{total} trials at most ({len(spec.model.backbones)} backbones x {spec.search.configurations_per_backbone} "
+        echo(f"{total} trials at most ({len(spec.model.backbones)} backbones x "
+             f"{spec.search.configurations_per_backbone} "
              f"configurations x {len(folds)} folds), up to {max_concurrent} at a time")
         tuner = tune.Tuner(
             trainable,
@@ -184,7 +192,9 @@ def run_study(
                 # continues from the last checkpoint (Train retries worker failures itself, see trials/trainable.py).
                 failure_config=tune.FailureConfig(max_failures=spec.resources.max_failures),
                 callbacks=[
-                    TrialRunsCallback(tracking_uri, spec.name, state.parent_run_id, spec.inference.strategies, len(folds)),
+                    TrialRunsCallback(
+                        tracking_uri, spec.name, state.parent_run_id, spec.inference.strategies, len(folds)
+                    ),
                     ProgressView(total, echo, progress_path(storage, spec.name, state.study), live_epochs=live_epochs),
                     interruption.StopSignals(),
                 ],
@@ -212,11 +222,16 @@ def run_study(
             stop_reason=interruption.stop_reason(),
         )
 
-    outcomes = [o for o in (outcome_from_result(TrialConfig.from_tune(r.config), flatten_dict(r.metrics or {})) for r in grid) if o]
+    outcomes = [
+        o for o in (outcome_from_result(TrialConfig.from_tune(r.config), flatten_dict(r.metrics or {})) for r in grid)
+        if o
+    ]
     configurations = summarise_configurations(outcomes, spec.inference.strategies, len(folds))
     metric = spec.registry.selection_metric
     selection = select_best(configurations, spec.inference.strategies, metric)
-    table = results_table(best_per_backbone(configurations, spec.inference.strategies, metric), spec.inference.strategies)
+    table = results_table(
+        best_per_backbone(configurations, spec.inference.strategies, metric), spec.inference.strategies
+    )
     parent_run_id = state.parent_run_id
     client.log_text(parent_run_id, table, "results_table.txt")
     client.log_metric(parent_run_id, "trials_finished", len(outcomes))
@@ -240,7 +255,15 @@ def run_study(
     client.set_terminated(parent_run_id, status.upper())
     write_state(storage, state.ended_as(status))
     return StudyOutcome(
-        table, selection, registration, parent_run_id, state.experiment_id, total, len(outcomes), study=state.study, search=search
+        table,
+        selection,
+        registration,
+        parent_run_id,
+        state.experiment_id,
+        total,
+        len(outcomes),
+        study=state.study,
+        search=search,
     )
 
 
@@ -258,7 +281,11 @@ def _start_study(
     parent = client.create_run(
         experiment_id,
         run_name=study_name,
-        tags={STUDY_TAG: study_name, DATA_FINGERPRINT_TAG: provenance.data_fingerprint, CODE_VERSION_TAG: provenance.code_version},
+        tags={
+            STUDY_TAG: study_name,
+            DATA_FINGERPRINT_TAG: provenance.data_fingerprint,
+            CODE_VERSION_TAG: provenance.code_version,
+        },
     )
     log_study_start(parent.info.run_id, tracking_uri, spec_dict, str(cohort.root))
     return StudyState(

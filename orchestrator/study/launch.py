@@ -66,7 +66,9 @@ def plan_launch(
                 "Restore the data, or start a new study with --fresh"
             )
         if tracking_uri and tracking_uri != resume.tracking_uri:
-            raise ValueError(f"study {resume.study} records to {resume.tracking_uri}; leave out --tracking-uri to resume it")
+            raise ValueError(
+                f"study {resume.study} records to {resume.tracking_uri}; leave out --tracking-uri to resume it"
+            )
         tracking_uri = resume.tracking_uri
     tracking_uri = tracking_uri or default_tracking_uri(storage)
     check_tracking_server(tracking_uri)
@@ -76,13 +78,20 @@ def plan_launch(
 def resumable(state: StudyState) -> StudyState:
     """The study named by --resume, if it can be taken over."""
     if state.status not in RESUMABLE:
-        raise ValueError(f"study {state.study} already ended ({state.status}); there is nothing to resume (msx status {state.study})")
+        raise ValueError(
+            f"study {state.study} already ended ({state.status}); there is nothing to resume (msx status {state.study})"
+        )
     if state.driver_alive():
-        raise ValueError(f"study {state.study} is still running (driver pid {state.driver_pid}); watch it with `msx status {state.study}`")
+        raise ValueError(
+            f"study {state.study} is still running (driver pid {state.driver_pid}); "
+            f"watch it with `msx status {state.study}`"
+        )
     return state
 
 
-def auto_resumable(state: StudyState, spec: ExperimentSpec, data: Path | None, echo: Callable[[str], None]) -> StudyState:
+def auto_resumable(
+    state: StudyState, spec: ExperimentSpec, data: Path | None, echo: Callable[[str], None],
+) -> StudyState:
     """An unfinished study of this experiment that a plain `msx launch` takes over: only the same spec and data."""
     if state.driver_alive():
         raise ValueError(

@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 from ray.tune import Callback
 from ray.tune.experiment import Trial
@@ -44,7 +44,11 @@ class Progress:
     updated: float
 
     def line(self) -> str:
-        best = f"best validation Dice {self.best_score:.4f} ({self.best_trial})" if self.best_trial else "no validation yet"
+        best = (
+            f"best validation Dice {self.best_score:.4f} ({self.best_trial})"
+            if self.best_trial
+            else "no validation yet"
+        )
         return (
             f"[{self.elapsed_s:6.0f} s] trials {self.done}/{self.total} done, {len(self.running)} running, "
             f"{len(self.failed)} failed | {best} | {'; '.join(self.running) or '-'}"

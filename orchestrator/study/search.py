@@ -5,7 +5,7 @@ How configurations are searched and stopped early is `configuration_search.py`.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import optuna
 

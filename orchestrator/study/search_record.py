@@ -101,7 +101,10 @@ class SearchSummary:
         statuses = ", ".join(
             f"{self.count(s)} {s}" for s in ("complete", "pruned", "running", "failed", "cut short") if self.count(s)
         )
-        rungs = f"; rungs at epochs {self.describe_rungs()}" if any(self.rungs.values()) else "; no rung before the last epoch"
+        rungs = (
+            f"; rungs at epochs {self.describe_rungs()}" if any(self.rungs.values())
+            else "; no rung before the last epoch"
+        )
         lines = [f"configurations: {len(self.configurations)} ({statuses or 'none yet'}){rungs}"]
         width = max((len(c.name) for c in self.configurations), default=0)
         for c in self.configurations:
@@ -111,7 +114,8 @@ class SearchSummary:
             full, trained = self.epochs_full_grid, self.epochs_trained
             lines.append(
                 f"early stopping: {trained} of {full} fold-epochs trained, {full - trained} saved "
-                f"({(full - trained) / full:.0%}) against every configuration on every fold to epoch {self.describe_last_epochs()}"
+                f"({(full - trained) / full:.0%}) against every configuration on every fold to epoch "
+                f"{self.describe_last_epochs()}"
             )
         if self.pauses or self.resumes:
             restart = ""

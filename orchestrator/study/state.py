@@ -58,10 +58,12 @@ class StudyState:
             return True
         return self.driver_pid != os.getpid()
 
-    def held_by_this_process(self) -> "StudyState":
-        return dataclasses.replace(self, status=RUNNING, driver_host=socket.gethostname(), driver_pid=os.getpid(), ended=None)
+    def held_by_this_process(self) -> StudyState:
+        return dataclasses.replace(
+            self, status=RUNNING, driver_host=socket.gethostname(), driver_pid=os.getpid(), ended=None
+        )
 
-    def ended_as(self, status: str) -> "StudyState":
+    def ended_as(self, status: str) -> StudyState:
         return dataclasses.replace(self, status=status, ended=time.time())
 
 

@@ -167,7 +167,8 @@ class TrialRunsCallback(LoggerCallback):
     def log_trial_end(self, trial, failed: bool = False) -> None:
         status = "FAILED" if failed else "FINISHED"
         self._writes.add(
-            CloseTrialRun(trial.trial_id, TrialConfig.from_tune(trial.config), status, int(time.time() * 1000)), self._apply
+            CloseTrialRun(trial.trial_id, TrialConfig.from_tune(trial.config), status, int(time.time() * 1000)),
+            self._apply,
         )
 
     def on_step_end(self, iteration: int, trials: list, **info) -> None:

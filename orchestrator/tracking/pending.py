@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import requests
 from mlflow.exceptions import MlflowException
@@ -133,7 +133,9 @@ class PendingWrites:
                 return
             self.items.pop(0)
         if self._next_attempt is not None:
-            print(f"MLflow: tracking store {self.tracking_uri} answers again; the pending writes are logged", flush=True)
+            print(
+                f"MLflow: tracking store {self.tracking_uri} answers again; the pending writes are logged", flush=True
+            )
             self._next_attempt = None
 
     def wait(self, apply: Callable[[MlflowClient, Write], None]) -> None:

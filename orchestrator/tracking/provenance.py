@@ -42,7 +42,10 @@ def cohort_fingerprint(cohort: Cohort, folds: Sequence[Fold]) -> str:
         "modalities": list(cohort.modalities),
         "rater": cohort.rater,
         "folds": [
-            {"fold": fold.index, "train": list(fold.train), "validation": list(fold.validation), "test": list(fold.test)}
+            {
+                "fold": fold.index, "train": list(fold.train), "validation": list(fold.validation),
+                "test": list(fold.test)
+            }
             for fold in folds
         ],
         "scans": [

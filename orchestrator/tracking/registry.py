@@ -35,8 +35,8 @@ from msx.models.metrics import HIGHER_IS_BETTER
 
 from ..results import Selection
 from ..spec import ExperimentSpec
-from .provenance import Provenance
 from . import segmenter as segmenter_module
+from .provenance import Provenance
 from .store import tracking_uri_scope
 
 CHAMPION = "champion"
@@ -129,7 +129,9 @@ def msx_requirement() -> str:
 
 def model_requirements() -> list[str]:
     """msx as installed here, and the versions of what it runs the model with."""
-    pinned = [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in ("torch", "monai", "nibabel", "mlflow")]
+    pinned = [
+        f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in ("torch", "monai", "nibabel", "mlflow")
+    ]
     return [msx_requirement(), *pinned]
 
 
@@ -231,7 +233,8 @@ def decide_champion(metric: str, new_tags: dict[str, str], champion: ModelVersio
         return ChampionDecision(
             False,
             f"it was selected on other data (fingerprint {_short(champion_fingerprint)}, this version's "
-            f"{_short(fingerprint)}); scores on different data do not compare, `msx registry promote --force` overrides",
+            f"{_short(fingerprint)}); scores on different data do not compare, `msx registry promote --force` "
+            "overrides",
             champion_version,
         )
     key = f"{VALIDATION_TAG_PREFIX}{metric}"
@@ -240,7 +243,9 @@ def decide_champion(metric: str, new_tags: dict[str, str], champion: ModelVersio
     score, champion_score = new_tags[key], champion.tags[key]
     better = float(score) > float(champion_score) if HIGHER_IS_BETTER[metric] else float(score) < float(champion_score)
     if better:
-        reason = f"validation {metric.upper()} {score} beats version {champion_version}'s {champion_score} on the same data"
+        reason = (
+            f"validation {metric.upper()} {score} beats version {champion_version}'s {champion_score} on the same data"
+        )
     else:
         reason = f"validation {metric.upper()} {score} does not beat its {champion_score} on the same data"
     return ChampionDecision(better, reason, champion_version)
@@ -269,7 +274,9 @@ def _model_version(client: MlflowClient, name: str, number: str) -> ModelVersion
         if error.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
     latest = _latest_version(client, name)
-    raise LookupError(f"{name} has no version {number} (its versions are 1 to {latest})" if latest else f"{name} has no versions")
+    raise LookupError(
+        f"{name} has no version {number} (its versions are 1 to {latest})" if latest else f"{name} has no versions"
+    )
 
 
 def _latest_version(client: MlflowClient, name: str) -> int | None:
@@ -313,13 +320,15 @@ def promote(name: str, number: str, alias: str, force: bool, tracking_uri: str) 
         if fingerprint != champion_fingerprint:
             raise PromotionRefused(
                 f"{name} version {version.version} was selected on data {_short(fingerprint)}, champion version "
-                f"{previous} on data {_short(champion_fingerprint)}; their scores do not compare (--force to promote anyway)"
+                f"{previous} on data {_short(champion_fingerprint)}; their scores do not compare (--force to promote "
+                "anyway)"
             )
     client.set_registered_model_alias(name, alias, version.version)
     replaced = f", replacing version {previous}" if previous is not None else ""
     client.set_model_version_tag(
         name, version.version, f"promoted.{alias}",
-        f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} by msx registry promote{' --force' if force else ''}{replaced}",
+        f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} by msx registry "
+        f"promote{' --force' if force else ''}{replaced}",
     )
     return int(previous) if previous is not None else None
 

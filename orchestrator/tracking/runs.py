@@ -34,7 +34,8 @@ class RunTree:
         return runs[0].info.run_id if runs else None
 
     def configuration_run(self, client: MlflowClient, trial: TrialConfig) -> str:
-        """The run of the trial's configuration, under the launch run; made, with its params, when its first fold starts."""
+        """The run of the trial's configuration, under the launch run; made, with its params, when its first fold
+        starts."""
         name = trial.configuration
         if name not in self._configuration_runs:
             run_id = self._find_run(
@@ -47,7 +48,9 @@ class RunTree:
                     tags={PARENT_RUN_TAG: self.parent_run_id, CONFIGURATION_TAG: name},
                 ).info.run_id
             # Also for a run found: the write that made it may have failed before its params were logged.
-            client.log_batch(run_id, params=[Param(key, str(value)) for key, value in trial.configuration_params().items()])
+            client.log_batch(
+                run_id, params=[Param(key, str(value)) for key, value in trial.configuration_params().items()]
+            )
             self._configuration_runs[name] = run_id
         return self._configuration_runs[name]
 

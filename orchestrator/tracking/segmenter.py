@@ -47,7 +47,9 @@ class FoldEnsembleSegmenter(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: np.ndarray, params: dict[str, Any] | None = None) -> np.ndarray:
         image = _checked_image(model_input)
         fold_masks = [
-            segment_scan(net, image, self.inference, self.device, self.diffusion, self._seeded_generator())[self.strategy]
+            segment_scan(net, image, self.inference, self.device, self.diffusion, self._seeded_generator())[
+                self.strategy
+            ]
             for net in self.nets
         ]
         return _majority_vote(fold_masks)

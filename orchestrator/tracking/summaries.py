@@ -46,7 +46,9 @@ def end_configuration_when_all_folds_ended(
     client.set_terminated(run_id, "FAILED" if any(fold.info.status == "FAILED" for fold in folds) else "FINISHED")
 
 
-def log_search_record(client: MlflowClient, launch_run_id: str, configuration_runs: dict[str, str], summary: SearchSummary) -> None:
+def log_search_record(
+    client: MlflowClient, launch_run_id: str, configuration_runs: dict[str, str], summary: SearchSummary
+) -> None:
     """The summary on the launch's run (artifact, epochs, cut short) and each configuration's status and rung
     scores on its own run (`configuration_runs`: configuration name -> run id)."""
     client.log_batch(

@@ -56,7 +56,9 @@ def read_live_epochs(name: str | None) -> dict[str, int]:
     try:
         return ray.get(ray.get_actor(name, namespace=NAMESPACE).epochs.remote(), timeout=READ_TIMEOUT_S)
     except (ValueError, ray.exceptions.RayError) as error:
-        log.warning("live epochs from %s unavailable (%s): progress shows the epoch of each trial's last report", name, error)
+        log.warning(
+            "live epochs from %s unavailable (%s): progress shows the epoch of each trial's last report", name, error
+        )
         return {}
 
 

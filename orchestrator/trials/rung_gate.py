@@ -26,8 +26,9 @@ from .live_epochs import NAMESPACE
 
 POLL_INTERVAL_S = 0.1
 # Tests only: a folder in which a worker, right after its report at a rung, makes a file `<run name>-epoch<N>.held`
-# (`TrialConfig.run_name`, like `unet-c1-fold2-epoch2.held`) and waits while it exists, so that a test can interrupt a study exactly while a rung report is on its way
-# (tests/test_study_lifecycle_e2e.py); the test renames it to `.released` to let the worker go on.
+# (`TrialConfig.run_name`, like `unet-c1-fold2-epoch2.held`) and waits while it exists, so that a test can interrupt a
+# study exactly while a rung report is on its way (tests/test_study_lifecycle_e2e.py); the test renames it to
+# `.released` to let the worker go on.
 HOLD_AT_RUNGS_VARIABLE = "MSX_TEST_HOLD_AT_RUNGS"
 
 log = logging.getLogger("msx.rung_gate")

@@ -175,7 +175,8 @@ def run_trial(
         run_worker_loop,
         train_loop_config=worker_loop_config(
             spec, trial, data_root, scan_cache=scan_cache, trial_id=trial_id, live_epochs=live_epochs,
-            rung_gate=rung_gate, rung_epochs=(rung_epochs or {}).get(trial.backbone, ()), trial_started_at=started_at, startup_marked=startup.seconds,
+            rung_gate=rung_gate, rung_epochs=(rung_epochs or {}).get(trial.backbone, ()), trial_started_at=started_at,
+            startup_marked=startup.seconds,
         ),
         scaling_config=scaling_config(resources),
         run_config=ray.train.RunConfig(

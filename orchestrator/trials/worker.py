@@ -14,8 +14,10 @@ dies between two validations loses only epochs that its group trains again from 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +30,17 @@ from msx.models.fold import EpochReport, Parallelism, load_fold_data, load_train
 
 from ..spec import spec_from_dict
 from ..trial import (
-    BEST_VALIDATION_DICE, EARLIER_EPOCHS, EPOCH, FINAL_REPORT, LEARNING_RATE, PHASE_SECONDS_PREFIX, REPLAYED_REPORT,
-    REPORT_WAIT, TRAIN_LOSS, VALIDATION_DICE, TrialConfig,
+    BEST_VALIDATION_DICE,
+    EARLIER_EPOCHS,
+    EPOCH,
+    FINAL_REPORT,
+    LEARNING_RATE,
+    PHASE_SECONDS_PREFIX,
+    REPLAYED_REPORT,
+    REPORT_WAIT,
+    TRAIN_LOSS,
+    VALIDATION_DICE,
+    TrialConfig,
 )
 from .live_epochs import EpochNotifier
 from .rung_gate import RungWaiter
@@ -57,23 +68,40 @@ def tune_metrics(report: EpochReport) -> dict[str, Any]:
     return metrics
 
 
+# In a report's checkpoint: the epochs the report carried besides its own (`TuneReports`).
+EARLIER_EPOCHS_FILE = "earlier_epochs.json"
+
+
 class TuneReports:
     """Which epochs a worker reports to Tune: validation epochs (the last one among them) only. The epochs in between
-    are kept and handed over with the next report, as `EARLIER_EPOCHS`."""
+    are kept and handed over with the next report, as `EARLIER_EPOCHS`.
 
-    def __init__(self) -> None:
-        self._kept: list[tuple[int, float, float]] = []
+    They are also written into the report's checkpoint (EARLIER_EPOCHS_FILE), and a run resumed from it hands them
+    over again with its first report: a report that never reached the driver (a study interrupted while it was on
+    its way) loses none of its epochs; one that did is recognised as replayed and logged once (tracking/callback.py).
+    """
 
-    def metrics_to_report(self, report: EpochReport) -> dict[str, Any] | None:
+    def __init__(self, kept: Sequence[Sequence[float]] = ()) -> None:
+        self._kept: list[tuple[int, float, float]] = [(int(e), float(loss), float(lr)) for e, loss, lr in kept]
+
+    def metrics_to_report(self, report: EpochReport, folder: Path | None = None) -> dict[str, Any] | None:
         """The metrics of a report to make now, or None: the epoch is kept for the next one."""
         if report.validation_dice is None and report.final_metrics is None:
             self._kept.append((report.epoch, report.train_loss, report.lr))
             return None
         metrics = tune_metrics(report)
+        if folder is not None:
+            (folder / EARLIER_EPOCHS_FILE).write_text(json.dumps(self._kept))
         if self._kept:
             metrics[EARLIER_EPOCHS] = self._kept
             self._kept = []
         return metrics
+
+
+def kept_epochs(checkpoint: Path) -> list:
+    """The epochs a checkpoint's report carried besides its own (`TuneReports`); none for one without the file."""
+    path = checkpoint / EARLIER_EPOCHS_FILE
+    return json.loads(path.read_text()) if path.is_file() else []
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -98,17 +126,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # Training scans preprocessed once per scan for every trial of the experiment (msx.models.data.cache).
     data = load_fold_data(cohort, fold, spec.training.patch_size, config.get("scan_cache"))
 
-    resume = None
+    resume, kept = None, []
     if (checkpoint := ray.train.get_checkpoint()) is not None:
         with checkpoint.as_directory() as folder:
             resume = load_training_state(Path(folder), device)
+            kept = kept_epochs(Path(folder))
     startup.mark("data_loaded")
 
     def prepare_model(net):
         startup.mark("network_built")
         return ray.train.torch.prepare_model(net)
 
-    tune_reports = TuneReports()
+    tune_reports = TuneReports(kept)
     notify_epoch = EpochNotifier(config.get("live_epochs"), config.get("trial_id", "")) if rank == 0 else None
     # Every worker waits at the rungs: the group goes on together, or ends together when the driver pauses it there.
     rung_waiter = RungWaiter(
@@ -123,7 +152,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         nonlocal startup_reported, report_wait_s
         if notify_epoch is not None:
             notify_epoch(epoch.epoch)
-        if (reported := tune_reports.metrics_to_report(epoch)) is None:
+        if (reported := tune_reports.metrics_to_report(epoch, folder)) is None:
             return
         # With the first report of this run's own epochs: a replayed report may be dropped as already recorded.
         if not startup_reported and not epoch.replayed:

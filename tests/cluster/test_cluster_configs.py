@@ -122,7 +122,9 @@ def setup_node_calls(config: dict) -> list[list[str]]:
     """The arguments of each cluster/setup_node.sh call in the setup commands, in order."""
     return [
         shlex.split(command)[2:]
-        for command in commands(config, "initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands")
+        for command in commands(
+            config, "initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
+        )
         if "cluster/setup_node.sh" in command
     ]
 
@@ -150,7 +152,9 @@ def test_every_node_is_set_up_by_the_shared_script_from_the_checkout(name):
     # setup_commands run on the head and on every worker
     (call,) = setup_node_calls(config)
     assert call[:2] == ["/mnt/shared", f"cluster/{name}"]
-    assert setup_node_calls(config) == [shlex.split(c)[2:] for c in commands(config, "setup_commands") if "setup_node.sh" in c]
+    assert setup_node_calls(config) == [
+        shlex.split(c)[2:] for c in commands(config, "setup_commands") if "setup_node.sh" in c
+    ]
     # the script installs msx from the synced checkout, from the wheelhouse only when there is one
     script = SETUP_NODE.read_text()
     assert '--no-index --find-links "$wheelhouse" -e ~/msx' in script
@@ -165,7 +169,10 @@ def test_file_mounts_carry_what_installing_msx_needs_and_no_more(name):
     tomllib = pytest.importorskip("tomllib")
     mounts = load(name)["file_mounts"]
     pyproject = tomllib.loads((REPOSITORY / "pyproject.toml").read_text())
-    needed = {"pyproject.toml", pyproject["project"]["readme"], "cluster", *pyproject["tool"]["setuptools"]["package-dir"].values()}
+    needed = {
+        "pyproject.toml", pyproject["project"]["readme"], "cluster",
+        *pyproject["tool"]["setuptools"]["package-dir"].values(),
+    }
     checkout = {local.removeprefix("./"): remote for remote, local in mounts.items() if local.startswith("./")}
     assert set(checkout) == needed
     assert all(remote == f"~/msx/{local}" for local, remote in checkout.items())
@@ -179,7 +186,8 @@ def test_shared_storage_is_exported():
 def run_setup_node(home: Path, shared: Path) -> subprocess.CompletedProcess:
     """setup_node.sh as a node runs it, here, with `home` as the node's home folder."""
     return subprocess.run(
-        ["bash", str(SETUP_NODE), str(shared), "cluster/local.yaml"], env={"HOME": str(home), "PATH": os.environ["PATH"]},
+        ["bash", str(SETUP_NODE), str(shared), "cluster/local.yaml"],
+        env={"HOME": str(home), "PATH": os.environ["PATH"]},
         capture_output=True, text=True, timeout=60,
     )
 
@@ -187,7 +195,10 @@ def run_setup_node(home: Path, shared: Path) -> subprocess.CompletedProcess:
 def test_setup_stops_with_a_message_without_the_shared_mount(tmp_path):
     result = run_setup_node(tmp_path, tmp_path / "not-mounted")
     assert result.returncode == 1
-    assert f"cluster/local.yaml, node {os.uname().nodename}: no writable shared folder at {tmp_path / 'not-mounted'}" in result.stderr
+    assert (
+        f"cluster/local.yaml, node {os.uname().nodename}: no writable shared folder at {tmp_path / 'not-mounted'}"
+        in result.stderr
+    )
     assert not (tmp_path / "msx-venv").exists()
 
 

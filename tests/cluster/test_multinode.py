@@ -36,7 +36,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 BIN = Path(sys.executable).parent
 TINY_SPEC = tiny_spec(
     "tiny",
-    data={"modalities": ["flair", "t2"], "folds": "loso", "synthetic": {"patients": 3, "shape": [32, 36, 32], "seed": 0}},
+    data={
+        "modalities": ["flair", "t2"], "folds": "loso",
+        "synthetic": {"patients": 3, "shape": [32, 36, 32], "seed": 0},
+    },
     training={"epochs": 6, "validate_every": 2},
     inference={"strategies": ["mean", "last"]},
     resources={"workers_per_trial": 1, "cpus_per_worker": 1, "max_failures": 3},
@@ -68,7 +71,9 @@ class Cluster:
     def msx(self, *arguments: str, cwd: Path) -> subprocess.Popen:
         """`msx ...` in the background; its output goes to a log file (a pipe left unread would fill and stall it)."""
         log = (self.logs / f"msx-{time.monotonic_ns()}.log").open("w")
-        process = subprocess.Popen([BIN / "msx", *arguments], cwd=cwd, env=self.environment, stdout=log, stderr=subprocess.STDOUT, text=True)
+        process = subprocess.Popen(
+            [BIN / "msx", *arguments], cwd=cwd, env=self.environment, stdout=log, stderr=subprocess.STDOUT, text=True,
+        )
         process.log_path = Path(log.name)
         return process
 
@@ -112,7 +117,9 @@ def cluster(tmp_path_factory):
         env=environment, check=True, capture_output=True, timeout=120,
     )
     session = ray_head_session(gcs_port)
-    cluster = Cluster(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}", environment, tmp_path_factory.mktemp("logs"))
+    cluster = Cluster(
+        f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}", environment, tmp_path_factory.mktemp("logs"),
+    )
     cluster.start_worker_node("node_a")
     cluster.start_worker_node("node_b")
     yield cluster
@@ -126,7 +133,9 @@ def wait_for(condition, what: str, timeout_s: float = 300, process: subprocess.P
         if value:
             return value
         if process is not None and process.poll() is not None:
-            raise AssertionError(f"msx ended (status {process.returncode}) before {what}:\n{process.log_path.read_text()[-4000:]}")
+            raise AssertionError(
+                f"msx ended (status {process.returncode}) before {what}:\n{process.log_path.read_text()[-4000:]}"
+            )
         time.sleep(0.5)
     raise AssertionError(f"timed out waiting for {what}")
 
@@ -199,8 +208,12 @@ def job_study(cluster, tmp_path_factory):
     storage = workdir / "runs"
     home_results = Path.home() / "ray_results"
     results_before = set(home_results.iterdir()) if home_results.is_dir() else set()
-    launch = cluster.msx("launch", "--address", cluster.dashboard, "--space", "tiny.yaml", "--storage", str(storage), cwd=workdir)
-    victim, _ = wait_for(lambda: workers_mid_trial(storage, {}), "a training worker whose trial has a checkpoint", process=launch)[0]
+    launch = cluster.msx(
+        "launch", "--address", cluster.dashboard, "--space", "tiny.yaml", "--storage", str(storage), cwd=workdir,
+    )
+    victim, _ = wait_for(
+        lambda: workers_mid_trial(storage, {}), "a training worker whose trial has a checkpoint", process=launch,
+    )[0]
     victim_trial = trial_of(victim)
     victim.send_signal(signal.SIGKILL)
     output = finish(launch)
@@ -256,7 +269,9 @@ def resumed_study(cluster, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("resume")
     (workdir / "tiny.yaml").write_text(yaml.safe_dump(TINY_SPEC))
     storage = workdir / "runs"
-    first = cluster.msx("launch", "--address", cluster.gcs, "--space", "tiny.yaml", "--storage", str(storage), cwd=workdir)
+    first = cluster.msx(
+        "launch", "--address", cluster.gcs, "--space", "tiny.yaml", "--storage", str(storage), cwd=workdir,
+    )
 
     def trials_done() -> int:
         snapshots = list((storage / "tiny" / "studies").glob("*.progress.json"))
@@ -266,10 +281,13 @@ def resumed_study(cluster, tmp_path_factory):
     first.send_signal(signal.SIGKILL)
     first.wait()
     interrupted = subprocess.run(
-        [BIN / "msx", "status", "--storage", str(storage)], env=cluster.environment, capture_output=True, text=True, check=True,
+        [BIN / "msx", "status", "--storage", str(storage)], env=cluster.environment,
+        capture_output=True, text=True, check=True,
     ).stdout
 
-    trials = [trial_id_of_train_run(folder.name) for folder in (storage / "tiny" / "train").glob("*-*") if folder.is_dir()]
+    trials = [
+        trial_id_of_train_run(folder.name) for folder in (storage / "tiny" / "train").glob("*-*") if folder.is_dir()
+    ]
     epochs_before = {trial: registered_epoch(storage, trial) for trial in trials}
     second = cluster.msx("launch", "--resume", "tiny", "--address", cluster.gcs, "--storage", str(storage), cwd=workdir)
     # A trial that checkpointed under the new driver: its next start must come from that checkpoint.

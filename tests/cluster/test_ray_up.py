@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,7 +69,10 @@ def missing_requirement() -> str | None:
     if not SSHD.is_file():
         missing.append(str(SSHD))
     if missing:
-        return f"needs {', '.join(missing)} (Debian: openssh-server, rsync, netcat-openbsd; `make test` installs them as root)"
+        return (
+            f"needs {', '.join(missing)} "
+            "(Debian: openssh-server, rsync, netcat-openbsd; `make test` installs them as root)"
+        )
     return None
 
 
@@ -123,10 +127,8 @@ class Machine:
 
     def shut_down(self) -> None:
         """Everything in the namespace dies with its PID 1."""
-        try:
+        with suppress(ProcessLookupError):
             os.kill(self.init_pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         self.server.wait(timeout=30)
 
 
@@ -198,7 +200,9 @@ class Site:
     timings: dict[str, float] = field(default_factory=dict)
     launch_started: float = 0.0
 
-    def run(self, *command, environment: dict[str, str] | None = None, check: bool = False) -> subprocess.CompletedProcess:
+    def run(
+        self, *command, environment: dict[str, str] | None = None, check: bool = False,
+    ) -> subprocess.CompletedProcess:
         """A command on the user's side, from the checkout: its output, and with `check` its success."""
         result = subprocess.run(
             [str(part) for part in command], cwd=self.checkout, env={**self.environment, **(environment or {})},
@@ -254,15 +258,22 @@ def site(tmp_path_factory):
             if local.startswith("./"):
                 source = REPOSITORY / local
                 copy = shutil.copytree if source.is_dir() else shutil.copy2
-                copy(source, checkout / local, **({"ignore": shutil.ignore_patterns("__pycache__")} if source.is_dir() else {}))
+                copy(
+                    source, checkout / local,
+                    **({"ignore": shutil.ignore_patterns("__pycache__")} if source.is_dir() else {}),
+                )
         config_path = root / "cluster.yaml"
         config_path.write_text(yaml.safe_dump(config, sort_keys=False))
         environment = {
             key: value for key, value in os.environ.items()
             if not key.startswith(("RAY_", "MLFLOW_", "MSX_"))
         }
-        environment.update(HOME=str(laptop_home), PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", RAY_USAGE_STATS_ENABLED="0")
-        yield Site(root, machines[0], machines[1], key, laptop_home, checkout, shared, config_path, cluster_name, environment)
+        environment.update(
+            HOME=str(laptop_home), PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", RAY_USAGE_STATS_ENABLED="0",
+        )
+        yield Site(
+            root, machines[0], machines[1], key, laptop_home, checkout, shared, config_path, cluster_name, environment,
+        )
     finally:
         for machine in machines:
             machine.shut_down()
@@ -270,7 +281,9 @@ def site(tmp_path_factory):
         # autoscaler shares here), its SSH control sockets, its cache of the prepared config.
         for suffix in ("lock", "state"):
             Path(f"{tempfile.gettempdir()}/ray/cluster-{cluster_name}.{suffix}").unlink(missing_ok=True)
-        user_hash, cluster_hash = (hashlib.sha256(text.encode()).hexdigest()[:10] for text in (getpass.getuser(), cluster_name))
+        user_hash, cluster_hash = (
+            hashlib.sha256(text.encode()).hexdigest()[:10] for text in (getpass.getuser(), cluster_name)
+        )
         shutil.rmtree(f"{tempfile.gettempdir()}/ray_ssh_{user_hash}/{cluster_hash}", ignore_errors=True)
         for cache in set(glob.glob(f"{tempfile.gettempdir()}/ray-config-*")) - configs_before:
             Path(cache).unlink(missing_ok=True)
@@ -280,7 +293,9 @@ def note_worker_ray(site: Site) -> bool:
     """Whether Ray runs on the worker machine; the first time it does, and it first trains, when that was."""
     processes = site.worker.processes()
     for event, name in (("worker_ray", "raylet"), ("worker_training", "RayTrainWorker")):
-        if f"launch_to_{event}_s" not in site.timings and any(name in " ".join(p.info["cmdline"] or []) for p in processes):
+        if f"launch_to_{event}_s" not in site.timings and any(
+            name in " ".join(p.info["cmdline"] or []) for p in processes
+        ):
             site.timings[f"launch_to_{event}_s"] = time.monotonic() - site.launch_started
     return "launch_to_worker_ray_s" in site.timings
 
@@ -326,7 +341,9 @@ def launch(site: Site, *arguments: str) -> Launch:
 def prepared(site) -> tuple[Path, Path]:
     """What cluster/README.md asks for before the first `ray up`, and the study's spec and cohort: (spec, data)."""
     started = time.monotonic()
-    site.run("bash", "cluster/wheelhouse.sh", site.shared / "wheelhouse", environment={"PYTHON": sys.executable}, check=True)
+    site.run(
+        "bash", "cluster/wheelhouse.sh", site.shared / "wheelhouse", environment={"PYTHON": sys.executable}, check=True,
+    )
     site.timings["wheelhouse_s"] = time.monotonic() - started
     assert not list((site.shared / "wheelhouse").glob("msx-*"))
     site.run(BIN / "ray", "get-auth-token", "--generate", check=True)
@@ -362,7 +379,7 @@ def study(site, prepared) -> Launch:
 def test_launch_brings_the_cluster_up_and_runs_the_study_as_a_job(site, study):
     output = study.output
     assert f"bringing up the cluster of {site.config}" in output
-    assert f"Ray dashboard of the cluster: http://127.0.0.1:" in output
+    assert "Ray dashboard of the cluster: http://127.0.0.1:" in output
     # it waited for the worker, which the head's autoscaler set up meanwhile, and the study used it
     assert "waiting for the cluster's workers: 1 of 2 nodes up" in output
     assert study.first("all 2 nodes of the cluster are up") < study.first("submitted Ray job")
@@ -405,7 +422,9 @@ def test_the_worker_joined_the_cluster_under_its_own_address(site, worker_joined
     # Set up on its own machine through the head's autoscaler: installed (with the wheelhouse there, setup_node.sh
     # installs with --no-index: nothing can have come from an index), and the token copied from the head.
     assert (site.worker.home / "msx-venv" / ".msx-requirements").is_file()
-    assert (site.worker.home / ".ray" / "auth_token").read_text() == (site.laptop_home / ".ray" / "auth_token").read_text()
+    assert (site.worker.home / ".ray" / "auth_token").read_text() == (
+        site.laptop_home / ".ray" / "auth_token"
+    ).read_text()
 
 
 def test_study_ran_on_the_clusters_storage_and_registered_its_champion(site, study):

@@ -7,7 +7,7 @@ voxels' positions in mm rather than distance_transform_edt.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -28,7 +28,7 @@ def _render_spheres(shape: tuple, spacing: Sequence[float], centres: np.ndarray,
     """Union of balls (centres in voxel indices, radii in mm): ellipsoids in voxels when spacing is anisotropic."""
     positions = np.moveaxis(np.indices(shape), 0, -1) * np.asarray(spacing)
     mask = np.zeros(shape, dtype=bool)
-    for centre, radius in zip(centres, radii):
+    for centre, radius in zip(centres, radii, strict=True):
         mask |= np.linalg.norm(positions - centre * np.asarray(spacing), axis=-1) <= radius
     return mask
 
@@ -48,8 +48,11 @@ def _sphere_pair(rng: np.random.Generator, shape: tuple, spacing: Sequence[float
     return _render_spheres(shape, spacing, pred_centres, pred_radii), _render_spheres(shape, spacing, centres, radii)
 
 
-def _smoothed_noise_pair(rng: np.random.Generator, shape: tuple, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """Blobs of thresholded smooth noise (about 2 mm correlation length); the prediction adds smooth noise of its own."""
+def _smoothed_noise_pair(
+    rng: np.random.Generator, shape: tuple, spacing: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Blobs of thresholded smooth noise (about 2 mm correlation length); the prediction adds smooth noise of its
+    own."""
     sigma = 2.0 / np.asarray(spacing)
     truth_field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma)
     pred_field = truth_field + 0.5 * ndimage.gaussian_filter(rng.standard_normal(shape), sigma)
@@ -67,7 +70,9 @@ def _salt_and_pepper_pair(rng: np.random.Generator, shape: tuple) -> tuple[np.nd
     return pred, gt
 
 
-def random_lesion_pair(kind: str, seed: int, spacing: Sequence[float], shape: tuple = SHAPE) -> tuple[np.ndarray, np.ndarray]:
+def random_lesion_pair(
+    kind: str, seed: int, spacing: Sequence[float], shape: tuple = SHAPE
+) -> tuple[np.ndarray, np.ndarray]:
     """(prediction, truth) bool masks of one of ``LESION_KINDS``, both non-empty."""
     rng = np.random.default_rng(seed)
     if kind == "spheres":
@@ -98,12 +103,16 @@ def directed_surface_distances(source: np.ndarray, target: np.ndarray, spacing: 
 
 def reference_assd(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> float:
     """medpy's ASSD: the mean of the two directed mean surface distances."""
-    return (directed_surface_distances(pred, gt, spacing).mean() + directed_surface_distances(gt, pred, spacing).mean()) / 2
+    return (
+        directed_surface_distances(pred, gt, spacing).mean() + directed_surface_distances(gt, pred, spacing).mean()
+    ) / 2
 
 
 def reference_hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> float:
     """medpy's HD95: the 95th percentile of both directed distance sets pooled."""
-    pooled = np.concatenate([directed_surface_distances(pred, gt, spacing), directed_surface_distances(gt, pred, spacing)])
+    pooled = np.concatenate(
+        [directed_surface_distances(pred, gt, spacing), directed_surface_distances(gt, pred, spacing)]
+    )
     return float(np.percentile(pooled, 95))
 
 

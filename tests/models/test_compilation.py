@@ -14,19 +14,21 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from msx.models.compilation import compile_wanted
 from msx.models.diffusion import diffusion_loss, x0_loss
 from msx.models.engine import InferenceConfig
 from msx.models.fold import FoldConfig, TrainingConfig, run_fold
 from msx.models.networks import BACKBONES, NetworkConfig, build_network
-
 from tests.helpers import REPOSITORY, tiny_fold_data
 
 PATCH = (32, 32, 32)
 EPOCHS = 4
 # One chain in validation and in the final evaluation: both sample windows of one shape, so after the first
 # validation nothing is compiled again. sw_batch_size 3 leaves a smaller last batch of windows, which is padded.
-EVALUATION = InferenceConfig(ddim_steps=2, samples=1, roi_size=PATCH, overlap=0.25, sw_batch_size=3, strategies=("mean",))
+EVALUATION = InferenceConfig(
+    ddim_steps=2, samples=1, roi_size=PATCH, overlap=0.25, sw_batch_size=3, strategies=("mean",)
+)
 
 
 def fold_config(compile_setting) -> FoldConfig:
@@ -58,7 +60,9 @@ def run(data, compile_setting):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        result = run_fold(fold_config(compile_setting), data, torch.device("cpu"), report=report, compile_backend="aot_eager")
+        result = run_fold(
+            fold_config(compile_setting), data, torch.device("cpu"), report=report, compile_backend="aot_eager"
+        )
     finally:
         torch.set_num_threads(threads)
         torch._dynamo.reset()
@@ -89,7 +93,7 @@ def test_auto_compiles_on_cuda_only():
 def test_compiled_fold_gives_the_eager_folds_numbers(eager, compiled):
     (eager_result, eager_reports, _), (compiled_result, compiled_reports, _) = eager, compiled
     assert [r.epoch for r in compiled_reports] == [r.epoch for r in eager_reports] == list(range(1, EPOCHS + 1))
-    for plain, fast in zip(eager_reports, compiled_reports):
+    for plain, fast in zip(eager_reports, compiled_reports, strict=True):
         assert fast.train_loss == pytest.approx(plain.train_loss, rel=1e-4)
         assert (fast.validation_dice is None) == (plain.validation_dice is None)
         if plain.validation_dice is not None:
@@ -124,10 +128,11 @@ def ddp_gradients_eager_and_compiled() -> None:
     import socket
 
     import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
     from msx.models.compilation import compile_for_training
     from msx.models.diffusion import diffusion_loss
     from msx.models.networks import build_network
-    from torch.nn.parallel import DistributedDataParallel
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -150,7 +155,7 @@ def ddp_gradients_eager_and_compiled() -> None:
             diffusion_loss(wrapped, image, mask).backward()
             gradients.append([p.grad for p in module.parameters()])
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before == 1
-        for eager_gradient, compiled_gradient in zip(*gradients):
+        for eager_gradient, compiled_gradient in zip(*gradients, strict=True):
             torch.testing.assert_close(compiled_gradient, eager_gradient, rtol=1e-4, atol=1e-6)
     finally:
         torch._dynamo.reset()
@@ -297,7 +302,7 @@ def test_compiled_training_step_equals_eager(backbone):
 
     torch.testing.assert_close(compiled_logits, logits, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-6)
-    for (name, eager), compiled in zip(eager_net.named_parameters(), compiled_net.parameters()):
+    for (name, eager), compiled in zip(eager_net.named_parameters(), compiled_net.parameters(), strict=True):
         if eager.grad is None:  # UNETR's never-run cross-attention norms (frozen)
             assert compiled.grad is None, name
             continue

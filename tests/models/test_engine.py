@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from monai.data import list_data_collate
+
 from msx.models.data.cache import prepare_loaded_scan
 from msx.models.data.cohort import LoadedScan, load_scan
 from msx.models.data.manifest import open_cohort
@@ -27,10 +28,10 @@ from msx.models.engine import (
     validation_dice,
 )
 from msx.models.lesion_maps import binary_entropy_bits
-from msx.models.uncertainty import lesion_maps
 from msx.models.metrics import METRIC_NAMES, VOLUME_NAMES, retention_fractions, segmentation_metrics
 from msx.models.networks import NetworkConfig, build_network
 from msx.models.protocols import PROTOCOLS
+from msx.models.uncertainty import lesion_maps
 
 from .diffusion.stand_ins import TinyConvNet
 
@@ -81,8 +82,8 @@ def test_a_seed_fixes_the_patches_and_augmentations(lesion_patch_fraction):
         return [list_data_collate([dataset[i] for i in range(len(dataset))])["image"] for _ in range(3)]
 
     first, again, other = draws(7), draws(7), draws(8)
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
-    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
 
 
 def test_maps_come_from_the_masks_sampling_pass_and_lie_on_the_input_grid():
@@ -117,7 +118,9 @@ def test_evaluation_gives_each_strategys_metrics_and_lesion_volumes_in_mm3():
     scan = dataclasses.replace(_loaded(0), spacing=(0.5, 1.5, 2.0))  # 1.5 mm^3 per voxel
     torch.manual_seed(0)
     net = TinyConvNet(image_channels=2)
-    config = InferenceConfig(ddim_steps=3, samples=2, roi_size=PATCH, overlap=0.25, sw_batch_size=2, strategies=("mean", "last"))
+    config = InferenceConfig(
+        ddim_steps=3, samples=2, roi_size=PATCH, overlap=0.25, sw_batch_size=2, strategies=("mean", "last")
+    )
 
     evaluation = evaluate_scan(net, scan, config, torch.device("cpu"), generator=torch.Generator().manual_seed(1))
 
@@ -194,7 +197,7 @@ def test_train_step_updates_the_weights_and_returns_the_detached_loss():
     batch = tiny_batch(1)
     loss = train_step(net, batch["image"], batch["label"], optimizer, autocast_dtype=training_autocast_dtype(device))
     assert loss.shape == () and not loss.requires_grad and torch.isfinite(loss)
-    assert any(not torch.equal(old, new) for old, new in zip(before, net.parameters()))
+    assert any(not torch.equal(old, new) for old, new in zip(before, net.parameters(), strict=True))
 
 
 def test_train_epoch_averages_its_steps_losses():
@@ -270,7 +273,13 @@ def net():
 def config(protocol: str) -> InferenceConfig:
     # Biased towards lesion so that some masks are neither empty nor full.
     return InferenceConfig(
-        ddim_steps=1, samples=1, roi_size=VALIDATION_PATCH, overlap=0.25, sw_batch_size=3, strategies=("mean",), protocol=protocol
+        ddim_steps=1,
+        samples=1,
+        roi_size=VALIDATION_PATCH,
+        overlap=0.25,
+        sw_batch_size=3,
+        strategies=("mean",),
+        protocol=protocol,
     )
 
 
@@ -288,7 +297,7 @@ def test_device_dice_is_the_dsc_of_the_restored_mask(scans, net, protocol):
     for group in groups:
         generator.manual_seed(SEED + group.indices[0])
         scores = group_scores(net, group, settings, DiffusionConfig(), generator, None)["mean"]
-        for row, (index, grid) in enumerate(zip(group.indices, group.grids)):
+        for row, (index, grid) in enumerate(zip(group.indices, group.grids, strict=True)):
             own = scores[(row, *(slice(0, side) for side in grid.prepared_shape))]
             mask = grid.restore(PROTOCOLS.get(protocol).mask(own).numpy())
             truth = scans[index].mask.astype(bool)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import torch
 
 from msx.models.fidelity import (
@@ -28,7 +27,9 @@ FIXTURES = Path(__file__).parents[1] / "fixtures" / "fidelity"
 VARIANT = FIXTURES / "variant"  # other feature sizes, seeds, a batch of 3 and 2 chains
 
 
-STRATEGIES = ["strategy.last", "strategy.mean", "strategy.mean_var", "strategy.uncertainty", "strategy.staple_posterior"]
+STRATEGIES = [
+    "strategy.last", "strategy.mean", "strategy.mean_var", "strategy.uncertainty", "strategy.staple_posterior"
+]
 MASKS = ["mask.last", "mask.mean", "mask.mean_var", "mask.uncertainty", "mask.staple"]
 
 
@@ -82,7 +83,7 @@ def test_training_fixture_reproduces_within_the_tolerance(training_reports, name
 
 
 def test_a_training_fixture_compares_every_loss_gradient_weight_buffer_and_schedule(training_reports):
-    for name, backbone, encoder in (("training", "unet", "encoder."), ("training multiencoder", "multiencoder", "encoder.")):
+    for name, backbone in (("training", "unet"), ("training multiencoder", "multiencoder")):
         report = training_reports[name]
         assert (report.kind, report.backbone) == ("training", backbone)
         arrays = load_arrays(report.fixture)
@@ -93,7 +94,9 @@ def test_a_training_fixture_compares_every_loss_gradient_weight_buffer_and_sched
         for kind in ("grad.", "final."):
             assert sorted(c for c in compared if c.startswith(kind)) == sorted(n for n in arrays if n.startswith(kind))
         assert len([c for c in compared if c.startswith("final.")]) == 368  # 272 parameters + 96 batch-norm buffers
-        assert {c.group for c in report.comparisons if c.array.startswith("grad.")} == {"grad.encoder.*", "grad.denoiser.*"}
+        assert {c.group for c in report.comparisons if c.array.startswith("grad.")} == {
+            "grad.encoder.*", "grad.denoiser.*"
+        }
         inputs = {n for n in arrays if n.startswith(("initial.", "step", "meta."))} - {f"step{k}.x_t" for k in range(4)}
         assert set(compared) | inputs == set(arrays)
         schedules = [c for c in report.comparisons if c.array.startswith("schedule.")]
@@ -120,9 +123,13 @@ def test_each_fixture_kind_compares_what_its_readme_lists(reports):
     for name in ("unet", "multiencoder"):
         assert [c.array for c in reports[name].comparisons] == [*stages, "output.x0_logits"]
     assert (reports["unet"].backbone, reports["multiencoder"].backbone) == ("unet", "multiencoder")
-    assert reports["unet"].features == (8, 8, 16, 16, 32, 8) and reports["variant unet"].features == (8, 8, 8, 16, 24, 8)
+    assert (
+        reports["unet"].features == (8, 8, 16, 16, 32, 8) and reports["variant unet"].features == (8, 8, 8, 16, 24, 8)
+    )
     sampling = reports["sampling"].comparisons
-    assert [c.array for c in sampling if c.gated] == ["steps.timesteps", "steps.logits", "steps.x0", *STRATEGIES, *MASKS]
+    assert [c.array for c in sampling if c.gated] == [
+        "steps.timesteps", "steps.logits", "steps.x0", *STRATEGIES, *MASKS
+    ]
     assert [c.array for c in sampling if not c.gated] == [*STRATEGIES, *MASKS]
     assert [c.shape for c in sampling[:3]] == [(10,), (4, 10, 32, 32, 32), (4, 10, 32, 32, 32)]
     # The end-to-end errors are reported, and small where nothing sums many terms.
@@ -177,8 +184,14 @@ def test_a_changed_mask_fails_with_the_count_of_differing_voxels(tmp_path):
         ("sampling_reference.npz", "strategy.staple", "array strategy.staple is not one a sampling fixture's"),
         ("training_reference.npz", "meta.momentum", "array meta.momentum is not one a training fixture's"),
         ("training_reference.npz", "step4.image", r"arrays step4\.\* belong to no row of losses \(4 steps\)"),
-        ("training_reference.npz", "grad.denoiser.extra.weight", "grad.denoiser.extra.weight: msx's unet has no such parameter"),
-        ("training_reference.npz", "final.encoder.conv_0.extra", "final.encoder.conv_0.extra: msx's unet has no such weight"),
+        (
+            "training_reference.npz", "grad.denoiser.extra.weight",
+            "grad.denoiser.extra.weight: msx's unet has no such parameter"
+        ),
+        (
+            "training_reference.npz", "final.encoder.conv_0.extra",
+            "final.encoder.conv_0.extra: msx's unet has no such weight"
+        ),
     ],
 )
 def test_an_array_the_check_does_not_compare_is_an_error_naming_it(tmp_path, fixture, extra, message):
@@ -231,7 +244,9 @@ def test_weights_that_do_not_fit_and_files_that_are_no_fixtures_are_named(tmp_pa
     arrays = load_arrays(FIXTURES / "unet_reference.npz")
     arrays["meta.features"] = np.array([8, 8, 16, 16, 64, 8])
     np.savez(tmp_path / "wrong.npz", **arrays)
-    with pytest.raises(FixtureError, match=r"wrong\.npz: its weights do not fit msx's unet with features \(8, 8, 16, 16, 64, 8\)"):
+    with pytest.raises(
+        FixtureError, match=r"wrong\.npz: its weights do not fit msx's unet with features \(8, 8, 16, 16, 64, 8\)"
+    ):
         check_fixture(tmp_path / "wrong.npz")
     np.savez(tmp_path / "other.npz", x=np.zeros(3))
     with pytest.raises(FixtureError, match=r"other\.npz: neither a network fixture .* nor a training fixture"):
@@ -251,7 +266,9 @@ def test_weights_that_do_not_fit_and_files_that_are_no_fixtures_are_named(tmp_pa
 
 
 def test_every_reference_weight_gets_an_msx_name():
-    for fixture, prefix in (("unet_reference.npz", "encoder.stages."), ("multiencoder_reference.npz", "encoder.shared.stages.")):
+    for fixture, prefix in (
+        ("unet_reference.npz", "encoder.stages."), ("multiencoder_reference.npz", "encoder.shared.stages.")
+    ):
         arrays = load_arrays(FIXTURES / fixture)
         state = msx_state_dict(arrays, multiencoder=prefix != "encoder.stages.")
         weights = [name for name in arrays if name.startswith(("encoder.", "denoiser."))]

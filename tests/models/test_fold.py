@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from msx.models import fold as fold_module
 from msx.models.checkpoint import load_checkpoint
 from msx.models.engine import InferenceConfig
-from msx.models import fold as fold_module
 from msx.models.fold import (
     MODEL_DIR,
     OVERLAY_DIR,
@@ -75,7 +75,8 @@ def test_every_epoch_reports_and_the_last_one_validates_and_carries_the_final_ev
     # The Shifts scores too, under the fold's own protocol: each mask's nDSC, lesion F1, and R-AAC under each measure.
     shifts = ("ndsc", "lesion_f1", *(f"r_aac_{m}" for m in (*CONFIG.evaluation.uncertainty_measures, "random")))
     assert set(result.metrics) == {
-        f"{split}/{strategy}/{name}" for split in ("val", "test") for strategy in STRATEGIES for name in (*SPLIT_METRIC_NAMES, *shifts)
+        f"{split}/{strategy}/{name}" for split in ("val", "test") for strategy in STRATEGIES
+        for name in (*SPLIT_METRIC_NAMES, *shifts)
     } | {f"reference/test/{strategy}/{name}" for strategy in STRATEGIES for name in SPLIT_METRIC_NAMES}
     assert reports[-1].final_metrics == result.metrics
     # Where the run's time went: training, validation and the final evaluation under each protocol.
@@ -117,22 +118,28 @@ def test_checkpoint_folders_hold_the_state_and_at_the_end_the_model_rows_and_ove
 
 
 def test_resumed_from_its_final_state_it_reports_the_same_evaluation_without_training(run, data):
-    result, _, kept = run
-    reports = []
+    result, reports, kept = run
+    replayed = []
     again = run_fold(
-        CONFIG, data, torch.device("cpu"), report=lambda r, _: reports.append(r),
+        CONFIG, data, torch.device("cpu"), report=lambda r, _: replayed.append(r),
         resume=load_training_state(kept / str(EPOCHS), torch.device("cpu")),
     )
-    (only,) = reports
-    assert (only.epoch, only.resumed_from_epoch) == (EPOCHS, EPOCHS) and math.isnan(only.train_loss)
+    (only,) = replayed
+    assert (only.epoch, only.resumed_from_epoch, only.replayed) == (EPOCHS, EPOCHS, True)
+    # That epoch was trained by the run that saved the checkpoint: its loss comes with the state.
+    assert only.train_loss == reports[-1].train_loss and not math.isnan(only.train_loss)
     assert again.metrics == pytest.approx(result.metrics, nan_ok=True)
 
 
 def test_inference_windows_must_be_the_training_patch():
-    with pytest.raises(ValueError, match=r"inference windows \(96, 96, 96\) must be the training patch size \(32, 32, 32\)"):
+    with pytest.raises(
+        ValueError, match=r"inference windows \(96, 96, 96\) must be the training patch size \(32, 32, 32\)"
+    ):
         FoldConfig(CONFIG.network, CONFIG.training)
     with pytest.raises(ValueError, match=r"inference windows \(96, 96, 96\)"):
-        FoldConfig(CONFIG.network, CONFIG.training, evaluation=EVALUATION, compared=(InferenceConfig(protocol="reference"),))
+        FoldConfig(
+            CONFIG.network, CONFIG.training, evaluation=EVALUATION, compared=(InferenceConfig(protocol="reference"),)
+        )
 
 
 def test_a_protocol_is_evaluated_once_and_validation_takes_its_own_overlap():
@@ -140,7 +147,9 @@ def test_a_protocol_is_evaluated_once_and_validation_takes_its_own_overlap():
         FoldConfig(CONFIG.network, CONFIG.training, evaluation=EVALUATION, compared=(EVALUATION,))
     assert CONFIG.validation.overlap == EVALUATION.overlap  # unset: the final evaluation's
     validated = FoldConfig(CONFIG.network, replace(CONFIG.training, validation_overlap=0.25), evaluation=EVALUATION)
-    assert (validated.validation.overlap, validated.validation.samples, validated.validation.strategies) == (0.25, 1, ("mean",))
+    assert (validated.validation.overlap, validated.validation.samples, validated.validation.strategies) == (
+        0.25, 1, ("mean",)
+    )
 
 
 class _Stop(Exception):

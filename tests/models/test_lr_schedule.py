@@ -20,7 +20,7 @@ def test_epoch_0_trains_at_0_then_a_tenth_of_the_epochs_warms_up_and_a_cosine_de
     for epoch in (51, 200, 499):  # the recursion follows the closed-form cosine when the warm-up is whole
         closed = 0.5 * 1e-4 * (1 + math.cos(math.pi * (epoch - 50) / 450))
         assert rates[epoch] == pytest.approx(closed, rel=1e-9)
-    assert all(later < earlier for earlier, later in zip(rates[50:], rates[51:]))
+    assert all(later < earlier for earlier, later in zip(rates[50:], rates[51:], strict=False))
 
 
 def test_a_non_integer_warm_up_overshoots_as_the_reference_does():
@@ -38,12 +38,18 @@ def test_explicit_settings_and_bad_ones():
     rates = reference_lr_per_epoch(20, 1.0, warmup_epochs=5, warmup_start_lr=0.2, eta_min=0.1)
     assert rates[:6] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0])
     assert rates[-1] > 0.1
-    for bad in (dict(epochs=0, base_lr=1.0), dict(epochs=5, base_lr=-1.0), dict(epochs=5, base_lr=1.0, warmup_epochs=5)):
+    for bad in (
+        dict(epochs=0, base_lr=1.0),
+        dict(epochs=5, base_lr=-1.0),
+        dict(epochs=5, base_lr=1.0, warmup_epochs=5),
+    ):
         with pytest.raises(ValueError):
             reference_lr_per_epoch(**bad)
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")  # no training here
+@pytest.mark.filterwarnings(
+    "ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`"
+)  # no training here
 def test_the_per_epoch_schedule_trains_each_epoch_at_the_reference_rate_and_resumes_from_its_state():
     import torch
 

@@ -10,6 +10,8 @@ from monai.metrics import (
     compute_average_surface_distance,
     compute_hausdorff_distance,
 )
+from scipy import ndimage, stats
+
 from msx.models.metrics import (
     EXTRA_METRIC_NAMES,
     HIGHER_IS_BETTER,
@@ -31,7 +33,6 @@ from msx.models.metrics import (
     summarise,
     uncertainty_scores,
 )
-from scipy import ndimage, stats
 
 from .metric_references import (
     LESION_KINDS,
@@ -404,15 +405,21 @@ def test_mean_isbi_score_correlates_over_the_scans_given_and_leaves_out_undefine
 def test_split_metrics_are_means_over_the_splits_scans_with_the_isbi_score_over_the_same_scans():
     def row(split, scan, strategy, dsc, pred_volume):
         metrics = {"dsc": dsc, "tpr": 0.5, "ppv": 0.6, "ltpr": 0.7, "lfpr": 0.1, "avd": 20.0, "assd": 1.0}
-        return {"split": split, "scan": scan, "strategy": strategy, **metrics, "pred_volume_mm3": pred_volume, "gt_volume_mm3": 100.0 * scan}
+        return {
+            "split": split, "scan": scan, "strategy": strategy, **metrics, "pred_volume_mm3": pred_volume,
+            "gt_volume_mm3": 100.0 * scan
+        }
 
     rows = [row("val", 1, "mean", 0.2, 90.0), row("val", 2, "mean", math.nan, 210.0), row("val", 3, "mean", 0.6, 280.0)]
     rows += [row("test", 4, "mean", 0.5, 350.0), row("test", 4, "last", 0.1, 10.0)]
 
     metrics = split_metrics(rows)
 
-    assert set(metrics) == {f"{split}/{strategy}/{metric}" for split, strategy in (("val", "mean"), ("test", "mean"), ("test", "last"))
-                            for metric in SPLIT_METRIC_NAMES}
+    assert set(metrics) == {
+        f"{split}/{strategy}/{metric}"
+        for split, strategy in (("val", "mean"), ("test", "mean"), ("test", "last"))
+        for metric in SPLIT_METRIC_NAMES
+    }
     assert metrics["val/mean/dsc"] == pytest.approx(0.4)  # NaN left out
     assert metrics["val/mean/avd"] == pytest.approx(20.0)
     assert metrics["val/mean/isbi"] == pytest.approx(mean_isbi_score(rows[:3]))
@@ -562,7 +569,9 @@ def test_uncertainty_scores_hold_each_measures_r_aac_and_the_random_orders_over_
         _, expected = ndsc_retention_curve(pred, gt, values, brain_mask=brain)
         np.testing.assert_array_equal(shifts.curves[measure], expected)
         assert shifts.curves[measure][0] == pytest.approx(1.0)
-        assert scores[f"r_aac_{measure}"] == pytest.approx(1 - np.trapezoid(shifts.curves[measure], fractions), abs=1e-12)
+        assert scores[f"r_aac_{measure}"] == pytest.approx(
+            1 - np.trapezoid(shifts.curves[measure], fractions), abs=1e-12
+        )
 
 
 def test_split_metrics_average_the_uncertainty_scores_where_the_rows_have_them():

@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from scipy import ndimage
+
 from msx.models import strategies
 from msx.models.registry import UnknownNameError
 from msx.models.strategies import STAPLE_MAX_ITERATIONS, STRATEGIES, fuse_all, staple
-from scipy import ndimage
 
 from .metric_references import random_lesion_pair
 
@@ -81,7 +82,7 @@ def uncertainty_by_loops(step_logits: torch.Tensor) -> np.ndarray:
             confidence = max(1 / (1 + math.exp(-u)), 1e-3)
             uncertainty = -confidence * math.log(confidence)
             w = math.exp(1 / (1 + math.exp(-i / steps)) * (1 - uncertainty))
-            total += sum(w * (2 / (1 + math.exp(-l)) - 1) for l in logits)
+            total += sum(w * (2 / (1 + math.exp(-logit)) - 1) for logit in logits)
         fused.append(total)
     return np.array(fused).reshape(step_logits.shape[2:])
 
@@ -150,7 +151,7 @@ def staple_by_numpy(masks: np.ndarray, max_iterations: int = 1000) -> np.ndarray
         q = np.array([(1 - posterior[~d]).sum() / (1 - posterior).sum() for d in votes])
         alpha = np.ones(votes.shape[1])
         beta = np.ones(votes.shape[1])
-        for d, sensitivity, specificity in zip(votes, p, q):
+        for d, sensitivity, specificity in zip(votes, p, q, strict=True):
             alpha *= np.where(d, sensitivity, 1 - sensitivity)
             beta *= np.where(d, 1 - specificity, specificity)
         posterior = prior * alpha / (prior * alpha + (1 - prior) * beta)
@@ -262,10 +263,16 @@ def all_agreeing(seed: int) -> np.ndarray:
 
 
 RATER_STACKS = {
-    **{f"independent-seed{seed}-{raters}raters": (independent_raters, seed, raters) for seed in range(3) for raters in (3, 5, 8)},
+    **{
+        f"independent-seed{seed}-{raters}raters": (independent_raters, seed, raters) for seed in range(3)
+        for raters in (3, 5, 8)
+    },
     # 40 raters cross msx's 32-rater vote packing.
     "independent-seed0-40raters": (independent_raters, 0, 40),
-    **{f"around-one-truth-seed{seed}-{raters}raters": (raters_around_one_truth, seed, raters) for seed in range(3) for raters in (3, 6)},
+    **{
+        f"around-one-truth-seed{seed}-{raters}raters": (raters_around_one_truth, seed, raters) for seed in range(3)
+        for raters in (3, 6)
+    },
     **{f"one-rater-empty-seed{seed}": (with_one_empty_rater, seed) for seed in range(2)},
     "all-agree": (all_agreeing, 0),
     "single-rater": (raters_around_one_truth, 1, 1),

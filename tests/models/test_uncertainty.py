@@ -3,9 +3,14 @@
 import numpy as np
 import pytest
 import torch
+
 from msx.models.registry import UnknownNameError
 from msx.models.uncertainty import (
-    UNCERTAINTY_MEASURES, chain_statistics, lesion_maps, pooled_statistics, uncertainty_maps as maps_of_statistics,
+    UNCERTAINTY_MEASURES,
+    chain_statistics,
+    lesion_maps,
+    pooled_statistics,
+    uncertainty_maps as maps_of_statistics,
 )
 
 
@@ -30,7 +35,9 @@ def test_the_measures_are_the_shifts_definitions_over_the_chains_last_step():
     total = entropy_bits(final.mean(axis=0))
     data = entropy_bits(final).mean(axis=0)
     every_step = 1 / (1 + np.exp(-logits.double().numpy()))
-    maps = {name: value.double().numpy() for name, value in uncertainty_maps(logits, UNCERTAINTY_MEASURES.names()).items()}
+    maps = {
+        name: value.double().numpy() for name, value in uncertainty_maps(logits, UNCERTAINTY_MEASURES.names()).items()
+    }
     np.testing.assert_allclose(maps["total"], total, atol=1e-5)
     np.testing.assert_allclose(maps["data"], data, atol=1e-5)
     np.testing.assert_allclose(maps["knowledge"], total - data, atol=1e-5)
@@ -49,7 +56,9 @@ def test_one_chain_has_no_knowledge_uncertainty_and_agreeing_chains_none_either(
 
 
 def test_an_unknown_measure_lists_the_valid_names_and_a_bad_shape_is_named():
-    with pytest.raises(UnknownNameError, match="unknown uncertainty measure 'entropy'; valid names: data, knowledge, steps, total"):
+    with pytest.raises(
+        UnknownNameError, match="unknown uncertainty measure 'entropy'; valid names: data, knowledge, steps, total"
+    ):
         uncertainty_maps(step_logits(), ("entropy",))
     with pytest.raises(ValueError, match=r"step_logits must have shape \(steps, samples, \*spatial\)"):
         uncertainty_maps(torch.zeros(0, 2, 3), ("total",))

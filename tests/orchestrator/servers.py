@@ -1,4 +1,5 @@
-"""Servers the tests start (mlflow server, msx ui): starting and stopping an MLflow server, waiting for a health check."""
+"""Servers the tests start (mlflow server, msx ui): starting and stopping an MLflow server, waiting for a health
+check."""
 
 import os
 import subprocess

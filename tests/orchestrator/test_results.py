@@ -18,11 +18,13 @@ def outcome(configuration, fold, val_mean, test_mean, backbone="unet"):
         for strategy, offset in (("mean", 0.0), ("last", -0.1)):
             metrics[f"{split}/{strategy}/dsc"] = value + offset
             metrics[f"{split}/{strategy}/lfpr"] = 0.2
-    return TrialOutcome(TrialConfig(backbone, fold, configuration, {"training.lr": 1e-3}), metrics, f"/ckpt/{configuration}/{fold}")
+    return TrialOutcome(
+        TrialConfig(backbone, fold, configuration, {"training.lr": 1e-3}), metrics, f"/ckpt/{configuration}/{fold}"
+    )
 
 
 def test_summary_is_mean_and_population_std_over_folds():
-    outcomes = [outcome("a", f, v, 0.5) for f, v in zip((1, 2, 3), (0.6, 0.7, 0.8))]
+    outcomes = [outcome("a", f, v, 0.5) for f, v in zip((1, 2, 3), (0.6, 0.7, 0.8), strict=True)]
     (summary,) = summarise_configurations(outcomes, STRATEGIES, fold_count=3)
     mean, std = summary.summary[("val", "mean", "dsc")]
     assert math.isclose(mean, 0.7) and math.isclose(std, math.sqrt(((0.1**2) * 2) / 3))
@@ -55,6 +57,6 @@ def test_table_marks_best_per_column_and_lists_each_backbone_once():
     lines = table.splitlines()
     assert lines[0].split()[:4] == ["backbone", "strategy", "DSC", "TPR"]
     assert len(lines) == 2 + 2 * len(STRATEGIES)
-    segresnet_mean = next(l for l in lines if l.startswith("segresnet") and " mean " in l)
+    segresnet_mean = next(line for line in lines if line.startswith("segresnet") and " mean " in line)
     assert "0.700 ± 0.000*" in segresnet_mean
     assert "n/a" in segresnet_mean  # metrics not reported stay visible as n/a

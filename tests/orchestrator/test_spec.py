@@ -24,7 +24,10 @@ def test_bundled_spaces_load_and_validate():
     assert smoke.data.folds == "paper"
     assert smoke.search.parameters[0].name == "training.weight_decay"
     # The paper U-Net trains under its own recipe (issue: it learns nothing under the study's at this scale).
-    assert smoke.for_backbone("unet").training.lr == pytest.approx(8e-3) and smoke.for_backbone("segresnet").training.lr == pytest.approx(2e-3)
+    assert (
+        smoke.for_backbone("unet").training.lr == pytest.approx(8e-3)
+        and smoke.for_backbone("segresnet").training.lr == pytest.approx(2e-3)
+    )
     assert (smoke.inference.protocol, smoke.inference.compare_protocols) == ("msx", ("reference",))
     paper = load_spec("paper")
     assert paper.training.patch_size == (96, 96, 96)
@@ -84,7 +87,9 @@ def test_wrong_types_and_ranges_are_named(tmp_path):
         load_spec(write(tmp_path, "name: x\ninference: {overlap: 1.5}\n"))
     with pytest.raises(SpecError, match=r"registry\.selection_metric: unknown metric 'hd95'; valid: dsc, .*, isbi"):
         load_spec(write(tmp_path, "name: x\nregistry: {selection_metric: hd95}\n"))
-    assert load_spec(write(tmp_path, "name: x\nregistry: {selection_metric: isbi}\n")).registry.selection_metric == "isbi"
+    assert (
+        load_spec(write(tmp_path, "name: x\nregistry: {selection_metric: isbi}\n")).registry.selection_metric == "isbi"
+    )
     with pytest.raises(SpecError, match=r"search\.time_budget_s: must be positive seconds"):
         load_spec(write(tmp_path, "name: x\nsearch: {time_budget_s: 0}\n"))
     assert load_spec(write(tmp_path, "name: x\nsearch: {time_budget_s: 3600}\n")).search.time_budget_s == 3600
@@ -119,7 +124,9 @@ def test_unset_validation_and_overlap_take_the_protocols_defaults(tmp_path):
     # Set values stay, whatever the protocol; an unset validation overlap follows the test overlap under msx.
     chosen = spec_from_dict({"name": "x", "training": {"validation_ddim_steps": 5}, "inference": {"overlap": 0.25}})
     assert (chosen.training.validation_ddim_steps, chosen.training.validation_overlap) == (5, 0.25)
-    cheap = spec_from_dict({"name": "x", "training": {"validation_ddim_steps": 10}, "inference": {"protocol": "reference"}})
+    cheap = spec_from_dict(
+        {"name": "x", "training": {"validation_ddim_steps": 10}, "inference": {"protocol": "reference"}}
+    )
     assert (cheap.training.validation_ddim_steps, cheap.training.validation_strategy) == (10, "last")
     assert spec_from_dict(reference.to_dict()) == reference
 
@@ -127,13 +134,17 @@ def test_unset_validation_and_overlap_take_the_protocols_defaults(tmp_path):
 def test_protocols_are_registered_names_chosen_not_searched(tmp_path):
     with pytest.raises(SpecError, match=r"inference\.protocol: unknown name 'paper'; valid names: msx, reference"):
         load_spec(write(tmp_path, "name: x\ninference: {protocol: paper}\n"))
-    with pytest.raises(SpecError, match=r"inference\.compare_protocols: unknown name 'ref'; valid names: msx, reference"):
+    with pytest.raises(
+        SpecError, match=r"inference\.compare_protocols: unknown name 'ref'; valid names: msx, reference"
+    ):
         load_spec(write(tmp_path, "name: x\ninference: {compare_protocols: [ref]}\n"))
     with pytest.raises(SpecError, match=r"inference\.compare_protocols: 'msx' is the study's own protocol"):
         load_spec(write(tmp_path, "name: x\ninference: {compare_protocols: [msx]}\n"))
     with pytest.raises(SpecError, match=r"inference\.compare_protocols: a protocol is listed twice"):
         load_spec(write(tmp_path, "name: x\ninference: {protocol: msx, compare_protocols: [reference, reference]}\n"))
-    text = "name: x\nsearch: {parameters: [{name: inference.protocol, distribution: choice, choices: [msx, reference]}]}\n"
+    text = (
+        "name: x\nsearch: {parameters: [{name: inference.protocol, distribution: choice, choices: [msx, reference]}]}\n"
+    )
     with pytest.raises(SpecError, match=r"search\.parameters\[0\]\.name: 'inference\.protocol' is the study's choice"):
         load_spec(write(tmp_path, text))
     with pytest.raises(SpecError, match=r"training\.validation_overlap: must be in \[0, 1\)"):
@@ -177,12 +188,27 @@ def test_folds_name_a_plan_or_list_the_folds(tmp_path):
         ("7", r"data\.folds: expected a name or a list, got 7"),
         ("[]", r"data\.folds: an explicit list of folds needs at least one fold"),
         ("[[1, 2]]", r"data\.folds\[0\]: expected a mapping, got list"),
-        ("[{train: [1], validation: [2], test: [3], extra: [4]}]", r"data\.folds\[0\]\.extra: unknown key; valid keys: train, validation, test"),
+        (
+            "[{train: [1], validation: [2], test: [3], extra: [4]}]",
+            r"data\.folds\[0\]\.extra: unknown key; valid keys: train, validation, test"
+        ),
         ("[{train: [1], validation: [2]}]", r"data\.folds\[0\]\.test: needs at least one patient number"),
-        ("[{train: [1], validation: [2], test: [3]}, {train: [], validation: [2], test: [3]}]", r"data\.folds\[1\]\.train: needs at least one"),
-        ("[{train: [1, x], validation: [2], test: [3]}]", r"data\.folds\[0\]\.train\[1\]: expected an integer, got 'x'"),
-        ("[{train: [1], validation: [0], test: [3]}]", r"data\.folds\[0\]\.validation: 0 is not a patient number \(positive integers\)"),
-        ("[{train: [1, 2], validation: [3], test: [2]}]", r"data\.folds\[0\]\.test: patient 2 is also in train; a fold puts each patient in one split"),
+        (
+            "[{train: [1], validation: [2], test: [3]}, {train: [], validation: [2], test: [3]}]",
+            r"data\.folds\[1\]\.train: needs at least one"
+        ),
+        (
+            "[{train: [1, x], validation: [2], test: [3]}]",
+            r"data\.folds\[0\]\.train\[1\]: expected an integer, got 'x'"
+        ),
+        (
+            "[{train: [1], validation: [0], test: [3]}]",
+            r"data\.folds\[0\]\.validation: 0 is not a patient number \(positive integers\)"
+        ),
+        (
+            "[{train: [1, 2], validation: [3], test: [2]}]",
+            r"data\.folds\[0\]\.test: patient 2 is also in train; a fold puts each patient in one split"
+        ),
         ("[{train: [1, 1], validation: [3], test: [2]}]", r"data\.folds\[0\]\.train: patient 1 is twice"),
     ],
 )
@@ -206,7 +232,9 @@ def test_engine_configs_carry_the_specs_values():
     spec = load_spec("smoke")
     config = spec.fold_config("segresnet")
     assert config.network == NetworkConfig("segresnet", 3, spec.model.width, spec.training.patch_size)
-    assert config.training.loss_weights == LossWeights(spec.training.loss_dice, spec.training.loss_bce, spec.training.loss_mse)
+    assert config.training.loss_weights == LossWeights(
+        spec.training.loss_dice, spec.training.loss_bce, spec.training.loss_mse
+    )
     assert config.evaluation == InferenceConfig(
         spec.inference.ddim_steps, spec.inference.samples, spec.training.patch_size, spec.inference.overlap,
         spec.inference.sw_batch_size, spec.inference.strategies, spec.inference.connectivity,
@@ -220,7 +248,8 @@ def test_engine_configs_carry_the_specs_values():
     # The compared protocol scores with the same settings, at its own test overlap.
     assert config.compared == (
         dataclasses.replace(
-            config.evaluation, overlap=PROTOCOLS.get("reference").defaults.overlap, protocol="reference", uncertainty_measures=()
+            config.evaluation, overlap=PROTOCOLS.get("reference").defaults.overlap, protocol="reference",
+            uncertainty_measures=()
         ),
     )
 
@@ -232,7 +261,8 @@ def test_training_compile_is_auto_or_a_switch(tmp_path, value, expected):
 
 
 @pytest.mark.parametrize(
-    "value, problem", [("always", r"'always' is not a compile setting; valid: \"auto\", true, false"), ("2", "expected true or false")]
+    "value, problem",
+    [("always", r"'always' is not a compile setting; valid: \"auto\", true, false"), ("2", "expected true or false")]
 )
 def test_training_compile_rejects_other_values_naming_the_field(tmp_path, value, problem):
     with pytest.raises(SpecError, match=r"space\.yaml: training\.compile: " + problem):
@@ -240,8 +270,12 @@ def test_training_compile_rejects_other_values_naming_the_field(tmp_path, value,
 
 
 # The reference's training and msx's fast path, as the spec names them (docs/FIDELITY.md).
-REFERENCE_TRAINING = {"precision": "fp32", "compile": False, "optimizer": "adamw", "schedule": "per-epoch", "best_checkpoint": "reference"}
-MSX_TRAINING = {"precision": "auto", "compile": "auto", "optimizer": "auto", "schedule": "per-step", "best_checkpoint": "msx"}
+REFERENCE_TRAINING = {
+    "precision": "fp32", "compile": False, "optimizer": "adamw", "schedule": "per-epoch", "best_checkpoint": "reference"
+}
+MSX_TRAINING = {
+    "precision": "auto", "compile": "auto", "optimizer": "auto", "schedule": "per-step", "best_checkpoint": "msx"
+}
 
 
 def training_choices(training) -> dict:
@@ -257,7 +291,10 @@ def test_paper_trains_as_the_reference_and_the_other_spaces_on_msx_s_fast_path()
 
 
 def test_training_choices_reach_the_fold_config(tmp_path):
-    text = "name: x\ntraining: {precision: bf16, optimizer: adamw-fused, schedule: per-epoch, best_checkpoint: reference}\n"
+    text = (
+        "name: x\ntraining: {precision: bf16, optimizer: adamw-fused, schedule: per-epoch, "
+        "best_checkpoint: reference}\n"
+    )
     training = load_spec(write(tmp_path, text)).fold_config("unet").training
     assert (training.precision, training.optimizer, training.schedule, training.best_checkpoint) == (
         "bf16", "adamw-fused", "per-epoch", "reference",
@@ -321,8 +358,14 @@ def test_a_backbone_recipe_sets_its_fields_apart_and_leaves_the_others_the_study
         ("unet: {training: {epoch: 3}}", r"recipes\.unet\.training\.epoch: unknown key; valid keys: epochs, "),
         ("unet: {training: {lr: fast}}", r"recipes\.unet\.training\.lr: expected a number, got 'fast'"),
         ("unet: {training: {lr: -1.0}}", r"recipes\.unet\.training\.lr: must be positive, got -1\.0"),
-        ("unet: {training: {patch_size: [48, 48, 48]}}", r"recipes\.unet\.training\.patch_size: unet needs sides that are multiples of 32"),
-        ("unet: {training: {weight_decay: 1.0e-3}}", r"recipes\.unet\.training\.weight_decay: is also searched \(search\.parameters\[0\]\)"),
+        (
+            "unet: {training: {patch_size: [48, 48, 48]}}",
+            r"recipes\.unet\.training\.patch_size: unet needs sides that are multiples of 32"
+        ),
+        (
+            "unet: {training: {weight_decay: 1.0e-3}}",
+            r"recipes\.unet\.training\.weight_decay: is also searched \(search\.parameters\[0\]\)"
+        ),
         ("unet: 3", r"recipes\.unet: expected a mapping of sections \(model, training\), got 3"),
     ],
 )

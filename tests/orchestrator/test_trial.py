@@ -11,7 +11,8 @@ TRIAL = TrialConfig("segresnet", 3, "segresnet-c2", {"training.lr": 2e-3, "infer
 def test_tune_dict_round_trip():
     config = TRIAL.to_tune()
     assert config == {
-        "backbone": "segresnet", "fold": 3, "configuration": "segresnet-c2", "training.lr": 2e-3, "inference.ddim_steps": 5
+        "backbone": "segresnet", "fold": 3, "configuration": "segresnet-c2", "training.lr": 2e-3,
+        "inference.ddim_steps": 5
     }
     assert TrialConfig.from_tune(config) == TRIAL
 

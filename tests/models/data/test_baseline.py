@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+
 from msx.models.data.baseline import flair_threshold_baseline
 
 

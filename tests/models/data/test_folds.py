@@ -101,7 +101,11 @@ def test_explicit_folds_are_numbered_by_position():
 
 @pytest.mark.parametrize(
     "plan",
-    ["paper", "loso", (Fold(0, train=(1, 2), validation=(3,), test=(4, 5)), Fold(0, train=(5,), validation=(1, 2), test=(3, 4)))],
+    [
+        "paper",
+        "loso",
+        (Fold(0, train=(1, 2), validation=(3,), test=(4, 5)), Fold(0, train=(5,), validation=(1, 2), test=(3, 4))),
+    ],
     ids=["paper", "loso", "explicit"],
 )
 def test_every_patients_time_points_stay_in_one_split(synthetic_cohort, plan):

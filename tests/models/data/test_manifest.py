@@ -50,7 +50,8 @@ def test_csv_manifest_with_relative_paths_loads_like_a_cohort(folder):
         f"{COLUMNS},pd,mask2\n"
         f"{_row(2, 1)}, ,sub-2_ses-1_mask2.nii.gz\n\n"
         f"{_row(1, 2)},,\n"
-        f" 1 , 01 ,sub-1_ses-1_flair.nii.gz,sub-1_ses-1_mprage.nii.gz,sub-1_ses-1_t2.nii.gz,sub-1_ses-1_mask1.nii.gz,,\n"
+        " 1 , 01 ,sub-1_ses-1_flair.nii.gz,sub-1_ses-1_mprage.nii.gz,"
+        "sub-1_ses-1_t2.nii.gz,sub-1_ses-1_mask1.nii.gz,,\n"
     )
     before = _snapshot(folder)
 
@@ -62,7 +63,9 @@ def test_csv_manifest_with_relative_paths_loads_like_a_cohort(folder):
     first = cohort.scans[0]
     assert dict(first.images) == {name: folder / f"sub-1_ses-1_{name}.nii.gz" for name in ("flair", "mprage", "t2")}
     assert dict(first.masks) == {1: folder / "sub-1_ses-1_mask1.nii.gz"}
-    assert dict(cohort.scans[2].masks) == {1: folder / "sub-2_ses-1_mask1.nii.gz", 2: folder / "sub-2_ses-1_mask2.nii.gz"}
+    assert dict(cohort.scans[2].masks) == {
+        1: folder / "sub-2_ses-1_mask1.nii.gz", 2: folder / "sub-2_ses-1_mask2.nii.gz"
+    }
     loaded = load_scan(cohort.scans[1], ("t2", "flair"), 1)
     np.testing.assert_array_equal(loaded.image[0], _image_values(1, 2, "t2"))
     np.testing.assert_array_equal(loaded.image[1], _image_values(1, 2, "flair"))
@@ -136,7 +139,10 @@ def test_masks_are_optional_without_a_rater(tmp_path):
             "line 1 (header): age: unknown column; valid columns: patient, timepoint, flair, mprage, t2, pd, mask1, "
             "mask2 (mask is another name for mask1)",
         ),
-        ("patient,timepoint,flair,mprage,mask1\n1,1,a,b,c\n", "line 1 (header): t2: missing column (the study uses t2)"),
+        (
+            "patient,timepoint,flair,mprage,mask1\n1,1,a,b,c\n",
+            "line 1 (header): t2: missing column (the study uses t2)"
+        ),
         (
             "patient,timepoint,flair,mprage,t2,mask2\n1,1,a,b,c,d\n",
             "line 1 (header): mask1: missing column (the study's ground truth is rater 1's mask)",
@@ -147,7 +153,10 @@ def test_masks_are_optional_without_a_rater(tmp_path):
             "line 3: patient: 'P2' is not a positive integer (fold plans refer to patients by number)",
         ),
         (f"{COLUMNS}\n{_row(0, 1)}\n", "line 2: patient: '0' is not a positive integer (fold plans refer to patients"),
-        (f"{COLUMNS}\n{_row(1, 1.5)}\n", "line 2: timepoint: '1.5' is not a positive integer (time points are numbered"),
+        (
+            f"{COLUMNS}\n{_row(1, 1.5)}\n",
+            "line 2: timepoint: '1.5' is not a positive integer (time points are numbered"
+        ),
         (f"{COLUMNS}\n{_row(1, -1)}\n", "line 2: timepoint: '-1' is not a positive integer"),
         (f"{COLUMNS}\n{_row(1, 3)}\n", "line 2: flair: {folder}/sub-1_ses-3_flair.nii.gz does not exist"),
         (f"{COLUMNS}\n1,1,..,a,b,c\n", "line 2: flair: {folder}/.. is not a file"),
@@ -183,15 +192,30 @@ def test_csv_errors_name_the_file_the_line_and_the_field(folder, text, expected)
             "- {patient: 2, timepoint: 1, flair: $f, mprage: $m, t2: $t, mask1: $k, sex: f}\n",
             "item 2 (line 2): sex: unknown field; valid fields: patient, timepoint",
         ),
-        ("- {patient: x, timepoint: 1, flair: a, mprage: b, t2: c, mask1: d}\n", "item 1 (line 1): patient: 'x' is not a positive integer (fold plans refer to patients by number)"),
-        ("- {patient: 2.0, timepoint: 1, flair: a, mprage: b, t2: c, mask1: d}\n", "item 1 (line 1): patient: 2.0 is not a positive integer"),
-        ("- {patient: true, timepoint: 1, flair: a, mprage: b, t2: c, mask1: d}\n", "item 1 (line 1): patient: True is not a positive integer"),
-        ("- {patient: 1, timepoint: 0, flair: a, mprage: b, t2: c, mask1: d}\n", "item 1 (line 1): timepoint: 0 is not a positive integer"),
+        (
+            "- {patient: x, timepoint: 1, flair: a, mprage: b, t2: c, mask1: d}\n",
+            "item 1 (line 1): patient: 'x' is not a positive integer (fold plans refer to patients by number)"
+        ),
+        (
+            "- {patient: 2.0, timepoint: 1, flair: a, mprage: b, t2: c, mask1: d}\n",
+            "item 1 (line 1): patient: 2.0 is not a positive integer"
+        ),
+        (
+            "- {patient: true, timepoint: 1, flair: a, mprage: b, t2: c, mask1: d}\n",
+            "item 1 (line 1): patient: True is not a positive integer"
+        ),
+        (
+            "- {patient: 1, timepoint: 0, flair: a, mprage: b, t2: c, mask1: d}\n",
+            "item 1 (line 1): timepoint: 0 is not a positive integer"
+        ),
         (
             "- patient: 1\n  timepoint: 1\n  flair: $f\n  mprage: $m\n  mask1: $k\n",
             "item 1 (line 1): t2: missing or empty (the study uses t2)",
         ),
-        ("- {patient: 1, timepoint: 1, flair: $f, mprage: $m, t2: 12, mask1: $k}\n", "item 1 (line 1): t2: expected a file path, got 12"),
+        (
+            "- {patient: 1, timepoint: 1, flair: $f, mprage: $m, t2: 12, mask1: $k}\n",
+            "item 1 (line 1): t2: expected a file path, got 12"
+        ),
         (
             "- {patient: 1, timepoint: 1, flair: $f, mprage: $m, t2: $t, mask1: $k}\n"
             "- {patient: 1, timepoint: 1, flair: $f, mprage: $m, t2: $t, mask1: gone.nii}\n",
@@ -205,7 +229,9 @@ def test_csv_errors_name_the_file_the_line_and_the_field(folder, text, expected)
     ],
 )
 def test_yaml_errors_name_the_file_the_item_and_the_field(folder, text, expected):
-    names = {key: f"sub-1_ses-1_{name}.nii.gz" for key, name in zip("fmtk", ("flair", "mprage", "t2", "mask1"))}
+    names = {
+        key: f"sub-1_ses-1_{name}.nii.gz" for key, name in zip("fmtk", ("flair", "mprage", "t2", "mask1"), strict=True)
+    }
     manifest = folder / "manifest.yaml"
     message = _error(manifest, Template(text).substitute(names))
     assert message.startswith(f"{manifest}: {expected.replace('{folder}', str(folder))}")
@@ -231,9 +257,13 @@ def test_manifest_that_is_missing_not_utf8_or_of_another_kind(tmp_path):
         read_manifest(binary)
     other = tmp_path / "cohort.json"
     other.write_text("[]")
-    with pytest.raises(CohortError, match=r"cohort .*cohort\.json is neither a folder nor a manifest: .*\(\.csv, \.yaml, \.yml\)$"):
+    with pytest.raises(
+        CohortError, match=r"cohort .*cohort\.json is neither a folder nor a manifest: .*\(\.csv, \.yaml, \.yml\)$"
+    ):
         open_cohort(other)
-    with pytest.raises(CohortError, match=r"cohort .*nowhere does not exist: give a folder of ISBI-named files or a manifest"):
+    with pytest.raises(
+        CohortError, match=r"cohort .*nowhere does not exist: give a folder of ISBI-named files or a manifest"
+    ):
         open_cohort(tmp_path / "nowhere")
 
 

@@ -5,6 +5,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage
+
 from msx.models.data.baseline import brain_zscore, flair_threshold_baseline
 from msx.models.data.cohort import MODALITIES, find_isbi_cohort, load_scan
 from msx.models.data.synth import (
@@ -15,7 +17,6 @@ from msx.models.data.synth import (
     patient_anatomy,
     write_synthetic_cohort,
 )
-from scipy import ndimage
 
 SHAPE = (48, 56, 48)  # the smoke study's grid
 FLAIR, MPRAGE = MODALITIES.index("flair"), MODALITIES.index("mprage")
@@ -104,7 +105,7 @@ def test_same_seed_same_arrays_other_seed_different(tmp_path):
     again = write_synthetic_cohort(tmp_path / "b", patients=2, shape=shape, seed=7)
     other = write_synthetic_cohort(tmp_path / "c", patients=2, shape=shape, seed=8)
     assert [p.relative_to(tmp_path / "a") for p in first] == [p.relative_to(tmp_path / "b") for p in again]
-    for x, y, z in zip(_arrays(first), _arrays(again), _arrays(other)):
+    for x, y, z in zip(_arrays(first), _arrays(again), _arrays(other), strict=True):
         np.testing.assert_array_equal(x, y)
         assert x.dtype == y.dtype
         assert not np.array_equal(x, z)
@@ -114,7 +115,7 @@ def test_a_patient_does_not_depend_on_how_many_are_written(tmp_path):
     shape = (24, 28, 24)
     alone = write_synthetic_cohort(tmp_path / "one", patients=1, shape=shape, seed=2)
     among = write_synthetic_cohort(tmp_path / "three", patients=3, shape=shape, seed=2)
-    for x, y in zip(_arrays(alone), _arrays(among[: len(alone)])):
+    for x, y in zip(_arrays(alone), _arrays(among[: len(alone)]), strict=True):
         np.testing.assert_array_equal(x, y)
 
 
@@ -165,7 +166,9 @@ def test_contrasts_follow_mri_physics_per_modality(scans, anatomies):
             for name in MODALITIES
         }
         flair, mprage, t2, pd = (mean[name] for name in ("flair", "mprage", "t2", "pd"))
-        assert flair["lesion"] > 1.2 * flair["white"] and flair["lesion"] > flair["grey"] > flair["white"] > flair["csf"], scan_id
+        assert (
+            flair["lesion"] > 1.2 * flair["white"] and flair["lesion"] > flair["grey"] > flair["white"] > flair["csf"]
+        ), scan_id
         assert mprage["white"] > mprage["grey"] > mprage["csf"] and mprage["white"] > 1.2 * mprage["lesion"], scan_id
         assert mprage["lesion"] > mprage["csf"], scan_id
         assert t2["csf"] > t2["lesion"] > 1.3 * t2["white"] and t2["grey"] > t2["white"], scan_id
@@ -238,7 +241,7 @@ def test_lesions_persist_and_change_over_time(scans):
     appeared = 0
     for patient in range(1, 6):
         masks = [m for scan_id, (_, m, _) in sorted(scans.items()) if scan_id.startswith(f"training{patient:02d}_")]
-        for earlier, later in zip(masks, masks[1:]):
+        for earlier, later in zip(masks, masks[1:], strict=False):
             assert _dice(earlier, later) > 0.6  # most lesion voxels persist
         assert not all(np.array_equal(masks[0], m) for m in masks[1:])
         labels, count = ndimage.label(masks[-1])

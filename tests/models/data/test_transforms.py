@@ -15,8 +15,8 @@ from monai.transforms import (
 from msx.models.data.transforms import (
     GridRestore,
     augmentation_transforms,
-    preprocessing_transforms,
     prepare_scan_for_inference,
+    preprocessing_transforms,
 )
 
 INPUT_SHAPE = (30, 14, 22)
@@ -41,7 +41,10 @@ def _by_hand(image: np.ndarray, label: np.ndarray, patch=PATCH) -> tuple[np.ndar
     foreground = (image > 0).any(axis=0)
     box = tuple(slice(idx.min(), idx.max() + 1) for idx in np.nonzero(foreground))
     cropped_image, cropped_label = image[(slice(None), *box)], label[(slice(None), *box)]
-    pads = [(max(p - s, 0) // 2, max(p - s, 0) - max(p - s, 0) // 2) for p, s in zip(patch, cropped_image.shape[1:])]
+    pads = [
+        (max(p - s, 0) // 2, max(p - s, 0) - max(p - s, 0) // 2)
+        for p, s in zip(patch, cropped_image.shape[1:], strict=True)
+    ]
     padded_image = np.pad(cropped_image, [(0, 0), *pads])
     padded_label = np.pad(cropped_label, [(0, 0), *pads])
     normalized = np.zeros_like(padded_image, dtype=np.float64)

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from msx.models.data.cohort import Cohort, find_isbi_cohort
 from msx.models.data.synth import write_synthetic_cohort
 from msx.models.data.validation import (
@@ -28,7 +29,9 @@ def write_cohort(root: Path, patients=(1, 2, 3, 4, 5), timepoints=2, affine=None
     """A tiny, valid ISBI-named cohort: three modalities and both raters' masks per scan."""
     return write_isbi_cohort(
         root, patients, range(1, timepoints + 1),
-        image=lambda patient, timepoint, _: np.random.default_rng(patient * 10 + timepoint).random(SHAPE, dtype=np.float32),
+        image=lambda patient, timepoint, _: (
+            np.random.default_rng(patient * 10 + timepoint).random(SHAPE, dtype=np.float32)
+        ),
         mask=lambda _, timepoint, __: _mask(timepoint),
         affine=affine, suffix=ext, modalities=MODALITIES,
     )

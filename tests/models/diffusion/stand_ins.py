@@ -7,7 +7,8 @@ from torch import nn
 
 
 def oracle_logits(image: torch.Tensor) -> torch.Tensor:
-    """The true x0 as logits: the sign comes from the mask in channel 0, the magnitude (10 + channel 1) varies by voxel."""
+    """The true x0 as logits: the sign comes from the mask in channel 0, the magnitude (10 + channel 1) varies by
+    voxel."""
     return (2.0 * image[:, :1] - 1.0) * (10.0 + image[:, 1:2])
 
 

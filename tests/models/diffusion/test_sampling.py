@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from msx.models.diffusion import (
     DiffusionConfig,
     EncodingDenoiser,
@@ -184,7 +185,9 @@ def test_a_batch_of_scans_is_stitched_as_each_scan_alone() -> None:
     images = torch.rand((2, 2, 13, 11, 9), generator=torch.Generator().manual_seed(14))
     together = sample_scan_fused(OracleNet(), images, 2, 1, (8, 8, 8), fuse=lambda t: t.flatten(1, 2), sw_batch_size=3)
     for row in range(2):
-        alone = sample_scan_fused(OracleNet(), images[row], 2, 1, (8, 8, 8), fuse=lambda t: t.flatten(1, 2), sw_batch_size=3)
+        alone = sample_scan_fused(
+            OracleNet(), images[row], 2, 1, (8, 8, 8), fuse=lambda t: t.flatten(1, 2), sw_batch_size=3
+        )
         torch.testing.assert_close(together[row], alone, rtol=1e-6, atol=1e-6)
 
 

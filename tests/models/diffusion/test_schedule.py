@@ -87,7 +87,7 @@ def test_ddim_timesteps_for_ten_steps() -> None:
 def test_ddim_timesteps_are_guided_diffusions_respacing(count: int) -> None:
     steps = ddim_timesteps(count, DiffusionConfig())
     assert list(steps) == guided_diffusion_steps(T, count)
-    assert len(set(steps)) == count and all(a > b for a, b in zip(steps, steps[1:]))
+    assert len(set(steps)) == count and all(a > b for a, b in zip(steps, steps[1:], strict=False))
 
 
 def test_one_ddim_step_starts_from_pure_noise_level() -> None:

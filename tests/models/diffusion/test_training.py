@@ -3,7 +3,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from monai.losses import DiceLoss
 
 from msx.models.diffusion import (
@@ -74,7 +73,7 @@ def test_net_sees_the_mask_noised_at_uniform_steps() -> None:
 
     (_, noisy, t, _), = net.calls
     assert t.dtype == torch.long and t.shape == (batch,)
-    assert 0 <= t.min().item() and t.max().item() <= 999
+    assert t.min().item() >= 0 and t.max().item() <= 999
     assert t.float().mean().item() == pytest.approx(499.5, abs=3 * 288.7 / np.sqrt(batch))
     assert len(torch.unique(t)) > 800
 

@@ -3,6 +3,8 @@ import json
 import pytest
 import torch
 from monai.networks.nets import UNETR, SwinUNETR
+from torch import nn
+
 from msx.models.checkpoint import load_checkpoint, save_checkpoint
 from msx.models.networks import (
     BACKBONES,
@@ -17,7 +19,6 @@ from msx.models.networks.backbones import (
 )
 from msx.models.networks.encoders import SwinUNETREncoder, UNETREncoder
 from msx.models.registry import UnknownNameError
-from torch import nn
 
 
 def conv3(cin: int, cout: int) -> int:
@@ -64,7 +65,7 @@ def test_unknown_backbone_lists_valid_names():
 def test_unet_encoder_holds_only_the_down_path():
     net = build_network(NetworkConfig(backbone="unet", image_channels=3, width=0.125))
     features = (8, 8, 16, 32, 64)
-    expected = two_conv(3, 8) + sum(two_conv(a, b) for a, b in zip(features, features[1:]))
+    expected = two_conv(3, 8) + sum(two_conv(a, b) for a, b in zip(features, features[1:], strict=False))
     assert parameter_count(net.encoder) == expected
     assert [s.shape[1] for s in net.encoder(torch.zeros(1, 3, 32, 32, 32))] == list(features)
 
@@ -78,8 +79,8 @@ def test_segresnet_encoder_holds_only_the_down_path():
     filters = (8, 16, 32, 64)
     blocks = (1, 2, 2, 4)
     expected = 27 * 2 * 8  # bias-free initial convolution
-    expected += sum(n * res_block(c) for n, c in zip(blocks, filters))
-    expected += sum(27 * c_in * c_out for c_in, c_out in zip(filters, filters[1:]))  # stride-2 convs
+    expected += sum(n * res_block(c) for n, c in zip(blocks, filters, strict=True))
+    expected += sum(27 * c_in * c_out for c_in, c_out in zip(filters, filters[1:], strict=False))  # stride-2 convs
     assert parameter_count(net.encoder) == expected
     shapes = [tuple(s.shape[1:]) for s in net.encoder(torch.zeros(1, 2, 32, 32, 32))]
     assert shapes == [(8, 32, 32, 32), (16, 16, 16, 16), (32, 8, 8, 8), (64, 4, 4, 4)]
@@ -158,7 +159,10 @@ def one_thread():
 
 
 # SwinUNETR's smallest network takes a minute or more per check on two shared CPU cores: left to the full suite.
-@pytest.fixture(scope="module", params=[pytest.param(name, marks=pytest.mark.slow) if name == "swinunetr" else name for name in sorted(CASES)])
+@pytest.fixture(
+    scope="module",
+    params=[pytest.param(name, marks=pytest.mark.slow) if name == "swinunetr" else name for name in sorted(CASES)]
+)
 def net(request):
     torch.manual_seed(0)
     return build_network(config_for(request.param))
@@ -261,7 +265,7 @@ def test_transformer_encoder_reproduces_the_network_down_path(backbone):
         features = encoder(image)
     expected = outputs_inside_the_network(network, family.conditioned_modules(), image)
     assert len(features) == len(expected)
-    for feature, reference in zip(features, expected):
+    for feature, reference in zip(features, expected, strict=True):
         torch.testing.assert_close(feature, reference, rtol=0, atol=0)
 
 

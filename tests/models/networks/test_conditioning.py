@@ -52,7 +52,7 @@ def monai_forward_with_hooks(network: nn.Module, names, x: torch.Tensor, additio
     """MONAI's own forward, the additions added to the named modules' outputs by forward hooks."""
     handles = [
         network.get_submodule(name).register_forward_hook(lambda module, args, out, a=a: out + a)
-        for name, a in zip(names, additions)
+        for name, a in zip(names, additions, strict=True)
     ]
     try:
         return network(x)

@@ -121,7 +121,9 @@ def test_gradients_reach_every_parameter_in_training():
     net = build_network(NetworkConfig(backbone="unet", width=0.125)).train()
     net(*inputs()).square().mean().backward()  # batch norm in training needs 2 samples at the deepest pooling
     for name, parameter in net.named_parameters():
-        assert parameter.grad is not None and torch.isfinite(parameter.grad).all() and parameter.grad.abs().sum() > 0, name
+        assert (
+            parameter.grad is not None and torch.isfinite(parameter.grad).all() and parameter.grad.abs().sum() > 0
+        ), name
 
 
 def test_width_scales_the_reference_features_and_features_can_be_given():
@@ -129,7 +131,9 @@ def test_width_scales_the_reference_features_and_features_can_be_given():
     assert isinstance(build_network(NetworkConfig(backbone="unet", features=FEATURES)).denoiser, MSSegDiffUNetDenoiser)
     with pytest.raises(ValueError, match="six positive integers"):
         NetworkConfig(backbone="unet", features=(8, 8, 16))
-    with pytest.raises(ValueError, match="segresnet is sized by width only; explicit features suit: multiencoder, unet"):
+    with pytest.raises(
+        ValueError, match="segresnet is sized by width only; explicit features suit: multiencoder, unet"
+    ):
         NetworkConfig(backbone="segresnet", features=FEATURES)
     assert NetworkConfig(backbone="unet", features=[8, 8, 16, 16, 32, 8]).features == FEATURES
 

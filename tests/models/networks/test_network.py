@@ -36,7 +36,7 @@ def straightforward_forward(net: DiffusionSegmentationNet, image, noisy_mask, t)
     """The method written out by hand on the same modules."""
     time = net.time_embedding.mlp(sinusoid(t, 128))
     additions, x = [], image
-    for stage, project in zip(net.encoder.stages, net.time_projections):
+    for stage, project in zip(net.encoder.stages, net.time_projections, strict=True):
         x = stage(x)
         additions.append(x + project(time)[:, :, None, None, None])
     den, h = net.denoiser, torch.cat([image, noisy_mask], dim=1)
@@ -49,7 +49,7 @@ def straightforward_forward(net: DiffusionSegmentationNet, image, noisy_mask, t)
         u = den.upcat_1(den.upcat_2(den.upcat_3(den.upcat_4(x4, x3), x2), x1), x0)
         return den.final_conv(u)
     x, skips = den.convInit(h), []
-    for layer, addition in zip(den.down_layers, additions):
+    for layer, addition in zip(den.down_layers, additions, strict=True):
         x = layer.forward(x) + addition
         skips.append(x)
     return den.decode(x, skips[::-1])

@@ -21,7 +21,7 @@ def msx(*args, cwd: Path) -> subprocess.CompletedProcess:
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
     assert result.returncode != 0
-    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("Error: ")
     for fragment in fragments:
@@ -32,7 +32,9 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
 # Integration: a fresh interpreter per command by design (the entry point and `python -m` as a shell runs them),
 # each paying msx's imports (about 5 s of CPU).
 @pytest.mark.integration
-@pytest.mark.parametrize("command", [[str(Path(sys.executable).parent / "msx")], [sys.executable, "-m", "msx.orchestrator.cli"]])
+@pytest.mark.parametrize(
+    "command", [[str(Path(sys.executable).parent / "msx")], [sys.executable, "-m", "msx.orchestrator.cli"]]
+)
 def test_msx_runs_as_the_installed_script_and_as_a_module(command, tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text("name: bad\ntraining: {epochs: 3\n")
@@ -88,7 +90,8 @@ def test_evaluate_prints_every_metric_as_json(tmp_path):
     assert result.returncode == 0, result.stderr
     metrics = json.loads(result.stdout)
     assert set(metrics) == {
-        "pred", "gt", "connectivity", "dsc", "tpr", "ppv", "ltpr", "lfpr", "avd", "assd", "hd95", "ndsc", "lesion_f1", "isbi"
+        "pred", "gt", "connectivity", "dsc", "tpr", "ppv", "ltpr", "lfpr", "avd", "assd", "hd95", "ndsc", "lesion_f1",
+        "isbi"
     }
     assert metrics["connectivity"] == 6
     assert metrics["isbi"] is None  # its volume correlation needs two scans or more
@@ -225,7 +228,9 @@ def test_evaluate_scores_the_ndsc_r_aac_of_an_uncertainty_map_over_a_brain_mask(
     assert [row["ndsc_r_aac"] for row in rows] == pytest.approx(expected)
     assert expected[0] != pytest.approx(one["ndsc_r_aac"])  # the mask changed which voxels count
 
-    table = msx("evaluate", *arguments, "--brain-mask", "brain.nii.gz", "--brain-mask", "brain.nii.gz", cwd=tmp_path).stdout.splitlines()
+    table = msx(
+        "evaluate", *arguments, "--brain-mask", "brain.nii.gz", "--brain-mask", "brain.nii.gz", cwd=tmp_path
+    ).stdout.splitlines()
     assert table[1].split()[-3:] == ["LESION_F1", "NDSC_R_AAC", "ISBI"]
 
 
@@ -243,7 +248,7 @@ def test_evaluate_table_ends_with_each_metrics_mean_over_the_scans_where_it_is_d
     assert result.returncode == 0, result.stderr
     header, *rows = [line.split() for line in result.stdout.splitlines()[1:]]
     assert [row[0] for row in rows] == ["pred0.nii.gz", "pred1.nii.gz", "mean"]
-    means = dict(zip((name.lower() for name in header[1:]), rows[-1][1:]))
+    means = dict(zip((name.lower() for name in header[1:]), rows[-1][1:], strict=True))
     assert {"ndsc", "lesion_f1", "ndsc_r_aac"} <= set(means)
     for name, cell in means.items():
         defined = [scan[name] for scan in scans if scan[name] is not None]
@@ -273,11 +278,15 @@ def test_evaluate_refuses_a_bad_uncertainty_map_or_brain_mask_before_computing(b
     uncertainty = np.ones((10, 10, 11) if bad == "shape" else (10, 10, 10), np.float32)
     uncertainty[0, 0, 0] = {"nan": np.nan, "negative": -0.5}.get(bad, 1.0)
     save_nifti(tmp_path / "u1.nii.gz", uncertainty, np.diag([2.0, 1, 1, 1]) if bad == "affine" else np.eye(4))
-    write_mask(tmp_path / "brain.nii.gz", np.ones((10, 10, 10)), (1.0, 1.0, 2.0) if bad == "brain grid" else (1.0, 1.0, 1.0))
+    write_mask(
+        tmp_path / "brain.nii.gz", np.ones((10, 10, 10)), (1.0, 1.0, 2.0) if bad == "brain grid" else (1.0, 1.0, 1.0)
+    )
     # Scan 0 is good: its metrics must not be computed before scan 1's files are refused.
     monkeypatch.setattr(evaluation, "segmentation_metrics", lambda *a, **k: pytest.fail("computed before the check"))
     arguments = ["--pred", "pred0.nii.gz", "--gt", "gt0.nii.gz", "--uncertainty", "u0.nii.gz"]
-    arguments += ["--pred", "pred1.nii.gz", "--gt", "gt1.nii.gz", "--uncertainty", "u1.nii.gz", "--brain-mask", "brain.nii.gz"]
+    arguments += [
+        "--pred", "pred1.nii.gz", "--gt", "gt1.nii.gz", "--uncertainty", "u1.nii.gz", "--brain-mask", "brain.nii.gz"
+    ]
     result = msx("evaluate", *arguments, "--json", cwd=tmp_path)
     assert_one_line_error(result, *fragments)
     assert result.stdout == ""
@@ -291,7 +300,9 @@ def test_evaluate_needs_one_uncertainty_map_per_prediction_and_one_or_all_brain_
     result = msx("evaluate", *scan, "--brain-mask", "gt0.nii.gz", cwd=tmp_path)
     assert result.returncode == 2 and "needs --uncertainty" in result.stderr
     maps = ["--uncertainty", "u0.nii.gz"] * 3
-    result = msx("evaluate", *scan, *scan, *scan, *maps, "--brain-mask", "gt0.nii.gz", "--brain-mask", "gt0.nii.gz", cwd=tmp_path)
+    result = msx(
+        "evaluate", *scan, *scan, *scan, *maps, "--brain-mask", "gt0.nii.gz", "--brain-mask", "gt0.nii.gz", cwd=tmp_path
+    )
     assert result.returncode == 2 and "got 3 --pred and 2 --brain-mask" in result.stderr
 
 

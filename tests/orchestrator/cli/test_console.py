@@ -39,7 +39,9 @@ def run(tmp_path, *extra):
     log = tmp_path / "logs" / "launch.log"
     script = tmp_path / "script.py"
     script.write_text(SCRIPT)
-    result = subprocess.run([sys.executable, str(script), str(log), *extra], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(script), str(log), *extra], capture_output=True, text=True, timeout=120
+    )
     return result, log
 
 

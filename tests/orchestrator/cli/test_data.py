@@ -7,6 +7,7 @@ import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
+
 from msx.models.data.cohort import CohortError
 from msx.orchestrator.cli.data import data
 from msx.orchestrator.spec import DataSpec, ExperimentSpec, spec_from_dict
@@ -100,11 +101,17 @@ def test_inspect_prints_per_scan_numbers_and_totals(tmp_path, invoke):
     result = invoke("inspect", root)
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
-    assert lines[0].split() == ["patient", "tp", "shape", "spacing", "mm", "lesions", "r1", "mL", "r1", "lesions", "r2", "mL", "r2", "Dice", "r1-r2"]
+    assert lines[0].split() == [
+        "patient", "tp", "shape", "spacing", "mm", "lesions", "r1", "mL", "r1", "lesions", "r2", "mL", "r2", "Dice",
+        "r1-r2"
+    ]
     # rater 1: one 8-voxel lesion; rater 2: that lesion plus a lone voxel; voxels are 3 mm^3.
     assert lines[1].split() == ["1", "1", "6x7x5", "2x1x1.5", "1", "0.02", "2", "0.03", f"{16 / 17:.3f}"]
     assert lines[2].split()[0:2] == ["2", "1"]
-    assert lines[3] == "total: 2 patients, 2 scans; rater 1: 2 lesions, 0.05 mL; rater 2: 4 lesions, 0.05 mL; mean inter-rater Dice 0.941 over 2 scans"
+    assert lines[3] == (
+        "total: 2 patients, 2 scans; rater 1: 2 lesions, 0.05 mL; rater 2: 4 lesions, 0.05 mL; "
+        "mean inter-rater Dice 0.941 over 2 scans"
+    )
     assert _snapshot(root) == before
 
 
@@ -172,7 +179,9 @@ def test_check_and_inspect_accept_a_manifest(tmp_path, invoke):
     assert invoke("check", yaml_manifest, "--folds", "loso").exit_code == 0
     result = invoke("inspect", yaml_manifest)
     assert result.exit_code == 0, result.output
-    assert [line.split()[:2] for line in result.output.strip().splitlines()[1:4]] == [["2", "1"], ["3", "1"], ["4", "1"]]
+    assert [line.split()[:2] for line in result.output.strip().splitlines()[1:4]] == [
+        ["2", "1"], ["3", "1"], ["4", "1"]
+    ]
     assert result.output.strip().splitlines()[-1].startswith("total: 3 patients, 3 scans; rater 1: 3 lesions")
     assert _snapshot(root) == before
 
@@ -192,9 +201,14 @@ def test_check_of_a_bad_manifest_lists_every_bad_row_and_exits_1(tmp_path, invok
         f"error: {manifest}: line 4: t2: {root}/training03/missing_t2.nii.gz does not exist",
     ]
     # The one good row leaves one patient, too few for loso.
-    assert errors[2] == f"error: {manifest}: fold plan 'loso' needs at least 3 patients (one each to train, validate and test); the cohort has [1]"
+    assert errors[2] == (
+        f"error: {manifest}: fold plan 'loso' needs at least 3 patients (one each to train, validate and test); "
+        "the cohort has [1]"
+    )
     result = invoke("inspect", manifest)
-    assert result.exit_code == 1 and "line 3: patient: 'two'" in result.output and "(and 1 more problem" in result.output
+    assert (
+        result.exit_code == 1 and "line 3: patient: 'two'" in result.output and "(and 1 more problem" in result.output
+    )
     manifest.write_text("patient,timepoint,flair,mprage,t2,mask1,age\n")
     result = invoke("check", manifest)
     assert result.exit_code == 1 and f"error: {manifest}: line 1 (header): age: unknown column" in result.output

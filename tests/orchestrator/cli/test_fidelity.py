@@ -18,7 +18,10 @@ def fidelity(*args):
 def test_the_network_fixtures_pass_and_every_array_is_listed():
     result = fidelity(FIXTURES / "unet_reference.npz", FIXTURES / "multiencoder_reference.npz")
     assert result.exit_code == 0, result.output + result.stderr
-    assert "unet_reference.npz: network fixture, msx unet, features [8, 8, 16, 16, 32, 8], tolerance 0.0001" in result.output
+    assert (
+        "unet_reference.npz: network fixture, msx unet, features [8, 8, 16, 16, 32, 8], tolerance 0.0001"
+        in result.output
+    )
     assert "multiencoder_reference.npz: network fixture, msx multiencoder" in result.output
     for stage in range(5):
         assert result.output.count(f"intermediate.encoder_stage{stage}") == 2

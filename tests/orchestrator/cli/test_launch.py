@@ -14,7 +14,13 @@ import pytest
 import yaml
 
 from msx.models.data.synth import write_synthetic_cohort
-from msx.orchestrator.cluster.jobs import CLUSTER_STORAGE, SubmissionError, check_cluster_config, fixed_node_count, launch_entrypoint
+from msx.orchestrator.cluster.jobs import (
+    CLUSTER_STORAGE,
+    SubmissionError,
+    check_cluster_config,
+    fixed_node_count,
+    launch_entrypoint,
+)
 from msx.orchestrator.spec import load_spec, spec_from_dict
 from msx.orchestrator.study.state import FINISHED, INTERRUPTED, StudyState, write_state
 from tests.helpers import REPOSITORY, free_port
@@ -128,7 +134,9 @@ def test_job_entrypoint_carries_the_spec_and_the_users_choices(tmp_path):
     spec = load_spec("smoke")
     command = launch_entrypoint(spec, {"data": "/mnt/shared/data/ISBI 2015", "fresh": True}, "msx-smoke-1")
     written, _, launch = command.rpartition(" && ")
-    assert launch.startswith(f"msx launch --storage {CLUSTER_STORAGE} --address auto --data '/mnt/shared/data/ISBI 2015' --fresh")
+    assert launch.startswith(
+        f"msx launch --storage {CLUSTER_STORAGE} --address auto --data '/mnt/shared/data/ISBI 2015' --fresh"
+    )
     assert launch.endswith(f"--space {CLUSTER_STORAGE}/smoke/submitted/msx-smoke-1.yaml")
     # The shell writes the spec exactly: run the part that writes it, with the storage variable pointed here.
     subprocess.run(written, shell=True, check=True, env={"MSX_STORAGE": str(tmp_path), "HOME": str(tmp_path)})
@@ -145,7 +153,10 @@ def test_job_entrypoint_carries_the_spec_and_the_users_choices(tmp_path):
     "environment, expected",
     [
         ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": "/srv/ray/token"}, "(the file /srv/ray/token)"),
-        ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0123456789abcdef" * 4}, "(the RAY_AUTH_TOKEN variable of the shell that ran msx)"),
+        (
+            {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0123456789abcdef" * 4},
+            "(the RAY_AUTH_TOKEN variable of the shell that ran msx)"
+        ),
         ({"RAY_AUTH_MODE": "disabled"}, "None"),
     ],
 )
@@ -154,7 +165,10 @@ def test_the_dashboard_token_is_named_never_printed(environment, expected):
     a fresh interpreter importing msx and Ray costs about 5 s of CPU per case)."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     said = subprocess.run(
-        [sys.executable, "-c", "from msx.orchestrator.cluster.jobs import token_instructions; print(token_instructions())"],
+        [
+            sys.executable, "-c",
+            "from msx.orchestrator.cluster.jobs import token_instructions; print(token_instructions())"
+        ],
         env={**clean, **environment}, capture_output=True, text=True, timeout=120, check=True,
     ).stdout.strip()
     assert said.endswith(expected)

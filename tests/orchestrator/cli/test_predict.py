@@ -5,6 +5,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from click.testing import CliRunner
+
 from msx.models.data.synth import write_synthetic_cohort
 from msx.models.fold import MODEL_DIR
 from msx.orchestrator.cli.predict import predict
@@ -69,7 +70,10 @@ def test_predict_maps_lie_on_the_input_grid_beside_the_same_mask(setup, tmp_path
     out = tmp_path / "out"
     result = CliRunner().invoke(
         cli(),
-        ["predict", "--model", str(checkpoint), "--input", str(cohort), "--out", str(out), "--strategy", "mean", "--maps"],
+        [
+            "predict", "--model", str(checkpoint), "--input", str(cohort), "--out", str(out), "--strategy", "mean",
+            "--maps"
+        ],
     )
     assert result.exit_code == 0, result.output + repr(result.exception)
     for flair_path in sorted(cohort.rglob("*_flair_pp.nii.gz")):
@@ -82,7 +86,9 @@ def test_predict_maps_lie_on_the_input_grid_beside_the_same_mask(setup, tmp_path
         maps = {name: nib.load(out / f"{scan_id}_{name}.nii.gz") for name in names}
         for name, image in maps.items():
             assert image.shape == flair.shape, name
-            assert np.allclose(image.affine, flair.affine) and np.allclose(image.header.get_sform(), flair.header.get_sform())
+            assert np.allclose(image.affine, flair.affine) and np.allclose(
+                image.header.get_sform(), flair.header.get_sform()
+            )
             assert image.get_data_dtype() == np.float32, name
         volumes = {name: np.asarray(image.dataobj) for name, image in maps.items()}
         for name, volume in volumes.items():
@@ -105,7 +111,8 @@ def test_predict_maps_lie_on_the_input_grid_beside_the_same_mask(setup, tmp_path
 def test_unknown_strategy_is_one_line_listing_valid_names(setup, tmp_path):
     checkpoint, cohort, _, _ = setup
     result = CliRunner().invoke(
-        cli(), ["predict", "--model", str(checkpoint), "--input", str(cohort), "--out", str(tmp_path), "--strategy", "nope"]
+        cli(),
+        ["predict", "--model", str(checkpoint), "--input", str(cohort), "--out", str(tmp_path), "--strategy", "nope"]
     )
     assert result.exit_code == 1
     message = result.output.strip()
@@ -129,7 +136,9 @@ def test_missing_input_folder_is_named(setup, tmp_path):
 def test_checkpoint_without_spec_is_rejected(setup, tmp_path):
     _, cohort, _, _ = setup
     bare = save_tiny_checkpoint(tmp_path / "bare", {"fold": 1})
-    result = CliRunner().invoke(cli(), ["predict", "--model", str(bare), "--input", str(cohort), "--out", str(tmp_path / "o")])
+    result = CliRunner().invoke(
+        cli(), ["predict", "--model", str(bare), "--input", str(cohort), "--out", str(tmp_path / "o")]
+    )
     assert result.exit_code == 1
     assert "no experiment spec" in result.output
 
@@ -138,7 +147,10 @@ def test_wrong_modality_count_is_rejected(setup, tmp_path):
     checkpoint, cohort, _, _ = setup
     result = CliRunner().invoke(
         cli(),
-        ["predict", "--model", str(checkpoint), "--input", str(cohort), "--out", str(tmp_path / "o"), "--modalities", "flair,t2"],
+        [
+            "predict", "--model", str(checkpoint), "--input", str(cohort), "--out", str(tmp_path / "o"), "--modalities",
+            "flair,t2"
+        ],
     )
     assert result.exit_code == 1
     assert "3 input channels" in result.output
@@ -147,11 +159,12 @@ def test_wrong_modality_count_is_rejected(setup, tmp_path):
 @pytest.mark.timeout(240)
 def test_predict_with_registered_model(setup, tmp_path):
     from mlflow.tracking import MlflowClient
+
     from msx.orchestrator.results import TrialOutcome, select_best, summarise_configurations
-    from msx.orchestrator.trial import TrialConfig
     from msx.orchestrator.tracking.provenance import Provenance
     from msx.orchestrator.tracking.registry import register_selection
     from msx.orchestrator.tracking.store import ensure_experiment
+    from msx.orchestrator.trial import TrialConfig
 
     _, cohort, _, _ = setup
     spec = spec_from_dict(tiny_spec("predict-registry", inference={"ddim_steps": 2}))
@@ -176,19 +189,26 @@ def test_predict_with_registered_model(setup, tmp_path):
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert len(result.output.strip().splitlines()) == 2 and "strategy last" in result.output
     flair = nib.load(next(cohort.rglob("training01_01_flair_pp.nii.gz")))
-    for name in ("mask", "probability", "uncertainty_total", "uncertainty_data", "uncertainty_knowledge", "uncertainty_steps"):
+    for name in (
+        "mask", "probability", "uncertainty_total", "uncertainty_data", "uncertainty_knowledge", "uncertainty_steps"
+    ):
         written = nib.load(out / f"training01_01_{name}.nii.gz")
         assert written.shape == flair.shape and np.allclose(written.affine, flair.affine), name
     probability = np.asarray(nib.load(out / "training01_01_probability.nii.gz").dataobj)
-    assert probability.dtype == np.float32 and 0 <= probability.min() and probability.max() <= 1
+    assert probability.dtype == np.float32 and probability.min() >= 0 and probability.max() <= 1
 
 
 def test_input_may_be_a_manifest_without_masks(tmp_path):
     write_synthetic_cohort(tmp_path, patients=1, shape=(16, 16, 16))
-    flair, mprage, t2 = (sorted(tmp_path.rglob(f"training01_0[12]_{name}_pp.nii.gz")) for name in ("flair", "mprage", "t2"))
+    flair, mprage, t2 = (
+        sorted(tmp_path.rglob(f"training01_0[12]_{name}_pp.nii.gz")) for name in ("flair", "mprage", "t2")
+    )
     manifest = tmp_path / "new.yaml"
     manifest.write_text(
-        "".join(f"- {{patient: 7, timepoint: {t + 1}, flair: {flair[t]}, mprage: {mprage[t]}, t2: {t2[t]}}}\n" for t in (0, 1))
+        "".join(
+            f"- {{patient: 7, timepoint: {t + 1}, flair: {flair[t]}, mprage: {mprage[t]}, t2: {t2[t]}}}\n"
+            for t in (0, 1)
+        )
     )
     scans = find_input_scans(manifest, ("flair", "mprage", "t2"))
     assert [(scan.scan_id, scan.masks) for scan in scans] == [("training07_01", {}), ("training07_02", {})]
@@ -231,7 +251,9 @@ def test_one_scan_on_two_grids_is_refused_before_the_model_loads(setup, tmp_path
     nib.save(nib.Nifti1Image(np.asarray(t2.dataobj)[:-1], t2.affine), cropped)
     files = _scan_files(cohort, modalities=("flair", "mprage")) + ["--t2", str(cropped)]
     # A model that does not exist: the scan's problem is found first.
-    result = CliRunner().invoke(cli(), ["predict", "--model", str(tmp_path / "no-model"), *files, "--out", str(tmp_path / "o")])
+    result = CliRunner().invoke(
+        cli(), ["predict", "--model", str(tmp_path / "no-model"), *files, "--out", str(tmp_path / "o")]
+    )
     assert result.exit_code == 1
     assert f"{cropped} has shape (39, 48, 40)" in result.output and len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
@@ -245,7 +267,9 @@ def test_one_scan_with_nan_voxels_is_refused(setup, tmp_path):
     broken = tmp_path / "flair.nii.gz"
     nib.save(nib.Nifti1Image(voxels, flair.affine), broken)
     files = ["--flair", str(broken)] + _scan_files(cohort, modalities=("mprage", "t2"))
-    result = CliRunner().invoke(cli(), ["predict", "--model", str(tmp_path / "no-model"), *files, "--out", str(tmp_path / "o")])
+    result = CliRunner().invoke(
+        cli(), ["predict", "--model", str(tmp_path / "no-model"), *files, "--out", str(tmp_path / "o")]
+    )
     assert result.exit_code == 1
     assert f"{broken} contains NaN or infinite voxels" in result.output
 
@@ -273,7 +297,9 @@ def test_input_and_files_are_either_or(setup, tmp_path):
 def test_a_mask_file_as_output_takes_one_scan_only(setup, tmp_path):
     checkpoint, cohort, _, _ = setup
     out = tmp_path / "mask.nii.gz"
-    result = CliRunner().invoke(cli(), ["predict", "--model", str(checkpoint), "--input", str(cohort), "--out", str(out)])
+    result = CliRunner().invoke(
+        cli(), ["predict", "--model", str(checkpoint), "--input", str(cohort), "--out", str(out)]
+    )
     assert result.exit_code == 1 and "names one mask file but the input holds 2 scans" in result.output
     assert not out.exists()
 

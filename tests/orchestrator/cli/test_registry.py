@@ -59,7 +59,9 @@ def checkpoint_trial(tmp_path_factory):
 def register(store, trial: Path, validation_dsc: float, fingerprint: str):
     """A one-fold selection scoring `validation_dsc`, registered as a new version of MODEL."""
     tracking_uri, folder = store
-    outcome = TrialOutcome(TrialConfig("unet", 1, "unet-c1"), {"val/mean/dsc": validation_dsc, "test/mean/dsc": 0.4}, str(trial))
+    outcome = TrialOutcome(
+        TrialConfig("unet", 1, "unet-c1"), {"val/mean/dsc": validation_dsc, "test/mean/dsc": 0.4}, str(trial)
+    )
     selection = select_best(summarise_configurations([outcome], ("mean",), fold_count=1), ("mean",), "dsc")
     experiment_id = ensure_experiment(tracking_uri, SPEC.name, folder / "artifacts")
     parent = MlflowClient(tracking_uri).create_run(experiment_id, run_name="study")
@@ -149,7 +151,9 @@ def test_predict_with_the_champion(store, registrations, tmp_path):
     for path in cohort.rglob("training01_*"):
         if not path.name.startswith("training01_01"):
             path.unlink()
-    result = msx(store, "predict", "--model", f"models:/{MODEL}@champion", "--input", str(cohort), "--out", str(tmp_path / "out"))
+    result = msx(
+        store, "predict", "--model", f"models:/{MODEL}@champion", "--input", str(cohort), "--out", str(tmp_path / "out")
+    )
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert (tmp_path / "out" / "training01_01_mask.nii.gz").is_file()
 
@@ -159,7 +163,10 @@ def test_promote_refuses_other_data_without_force(store, registrations):
     client = MlflowClient(store[0])
     refused = msx(store, "registry", "promote", MODEL, "4")
     assert refused.exit_code == 1
-    assert f"{MODEL} version 4 was selected on data bbbbbbbbbbbb, champion version 2 on data aaaaaaaaaaaa" in refused.output
+    assert (
+        f"{MODEL} version 4 was selected on data bbbbbbbbbbbb, champion version 2 on data aaaaaaaaaaaa"
+        in refused.output
+    )
     assert "--force" in refused.output
     assert int(client.get_model_version_by_alias(MODEL, "champion").version) == 2
 
@@ -167,7 +174,9 @@ def test_promote_refuses_other_data_without_force(store, registrations):
     assert forced.exit_code == 0, forced.output
     assert forced.output.strip() == f"models:/{MODEL}@champion -> version 4 (was version 2)"
     assert int(client.get_model_version_by_alias(MODEL, "champion").version) == 4
-    assert "by msx registry promote --force, replacing version 2" in client.get_model_version(MODEL, "4").tags["promoted.champion"]
+    assert "by msx registry promote --force, replacing version 2" in (
+        client.get_model_version(MODEL, "4").tags["promoted.champion"]
+    )
 
     # Any other alias moves without the data check; the same data needs no --force either.
     staged = msx(store, "registry", "promote", MODEL, "1", "--alias", "staging")
@@ -175,7 +184,10 @@ def test_promote_refuses_other_data_without_force(store, registrations):
     assert msx(store, "registry", "promote", MODEL, "3").exit_code == 1  # data A against champion 4's data B
     assert msx(store, "registry", "promote", MODEL, "2", "--force").exit_code == 0
     same_data = msx(store, "registry", "promote", MODEL, "3")
-    assert same_data.exit_code == 0 and same_data.output.strip() == f"models:/{MODEL}@champion -> version 3 (was version 2)"
+    assert (
+        same_data.exit_code == 0
+        and same_data.output.strip() == f"models:/{MODEL}@champion -> version 3 (was version 2)"
+    )
     assert len(client.search_model_versions(f"name = '{MODEL}'")) == 4  # nothing deleted
 
 

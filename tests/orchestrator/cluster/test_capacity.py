@@ -5,7 +5,13 @@ import pytest
 
 from msx.orchestrator.cluster import capacity
 from msx.orchestrator.cluster.capacity import (
-    GIB, ClusterTooSmallError, TrialRequest, concurrent_trials, hosting_verdict, trial_request, worker_resources,
+    GIB,
+    ClusterTooSmallError,
+    TrialRequest,
+    concurrent_trials,
+    hosting_verdict,
+    trial_request,
+    worker_resources,
     workers_fitting,
 )
 from msx.orchestrator.resources import ResourcesSpec

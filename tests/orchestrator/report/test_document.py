@@ -42,9 +42,15 @@ SCAN_COLUMNS = ("dsc", "tpr", "ppv", "ltpr", "lfpr", "avd", "assd")
 COLUMNS = (*SCAN_COLUMNS, "isbi")
 SHIFTS_COLUMNS = ("ndsc", "lesion_f1", "r_aac_random", "r_aac_total", "r_aac_knowledge")
 # Plausible ranges: fractions, AVD in percent, ASSD in mm.
-RANGES = {"dsc": (0.3, 0.9), "tpr": (0.3, 0.9), "ppv": (0.3, 0.9), "ltpr": (0.3, 0.9), "lfpr": (0.0, 0.5), "avd": (0.0, 60.0), "assd": (0.0, 5.0)}
+RANGES = {
+    "dsc": (0.3, 0.9), "tpr": (0.3, 0.9), "ppv": (0.3, 0.9), "ltpr": (0.3, 0.9), "lfpr": (0.0, 0.5), "avd": (0.0, 60.0),
+    "assd": (0.0, 5.0)
+}
 # A fold's validation and test scans (one patient each).
-SCANS = {"val": ("training04_01", "training04_02", "training04_03"), "test": ("training05_01", "training05_02", "training05_03", "training05_04")}
+SCANS = {
+    "val": ("training04_01", "training04_02", "training04_03"),
+    "test": ("training05_01", "training05_02", "training05_03", "training05_04")
+}
 SPEC = load_spec("smoke").with_overrides({"inference.strategies": STRATEGIES, "training.epochs": EPOCHS})
 LATEST_START_MS = 1_750_000_000_000
 COHORT = "/data/ISBI_2015/training"
@@ -66,10 +72,15 @@ def scan_rows(rng: np.random.Generator) -> list[dict]:
                 truth = float(rng.uniform(500, 20_000))
                 for strategy in STRATEGIES:
                     metrics = {metric: float(rng.uniform(*RANGES[metric])) for metric in SCAN_COLUMNS}
-                    volumes = dict(zip(VOLUME_NAMES, (truth * float(rng.uniform(0.5, 1.5)), truth)))
+                    volumes = dict(zip(VOLUME_NAMES, (truth * float(rng.uniform(0.5, 1.5)), truth), strict=True))
                     # The Shifts scores: under the study's own protocol only, as the worker computes them.
-                    shifts = {name: float(rng.uniform(0.0, 1.0)) for name in SHIFTS_COLUMNS} if protocol == PROTOCOL else {}
-                    rows.append({"protocol": protocol, "split": split, "scan": scan, "strategy": strategy, **metrics, **volumes, **shifts})
+                    shifts = (
+                        {name: float(rng.uniform(0.0, 1.0)) for name in SHIFTS_COLUMNS} if protocol == PROTOCOL else {}
+                    )
+                    rows.append({
+                        "protocol": protocol, "split": split, "scan": scan, "strategy": strategy, **metrics, **volumes,
+                        **shifts,
+                    })
     return rows
 
 
@@ -114,7 +125,10 @@ def trial_id(launch, configuration, fold):
 
 
 def phase_seconds(fold: int) -> dict[str, float]:
-    return {"seconds/training": 20.0 * fold, "seconds/validation": 5.0, "seconds/evaluation_msx": 8.0, "seconds/evaluation_reference": 12.0}
+    return {
+        "seconds/training": 20.0 * fold, "seconds/validation": 5.0, "seconds/evaluation_msx": 8.0,
+        "seconds/evaluation_reference": 12.0
+    }
 
 
 def write_trial(callback, storage, launch, backbone, configuration, fold, rows, status):
@@ -124,7 +138,10 @@ def write_trial(callback, storage, launch, backbone, configuration, fold, rows, 
     checkpoint holding the rows), or None for a trial that stopped (status FINISHED: the scheduler stopped it)
     or failed before it.
     """
-    trial = TuneTrial(trial_id(launch, configuration, fold), {"backbone": backbone, "fold": fold, "configuration": configuration, "training.lr": 0.002})
+    trial = TuneTrial(
+        trial_id(launch, configuration, fold),
+        {"backbone": backbone, "fold": fold, "configuration": configuration, "training.lr": 0.002}
+    )
     callback.log_trial_start(trial)
     last_epoch = EPOCHS if rows is not None or status == "FAILED" else VALIDATE_EVERY
     for epoch in range(1, last_epoch + 1):
@@ -148,7 +165,9 @@ def write_launch(client, tracking_uri, storage, study, start_ms, trials):
     """A launch run as run_study makes it; `trials`: (backbone, configuration, fold, per-scan rows, status)."""
     experiment_id = ensure_experiment(tracking_uri, study, storage / "mlartifacts")
     launch = f"{study}-{start_ms}"
-    parent_id = client.create_run(experiment_id, run_name=launch, start_time=start_ms, tags={STUDY_TAG: launch}).info.run_id
+    parent_id = (
+        client.create_run(experiment_id, run_name=launch, start_time=start_ms, tags={STUDY_TAG: launch}).info.run_id
+    )
     log_study_start(parent_id, tracking_uri, {**SPEC.to_dict(), "name": study}, COHORT)
     with tracking_uri_scope(tracking_uri):
         callback = TrialRunsCallback(tracking_uri, study, parent_id, STRATEGIES, len(FOLDS))
@@ -224,12 +243,19 @@ def fold_value(rows: list[dict], split: str, strategy: str, metric: str, protoco
     """A fold's number for one cell, by hand from its CSV rows: the mean over the split's scans; for the ISBI
     score, of each scan's DSC/8 + PPV/8 + (1 - LFPR)/4 + LTPR/4 + Corr/4, with Corr the Pearson correlation of
     the predicted and true volumes over those scans."""
-    scans = [{key: float(value) for key, value in row.items() if key not in ("protocol", "split", "scan", "strategy") and value != ""}
-             for row in rows if row["split"] == split and row["strategy"] == strategy and row["protocol"] == protocol]
+    scans = [
+        {
+            key: float(value) for key, value in row.items()
+            if key not in ("protocol", "split", "scan", "strategy") and value != ""
+        }
+        for row in rows if row["split"] == split and row["strategy"] == strategy and row["protocol"] == protocol
+    ]
     assert len(scans) == len(SCANS[split])
     if metric != "isbi":
         return statistics.fmean(scan[metric] for scan in scans)
-    corr = statistics.correlation([scan["pred_volume_mm3"] for scan in scans], [scan["gt_volume_mm3"] for scan in scans])
+    corr = statistics.correlation(
+        [scan["pred_volume_mm3"] for scan in scans], [scan["gt_volume_mm3"] for scan in scans]
+    )
     return statistics.fmean(s["dsc"] / 8 + s["ppv"] / 8 + (1 - s["lfpr"]) / 4 + s["ltpr"] / 4 + corr / 4 for s in scans)
 
 
@@ -274,7 +300,9 @@ def test_the_compared_protocol_has_its_own_test_table(store, smoke_report):
     assert set(rows) == {(b, s) for b in BACKBONES for s in STRATEGIES}
     for column, metric in enumerate(COLUMNS):
         for key in rows:
-            assert rows[key][column].strip("*") == expected_cell(finished, "test", *key, metric, COMPARED)[1], (metric, key)
+            assert (
+                rows[key][column].strip("*") == expected_cell(finished, "test", *key, metric, COMPARED)[1]
+            ), (metric, key)
     assert f"Validation patients under the {COMPARED} protocol" not in markdown
 
 
@@ -305,7 +333,10 @@ def test_header_selection_and_registered_model(store, smoke_report):
     assert COHORT in markdown
     assert "| training.epochs | 4 |" in markdown  # the parent run's spec params
     assert "| training.schedule | per-step |" in markdown and "| training.best_checkpoint | msx |" in markdown
-    assert "| training | precision auto, compile auto, optimizer auto, schedule per-step, best checkpoint msx |" in markdown
+    assert (
+        "| training | precision auto, compile auto, optimizer auto, schedule per-step, best checkpoint msx |"
+        in markdown
+    )
     val_dsc = {(b, s): expected_cell(finished, "val", b, s, "dsc")[0] for b in BACKBONES for s in STRATEGIES}
     backbone, strategy = max(val_dsc, key=val_dsc.get)
     assert f"backbone {backbone}, configuration {backbone}-c1 (training.lr=0.002), strategy {strategy}; " in markdown
@@ -336,9 +367,12 @@ def test_figures_are_pngs_linked_from_markdown_and_embedded_in_html(smoke_report
 def test_report_is_logged_to_the_latest_launch_run(store, smoke_report):
     _, tracking_uri, latest, _ = store
     client = MlflowClient(tracking_uri)
-    assert {a.path for a in client.list_artifacts(latest, "report")} >= {"report/report.md", "report/report.html", "report/figures"}
+    assert {a.path for a in client.list_artifacts(latest, "report")} >= {
+        "report/report.md", "report/report.html", "report/figures"
+    }
     assert {a.path for a in client.list_artifacts(latest, "report/figures")} == {
-        "report/figures/test_dice_heatmap.png", "report/figures/test_dice_folds.png", "report/figures/training_curves.png",
+        "report/figures/test_dice_heatmap.png", "report/figures/test_dice_folds.png",
+        "report/figures/training_curves.png",
         "report/figures/retention_curves.png",
     }
 
@@ -375,7 +409,9 @@ def test_report_shows_pruned_configurations_and_what_early_stopping_saved(tmp_pa
         [("unet", "unet-c1", f, scan_rows(rng), "FINISHED") for f in FOLDS]
         + [("unet", "unet-c2", f, None, "FINISHED") for f in FOLDS],
     )
-    configuration = dict(searched={"training.lr": 0.002}, folds_waiting=0, last_report=None, decided_at=1.0, protected=False)
+    configuration = dict(
+        searched={"training.lr": 0.002}, folds_waiting=0, last_report=None, decided_at=1.0, protected=False
+    )
     summary = SearchSummary(
         folds=len(FOLDS), epochs={"unet": EPOCHS}, rungs={"unet": (VALIDATE_EVERY,)}, concurrency=2,
         configurations=(
@@ -437,7 +473,7 @@ def test_paired_comparisons_by_patient_with_exact_p_and_an_honest_n(store, smoke
             b = [fold_value(finished[(ordered[1], f)], split, chosen[ordered[1]], metric) for f in FOLDS]
             n, difference, p, holm_p, verdict = rows[("backbones", metric.upper(), first, second)]
             assert n == "3"
-            assert difference.startswith(f"{statistics.fmean(x - y for x, y in zip(a, b)):+.3f} [")
+            assert difference.startswith(f"{statistics.fmean(x - y for x, y in zip(a, b, strict=True)):+.3f} [")
             assert p == f"{wilcoxon(a, b).pvalue:.4f}" == holm_p  # a family of one
             assert verdict == "n too small"  # three patients: p >= 2/2^3
         for backbone in BACKBONES:
@@ -446,13 +482,15 @@ def test_paired_comparisons_by_patient_with_exact_p_and_an_honest_n(store, smoke
             for measure in ("total", "knowledge"):
                 family = f"{backbone} ({chosen[backbone]}): uncertainty measures"
                 n, difference, p, holm_p, verdict = rows[(family, "R-AAC", measure, "random")]
-                differences = [x - y for x, y in zip(r_aac[measure], r_aac["random"])]
+                differences = [x - y for x, y in zip(r_aac[measure], r_aac["random"], strict=True)]
                 assert n == "3" and difference.startswith(f"{statistics.fmean(differences):+.3f} [")
                 assert p == f"{wilcoxon(differences).pvalue:.4f}"
         a, b = ([fold_value(finished[(backbone, f)], split, chosen[backbone], "r_aac_total") for f in FOLDS]
                 for backbone in ordered)
         n, difference, p, holm_p, verdict = rows[("backbones", "total R-AAC", first, second)]
-        assert n == "3" and difference.startswith(f"{statistics.fmean(x - y for x, y in zip(a, b)):+.3f} [")
+        assert n == "3" and difference.startswith(
+            f"{statistics.fmean(x - y for x, y in zip(a, b, strict=True)):+.3f} ["
+        )
         assert p == f"{wilcoxon(a, b).pvalue:.4f}" == holm_p
         assert "smallest possible p is 2/2^3 = 0.2500" in markdown.split(f"### {heading}: paired differences", 1)[1]
 
@@ -478,7 +516,9 @@ def test_where_the_time_went_by_backbone_from_each_fold_runs_phases(store, smoke
     out, _ = smoke_report
     markdown = (out / "report.md").read_text()
     section = markdown.split("## Where the time went\n", 1)[1].split("\n## ", 1)[0]
-    header, _, *lines = [[cell.strip() for cell in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("|")]
+    header, _, *lines = [
+        [cell.strip() for cell in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("|")
+    ]
     assert header == [
         "configuration", "folds", "start-up", "training", "validation", "evaluation msx", "evaluation reference",
         "per fold", "sum over folds",
@@ -500,14 +540,20 @@ def test_the_uncertainty_table_holds_the_shifts_scores_with_the_random_row_last(
     out, _ = smoke_report
     markdown = (out / "report.md").read_text()
     section = markdown.split("## Uncertainty: test patients\n", 1)[1].split("\n## ", 1)[0]
-    header, _, *lines = [[cell.strip() for cell in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("|")]
+    header, _, *lines = [
+        [cell.strip() for cell in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("|")
+    ]
     assert header == ["backbone", "strategy", "ndsc", "lesion_f1", "total R-AAC", "knowledge R-AAC", "random R-AAC"]
     rows = {(cells[0], cells[1]): cells[2:] for cells in lines}
     assert set(rows) == {(b, s) for b in BACKBONES for s in STRATEGIES}
     for (backbone, strategy), cells in rows.items():
-        for name, cell in zip(("ndsc", "lesion_f1", "r_aac_total", "r_aac_knowledge", "r_aac_random"), cells):
+        for name, cell in zip(
+            ("ndsc", "lesion_f1", "r_aac_total", "r_aac_knowledge", "r_aac_random"), cells, strict=True
+        ):
             values = [fold_value(finished[(backbone, fold)], "test", strategy, name) for fold in FOLDS]
-            assert cell == f"{statistics.fmean(values):.3f} ± {statistics.pstdev(values):.3f}", (backbone, strategy, name)
+            assert (
+                cell == f"{statistics.fmean(values):.3f} ± {statistics.pstdev(values):.3f}"
+            ), (backbone, strategy, name)
 
 
 def test_the_retention_curves_are_each_chosen_strategys_mean_over_folds_of_its_test_scans(store):
@@ -520,7 +566,9 @@ def test_the_retention_curves_are_each_chosen_strategys_mean_over_folds_of_its_t
     summaries = retention_summaries(client, record, summarise_study(record))
     val_dsc = {(b, s): expected_cell(finished, "val", b, s, "dsc")[0] for b in BACKBONES for s in STRATEGIES}
     chosen = {b: max(STRATEGIES, key=lambda s: val_dsc[(b, s)]) for b in BACKBONES}
-    assert [(r.backbone, r.strategy, r.folds) for r in summaries] == [(b, chosen[b], len(FOLDS)) for b in ("segresnet", "unet")]
+    assert [(r.backbone, r.strategy, r.folds) for r in summaries] == [
+        (b, chosen[b], len(FOLDS)) for b in ("segresnet", "unet")
+    ]
     for summary in summaries:
         assert list(summary.curves) == list(RETENTION_MEASURES)
         np.testing.assert_allclose(summary.fractions, retention_fractions())

@@ -8,6 +8,11 @@ import math
 import time
 
 import pytest
+from optuna.trial import TrialState
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import TrialScheduler
+from ray.tune.search import Searcher
+
 from msx.models.data.folds import resolve_folds
 from msx.orchestrator.spec import load_spec, spec_from_dict
 from msx.orchestrator.study import configuration_search, interruption
@@ -17,10 +22,6 @@ from msx.orchestrator.study.configuration_search import (
 )
 from msx.orchestrator.study.search import rung_epochs
 from msx.orchestrator.study.search_record import read_summary
-from optuna.trial import TrialState
-from ray.tune.experiment import Trial
-from ray.tune.schedulers import TrialScheduler
-from ray.tune.search import Searcher
 
 CONTINUE, PAUSE, STOP = TrialScheduler.CONTINUE, TrialScheduler.PAUSE, TrialScheduler.STOP
 FOLDS = resolve_folds("loso", (1, 2, 3))
@@ -102,7 +103,7 @@ def test_a_weaker_configuration_is_pruned_whole_and_optuna_records_pruned_and_co
     search = ConfigurationSearch(make_spec(configurations=2), FOLDS, concurrency=3, echo=lambda _: None)
     tune = Driver(search)
     c1 = [tune.suggest() for _ in FOLDS]
-    for trial_id, score in zip(c1, (0.5, 0.6, 0.7)):
+    for trial_id, score in zip(c1, (0.5, 0.6, 0.7), strict=True):
         tune.report(trial_id, 2, score)
     search.resumed(c1[0]), search.resumed(c1[1])
     # c1's folds train on; c2 opens when a slot frees (one c1 fold finished).
@@ -111,7 +112,7 @@ def test_a_weaker_configuration_is_pruned_whole_and_optuna_records_pruned_and_co
         assert tune.report(trial_id, 4, 0.7) in (PAUSE, CONTINUE)
     for trial_id in c1[:2]:
         search.resumed(trial_id)
-    for trial_id, score in zip(c1, (0.8, 0.9, 1.0)):
+    for trial_id, score in zip(c1, (0.8, 0.9, 1.0), strict=True):
         tune.finish(trial_id, score)
     c2 = [tune.suggest() for _ in FOLDS]
     assert {tune.configs[t]["configuration"] for t in c2} == {"unet-c2"}
@@ -169,7 +170,9 @@ def test_the_last_configuration_that_can_finish_is_not_pruned():
 
 
 def test_the_time_budget_stops_the_search_but_one_configuration_finishes():
-    search = ConfigurationSearch(make_spec(configurations=3, time_budget_s=3600), FOLDS, concurrency=6, echo=lambda _: None)
+    search = ConfigurationSearch(
+        make_spec(configurations=3, time_budget_s=3600), FOLDS, concurrency=6, echo=lambda _: None
+    )
     tune = Driver(search)
     trials = [tune.suggest() for _ in range(6)]
     c1, c2 = trials[:3], trials[3:]
@@ -214,7 +217,7 @@ def test_a_resumed_fold_replays_its_rung_report_and_is_judged_at_that_rung_once(
     search = ConfigurationSearch(make_spec(), FOLDS, concurrency=3, echo=lambda _: None)
     tune = Driver(search)
     c1 = [tune.suggest() for _ in FOLDS]
-    assert [tune.report(t, 2, s) for t, s in zip(c1, (0.5, 0.6, 0.7))] == [PAUSE, PAUSE, CONTINUE]
+    assert [tune.report(t, 2, s) for t, s in zip(c1, (0.5, 0.6, 0.7), strict=True)] == [PAUSE, PAUSE, CONTINUE]
     search.resumed(c1[0])
     # The resumed fold's run starts from its epoch-2 checkpoint and reports that epoch again first.
     assert search.on_report(c1[0], {"epoch": 2, "val_dice": 0.5, "replayed": 1}) == CONTINUE
@@ -242,7 +245,8 @@ def test_folds_waiting_for_a_fold_that_ended_without_its_rung_score_are_a_stall_
     # Fold 1 ends without a score at epoch 4 (what a fold that trained past its rung unreported looked like).
     search.on_trial_complete(c1[0], {"epoch": 6, "val_dice": 0.7, "final": 1})
     assert search.stall() == (
-        "unet-c1: fold(s) 2, 3 wait at the epoch-4 rung for fold(s) 1 (done at epoch 6), which ended without a score there"
+        "unet-c1: fold(s) 2, 3 wait at the epoch-4 rung for fold(s) 1 (done at epoch 6), "
+        "which ended without a score there"
     )
     assert search.waiting_folds() == ["unet-c1 fold 2", "unet-c1 fold 3"]
 
@@ -382,7 +386,9 @@ def test_every_configuration_is_expanded_over_all_folds_and_backbones():
 
 
 def test_without_searched_parameters_the_grid_still_runs():
-    searcher = ConfigurationSearch(suggestion_spec(configurations=1, parameters=False), resolve_folds("paper", range(1, 6)), 10)
+    searcher = ConfigurationSearch(
+        suggestion_spec(configurations=1, parameters=False), resolve_folds("paper", range(1, 6)), 10
+    )
     config = searcher.suggest("t0")
     assert set(config) == {"backbone", "fold", "configuration"}
 

@@ -8,7 +8,6 @@ import pytest
 
 from msx.orchestrator.study import interruption
 
-
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
 
 
@@ -44,7 +43,9 @@ def test_the_first_stop_signal_ends_the_tune_run_and_marks_it_interrupted(tune_h
     os.kill(os.getpid(), signum)
     assert tune_handlers == [signum]  # Tune's handler ran: it ends its loop and saves the experiment
     assert interruption.INTERRUPTED.is_set() and interruption.received_signal() == signum
-    assert f"{signal.Signals(signum).name} received: the trials stop at their last checkpoints" in capsys.readouterr().out
+    assert (
+        f"{signal.Signals(signum).name} received: the trials stop at their last checkpoints" in capsys.readouterr().out
+    )
     # Next time: SIGTERM's previous handler (here the default), and Python's KeyboardInterrupt on Ctrl-C.
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     with pytest.raises(KeyboardInterrupt):

@@ -9,7 +9,9 @@ from msx.orchestrator.trial import BEST_VALIDATION_DICE, EPOCH
 
 
 def running_trial(fold: int, last_result: dict | None) -> Trial:
-    trial = Trial("msx", config={"backbone": "unet", "fold": fold, "configuration": "unet-c1"}, trial_id=f"t_{fold}", stub=True)
+    trial = Trial(
+        "msx", config={"backbone": "unet", "fold": fold, "configuration": "unet-c1"}, trial_id=f"t_{fold}", stub=True
+    )
     trial.set_status(Trial.RUNNING)
     trial.run_metadata.last_result = dict(last_result or {})
     return trial

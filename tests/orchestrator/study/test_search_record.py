@@ -1,6 +1,12 @@
 import json
 
-from msx.orchestrator.study.search_record import ConfigurationSummary, SearchSummary, read_summary, summary_to_dict, write_summary
+from msx.orchestrator.study.search_record import (
+    ConfigurationSummary,
+    SearchSummary,
+    read_summary,
+    summary_to_dict,
+    write_summary,
+)
 
 
 def configuration(name: str, backbone: str) -> ConfigurationSummary:
@@ -24,7 +30,10 @@ def test_one_last_epoch_and_rungs_read_as_one_and_differing_ones_by_backbone():
     same = summary({"unet": 8, "segresnet": 8}, {"unet": (2, 4), "segresnet": (2, 4)})
     assert (same.describe_rungs(), same.describe_last_epochs(), same.epochs_full_grid) == ("2, 4", "8", 2 * 8 + 2 * 8)
     apart = summary({"unet": 12, "segresnet": 8}, {"unet": (), "segresnet": (2, 4)})
-    assert (apart.describe_rungs(), apart.describe_last_epochs()) == ("none (unet); 2, 4 (segresnet)", "12 (unet), 8 (segresnet)")
+    assert (apart.describe_rungs(), apart.describe_last_epochs()) == (
+        "none (unet); 2, 4 (segresnet)",
+        "12 (unet), 8 (segresnet)",
+    )
     assert apart.epochs_full_grid == 2 * 12 + 2 * 8
 
 

@@ -138,7 +138,9 @@ def test_status_of_a_running_and_of_a_finished_study(tmp_path):
 def test_status_command_errors_in_one_line(tmp_path):
     result = run_msx("status", "nope", "--storage", tmp_path, cwd=tmp_path)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines() == [f"Error: no study or experiment named 'nope' under {tmp_path} (no studies here yet)"]
+    assert result.stderr.strip().splitlines() == [
+        f"Error: no study or experiment named 'nope' under {tmp_path} (no studies here yet)"
+    ]
 
 
 def test_a_study_stopped_by_ctrl_c_is_unfinished_and_its_status_lists_its_configurations(tmp_path):
@@ -148,20 +150,24 @@ def test_a_study_stopped_by_ctrl_c_is_unfinished_and_its_status_lists_its_config
     smoke = load_spec("smoke").to_dict()
     spec = spec_from_dict(
         {**smoke, "recipes": {}, "model": {**smoke["model"], "backbones": ["unet"]},
-         "search": {**smoke["search"], "configurations_per_backbone": 2, "scheduler": {"name": "asha", "grace_period": 8, "reduction_factor": 3}}}
+         "search": {**smoke["search"], "configurations_per_backbone": 2,
+                    "scheduler": {"name": "asha", "grace_period": 8, "reduction_factor": 3}}}
     )
     search = ConfigurationSearch(
         spec, resolve_folds("loso", (1, 2, 3)), concurrency=6, snapshot=search_path(tmp_path, "smoke", record.study),
         echo=lambda _: None,
     )
     trials = [search.suggest(f"t{index}") and f"t{index}" for index in range(6)]
-    for trial_id, score in zip(trials, (0.6, 0.6, 0.6, 0.1, 0.1, 0.1)):
+    for trial_id, score in zip(trials, (0.6, 0.6, 0.6, 0.1, 0.1, 0.1), strict=True):
         search.on_report(trial_id, {"epoch": 8, "val_dice": score})
     lines = status_lines(tmp_path, "smoke")
     assert "interrupted at" in lines[0] and f"`msx launch --resume {record.study}` continues it" in lines[0]
     assert "configurations: 2 (1 pruned, 1 running); rungs at epochs 8" in lines
     assert any(line.startswith("  unet-c2  pruned at epoch 8, mean validation Dice 0.1000") for line in lines), lines
-    assert any(line.startswith("  unet-c1  running, passed epoch 8, mean validation Dice 0.6000; 2 fold(s) paused") for line in lines)
+    assert any(
+        line.startswith("  unet-c1  running, passed epoch 8, mean validation Dice 0.6000; 2 fold(s) paused")
+        for line in lines
+    )
     assert "early stopping: 48 of 144 fold-epochs trained, 96 saved (67%)" in " ".join(lines)
 
 
@@ -174,5 +180,7 @@ def test_a_failed_trials_error_is_its_traceback_last_line():
         "    load_scan(scan)\n"
         "msx.models.data.cohort.CohortError: /data/training02_01_flair_pp.nii.gz contains NaN or infinite voxels\n\n"
     )
-    assert error_line(trace) == "msx.models.data.cohort.CohortError: /data/training02_01_flair_pp.nii.gz contains NaN or infinite voxels"
+    assert error_line(trace) == (
+        "msx.models.data.cohort.CohortError: /data/training02_01_flair_pp.nii.gz contains NaN or infinite voxels"
+    )
     assert error_line("") == "no error text was saved"

@@ -87,7 +87,8 @@ def test_configurations_wait_at_rungs_and_are_pruned_whole(local_ray, tmp_path):
     tuner = tune.Tuner(
         tune.with_resources(fake_training, TRIAL_RESOURCES),
         tune_config=tune.TuneConfig(
-            metric=OPTIMISED_METRIC, mode=MODE, search_alg=search, scheduler=ConfigurationScheduler(), num_samples=4 * len(folds)
+            metric=OPTIMISED_METRIC, mode=MODE, search_alg=search, scheduler=ConfigurationScheduler(),
+            num_samples=4 * len(folds)
         ),
         run_config=tune.RunConfig(name="grid", storage_path=str(tmp_path), verbose=0),
     )
@@ -173,7 +174,8 @@ def test_a_spent_time_budget_stops_the_search_but_lets_one_configuration_finish(
     grid = tune.Tuner(
         tune.with_resources(slow_fake_training, TRIAL_RESOURCES),
         tune_config=tune.TuneConfig(
-            metric=OPTIMISED_METRIC, mode=MODE, search_alg=search, scheduler=ConfigurationScheduler(), num_samples=6 * len(folds)
+            metric=OPTIMISED_METRIC, mode=MODE, search_alg=search, scheduler=ConfigurationScheduler(),
+            num_samples=6 * len(folds)
         ),
         run_config=tune.RunConfig(name="budget", storage_path=str(tmp_path), verbose=0),
     ).fit()
@@ -191,7 +193,9 @@ def test_a_spent_time_budget_stops_the_search_but_lets_one_configuration_finish(
 @pytest.mark.timeout(300)
 def test_a_trial_whose_workers_cannot_start_in_time_fails_saying_so(local_ray, tmp_path):
     write_synthetic_cohort(tmp_path / "cohort", patients=3, shape=(32, 36, 32))
-    spec = spec_from_dict({**TRACKED_SPEC, "name": "no-room", "resources": {"worker_start_timeout_s": 5, "max_failures": 0}})
+    spec = spec_from_dict(
+        {**TRACKED_SPEC, "name": "no-room", "resources": {"worker_start_timeout_s": 5, "max_failures": 0}}
+    )
     folds = resolve_folds(spec.data.folds, (1, 2, 3))
     # Something else holds both CPUs: the cluster could host the trial's worker, but has no room now.
     holder = local_ray.util.placement_group([{"CPU": 2}])
@@ -216,7 +220,8 @@ def test_a_trial_whose_workers_cannot_start_in_time_fails_saying_so(local_ray, t
 
 @pytest.fixture(scope="module")
 def tracked_launch(local_ray, tmp_path_factory):
-    """A launch's MLflow record as run_study writes it, from real trials: (client, launch run id, cohort, folds, store)."""
+    """A launch's MLflow record as run_study writes it, from real trials: (client, launch run id, cohort, folds,
+    store)."""
     root = tmp_path_factory.mktemp("tracked")
     spec = spec_from_dict(TRACKED_SPEC)
     write_synthetic_cohort(root / "cohort", patients=3, shape=(32, 36, 32))
@@ -225,7 +230,9 @@ def tracked_launch(local_ray, tmp_path_factory):
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
     client = MlflowClient(tracking_uri)
     experiment_id = ensure_experiment(tracking_uri, spec.name, root / "mlartifacts")
-    launch_id = client.create_run(experiment_id, run_name="tracked-launch", tags={STUDY_TAG: "tracked-launch"}).info.run_id
+    launch_id = (
+        client.create_run(experiment_id, run_name="tracked-launch", tags={STUDY_TAG: "tracked-launch"}).info.run_id
+    )
     log_study_start(launch_id, tracking_uri, spec.to_dict(), str(cohort.root))
     trainable = tune.with_parameters(
         run_trial, spec=spec.to_dict(), data_root=str(cohort.root), storage_path=str(root / "train")
@@ -254,7 +261,9 @@ def tracked_launch(local_ray, tmp_path_factory):
 
 
 def runs_under(client, run_id):
-    return client.search_runs([client.get_run(run_id).info.experiment_id], filter_string=f"tags.`{PARENT_RUN_TAG}` = '{run_id}'")
+    return client.search_runs(
+        [client.get_run(run_id).info.experiment_id], filter_string=f"tags.`{PARENT_RUN_TAG}` = '{run_id}'"
+    )
 
 
 @pytest.mark.timeout(900)
@@ -282,7 +291,7 @@ def test_launch_run_holds_configuration_runs_that_hold_one_fold_run_per_trial(tr
                 assert sorted(point.step for point in history) == list(range(1, TRACKED_EPOCHS + 1)), curve
             # The first report carried the trial's start-up, phase by phase, in order.
             startup = [fold_run.data.metrics[f"{STARTUP_PREFIX}{phase}_s"] for phase in PHASES]
-            assert 0 < startup[0] and startup == sorted(startup)
+            assert startup[0] > 0 and startup == sorted(startup)
         # The summary: mean and (population) std over the folds of every split metric that has a value.
         for split in ("val", "test"):
             for strategy in TRACKED_SPEC["inference"]["strategies"]:
@@ -307,19 +316,27 @@ def test_fold_runs_carry_scan_metrics_model_and_overlays(tracked_launch, tmp_pat
             table = client.download_artifacts(run_id, SCAN_METRICS_ARTIFACT, str(tmp_path / run_id))
             with open(table, newline="") as file:
                 reader = csv.DictReader(file)
-                shifts = ["ndsc", "lesion_f1", *(f"r_aac_{m}" for m in (*InferenceConfig.uncertainty_measures, "random"))]
-                assert reader.fieldnames == ["protocol", "split", "scan", "strategy", *METRIC_NAMES, *VOLUME_NAMES, *shifts]
+                shifts = [
+                    "ndsc", "lesion_f1", *(f"r_aac_{m}" for m in (*InferenceConfig.uncertainty_measures, "random"))
+                ]
+                assert reader.fieldnames == [
+                    "protocol", "split", "scan", "strategy", *METRIC_NAMES, *VOLUME_NAMES, *shifts
+                ]
                 rows = list(reader)
             assert {row["protocol"] for row in rows} == {"msx"}  # the study's protocol, none compared
             scans = {"val": cohort.scans_of(fold.validation), "test": cohort.scans_of(fold.test)}
             assert sorted((row["split"], row["scan"], row["strategy"]) for row in rows) == sorted(
-                (split, scan.scan_id, strategy) for split, split_scans in scans.items() for scan in split_scans for strategy in strategies
+                (split, scan.scan_id, strategy) for split, split_scans in scans.items() for scan in split_scans
+                for strategy in strategies
             )
             # The fold's ISBI score is its CSV's, the volume correlation over the split's scans (a NaN is not logged).
             for split in scans:
                 for strategy in strategies:
                     per_scan = [
-                        {key: float(value) for key, value in row.items() if key not in ("protocol", "split", "scan", "strategy")}
+                        {
+                            key: float(value) for key, value in row.items()
+                            if key not in ("protocol", "split", "scan", "strategy")
+                        }
                         for row in rows
                         if (row["split"], row["strategy"]) == (split, strategy)
                     ]
@@ -327,7 +344,9 @@ def test_fold_runs_carry_scan_metrics_model_and_overlays(tracked_launch, tmp_pat
                     assert logged == pytest.approx(mean_isbi_score(per_scan), nan_ok=True)
 
             overlays = {a.path for a in client.list_artifacts(run_id, OVERLAY_DIR)}
-            assert overlays == {f"{OVERLAY_DIR}/{split}-{split_scans[0].scan_id}-mean.png" for split, split_scans in scans.items()}
+            assert overlays == {
+                f"{OVERLAY_DIR}/{split}-{split_scans[0].scan_id}-mean.png" for split, split_scans in scans.items()
+            }
             for overlay in overlays:
                 with Image.open(client.download_artifacts(run_id, overlay, str(tmp_path / run_id))) as image:
                     image.verify()
@@ -342,4 +361,6 @@ def test_report_reads_fold_runs_and_shows_their_overlays(tracked_launch, tmp_pat
     markdown = files.markdown.read_text()
     assert "## Example overlays" in markdown
     overlays = [path for path in files.figures if path.name.endswith("-mean.png")]
-    assert len(overlays) == 2 and all(f"]({path.relative_to(tmp_path / 'report').as_posix()})" in markdown for path in overlays)
+    assert len(overlays) == 2 and all(
+        f"]({path.relative_to(tmp_path / 'report').as_posix()})" in markdown for path in overlays
+    )

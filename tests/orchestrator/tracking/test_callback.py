@@ -11,7 +11,13 @@ from ray.tune.experiment import Trial
 from msx.orchestrator.tracking.callback import TrialRunsCallback
 from msx.orchestrator.tracking.store import TRIAL_ID_TAG, ensure_experiment
 from msx.orchestrator.trial import (
-    BEST_VALIDATION_DICE, EARLIER_EPOCHS, EPOCH, LEARNING_RATE, REPLAYED_REPORT, STARTUP_PREFIX, TRAIN_LOSS,
+    BEST_VALIDATION_DICE,
+    EARLIER_EPOCHS,
+    EPOCH,
+    LEARNING_RATE,
+    REPLAYED_REPORT,
+    STARTUP_PREFIX,
+    TRAIN_LOSS,
 )
 
 EXPERIMENT = "batched"

@@ -37,7 +37,8 @@ def served_model(tmp_path):
     experiment_id = ensure_experiment(tracking_uri, spec.name, tmp_path / "artifacts")
     parent = MlflowClient(tracking_uri).create_run(experiment_id, run_name="study")
     uri = register_selection(
-        selection, spec, "msx-serve", parent.info.run_id, tracking_uri, tmp_path / "work", Provenance("f" * 64, "msx test")
+        selection, spec, "msx-serve", parent.info.run_id, tracking_uri, tmp_path / "work",
+        Provenance("f" * 64, "msx test")
     ).model_uri
     port = free_port()
     log = tmp_path / "serve.log"
@@ -47,7 +48,10 @@ def served_model(tmp_path):
              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
             stdout=output, stderr=subprocess.STDOUT,
             # As in an activated venv (the README's way): MLflow runs the venv's uvicorn by name.
-            env={**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"},
+            env={
+                **os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+            },
             start_new_session=True,  # its workers in one group, stopped together below
         )
     try:

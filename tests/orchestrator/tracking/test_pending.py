@@ -60,9 +60,14 @@ def report(trial: Trial, epoch: int, checkpoints) -> dict:
         folder = checkpoints / trial.trial_id
         (folder / MODEL_DIR).mkdir(parents=True)
         (folder / MODEL_DIR / "weights.pt").write_bytes(trial.trial_id.encode())
-        rows = [{"split": split, "scan": f"{trial.trial_id}-{split}", "strategy": "mean", "dsc": dsc(fold, split)} for split in ("val", "test")]
+        rows = [
+            {"split": split, "scan": f"{trial.trial_id}-{split}", "strategy": "mean", "dsc": dsc(fold, split)}
+            for split in ("val", "test")
+        ]
         (folder / SCAN_METRICS_FILE).write_text(json.dumps(rows))
-        result.update({f"{split}/mean/dsc": dsc(fold, split) for split in ("val", "test")}, final=1, checkpoint_path=str(folder))
+        result.update(
+            {f"{split}/mean/dsc": dsc(fold, split) for split in ("val", "test")}, final=1, checkpoint_path=str(folder)
+        )
     return result
 
 
@@ -72,12 +77,16 @@ def promptly(call, *args, **kwargs) -> None:
     assert time.monotonic() - began < CALL_BOUND_S, call
 
 
-def assert_launch_recorded_once(client: MlflowClient, experiment_id: str, parent_run_id: str, launch: str, downloads) -> None:
+def assert_launch_recorded_once(
+    client: MlflowClient, experiment_id: str, parent_run_id: str, launch: str, downloads
+) -> None:
     (configuration,) = client.search_runs([experiment_id], filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}'")
     assert configuration.data.tags[CONFIGURATION_TAG] == f"{launch}-unet-c1"
     assert configuration.info.status == "FINISHED"
     for split in ("val", "test"):
-        assert configuration.data.metrics[f"{split}/mean/dsc"] == pytest.approx(statistics.fmean(dsc(f, split) for f in FOLDS))
+        assert configuration.data.metrics[f"{split}/mean/dsc"] == pytest.approx(
+            statistics.fmean(dsc(f, split) for f in FOLDS)
+        )
         assert len(client.get_metric_history(configuration.info.run_id, f"{split}/mean/dsc")) == 1
     for fold in FOLDS:
         trial_id = f"{launch}_{fold}"
@@ -85,13 +94,17 @@ def assert_launch_recorded_once(client: MlflowClient, experiment_id: str, parent
         assert run.data.tags[PARENT_RUN_TAG] == configuration.info.run_id
         assert run.info.run_name == f"{launch}-unet-c1-fold{fold}"
         assert run.info.status == "FINISHED"
-        assert run.data.params == {"backbone": "unet", "fold": str(fold), "configuration": f"{launch}-unet-c1", "training.lr": "0.001"}
+        assert run.data.params == {
+            "backbone": "unet", "fold": str(fold), "configuration": f"{launch}-unet-c1", "training.lr": "0.001"
+        }
         history = client.get_metric_history(run.info.run_id, "train_loss")
         assert sorted((point.step, point.value) for point in history) == [
             (epoch, pytest.approx(train_loss(fold, epoch))) for epoch in range(1, EPOCHS + 1)
         ]
         assert run.data.metrics["test/mean/dsc"] == pytest.approx(dsc(fold, "test"))
-        assert {artifact.path for artifact in client.list_artifacts(run.info.run_id)} == {SCAN_METRICS_ARTIFACT, MODEL_DIR}
+        assert {artifact.path for artifact in client.list_artifacts(run.info.run_id)} == {
+            SCAN_METRICS_ARTIFACT, MODEL_DIR
+        }
         weights = client.download_artifacts(run.info.run_id, f"{MODEL_DIR}/weights.pt", str(downloads / trial_id))
         with open(weights, "rb") as file:
             assert file.read() == trial_id.encode()
@@ -147,7 +160,9 @@ def test_writes_held_during_an_outage_land_in_order_and_once_when_the_server_is_
         time.sleep(0.5)  # the retry interval
         drivers["kept"].on_step_end(iteration=1, trials=trials["kept"])
         assert not drivers["kept"].pending
-        drivers["restarted"] = TrialRunsCallback(uri, EXPERIMENT, parents["restarted"], STRATEGIES, len(FOLDS), retry_interval_s=0.5)
+        drivers["restarted"] = TrialRunsCallback(
+            uri, EXPERIMENT, parents["restarted"], STRATEGIES, len(FOLDS), retry_interval_s=0.5
+        )
         drivers["restarted"].set_state(saved)
         # Tune restores its trials as new objects.
         trials["restarted"] = [fold_trial("restarted", fold) for fold in FOLDS]
@@ -174,8 +189,12 @@ def test_writes_held_during_an_outage_land_in_order_and_once_when_the_server_is_
 @pytest.mark.timeout(60)
 def test_at_the_end_the_driver_waits_a_bounded_time_then_names_the_store_and_what_was_not_logged(tmp_path, capsys):
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    http_settings = {key: os.environ.get(key) for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    callback = TrialRunsCallback(uri, EXPERIMENT, "launch-run-id", STRATEGIES, len(FOLDS), retry_interval_s=60, final_wait_s=2)
+    http_settings = {
+        key: os.environ.get(key) for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+    }
+    callback = TrialRunsCallback(
+        uri, EXPERIMENT, "launch-run-id", STRATEGIES, len(FOLDS), retry_interval_s=60, final_wait_s=2
+    )
     trial = fold_trial("lost", 1)
     promptly(callback.log_trial_start, trial)
     for epoch in range(1, EPOCHS + 1):

@@ -27,7 +27,11 @@ STRATEGIES = ("mean", "last")
 
 def fold_checkpoints(tmp_path, folds, backbone="unet"):
     spec = spec_from_dict(
-        tiny_spec("registry-test", model={"backbones": [backbone]}, inference={"strategies": list(STRATEGIES), "ddim_steps": 2})
+        tiny_spec(
+            "registry-test",
+            model={"backbones": [backbone]},
+            inference={"strategies": list(STRATEGIES), "ddim_steps": 2},
+        )
     )
     outcomes = []
     for fold in folds:
@@ -77,8 +81,12 @@ def test_register_lookup_by_alias_load_and_predict(tmp_path):
     flavor = logged.flavors["python_function"]
     assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model" and (local / "segmenter_code.py").is_file()
     assert not [path for path in local.rglob("*") if path.suffix in (".pkl", ".pickle")]
-    assert logged.signature.inputs.to_dict() == [{"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": (3, -1, -1, -1)}}]
-    assert logged.signature.outputs.to_dict() == [{"type": "tensor", "tensor-spec": {"dtype": "uint8", "shape": (-1, -1, -1)}}]
+    assert logged.signature.inputs.to_dict() == [
+        {"type": "tensor", "tensor-spec": {"dtype": "float32", "shape": (3, -1, -1, -1)}}
+    ]
+    assert logged.signature.outputs.to_dict() == [
+        {"type": "tensor", "tensor-spec": {"dtype": "uint8", "shape": (-1, -1, -1)}}
+    ]
     example = np.asarray(json.loads((local / "input_example.json").read_text()), dtype=np.float32)
     assert example.shape == (3, 8, 8, 8) and example.max() > 0
     requirements = (local / "requirements.txt").read_text().splitlines()

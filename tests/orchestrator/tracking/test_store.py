@@ -48,11 +48,15 @@ def write_launch(tracking_uri: str, experiment_id: str, writer: int, storage: st
     start.wait()
     launch = f"launch-{writer}"
     parent = client.create_run(experiment_id, run_name=launch, tags={STUDY_TAG: launch}).info.run_id
-    callback = TrialRunsCallback(tracking_uri, EXPERIMENT, parent, STRATEGIES, len(FOLDS), retry_interval_s=0.5, final_wait_s=30)
+    callback = TrialRunsCallback(
+        tracking_uri, EXPERIMENT, parent, STRATEGIES, len(FOLDS), retry_interval_s=0.5, final_wait_s=30
+    )
     trials = [
         Trial(
             "msx",
-            config={"backbone": "unet", "fold": fold, "configuration": f"w{writer}-unet-c1", "training.lr": 1e-3 * writer},
+            config={
+                "backbone": "unet", "fold": fold, "configuration": f"w{writer}-unet-c1", "training.lr": 1e-3 * writer
+            },
             trial_id=f"w{writer}_{fold}",
             stub=True,
         )
@@ -70,7 +74,9 @@ def write_launch(tracking_uri: str, experiment_id: str, writer: int, storage: st
                 (checkpoint / MODEL_DIR / "weights.pt").write_bytes(bytes([writer, fold]) * 1000)
                 rows = scan_rows(writer, fold)
                 (checkpoint / SCAN_METRICS_FILE).write_text(json.dumps(rows))
-                report.update({f"{row['split']}/mean/dsc": row["dsc"] for row in rows}, final=1, checkpoint_path=str(checkpoint))
+                report.update(
+                    {f"{row['split']}/mean/dsc": row["dsc"] for row in rows}, final=1, checkpoint_path=str(checkpoint)
+                )
             callback.log_trial_result(epoch, trial, report)
     for trial in trials:
         callback.log_trial_end(trial)
@@ -118,7 +124,8 @@ def test_parallel_drivers_on_one_sqlite_store_lose_no_run_metric_or_artifact(tmp
         assert run.info.status == "FINISHED"
         assert by_id[run.data.tags[PARENT_RUN_TAG]].data.tags[CONFIGURATION_TAG] == f"w{writer}-unet-c1"
         assert run.data.params == {
-            "backbone": "unet", "fold": str(fold), "configuration": f"w{writer}-unet-c1", "training.lr": str(1e-3 * writer)
+            "backbone": "unet", "fold": str(fold), "configuration": f"w{writer}-unet-c1",
+            "training.lr": str(1e-3 * writer)
         }
         history = client.get_metric_history(run.info.run_id, "train_loss")
         assert sorted((point.step, point.value) for point in history) == [
@@ -127,6 +134,8 @@ def test_parallel_drivers_on_one_sqlite_store_lose_no_run_metric_or_artifact(tmp
         assert run.data.metrics["val/mean/dsc"] == pytest.approx(0.5 + 0.01 * writer)
         artifacts = {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
         assert artifacts == {SCAN_METRICS_ARTIFACT, MODEL_DIR}
-        weights = client.download_artifacts(run.info.run_id, f"{MODEL_DIR}/weights.pt", str(tmp_path / "downloads" / trial_id))
+        weights = client.download_artifacts(
+            run.info.run_id, f"{MODEL_DIR}/weights.pt", str(tmp_path / "downloads" / trial_id)
+        )
         with open(weights, "rb") as file:
             assert file.read() == bytes([writer, fold]) * 1000

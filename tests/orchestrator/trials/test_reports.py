@@ -10,7 +10,7 @@ import pytest
 from msx.models.fold import EpochReport
 from msx.orchestrator.trial import EARLIER_EPOCHS, EPOCH, FINAL_REPORT, LEARNING_RATE, STARTUP_PREFIX, TRAIN_LOSS
 from msx.orchestrator.trials.startup import PHASES, StartupClock
-from msx.orchestrator.trials.worker import TuneReports
+from msx.orchestrator.trials.worker import TuneReports, kept_epochs
 
 EPOCHS = 7
 VALIDATE_EVERY = 3
@@ -98,7 +98,9 @@ def test_startup_clock_marks_each_phase_once_from_the_trial_start_and_wraps_the_
     clock.record_validation(0.4)
     clock.mark("worker_loop")  # a second mark keeps the first
     assert recorder.calls == [("epoch", 1), ("epoch", 2), ("validation", 0.4)]
-    assert list(clock.metrics()) == [f"{STARTUP_PREFIX}{phase}_s" for phase in ("trainable", "worker_loop", "first_step", "first_epoch")]
+    assert list(clock.metrics()) == [
+        f"{STARTUP_PREFIX}{phase}_s" for phase in ("trainable", "worker_loop", "first_step", "first_epoch")
+    ]
     seconds = clock.seconds
     assert seconds["trainable"] == 2.0
     assert 10.0 <= seconds["worker_loop"] <= seconds["first_step"] <= seconds["first_epoch"] < 20.0
@@ -108,7 +110,27 @@ def test_startup_clock_marks_each_phase_once_from_the_trial_start_and_wraps_the_
 
 
 def test_the_last_report_carries_where_the_runs_time_went_by_phase():
-    final = EpochReport(EPOCHS, 0.1, 1e-3, 0, 0.5, 0.5, {"val/mean/dsc": 0.5}, phase_seconds={"training": 12.5, "evaluation_msx": 3.0})
+    final = EpochReport(
+        EPOCHS, 0.1, 1e-3, 0, 0.5, 0.5, {"val/mean/dsc": 0.5}, phase_seconds={"training": 12.5, "evaluation_msx": 3.0}
+    )
     metrics = TuneReports().metrics_to_report(final)
     assert (metrics["seconds/training"], metrics["seconds/evaluation_msx"]) == (12.5, 3.0)
     assert not any(key.startswith("seconds/") for key in TuneReports().metrics_to_report(epoch_reports()[2]))
+
+
+def test_the_epochs_a_report_carries_ride_in_its_checkpoint_to_a_run_resumed_from_it(tmp_path):
+    """A study interrupted while a report was on its way: the run resumed from that report's checkpoint reports the
+    epochs in between again, with its first report (the callback logs a replayed report's epochs once)."""
+    batcher = TuneReports()
+    reports = epoch_reports()
+    for report in reports[:2]:  # epochs 1 and 2: kept
+        assert batcher.metrics_to_report(report, tmp_path) is None
+    checkpoint = tmp_path / "checkpoint-3"
+    checkpoint.mkdir()
+    sent = batcher.metrics_to_report(reports[2], checkpoint)
+    assert kept_epochs(checkpoint) == [list(epoch) for epoch in sent[EARLIER_EPOCHS]]
+    assert kept_epochs(checkpoint) == [[1, 1.0, 1e-3], [2, 0.5, 2e-3]]
+    resumed = TuneReports(kept_epochs(checkpoint))
+    replay = EpochReport(3, reports[2].train_loss, reports[2].lr, 3, 0.3, 0.3, replayed=True)
+    assert resumed.metrics_to_report(replay)[EARLIER_EPOCHS] == [(1, 1.0, 1e-3), (2, 0.5, 2e-3)]
+    assert kept_epochs(tmp_path / "no-checkpoint-here") == []

@@ -15,7 +15,10 @@ from tests.helpers import REPOSITORY, tiny_spec
 
 TRIAL = TrialConfig("unet", 2, "unet-c3", {"training.lr": 3e-4, "model.width": 0.25})
 # Prints the modules of interest that a fresh interpreter has loaded after running the code given before it.
-LOADED = "import json, sys; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('msx', 'torch', 'monai'))))"
+LOADED = (
+    "import json, sys; "
+    "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('msx', 'torch', 'monai'))))"
+)
 
 
 def modules_loaded_by(code: str, stdin: bytes = b"") -> list[str]:

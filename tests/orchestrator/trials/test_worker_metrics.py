@@ -95,7 +95,9 @@ def test_worker_exports_its_figures_to_prometheus(metrics_url, tmp_path):
     assert values["msx_train_steps_total"] == EPOCHS * steps
     assert values["msx_train_steps_per_second"] > 0
     assert 0 < values["msx_train_seconds_total"] < time.time() - launched
-    assert values["msx_train_samples_per_second"] == pytest.approx(samples / steps * values["msx_train_steps_per_second"])
+    assert values["msx_train_samples_per_second"] == pytest.approx(
+        samples / steps * values["msx_train_steps_per_second"]
+    )
     assert 0 <= values["msx_validation_dice"] <= 1
     # The tiny spec validates every epoch: each epoch is reported, and the time blocked in the reports is counted
     # (the last report's count may not be exported before its worker exits).
