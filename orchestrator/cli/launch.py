@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from ..spec import SpecError, load_spec
-from .options import INPUT_ERRORS, fail_cleanly
+from .options import INPUT_ERRORS, fail_cleanly, storage_option, tracking_uri_option
 
 
 @click.command()
@@ -23,14 +23,8 @@ from .options import INPUT_ERRORS, fail_cleanly
     "--data", type=click.Path(path_type=Path), default=None,
     help="Cohort: an ISBI-layout folder or a manifest (.csv, .yaml) (default: the spec's, else synthetic).",
 )
-@click.option(
-    "--storage", envvar="MSX_STORAGE", type=click.Path(path_type=Path), default=Path("msx_runs"), show_default=True,
-    help="Folder for experiments, checkpoints and the default MLflow store (env MSX_STORAGE).",
-)
-@click.option(
-    "--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
-    help="MLflow tracking URI (default: SQLite file in --storage).",
-)
+@storage_option("Folder for experiments, checkpoints and the default MLflow store (env MSX_STORAGE).")
+@tracking_uri_option
 @click.option(
     "--address", envvar="RAY_ADDRESS", default=None,
     help="A running Ray cluster. Its dashboard URL (http://HEAD:8265) submits the study as a Ray job and "
@@ -226,10 +220,7 @@ def _submit_launch(context: click.Context, cluster_file: Path | None, address: s
 
 @click.command()
 @click.argument("name", required=False)
-@click.option(
-    "--storage", envvar="MSX_STORAGE", type=click.Path(path_type=Path), default=Path("msx_runs"), show_default=True,
-    help="Folder of the experiments (env MSX_STORAGE).",
-)
+@storage_option("Folder of the experiments (env MSX_STORAGE).")
 def status(name: str | None, storage: Path) -> None:
     """Where study NAME stands (a study, or an experiment's latest; default: the latest study): trials
     done, running and failed, the best validation Dice so far, and whether its driver still runs."""

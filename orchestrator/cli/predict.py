@@ -20,6 +20,7 @@ from ..predict.segment import (
     predict_scans,
     single_input_scan,
 )
+from .options import storage_option, tracking_uri_option
 
 
 def _strategy_check(strategy: str | None) -> None:
@@ -80,13 +81,8 @@ def _modality_file_options(command):
     "--modalities", default=None,
     help="Comma-separated input channels in the model's order (default: the training spec's)."
 )
-@click.option(
-    "--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
-    help="MLflow tracking URI (default: SQLite file in --storage)."
-)
-@click.option(
-    "--storage", envvar="MSX_STORAGE", type=click.Path(path_type=Path), default=Path("msx_runs"), show_default=True
-)
+@tracking_uri_option
+@storage_option()
 def predict(
     model_ref: str, input_path: Path | None, out: Path, maps: bool, strategy: str | None, modalities: str | None,
     tracking_uri: str | None, storage: Path, **modality_files: Path | None,

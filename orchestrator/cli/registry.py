@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from .options import storage_option, tracking_uri_option
+
 
 @click.group()
 def registry() -> None:
@@ -14,20 +16,7 @@ def registry() -> None:
 
 def _registry_store(command):
     """--tracking-uri and --storage, as the other commands take them."""
-    command = click.option(
-        "--storage",
-        envvar="MSX_STORAGE",
-        type=click.Path(path_type=Path),
-        default=Path("msx_runs"),
-        show_default=True,
-        help="Folder of the default MLflow store (env MSX_STORAGE).",
-    )(command)
-    return click.option(
-        "--tracking-uri",
-        envvar="MLFLOW_TRACKING_URI",
-        default=None,
-        help="MLflow tracking URI (default: SQLite file in --storage).",
-    )(command)
+    return tracking_uri_option(storage_option()(command))
 
 
 def _registry_uri(tracking_uri: str | None, storage: Path) -> str:

@@ -6,23 +6,13 @@ from pathlib import Path
 
 import click
 
+from .options import storage_option, tracking_uri_option
+
 
 @click.command()
 @click.argument("study", required=False)
-@click.option(
-    "--tracking-uri",
-    envvar="MLFLOW_TRACKING_URI",
-    default=None,
-    help="MLflow tracking URI (default: SQLite file in --storage).",
-)
-@click.option(
-    "--storage",
-    envvar="MSX_STORAGE",
-    type=click.Path(path_type=Path),
-    default=Path("msx_runs"),
-    show_default=True,
-    help="Folder of the default MLflow store and of the report (env MSX_STORAGE).",
-)
+@tracking_uri_option
+@storage_option("Folder of the default MLflow store and of the report (env MSX_STORAGE).")
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),

@@ -7,23 +7,13 @@ from pathlib import Path
 
 import click
 
+from .options import storage_option, tracking_uri_option
+
 
 @click.command()
 @click.option("--port", type=int, default=5000, show_default=True, help="Port of the UI, on 127.0.0.1 only.")
-@click.option(
-    "--tracking-uri",
-    envvar="MLFLOW_TRACKING_URI",
-    default=None,
-    help="MLflow tracking URI (default: SQLite file in --storage).",
-)
-@click.option(
-    "--storage",
-    envvar="MSX_STORAGE",
-    type=click.Path(path_type=Path),
-    default=Path("msx_runs"),
-    show_default=True,
-    help="Folder of the default MLflow store (env MSX_STORAGE).",
-)
+@tracking_uri_option
+@storage_option("Folder of the default MLflow store (env MSX_STORAGE).")
 def ui(port: int, tracking_uri: str | None, storage: Path) -> None:
     """Start the MLflow UI on 127.0.0.1 for the study store; Ctrl-C stops it."""
     import os

@@ -150,17 +150,22 @@ async def _stream_logs(client, job_id: str, echo: Callable[[str], None]) -> None
         echo(chunk.rstrip("\n"))
 
 
+def read_config_yaml(path: Path, what: str) -> Any:
+    """A --cluster file's YAML; a SubmissionError names the file and why it cannot be read."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise SubmissionError(f"{path}: cannot read {what} ({error.strerror})") from None
+    except yaml.YAMLError as error:
+        raise SubmissionError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+
+
 def check_cluster_config(path: Path) -> dict:
     """The launcher config, prepared (defaults filled in) and checked the way `ray up` does before contacting
     any cloud."""
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    try:
-        config = yaml.safe_load(path.read_text())
-    except OSError as error:
-        raise SubmissionError(f"{path}: cannot read the cluster config ({error.strerror})") from None
-    except yaml.YAMLError as error:
-        raise SubmissionError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    config = read_config_yaml(path, "the cluster config")
     if not isinstance(config, dict):
         raise SubmissionError(f"{path}: a cluster config is a mapping, got {type(config).__name__}")
     try:

@@ -39,7 +39,7 @@ from typing import Any
 import yaml
 
 from ..spec import ExperimentSpec
-from .jobs import SubmissionError, free_local_port, launch_arguments
+from .jobs import SubmissionError, free_local_port, launch_arguments, read_config_yaml
 
 # The key that makes a --cluster YAML a SLURM config (a Ray cluster launcher config has none).
 SLURM_SECTION = "slurm"
@@ -95,12 +95,7 @@ def is_slurm_config(path: Path) -> bool:
 
 def load_slurm_config(path: Path) -> SlurmClusterConfig:
     """The config, checked field by field; a SubmissionError names the file and the field."""
-    try:
-        loaded = yaml.safe_load(path.read_text())
-    except OSError as error:
-        raise SubmissionError(f"{path}: cannot read the SLURM config ({error.strerror})") from None
-    except yaml.YAMLError as error:
-        raise SubmissionError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    loaded = read_config_yaml(path, "the SLURM config")
 
     def fail(field_name: str, problem: str) -> SubmissionError:
         return SubmissionError(f"{path}: {field_name}: {problem}")
