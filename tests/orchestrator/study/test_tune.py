@@ -19,7 +19,7 @@ from msx.models.data.folds import resolve_folds
 from msx.models.data.manifest import open_cohort
 from msx.models.data.synth import write_synthetic_cohort
 from msx.models.engine import InferenceConfig
-from msx.models.fold import MODEL_DIR, OVERLAY_DIR
+from msx.models.fold import MODEL_DIR, OVERLAY_DIR, RETENTION_CURVES_FILE
 from msx.models.metrics import METRIC_NAMES, VOLUME_NAMES, mean_isbi_score
 from msx.orchestrator.report.document import write_report
 from msx.orchestrator.spec import spec_from_dict
@@ -310,7 +310,8 @@ def test_fold_runs_carry_scan_metrics_model_and_overlays(tracked_launch, tmp_pat
             run_id = fold_run.info.run_id
             fold = next(f for f in folds if fold_run.info.run_name.endswith(f"-fold{f.index}"))
             assert fold_run.data.tags[CHECKPOINT_TAG].startswith(str(root / "train"))
-            assert {a.path for a in client.list_artifacts(run_id)} == {SCAN_METRICS_ARTIFACT, MODEL_DIR, OVERLAY_DIR}
+            artifacts = {a.path for a in client.list_artifacts(run_id)}
+            assert artifacts == {SCAN_METRICS_ARTIFACT, RETENTION_CURVES_FILE, MODEL_DIR, OVERLAY_DIR}
             assert f"{MODEL_DIR}/{WEIGHTS_FILE}" in {a.path for a in client.list_artifacts(run_id, MODEL_DIR)}
 
             table = client.download_artifacts(run_id, SCAN_METRICS_ARTIFACT, str(tmp_path / run_id))
@@ -324,6 +325,11 @@ def test_fold_runs_carry_scan_metrics_model_and_overlays(tracked_launch, tmp_pat
                 ]
                 rows = list(reader)
             assert {row["protocol"] for row in rows} == {"msx"}  # the study's protocol, none compared
+            # A retention curve per scan, strategy and uncertainty measure (and the random order).
+            curves = client.download_artifacts(run_id, RETENTION_CURVES_FILE, str(tmp_path / run_id))
+            with open(curves) as file:
+                retention = json.load(file)
+            assert len(retention["curves"]) == len(rows) * (len(InferenceConfig.uncertainty_measures) + 1)
             scans = {"val": cohort.scans_of(fold.validation), "test": cohort.scans_of(fold.test)}
             assert sorted((row["split"], row["scan"], row["strategy"]) for row in rows) == sorted(
                 (split, scan.scan_id, strategy) for split, split_scans in scans.items() for scan in split_scans
