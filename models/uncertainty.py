@@ -43,9 +43,6 @@ class ChainStatistics(Generic[Volume]):
     final_probability: Volume  # the chains' last-step sigmoid(l)
     final_entropy: Volume  # the binary entropy (bits) of the chains' last-step sigmoid(l)
 
-    def to_numpy(self) -> ChainStatistics[np.ndarray]:
-        return ChainStatistics(*(np.asarray(value, dtype=np.float32) for value in self.values()))
-
     def values(self) -> tuple[Volume, ...]:
         """The statistics in STATISTIC_NAMES' order."""
         return tuple(getattr(self, name) for name in STATISTIC_NAMES)

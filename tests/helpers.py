@@ -167,3 +167,10 @@ def run_msx(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
     finally:
         os.chdir(previous)
     return subprocess.CompletedProcess(["msx", *arguments], result.exit_code, result.stdout, result.stderr)
+
+
+def as_numpy(statistics):
+    """A sampler's ChainStatistics as the engine hands them over: float32 arrays on the input grid."""
+    from msx.models.uncertainty import ChainStatistics
+
+    return ChainStatistics(*(value.numpy().astype("float32") for value in statistics.values()))

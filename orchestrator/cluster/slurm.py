@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +162,7 @@ class SlurmSubmission:
     storage: str
     launch_arguments: tuple[str, ...]  # `msx launch` options of the first run
     requeue: bool
-    srun_options: tuple[str, ...] = field(default=())  # each worker step's resources
+    srun_options: tuple[str, ...] = ()  # each worker step's resources
 
     @property
     def resume_arguments(self) -> tuple[str, ...]:

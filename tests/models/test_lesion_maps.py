@@ -8,6 +8,7 @@ import torch
 from msx.models.lesion_maps import binary_entropy_bits, lesion_probability
 from msx.models.strategies import fuse_all
 from msx.models.uncertainty import chain_statistics, lesion_maps
+from tests.helpers import as_numpy
 
 LOG3 = math.log(3.0)  # sigmoid(log 3) = 3/4
 
@@ -28,7 +29,7 @@ def test_maps_of_hand_made_logits():
     ]
     step_logits = torch.tensor(voxels, dtype=torch.float32).T.reshape(2, 2, 1, 1, 5)
 
-    maps = lesion_maps(chain_statistics(step_logits).to_numpy())
+    maps = lesion_maps(as_numpy(chain_statistics(step_logits)))
 
     expected_probability = [0.5, 0.75, 0.5, 1.0, 0.0]
     expected_uncertainty = [1.0, entropy_bits(0.75), 1.0, 0.0, 0.0]

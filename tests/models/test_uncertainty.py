@@ -12,6 +12,7 @@ from msx.models.uncertainty import (
     pooled_statistics,
     uncertainty_maps as maps_of_statistics,
 )
+from tests.helpers import as_numpy
 
 
 def uncertainty_maps(step_logits: torch.Tensor, names) -> dict[str, torch.Tensor]:
@@ -67,7 +68,7 @@ def test_an_unknown_measure_lists_the_valid_names_and_a_bad_shape_is_named():
 def test_the_fold_models_chains_pool_into_one_ensemble():
     """Statistics averaged over ensembles of as many chains each give the measures of all their chains together."""
     folds = [step_logits(seed=seed) for seed in range(3)]
-    pooled = pooled_statistics([chain_statistics(logits).to_numpy() for logits in folds])
+    pooled = pooled_statistics([as_numpy(chain_statistics(logits)) for logits in folds])
     together = torch.cat(folds, dim=1)  # every fold's chains side by side: (steps, 3 * samples, *spatial)
     expected = uncertainty_maps(together, UNCERTAINTY_MEASURES.names())
     for name, value in maps_of_statistics(pooled).items():
@@ -79,7 +80,7 @@ def test_the_fold_models_chains_pool_into_one_ensemble():
 
 def test_lesion_maps_hold_the_probability_and_every_measure_as_float32():
     logits = step_logits()
-    maps = lesion_maps(chain_statistics(logits).to_numpy())
+    maps = lesion_maps(as_numpy(chain_statistics(logits)))
     assert sorted(maps.uncertainty) == sorted(UNCERTAINTY_MEASURES.names())
     np.testing.assert_allclose(maps.probability, torch.sigmoid(logits).mean(dim=(0, 1)).numpy(), atol=1e-6)
     for name, value in (("probability", maps.probability), *maps.uncertainty.items()):
